@@ -1,0 +1,54 @@
+"""turnover-hf: influence-ready Hugging Face models with turn-over dropout (Kobayashi et al., 2020).
+
+Example:
+    >>> import turnover_hf
+    >>> model = turnover_hf.patch_model(model, turnover_hf.TurnoverConfig(seed=0))
+    >>> trainer = turnover_hf.TurnoverTrainer(model=model, args=args, train_dataset=turnover_hf.add_example_ids(train))
+"""
+
+__version__ = "0.1.0"
+
+from .config import CONFIG_NAME, TurnoverConfig
+from .context import instance_masks
+from .errors import (
+    ConfigMismatchError,
+    ExampleIdError,
+    MissingExampleIdsError,
+    NoTargetMatchedError,
+    NotPatchedError,
+    TurnoverError,
+)
+from .masks import flip, keep_bits, mask_for
+from .patcher import freeze_leaking_parameters, is_patched, leakage_report, patch_model, unpatch_model
+from .data import InstanceIdCollator, add_example_ids
+from .scoring import influence, per_example_loss
+from .trainer import TurnoverTrainer
+from .callbacks import FlipSanityCallback
+from .checkpoint import load_influence_ready
+
+__all__ = [
+    "CONFIG_NAME",
+    "ConfigMismatchError",
+    "ExampleIdError",
+    "FlipSanityCallback",
+    "InstanceIdCollator",
+    "MissingExampleIdsError",
+    "NoTargetMatchedError",
+    "NotPatchedError",
+    "TurnoverConfig",
+    "TurnoverError",
+    "TurnoverTrainer",
+    "add_example_ids",
+    "flip",
+    "freeze_leaking_parameters",
+    "influence",
+    "instance_masks",
+    "is_patched",
+    "keep_bits",
+    "leakage_report",
+    "load_influence_ready",
+    "mask_for",
+    "patch_model",
+    "per_example_loss",
+    "unpatch_model",
+]

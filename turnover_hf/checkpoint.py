@@ -1,0 +1,211 @@
+"""Influence-ready checkpoints: HF weights + ``turnover_config.json`` + a model-card section; load with identical masks.
+
+Example:
+    >>> model.save_pretrained("out")                    # a patched model: weights, adapters, turnover_config.json
+    >>> model = load_influence_ready("out")             # re-patched, bit-identical masks
+    >>> model.push_to_hub("me/my-influence-ready-model")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Optional, Union
+
+import torch
+import transformers
+from huggingface_hub import ModelCard, ModelCardData
+from safetensors.torch import load_file
+from torch import nn
+
+from .config import CONFIG_NAME, TurnoverConfig
+from .errors import ConfigMismatchError
+from .files import atomic_write_text
+from .patcher import patch_model
+
+CARD_START = "<!-- turnover-hf:start -->"
+CARD_END = "<!-- turnover-hf:end -->"
+CARD_TAGS = ("turnover-hf", "influence-ready", "turn-over-dropout")
+
+
+def _card_section(config: TurnoverConfig, repo_or_path: str) -> str:
+    sites = config.mask_sites or {}
+    return f"""{CARD_START}
+## Influence-ready (turn-over dropout)
+
+This checkpoint was fine-tuned with **turn-over dropout** (Kobayashi et al., 2020): every training example had its
+own fixed dropout mask, so the sub-network under the flipped mask never learned from it. With the training data
+(same `{config.id_column}` column) you can ask, for any prediction, which training examples helped or hurt it,
+with forward passes only:
+
+```python
+import turnover_hf
+model = turnover_hf.load_influence_ready("{repo_or_path}")   # same masks as in training
+scores = turnover_hf.influence(model, target_inputs, example_ids=train_ids)  # (n_ids, n_targets)
+```
+
+Masks: p = {config.p}, seed = {config.seed}, scheme = `{config.scheme}`, on {len(sites)} module(s)
+({", ".join(list(sites)[:4])}{" ..." if len(sites) > 4 else ""}); trained on {config.num_train_examples or "an unrecorded number of"} examples.
+Written by turnover-hf {config.library_version}.
+{CARD_END}
+"""
+
+
+def write_model_card(save_directory: str, config: TurnoverConfig, repo_or_path: Optional[str] = None) -> None:
+    """Add or refresh the turnover-hf section and tags of ``README.md``, keeping everything else the user wrote."""
+    path = os.path.join(save_directory, "README.md")
+    section = _card_section(config, repo_or_path or save_directory)
+    if os.path.isfile(path):
+        card = ModelCard.load(path)
+        text = card.text
+        if CARD_START in text and CARD_END in text:
+            head, rest = text.split(CARD_START, 1)
+            text = head + section.strip() + rest.split(CARD_END, 1)[1]
+        else:
+            text = text.rstrip() + "\n\n" + section
+        data = card.data
+    else:
+        text = "# Influence-ready model\n\n" + section
+        data = ModelCardData(library_name="transformers")
+    data.tags = sorted(set(data.tags or []) | set(CARD_TAGS))
+    atomic_write_text(path, f"---\n{data.to_yaml()}\n---\n{text}")
+
+
+def save_influence_ready(
+    model: nn.Module,
+    save_directory: Union[str, os.PathLike],
+    is_main_process: bool = True,
+    push_to_hub: bool = False,
+    **kwargs: Any,
+) -> None:
+    """``save_pretrained`` of a patched model: weights (adapters included) + ``turnover_config.json`` + model card.
+
+    Files are first written into a temporary folder beside ``save_directory`` and then moved in one by one, so an
+    interrupted save never leaves a half-written file.
+    """
+    save_directory = os.fspath(save_directory)
+    if os.path.isfile(save_directory):
+        raise ValueError(f"save_directory {save_directory!r} is a file; give a folder.")
+    config: TurnoverConfig = model.turnover_config
+    original = type(model).save_pretrained
+    if not is_main_process:
+        original(model, save_directory, is_main_process=False, **kwargs)
+        return
+    os.makedirs(save_directory, exist_ok=True)
+    if push_to_hub:
+        commit_message = kwargs.pop("commit_message", None)
+        repo_id = kwargs.pop("repo_id", save_directory.rstrip(os.path.sep).split(os.path.sep)[-1])
+        token = kwargs.pop("token", None)
+        private = kwargs.pop("private", None)
+        repo_id = model._create_repo(repo_id, private=private, token=token)
+        files_timestamps = model._get_files_timestamps(save_directory)
+    parent = os.path.dirname(os.path.abspath(save_directory))
+    staging = tempfile.mkdtemp(prefix=".turnover-save-", dir=parent)
+    try:
+        original(model, staging, is_main_process=True, **kwargs)
+        for name in os.listdir(staging):
+            target = os.path.join(save_directory, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    config.save_pretrained(save_directory)
+    write_model_card(save_directory, config, repo_id if push_to_hub else None)
+    if push_to_hub:
+        model._upload_modified_files(save_directory, repo_id, files_timestamps, commit_message=commit_message, token=token)
+
+
+def _local_folder(path: Union[str, os.PathLike], hub_kwargs: dict[str, Any]) -> str:
+    if os.path.isdir(path):
+        return os.fspath(path)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.md", "*.txt", "*.model"], **hub_kwargs)
+
+
+def _read_safetensors(folder: str) -> dict[str, torch.Tensor]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            files = sorted(set(json.load(handle)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise ConfigMismatchError(
+            f"{folder!r} has no safetensors weights; turnover-hf never unpickles downloaded files. Re-save the model "
+            "with model.save_pretrained(folder) (safetensors is the default)."
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        tensors.update(load_file(os.path.join(folder, name)))
+    return tensors
+
+
+def _model_class(folder: str) -> type:
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+        architectures = json.load(handle).get("architectures") or []
+    for name in architectures:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    raise ConfigMismatchError(
+        f"cannot tell the model class of {folder!r} (architectures={architectures}); pass model_class=..."
+    )
+
+
+def _restore_adapters(model: nn.Module, folder: str, config: TurnoverConfig) -> None:
+    import adapters
+
+    adapters.init(model)  # re-creates the adapters recorded in config.json ("adapters" section)
+    tensors = _read_safetensors(folder)
+    own = model.state_dict()
+    missing = [k for k in own if k not in tensors and (".adapters." in k or ".loras." in k)]
+    if missing:
+        raise ConfigMismatchError(f"the checkpoint lacks adapter weights {missing[:5]}; it was not saved by this model.")
+    model.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)
+    if config.active_adapters:
+        from adapters.composition import Stack
+
+        names = config.active_adapters
+        model.set_active_adapters(names[0] if len(names) == 1 else Stack(*names))
+
+
+def load_influence_ready(
+    path: Union[str, os.PathLike],
+    model_class: Optional[type] = None,
+    *,
+    config: Optional[TurnoverConfig] = None,
+    **from_pretrained_kwargs: Any,
+) -> nn.Module:
+    """Load an influence-ready checkpoint (a local folder or a Hub repo id), re-patched with the very same masks.
+
+    ``config``, if given, must agree with the checkpoint's own ``turnover_config.json`` on everything that decides
+    the masks; otherwise loading refuses.
+
+    Example:
+        >>> model = load_influence_ready("out")
+        >>> model.turnover_config.seed
+        0
+    """
+    hub_kwargs = {k: from_pretrained_kwargs[k] for k in ("revision", "token", "cache_dir") if k in from_pretrained_kwargs}
+    folder = _local_folder(path, hub_kwargs)
+    saved = TurnoverConfig.from_pretrained(folder)
+    if config is not None:
+        saved.check_same_masks(config)
+    if saved.mask_sites is None:
+        raise ConfigMismatchError(f"{CONFIG_NAME} in {folder!r} records no mask_sites; it was not written by patch_model.")
+    model_class = model_class or _model_class(folder)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # adapter weights load below; do not warn they were "not used"
+    try:
+        model = model_class.from_pretrained(folder, **from_pretrained_kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if getattr(model.config, "adapters", None) and model.config.adapters.get("adapters"):
+        _restore_adapters(model, folder, saved)
+    model.eval()
+    # Loaded for scoring: which parameters were trainable during training is the training script's business.
+    return patch_model(model, saved, warn_leaking=False)

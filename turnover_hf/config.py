@@ -1,0 +1,160 @@
+"""``TurnoverConfig``: how a model carries turn-over dropout, saved as ``turnover_config.json`` next to its weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from transformers.utils import PushToHubMixin
+
+from . import __version__
+from .errors import ConfigMismatchError
+from .files import atomic_write_text
+from .masks import SCHEMES, validate_drop_ratio, validate_seed
+
+CONFIG_NAME = "turnover_config.json"
+MASK_SIDES = ("output", "input", "rank")
+
+# Fields that decide which mask bits every (example, unit) gets. Two configs that differ in any of them give
+# different influence scores for the same weights.
+MASK_FIELDS = ("p", "seed", "scheme", "codebook_size", "codebook_picks", "mask_sites")
+
+
+@dataclass
+class TurnoverConfig(PushToHubMixin):
+    """Turn-over dropout settings of a model: drop ratio, mask seed, mask scheme and which modules carry masks.
+
+    ``target_modules`` follows PEFT's semantics: a string is matched with ``re.fullmatch`` against each module's
+    qualified name; a list matches a name exactly or as a ``.suffix``. ``None`` picks the defaults: the
+    classification head and every bottleneck adapter and LoRA module of the ``adapters`` library.
+
+    Example:
+        >>> config = TurnoverConfig(p=0.5, seed=13)
+        >>> model = patch_model(model, config)          # masks now ride on the head and adapters
+        >>> config.save_pretrained("out")               # writes out/turnover_config.json
+    """
+
+    p: float = field(default=0.5, metadata={"help": "Drop ratio of each instance mask (torch convention); kept units are scaled by 1/(1-p)."})
+    seed: int = field(default=0, metadata={"help": "Mask seed: with an example id and a layer key it fixes every mask bit."})
+    scheme: str = field(default="independent", metadata={"help": "'independent' per-example bits, or 'hashed' codebook composition (paper App. D)."})
+    codebook_size: int = field(default=64, metadata={"help": "Rows of the virtual codebook (scheme='hashed')."})
+    codebook_picks: int = field(default=4, metadata={"help": "Rows ANDed per example (scheme='hashed')."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Module names (exact or .suffix), or one regex (fullmatch). None = head + adapters defaults."},
+    )
+    target_module_types: Optional[list[str]] = field(
+        default=None, metadata={"help": "Module class names to target as well, e.g. ['Conv1D']."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules never to mask; wins over target_modules."}
+    )
+    mask_inputs_of: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Targeted modules whose input features (not output units) are masked; None = the last Linear of a head."},
+    )
+    mask_sites: Optional[dict[str, dict[str, Any]]] = field(
+        default=None,
+        metadata={"help": "Filled by patch_model: every masked module -> {'side', 'units'}. Loading checks it exactly."},
+    )
+    active_adapters: Optional[list[str]] = field(
+        default=None, metadata={"help": "Filled by patch_model: the adapters (library `adapters`) active when patched."}
+    )
+    id_column: str = field(default="example_id", metadata={"help": "Dataset column holding each training example's id."})
+    num_train_examples: Optional[int] = field(
+        default=None, metadata={"help": "Filled by TurnoverTrainer: size of the training set the masks were trained on."}
+    )
+    library_version: str = field(default=__version__, metadata={"help": "turnover-hf version that wrote this config."})
+
+    def __post_init__(self) -> None:
+        try:
+            self.p = validate_drop_ratio(self.p)
+            self.seed = validate_seed(self.seed)
+        except ValueError as err:
+            raise ValueError(f"TurnoverConfig: {err}") from None
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"TurnoverConfig: scheme must be one of {SCHEMES}, got {self.scheme!r}.")
+        if self.scheme == "hashed" and not (1 <= self.codebook_picks <= self.codebook_size):
+            raise ValueError(
+                f"TurnoverConfig: need 1 <= codebook_picks <= codebook_size, got {self.codebook_picks} and {self.codebook_size}."
+            )
+        if isinstance(self.target_module_types, str):
+            self.target_module_types = [self.target_module_types]
+        for name, site in (self.mask_sites or {}).items():
+            if site.get("side") not in MASK_SIDES or int(site.get("units", 0)) < 1:
+                raise ValueError(f"TurnoverConfig: mask site {name!r} is malformed: {site!r}.")
+
+    @property
+    def mask_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`turnover_hf.masks.mask_for`."""
+        return {
+            "p": self.p, "seed": self.seed, "scheme": self.scheme,
+            "codebook_size": self.codebook_size, "codebook_picks": self.codebook_picks,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Write ``turnover_config.json`` into ``save_directory`` (atomically); optionally push it."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file; give a folder.")
+        os.makedirs(save_directory, exist_ok=True)
+        if push_to_hub:
+            commit_message = kwargs.pop("commit_message", None)
+            repo_id = kwargs.pop("repo_id", str(save_directory).split(os.path.sep)[-1])
+            repo_id = self._create_repo(repo_id, **kwargs)
+            files_timestamps = self._get_files_timestamps(save_directory)
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
+        if push_to_hub:
+            self._upload_modified_files(
+                save_directory, repo_id, files_timestamps, commit_message=commit_message, token=kwargs.get("token")
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TurnoverConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigMismatchError(
+                f"{CONFIG_NAME} has fields this turnover-hf version does not know: {unknown}; "
+                "upgrade turnover-hf to load this checkpoint with the same masks."
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], **hub_kwargs: Any) -> "TurnoverConfig":
+        """Read ``turnover_config.json`` from a local folder or a Hub repo id."""
+        if os.path.isdir(path):
+            file = os.path.join(path, CONFIG_NAME)
+            if not os.path.isfile(file):
+                raise ConfigMismatchError(
+                    f"{path!r} has no {CONFIG_NAME}: it is not an influence-ready checkpoint. "
+                    "Patch a model with turnover_hf.patch_model and save it with model.save_pretrained."
+                )
+        else:
+            from huggingface_hub import hf_hub_download
+
+            file = hf_hub_download(str(path), CONFIG_NAME, **hub_kwargs)
+        with open(file, encoding="utf-8") as handle:
+            return cls.from_dict(json.load(handle))
+
+    def check_same_masks(self, other: "TurnoverConfig") -> None:
+        """Raise :class:`ConfigMismatchError` unless ``other`` gives exactly the same masks."""
+        diffs = {
+            name: (getattr(self, name), getattr(other, name))
+            for name in MASK_FIELDS
+            if getattr(self, name) != getattr(other, name)
+        }
+        if diffs:
+            detail = "; ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diffs.items())
+            raise ConfigMismatchError(
+                f"turn-over configs disagree on what decides the masks ({detail}). Scores would use other masks than "
+                "training did; load the checkpoint's own turnover_config.json instead of passing another config."
+            )

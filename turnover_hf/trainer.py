@@ -1,0 +1,74 @@
+"""``TurnoverTrainer``: a ``transformers.Trainer`` that trains every example under its own mask.
+
+Example:
+    >>> trainer = TurnoverTrainer(model=patched, args=TrainingArguments("out"), train_dataset=add_example_ids(train),
+    ...                           data_collator=DataCollatorWithPadding(tokenizer))
+    >>> trainer.train()
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import DataCollatorWithPadding, Trainer, default_data_collator
+
+from .context import instance_masks, state_of
+from .data import BATCH_KEY, InstanceIdCollator, check_id_column
+from .errors import MissingExampleIdsError
+
+
+class TurnoverTrainer(Trainer):
+    """Trainer for a model patched with turn-over dropout.
+
+    Differences from ``Trainer``: the data collator is wrapped in :class:`InstanceIdCollator`; the id column
+    survives ``remove_unused_columns``; each training step runs (forward and backward) inside
+    :func:`instance_masks` with the batch's ids; evaluation and prediction use the full network. Everything else
+    (evaluation, checkpoints and resume, gradient accumulation, mixed precision, logging, callbacks) is ``Trainer``'s.
+    The training set's id column is checked up front (present, integer, non-negative, unique).
+
+    Example:
+        >>> trainer = TurnoverTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+        >>> trainer.train(); trainer.save_model("out")        # out/ is an influence-ready checkpoint
+    """
+
+    def __init__(self, model: Optional[nn.Module] = None, args: Any = None, data_collator: Any = None, *pos: Any, **kwargs: Any) -> None:
+        state = state_of(model)
+        self.id_column = state.config.id_column
+        train_dataset = kwargs.get("train_dataset", pos[0] if pos else None)
+        if train_dataset is not None:
+            check_id_column(train_dataset, self.id_column)
+            state.config.num_train_examples = len(train_dataset)
+        if data_collator is None:
+            tokenizer = kwargs.get("processing_class") or kwargs.get("tokenizer")
+            data_collator = DataCollatorWithPadding(tokenizer) if tokenizer is not None and hasattr(tokenizer, "pad") else default_data_collator
+        data_collator = InstanceIdCollator(data_collator, self.id_column)
+        super().__init__(model, args, data_collator, *pos, **kwargs)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self.id_column not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, self.id_column]
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        example_ids = inputs.pop(BATCH_KEY, None)
+        if example_ids is None:
+            raise MissingExampleIdsError(
+                f"a training batch has no example ids: the training dataset needs an {self.id_column!r} column "
+                "(turnover_hf.add_example_ids(dataset)) and the collator must be an InstanceIdCollator."
+            )
+        # Forward and backward both run inside the context: gradient checkpointing recomputes the forward pass.
+        with instance_masks(model, example_ids, mode="train"):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None):
+        example_ids = inputs.pop(BATCH_KEY, None)
+        if example_ids is not None and state_of(model).mode is None:
+            with instance_masks(model, example_ids, mode="train"):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Optional[list[str]] = None):
+        inputs = {k: v for k, v in inputs.items() if k != BATCH_KEY}  # evaluation uses the full network
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
