@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny random models built from configs (CPU, offline) and a small learnable token task."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+import turnover_hf as th
+
+VOCAB = 64
+SEQ = 8
+
+
+def tiny_bert(num_labels: int = 2, seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        max_position_embeddings=32, num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_roberta(seed: int = 0) -> RobertaForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = RobertaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        max_position_embeddings=40, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        pad_token_id=1,
+    )
+    return RobertaForSequenceClassification(cfg).eval()
+
+
+def tiny_distilbert(seed: int = 0) -> DistilBertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=37, max_position_embeddings=32,
+                           num_labels=2, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+    return DistilBertForSequenceClassification(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2ForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32, num_labels=2,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0)
+    return GPT2ForSequenceClassification(cfg).eval()
+
+
+def with_bottleneck(model, name: str = "bn", reduction_factor: int = 2):
+    import adapters
+
+    adapters.init(model)
+    model.add_adapter(name, config=adapters.SeqBnConfig(reduction_factor=reduction_factor, init_weights="bert"))
+    model.train_adapter(name)
+    return model
+
+
+def with_lora(model, name: str = "lo", r: int = 4):
+    import adapters
+
+    adapters.init(model)
+    model.add_adapter(name, config=adapters.LoRAConfig(r=r, alpha=8, init_weights="bert"))
+    model.train_adapter(name)
+    return model
+
+
+def token_task(n: int = 64, seed: int = 0) -> Dataset:
+    """Sequences of random tokens; the label says whether token 5 appears. Learnable by a tiny model."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(6, VOCAB, (n, SEQ), generator=g)
+    has = torch.rand(n, generator=g) < 0.5
+    pos = torch.randint(1, SEQ, (n,), generator=g)
+    ids[has, pos[has]] = 5
+    ids[:, 0] = 2
+    return Dataset.from_dict({
+        "input_ids": ids.tolist(),
+        "attention_mask": [[1] * SEQ] * n,
+        "labels": has.long().tolist(),
+    })
+
+
+def batch_of(dataset: Dataset, rows=None) -> dict[str, torch.Tensor]:
+    rows = range(len(dataset)) if rows is None else rows
+    return th.InstanceIdCollator()([dataset[int(i)] for i in rows])
+
+
+@pytest.fixture
+def train_set() -> Dataset:
+    return th.add_example_ids(token_task(64, seed=0))
+
+
+@pytest.fixture
+def bert_bottleneck():
+    return th.patch_model(with_bottleneck(tiny_bert()), th.TurnoverConfig(seed=7), freeze_leaking=True)
