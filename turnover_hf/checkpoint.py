@@ -83,24 +83,18 @@ def save_influence_ready(
     """``save_pretrained`` of a patched model: weights (adapters included) + ``turnover_config.json`` + model card.
 
     Files are first written into a temporary folder beside ``save_directory`` and then moved in one by one, so an
-    interrupted save never leaves a half-written file.
+    interrupted save never leaves a half-written file. Files of the folder that the save does not write (a README
+    you wrote, other artefacts) are kept; the model card gains or refreshes only its turnover-hf section.
     """
     save_directory = os.fspath(save_directory)
     if os.path.isfile(save_directory):
         raise ValueError(f"save_directory {save_directory!r} is a file; give a folder.")
-    config: TurnoverConfig = model.turnover_config
     original = type(model).save_pretrained
     if not is_main_process:
         original(model, save_directory, is_main_process=False, **kwargs)
         return
+    hub_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "repo_id", "token", "private", "create_pr", "revision") if k in kwargs}
     os.makedirs(save_directory, exist_ok=True)
-    if push_to_hub:
-        commit_message = kwargs.pop("commit_message", None)
-        repo_id = kwargs.pop("repo_id", save_directory.rstrip(os.path.sep).split(os.path.sep)[-1])
-        token = kwargs.pop("token", None)
-        private = kwargs.pop("private", None)
-        repo_id = model._create_repo(repo_id, private=private, token=token)
-        files_timestamps = model._get_files_timestamps(save_directory)
     parent = os.path.dirname(os.path.abspath(save_directory))
     staging = tempfile.mkdtemp(prefix=".turnover-save-", dir=parent)
     try:
@@ -112,10 +106,50 @@ def save_influence_ready(
             os.replace(os.path.join(staging, name), target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    config.save_pretrained(save_directory)
-    write_model_card(save_directory, config, repo_id if push_to_hub else None)
+    model.turnover_config.save_pretrained(save_directory)
+    repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory))) if push_to_hub else None
+    write_model_card(save_directory, model.turnover_config, repo_id)
     if push_to_hub:
-        model._upload_modified_files(save_directory, repo_id, files_timestamps, commit_message=commit_message, token=token)
+        _upload_folder(model, save_directory, repo_id, files_timestamps={}, **hub_kwargs)
+
+
+def _upload_folder(model: nn.Module, folder: str, repo_id: str, files_timestamps: dict, **hub_kwargs: Any) -> Any:
+    token = hub_kwargs.pop("token", None)
+    repo_id = model._create_repo(repo_id, private=hub_kwargs.pop("private", None), token=token)
+    return model._upload_modified_files(folder, repo_id, files_timestamps, token=token, **hub_kwargs)
+
+
+def push_influence_ready(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    commit_message: Optional[str] = None,
+    private: Optional[bool] = None,
+    token: Optional[Union[bool, str]] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    create_pr: bool = False,
+    revision: Optional[str] = None,
+    **save_kwargs: Any,
+) -> Any:
+    """``push_to_hub`` of a patched model: the influence-ready folder, with the Hub's existing model card kept and
+    the turnover-hf section added to it.
+
+    Example:
+        >>> model.push_to_hub("me/minilm-rotten-tomatoes-influence-ready")
+    """
+    from transformers.utils.hub import create_and_tag_model_card
+
+    repo_id = model._create_repo(repo_id, private=private, token=token)
+    card = create_and_tag_model_card(repo_id, list(CARD_TAGS), token=token)
+    with tempfile.TemporaryDirectory() as work_dir:
+        card.save(os.path.join(work_dir, "README.md"))
+        files_timestamps = model._get_files_timestamps(work_dir)
+        model.save_pretrained(work_dir, max_shard_size=max_shard_size, **save_kwargs)
+        write_model_card(work_dir, model.turnover_config, repo_id)
+        return model._upload_modified_files(
+            work_dir, repo_id, files_timestamps, commit_message=commit_message, token=token,
+            create_pr=create_pr, revision=revision,
+        )
 
 
 def _local_folder(path: Union[str, os.PathLike], hub_kwargs: dict[str, Any]) -> str:
@@ -200,6 +234,7 @@ def load_influence_ready(
     model_class = model_class or _model_class(folder)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # adapter weights load below; do not warn they were "not used"
+    from_pretrained_kwargs.setdefault("use_safetensors", True)  # never unpickle a downloaded checkpoint
     try:
         model = model_class.from_pretrained(folder, **from_pretrained_kwargs)
     finally:

@@ -89,11 +89,12 @@ def patch_model(
     model.turnover_state = state
     model.turnover_config = config
     if hasattr(type(model), "save_pretrained"):
-        from .checkpoint import save_influence_ready
+        from .checkpoint import push_influence_ready, save_influence_ready
 
-        # An instance attribute, so Trainer checkpoints and push_to_hub (which call self.save_pretrained) write
-        # turnover_config.json and the model card too.
+        # Instance attributes, so Trainer checkpoints (which call model.save_pretrained) and model.push_to_hub
+        # write turnover_config.json and the model card too.
         model.save_pretrained = types.MethodType(save_influence_ready, model)
+        model.push_to_hub = types.MethodType(push_influence_ready, model)
 
     leaking = leakage_report(model)
     if leaking and freeze_leaking:
@@ -141,7 +142,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         if original is not None:
             module.__class__ = original
             del module.turnover_site, module.turnover_state
-    for attr in ("turnover_state", "turnover_config", "save_pretrained"):
+    for attr in ("turnover_state", "turnover_config", "save_pretrained", "push_to_hub"):
         target.__dict__.pop(attr, None)
     return target
 

