@@ -91,3 +91,59 @@ def test_trained_model_finds_the_duplicate_and_self_influence_is_positive(tmp_pa
     rank_of_self = (scores > self_influence[None, :]).sum(0)  # 0 = the copy is the top proponent
     # With 16 candidates a random ranking has median 7.5; one model's single-mask scores are noisy (see README).
     assert rank_of_self.float().median() <= 3
+
+
+def _top_layer_adapter(model):
+    import adapters
+
+    adapters.init(model)
+    model.add_adapter("top", config=adapters.SeqBnConfig(reduction_factor=2, leave_out=[0]))
+    model.train_adapter("top")
+    return model
+
+
+@pytest.mark.parametrize(
+    "factory, path",
+    [
+        (tiny_bert, "closed_form"),
+        (lambda: _top_layer_adapter(tiny_bert()), "prefix"),
+        (tiny_roberta, "prefix"),
+        (tiny_gpt2, "prefix"),
+        (lambda: with_bottleneck(tiny_bert()), "batched"),
+    ],
+    ids=["bert-head", "bert-top-adapter", "roberta-head", "gpt2-score", "bert-all-layers"],
+)
+def test_each_fast_path_equals_the_naive_definition(factory, path, train_set, caplog):
+    model = th.patch_model(factory(), th.TurnoverConfig(seed=4), warn_leaking=False).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    targets = batch_of(train_set, [50, 51, 52, 53])
+    targets["labels"] = targets["labels"] % model.config.num_labels
+    ids = torch.tensor([9, 2, 30, 31, 4, 60])
+    scorer = th.TurnoverScorer(model, batch_size=8)
+    scores = scorer.scores(targets, targets["labels"], ids)
+    assert scorer.path == path and "disagrees" not in caplog.text
+    assert torch.allclose(scores, naive_influence(model, targets, ids), atol=1e-5)
+    self_scores = scorer.self_scores(batch_of(train_set, ids.tolist()), batch_of(train_set, ids.tolist())["labels"] % model.config.num_labels, ids)
+    rows = batch_of(train_set, ids.tolist())
+    rows["labels"] = rows["labels"] % model.config.num_labels
+    assert torch.allclose(self_scores, naive_influence(model, rows, ids).diag(), atol=1e-5)
+
+
+def test_a_wrong_fast_path_is_caught_and_abandoned(train_set, caplog, monkeypatch):
+    """The safety net: if replaying the prefix gave other numbers than the model, scores fall back to batched."""
+    from turnover_hf import prefix
+
+    model = th.patch_model(_top_layer_adapter(tiny_bert()), th.TurnoverConfig(seed=4), warn_leaking=False).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    select_rows = prefix._select_rows
+    # A broken replay: hands every row the first target's lower layers.
+    monkeypatch.setattr(prefix, "_select_rows", lambda obj, index: select_rows(obj, torch.zeros_like(index)))
+    targets = batch_of(train_set, [50, 51, 52])
+    scorer = th.TurnoverScorer(model, batch_size=8)
+    scores = scorer.scores(targets, targets["labels"], torch.arange(5))
+    assert scorer.path == "batched" and "disagrees" in caplog.text
+    assert torch.allclose(scores, naive_influence(model, targets, torch.arange(5)), atol=1e-5)

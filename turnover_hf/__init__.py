@@ -21,7 +21,7 @@ from .errors import (
 from .masks import flip, keep_bits, mask_for
 from .patcher import freeze_leaking_parameters, is_patched, leakage_report, patch_model, unpatch_model
 from .data import InstanceIdCollator, add_example_ids
-from .scoring import influence, per_example_loss
+from .scoring import TurnoverScorer, influence, per_example_loss
 from .trainer import TurnoverTrainer
 from .callbacks import FlipSanityCallback
 from .checkpoint import load_influence_ready
@@ -37,6 +37,7 @@ __all__ = [
     "NotPatchedError",
     "TurnoverConfig",
     "TurnoverError",
+    "TurnoverScorer",
     "TurnoverTrainer",
     "add_example_ids",
     "flip",

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .context import instance_masks, state_of
-from .errors import ExampleIdError
-from .masks import check_example_ids
+from .errors import ExampleIdError, TurnoverError
+from .masks import check_example_ids, mask_for, scale_of
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,167 @@ def _labels_of(model: nn.Module, targets: Mapping[str, torch.Tensor]) -> torch.T
     return predicted_labels(model, targets)
 
 
+class TurnoverScorer:
+    """Scores (training id, target) pairs of a patched model, with the fastest exact path the model allows.
+
+    Paths: ``"closed_form"`` (only the head's Linear is masked, on its inputs: all pairs from one matrix product),
+    ``"prefix"`` (the layers below the lowest mask run once per target and are replayed for every mask; see
+    :mod:`turnover_hf.prefix`), ``"batched"`` (every (id, target, mask-or-flip) row a full forward). A fast path
+    is checked against the batched path on its first use and abandoned, with a warning, if they disagree.
+
+    Example:
+        >>> scorer = TurnoverScorer(model, batch_size=128)
+        >>> scorer.path
+        'prefix'
+        >>> scores = scorer.scores(targets, labels, example_ids)     # (n_ids, n_targets)
+    """
+
+    def __init__(self, model: nn.Module, *, batch_size: int = 64, fast: bool = True) -> None:
+        from .prefix import PrefixReplay, closed_form_head
+
+        self.model = model
+        self.state = state_of(model)
+        self.batch_size = max(2, int(batch_size))
+        self.device = next(model.parameters()).device
+        self._head = closed_form_head(model) if fast else None
+        self._replay = PrefixReplay.for_model(model) if fast and self._head is None else None
+        self.path = "closed_form" if self._head else "prefix" if self._replay else "batched"
+        self._verified = self.path == "batched"
+
+    # -- public -------------------------------------------------------------------------------------------------
+    def scores(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
+        """Influence of each id on each target, float32 ``(n_ids, n_targets)`` on the CPU."""
+        inputs = model_inputs(targets, self.device)
+        labels = labels.to(self.device)
+        example_ids = example_ids.to(self.device)
+        if not self._verified:
+            self._verify(inputs, labels, example_ids)
+        with _eval_mode(self.model), torch.no_grad():
+            if self.path == "closed_form":
+                out = self._closed_form_scores(inputs, labels, example_ids)
+            else:
+                out = self._row_scores(inputs, labels, example_ids)
+        return out.float().cpu()
+
+    def self_scores(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
+        """Self-influence: each training row (with its id) scored as its own target, float32 ``(n,)`` on the CPU."""
+        inputs = model_inputs(batch, self.device)
+        labels, example_ids = labels.to(self.device), example_ids.to(self.device)
+        n = len(example_ids)
+        with _eval_mode(self.model), torch.no_grad():
+            if self.path == "closed_form":
+                features, _ = self._features(inputs)
+                masks = self._masks(example_ids, features.dtype)
+                return self._closed_form_losses(features, masks, labels).float().cpu()
+            rows = torch.arange(2 * n, device=self.device)
+            losses = self._losses(inputs, labels, rows // 2, example_ids[rows // 2], (rows % 2).bool())
+        return (losses[1::2] - losses[0::2]).float().cpu()
+
+    # -- batched and prefix paths --------------------------------------------------------------------------------
+    def _losses(self, inputs, labels, row_target, row_ids, row_flip, replay=None) -> torch.Tensor:
+        """Loss of each row: target ``row_target[r]`` under example ``row_ids[r]``'s mask (flipped if ``row_flip``)."""
+        out = torch.empty(len(row_target), dtype=torch.float32, device=self.device)
+        for start in range(0, len(row_target), self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            rows = row_target[sl]
+            batch = {k: v.index_select(0, rows) for k, v in inputs.items()}
+            with contextlib.ExitStack() as stack:
+                if replay is not None:
+                    stack.enter_context(replay.replaying(rows))
+                stack.enter_context(instance_masks(self.model, row_ids[sl], flipped=row_flip[sl]))
+                logits = self.model(**batch).logits
+            out[sl] = per_example_loss(logits, labels.index_select(0, rows))
+        return out
+
+    def _row_scores(self, inputs, labels, example_ids, replay_enabled: bool = True) -> torch.Tensor:
+        n_ids, n_targets = len(example_ids), len(labels)
+        replay = self._replay if replay_enabled else None
+        # Targets go in chunks so that one chunk's recorded prefix and its rows stay modest in memory.
+        chunk = max(1, min(n_targets, self.batch_size // 2)) if replay is not None else n_targets
+        scores = torch.empty(n_ids, n_targets, dtype=torch.float32, device=self.device)
+        for t0 in range(0, n_targets, chunk):
+            t1 = min(t0 + chunk, n_targets)
+            part = {k: v[t0:t1] for k, v in inputs.items()}
+            rows = torch.arange((t1 - t0) * n_ids * 2, device=self.device)
+            row_target, rest = rows // (2 * n_ids), rows % (2 * n_ids)
+            row_ids, row_flip = example_ids[rest // 2], (rest % 2).bool()
+            with contextlib.ExitStack() as stack:
+                if replay is not None:
+                    stack.enter_context(replay.recorded(self.model, part))
+                losses = self._losses(part, labels[t0:t1], row_target, row_ids, row_flip, replay)
+            losses = losses.view(t1 - t0, n_ids, 2)
+            scores[:, t0:t1] = (losses[..., 1] - losses[..., 0]).T
+        return scores
+
+    # -- closed-form head path -----------------------------------------------------------------------------------
+    def _features(self, inputs):
+        from .prefix import head_features
+
+        return head_features(self.model, self._head, inputs)
+
+    def _masks(self, example_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        site = self.state.sites[0]
+        return mask_for(example_ids, site.name, site.units, dtype=dtype, **self.state.config.mask_kwargs)
+
+    def _closed_form_losses(self, features, masks, labels) -> torch.Tensor:
+        """Per-row self-influence on the closed-form path: rows pair features[r] with masks[r]."""
+        head = dict(self.model.named_modules())[self._head]
+        scale = scale_of(self.state.config.p)
+        mask_logits = head(features * masks)
+        flip_logits = head(features * (scale - masks))
+        return per_example_loss(flip_logits, labels) - per_example_loss(mask_logits, labels)
+
+    def _closed_form_scores(self, inputs, labels, example_ids) -> torch.Tensor:
+        from .prefix import head_logits
+
+        head = dict(self.model.named_modules())[self._head]
+        features, _ = self._features(inputs)  # (T, d)
+        scale = scale_of(self.state.config.p)
+        n_targets = len(labels)
+        scores = torch.empty(len(example_ids), n_targets, dtype=torch.float32, device=self.device)
+        block = max(1, 2**22 // max(1, n_targets * head.out_features))  # ids per GEMM: bounded logits memory
+        for start in range(0, len(example_ids), block):
+            masks = self._masks(example_ids[start : start + block], features.dtype)
+            both = head_logits(head, features, torch.cat([masks, scale - masks]))  # (2n, T, C)
+            n = len(masks)
+            flat_labels = labels.repeat(2 * n)
+            losses = per_example_loss(both.reshape(2 * n * n_targets, -1), flat_labels).view(2, n, n_targets)
+            scores[start : start + n] = losses[1] - losses[0]
+        return scores
+
+    # -- safety net ----------------------------------------------------------------------------------------------
+    def _verify(self, inputs, labels, example_ids) -> None:
+        """Compare the fast path with the batched definition on a few pairs; fall back to batched if they differ."""
+        from .prefix import PrefixReplay
+
+        self._verified = True
+        ids = example_ids[:3]
+        part = {k: v[:2] for k, v in inputs.items()}
+        with _eval_mode(self.model), torch.no_grad():
+            if self.path == "closed_form" and self._features(part)[0].dim() != 2:
+                # The head reads per-token features (e.g. a decoder's `score`): replay the base model instead.
+                self._head, self._replay = None, PrefixReplay.for_model(self.model)
+                self.path = "prefix" if self._replay else "batched"
+                if self._replay is None:
+                    return
+            reference = self._row_scores(part, labels[:2], ids, replay_enabled=False)
+            try:
+                fast = (self._closed_form_scores if self.path == "closed_form" else self._row_scores)(part, labels[:2], ids)
+            except (RuntimeError, TurnoverError) as err:  # a module that cannot be replayed
+                fast, problem = None, f"fails ({err})"
+        if fast is not None:
+            exact = next(self.model.parameters()).dtype == torch.float32
+            # Scores are differences of losses of order 1: float32 reordering noise stays far below 1e-5.
+            close = torch.allclose(fast, reference, atol=1e-5 if exact else 2e-2, rtol=1e-3 if exact else 5e-2)
+            problem = None if close else f"disagrees with it (max diff {float((fast - reference).abs().max()):.3g})"
+        if problem is not None:
+            logger.warning(
+                "the %s scoring path %s, checked against the plain batched definition on this model; "
+                "falling back to the batched path.", self.path, problem,
+            )
+            self.path, self._head, self._replay = "batched", None, None
+
+
 def influence(
     model: nn.Module,
     targets: Mapping[str, torch.Tensor],
@@ -105,11 +266,13 @@ def influence(
     *,
     batch_size: int = 64,
     known_ids: Optional[torch.Tensor] = None,
+    fast: bool = True,
 ) -> torch.Tensor:
     """Turn-over influence of each training id on each target, a float32 tensor of shape ``(n_ids, n_targets)``.
 
     ``targets`` is a collated batch (``input_ids``, ``attention_mask``, ... and ``labels``; without labels the
-    model's own predictions are used). Every forward holds ``batch_size`` (id, target, mask-or-flip) rows.
+    model's own predictions are used). Forwards hold up to ``batch_size`` (id, target, mask-or-flip) rows; with
+    ``fast=True`` the lower layers below the masks are computed once per target (see :class:`TurnoverScorer`).
 
     Example:
         >>> scores = influence(model, collator([valid[0], valid[1]]), example_ids=train["example_id"])
@@ -118,22 +281,4 @@ def influence(
     state_of(model)
     example_ids = check_ids_known(torch.as_tensor(example_ids), known_ids)
     labels = _labels_of(model, targets)
-    device = next(model.parameters()).device
-    inputs = model_inputs(targets, device)
-    labels = labels.to(device)
-    n_ids, n_targets = len(example_ids), len(labels)
-    # Rows enumerate (target, id, flipped): pairs of rows hold both masks of one (id, target).
-    total = n_targets * n_ids * 2
-    losses = torch.empty(total, dtype=torch.float32, device=device)
-    ids_dev = example_ids.to(device)
-    with _eval_mode(model), torch.no_grad():
-        for start in range(0, total, max(2, batch_size)):
-            rows = torch.arange(start, min(start + max(2, batch_size), total), device=device)
-            target_idx, rest = rows // (2 * n_ids), rows % (2 * n_ids)
-            id_idx, flipped = rest // 2, (rest % 2).bool()
-            batch = {k: v[target_idx] for k, v in inputs.items()}
-            with instance_masks(model, ids_dev[id_idx], flipped=flipped):
-                logits = model(**batch).logits
-            losses[rows] = per_example_loss(logits, labels[target_idx])
-    losses = losses.view(n_targets, n_ids, 2)
-    return (losses[..., 1] - losses[..., 0]).T.contiguous().cpu()
+    return TurnoverScorer(model, batch_size=batch_size, fast=fast).scores(targets, labels, example_ids)
