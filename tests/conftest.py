@@ -110,3 +110,22 @@ def train_set() -> Dataset:
 @pytest.fixture
 def bert_bottleneck():
     return th.patch_model(with_bottleneck(tiny_bert()), th.TurnoverConfig(seed=7), freeze_leaking=True)
+
+
+def word_tokenizer(folder) -> "PreTrainedTokenizerBase":
+    """A BERT word-piece tokenizer over the words w5 ... w63 (ids 5 ... 63), written to ``folder``."""
+    from transformers import BertTokenizerFast
+
+    os.makedirs(folder, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(5, VOCAB)]
+    path = os.path.join(folder, "vocab.txt")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(vocab) + "\n")
+    return BertTokenizerFast(vocab_file=path)
+
+
+def text_task(n: int = 64, seed: int = 0) -> Dataset:
+    """The token task as text with ids: 'w17 w5 w40 ...' and a label."""
+    ds = token_task(n, seed)
+    texts = [" ".join(f"w{t}" for t in row[1:]) for row in ds["input_ids"]]
+    return th.add_example_ids(Dataset.from_dict({"text": texts, "label": ds["labels"]}))

@@ -25,12 +25,14 @@ from .scoring import TurnoverScorer, influence, per_example_loss
 from .trainer import TurnoverTrainer
 from .callbacks import FlipSanityCallback
 from .checkpoint import load_influence_ready
+from .pipeline import InfluencePipeline
 
 __all__ = [
     "CONFIG_NAME",
     "ConfigMismatchError",
     "ExampleIdError",
     "FlipSanityCallback",
+    "InfluencePipeline",
     "InstanceIdCollator",
     "MissingExampleIdsError",
     "NoTargetMatchedError",

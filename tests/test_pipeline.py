@@ -1,0 +1,168 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import turnover_hf as th
+
+from conftest import text_task, tiny_bert, with_bottleneck, with_lora, word_tokenizer
+from test_scoring import naive_influence, _top_layer_adapter
+
+
+@pytest.fixture
+def setup(tmp_path):
+    tokenizer = word_tokenizer(tmp_path / "tok")
+    train = text_task(40)
+    model = th.patch_model(_top_layer_adapter(tiny_bert()), th.TurnoverConfig(seed=6), freeze_leaking=True).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.turnover_config.num_train_examples = len(train)
+    return model, tokenizer, train
+
+
+def _encoded(tokenizer, texts, labels):
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    batch["labels"] = torch.tensor(labels)
+    return batch
+
+
+def test_matrix_self_and_mean_influence_match_the_definition(setup):
+    model, tokenizer, train = setup
+    pipe = th.InfluencePipeline(model, tokenizer, train_dataset=train, batch_size=16, chunk_size=16)
+    targets = [{"text": train[i]["text"], "label": train[i]["label"]} for i in (0, 5, 7)]
+    ids = torch.tensor(train["example_id"])
+    encoded = _encoded(tokenizer, [t["text"] for t in targets], [t["label"] for t in targets])
+    reference = naive_influence(model, encoded, ids)
+    assert torch.allclose(pipe.scores(targets), reference, atol=1e-5)
+    mean = pipe.mean_influence(targets)
+    assert mean["example_id"] == train["example_id"] and mean["text"] == train["text"]
+    assert torch.allclose(torch.tensor(mean["mean_influence"]), reference.mean(1), atol=1e-5)
+    own = pipe.self_influence(example_ids=[0, 5, 7])
+    assert own["example_id"] == [0, 5, 7]
+    assert torch.allclose(torch.tensor(own["self_influence"]), reference[[0, 5, 7], [0, 1, 2]], atol=1e-5)
+
+
+def test_call_returns_proponents_and_opponents_with_rows(setup, caplog):
+    model, tokenizer, train = setup
+    pipe = th.InfluencePipeline(model, tokenizer, train_dataset=train, top_k=3)
+    text = train[3]["text"]
+    out = pipe(text)
+    assert out["label_source"] == "predicted"
+    scores = pipe.scores([{"text": text, "label": out["label"]}])[:, 0]
+    assert [p["example_id"] for p in out["proponents"]] == scores.topk(3).indices.tolist()
+    assert [p["example_id"] for p in out["opponents"]] == (-scores).topk(3).indices.tolist()
+    first = out["proponents"][0]
+    assert first["text"] == train[first["example_id"]]["text"] and first["label"] == train[first["example_id"]]["label"]
+    assert first["score"] == pytest.approx(scores.max().item(), abs=1e-6)
+    many = pipe([{"text": text, "label": 1}, {"text": train[4]["text"], "label": 0}], top_k=2)
+    assert len(many) == 2 and all(r["label_source"] == "given" for r in many) and len(many[0]["opponents"]) == 2
+    as_dataset = pipe(train.select([3, 4]), top_k=2)
+    assert [r["label"] for r in as_dataset] == [train[3]["label"], train[4]["label"]]
+    as_inputs = pipe(tokenizer(text), top_k=2)
+    assert as_inputs["proponents"] == pipe(text, top_k=2)["proponents"]
+
+
+def test_interrupted_run_resumes_and_never_overwrites(setup, tmp_path, monkeypatch):
+    model, tokenizer, train = setup
+    pipe = th.InfluencePipeline(model, tokenizer, train_dataset=train, chunk_size=8)
+    targets = train.select([1, 2])
+    full = pipe.scores(targets)
+    out = tmp_path / "scores"
+    calls = []
+    original = pipe.scorer.scores
+
+    def flaky(batch, labels, ids):
+        calls.append(ids.tolist())
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(batch, labels, ids)
+
+    monkeypatch.setattr(pipe.scorer, "scores", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.scores(targets, output_dir=str(out))
+    assert sorted(os.listdir(out)) == ["manifest.json", "shard-000000.safetensors", "shard-000001.safetensors"]
+    resumed = pipe.scores(targets, output_dir=str(out))
+    assert len(calls) == 3 + 3  # chunks 2, 3, 4 computed now; 0 and 1 came from disk
+    assert torch.allclose(resumed, full, atol=1e-6)
+    again = pipe.scores(targets, output_dir=str(out))  # finished: read back, nothing recomputed
+    assert len(calls) == 6 and torch.equal(again, resumed)
+    with pytest.raises(th.TurnoverError, match="already holds another result"):
+        pipe.scores(train.select([3]), output_dir=str(out))
+    assert torch.equal(pipe.scores(targets, output_dir=str(out)), resumed)  # still intact
+
+
+def test_pipeline_loads_a_checkpoint_folder(setup, tmp_path):
+    model, tokenizer, train = setup
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    pipe = th.InfluencePipeline(str(tmp_path / "ckpt"), train_dataset=train)
+    direct = th.InfluencePipeline(model, tokenizer, train_dataset=train)
+    assert torch.equal(pipe.scores(train.select([0, 1])), direct.scores(train.select([0, 1])))
+
+
+def test_bad_input_gets_clear_errors(setup):
+    model, tokenizer, train = setup
+    with pytest.raises(th.ConfigMismatchError, match="trained on 40 examples but train_dataset has 39"):
+        th.InfluencePipeline(model, tokenizer, train_dataset=train.select(range(39)))
+    no_tok = th.InfluencePipeline(model, None, train_dataset=train.map(lambda r: tokenizer(r["text"])))
+    with pytest.raises(th.TurnoverError, match="needs a tokenizer"):
+        no_tok("w5 w6")
+    pipe = th.InfluencePipeline(model, tokenizer, train_dataset=train)
+    with pytest.raises(th.ExampleIdError, match="not in the training set"):
+        pipe.scores("w5 w6", example_ids=[0, 1000])
+    with pytest.raises(th.TurnoverError, match="cannot use a target of type int"):
+        pipe([3])
+    with pytest.raises(th.NotPatchedError):
+        th.InfluencePipeline(tiny_bert(), tokenizer, train_dataset=train)
+    with pytest.raises(th.MissingExampleIdsError):
+        th.InfluencePipeline(model, tokenizer, train_dataset=train.remove_columns("example_id"))
+
+
+SHARDED = r"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+from accelerate import PartialState
+import turnover_hf as th
+from conftest import text_task, tiny_bert, word_tokenizer
+from test_scoring import _top_layer_adapter
+state = PartialState(cpu=True)
+torch.manual_seed(0)
+model = th.patch_model(_top_layer_adapter(tiny_bert()), th.TurnoverConfig(seed=6), warn_leaking=False).eval()
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(torch.randn_like(p) * 0.05)
+train = text_task(40)
+pipe = th.InfluencePipeline(model, word_tokenizer({tok!r}), train_dataset=train, chunk_size=7)
+scores = pipe.scores(train.select([1, 2, 3]))
+own = pipe.self_influence(output_dir={out!r})
+if state.is_main_process:
+    from safetensors.torch import save_file
+    save_file({{"scores": scores.contiguous(), "self": torch.tensor(own["self_influence"]),
+               "ids": torch.tensor(own["example_id"]), "procs": torch.tensor(state.num_processes)}}, {result!r})
+"""
+
+
+@pytest.mark.multiprocess
+def test_two_processes_give_the_single_process_result(tmp_path):
+    from safetensors.torch import load_file
+
+    tests = os.path.dirname(__file__)
+    results = {}
+    for procs in (1, 2):
+        script = tmp_path / f"sharded{procs}.py"
+        result = tmp_path / f"result{procs}.safetensors"
+        script.write_text(SHARDED.format(tests=tests, tok=str(tmp_path / "tok"), out=str(tmp_path / f"own{procs}"),
+                                         result=str(result)))
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(tests))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
+               str(29500 + procs), str(script)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[procs] = load_file(result)
+    assert int(results[2]["procs"]) == 2
+    assert torch.equal(results[1]["ids"], results[2]["ids"]) and torch.equal(results[1]["ids"], torch.arange(40))
+    assert torch.allclose(results[1]["scores"], results[2]["scores"], atol=1e-6)
+    assert torch.allclose(results[1]["self"], results[2]["self"], atol=1e-6)

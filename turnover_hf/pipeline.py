@@ -1,0 +1,306 @@
+"""``InfluencePipeline``: which training examples made the model say this, and which of them look suspicious.
+
+Example:
+    >>> pipe = InfluencePipeline("out/model", train_dataset=train)       # an influence-ready checkpoint
+    >>> pipe("a gripping, beautifully shot film", top_k=3)               # proponents and opponents, with their rows
+    >>> suspects = pipe.self_influence().sort("self_influence")          # mislabelled examples score low
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from datasets import Dataset
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase, default_data_collator
+
+from .checkpoint import load_influence_ready
+from .context import state_of
+from .data import InstanceIdCollator, check_id_column
+from .errors import ConfigMismatchError, TurnoverError
+from .scoring import TurnoverScorer, check_ids_known, predicted_labels
+from .store import ScoreStore, fingerprint
+
+logger = logging.getLogger(__name__)
+
+TargetsLike = Union[str, Sequence[str], Mapping[str, Any], Sequence[Mapping[str, Any]], Dataset]
+LABEL_KEYS = ("labels", "label")
+
+
+class InfluencePipeline:
+    """Score training examples against targets with turn-over dropout, in transformers' pipeline style.
+
+    Args:
+        model: a patched model, or the path / Hub id of an influence-ready checkpoint.
+        tokenizer: turns text targets (and a training set without ``input_ids``) into model inputs.
+        train_dataset: the training set with its id column (the one the model was trained on); rows are returned
+            beside their scores. Must have as many rows as the model was trained on.
+        batch_size: (id, target, mask) rows per forward pass.
+        text_column: the text column of datasets (training set and dataset targets).
+        max_length: truncation length for text.
+        top_k: proponents and opponents returned per target.
+        fast: use the exact fast paths (closed-form head, prefix reuse); ``False`` scores row by row.
+
+    Scoring is sharded over the processes of ``accelerate launch`` / ``torchrun`` (training ids split evenly,
+    results gathered in order); with ``output_dir`` every chunk is saved and an interrupted run resumes.
+
+    Example:
+        >>> pipe = InfluencePipeline(model, tokenizer, train_dataset=train)
+        >>> pipe(["the plot is thin", "a triumph"], top_k=5)[0]["proponents"][0]
+        {'example_id': 1234, 'score': 0.041, 'text': '...', 'label': 0}
+    """
+
+    def __init__(
+        self,
+        model: Union[nn.Module, str, os.PathLike],
+        tokenizer: Optional[PreTrainedTokenizerBase] = None,
+        train_dataset: Optional[Dataset] = None,
+        *,
+        data_collator: Optional[Callable] = None,
+        batch_size: int = 64,
+        text_column: str = "text",
+        max_length: Optional[int] = 128,
+        top_k: int = 5,
+        fast: bool = True,
+        chunk_size: int = 1024,
+    ) -> None:
+        if isinstance(model, (str, os.PathLike)):
+            path = model
+            model = load_influence_ready(path)
+            if tokenizer is None and os.path.isfile(os.path.join(os.fspath(path), "tokenizer_config.json")):
+                tokenizer = AutoTokenizer.from_pretrained(path)
+        state = state_of(model)
+        if train_dataset is None:
+            raise TurnoverError("InfluencePipeline needs train_dataset: the training set, with its id column.")
+        self.model = model.eval()
+        self.config = state.config
+        self.tokenizer = tokenizer
+        self.text_column = text_column
+        self.max_length = max_length
+        self.top_k = top_k
+        self.batch_size = batch_size
+        self.chunk_size = chunk_size
+        self.scorer = TurnoverScorer(model, batch_size=batch_size, fast=fast)
+        collator = data_collator or (DataCollatorWithPadding(tokenizer) if tokenizer is not None else default_data_collator)
+        self.collator = InstanceIdCollator(collator, self.config.id_column)
+        self.train_dataset = train_dataset
+        self.train_ids = check_id_column(train_dataset, self.config.id_column)
+        expected = self.config.num_train_examples
+        if expected is not None and expected != len(train_dataset):
+            raise ConfigMismatchError(
+                f"the model was trained on {expected} examples but train_dataset has {len(train_dataset)} rows. Pass "
+                "the full training set (with the same id column) and choose ids to score with example_ids=..."
+            )
+        self._order = torch.argsort(self.train_ids)
+        self._train_features = self._model_features(train_dataset)
+
+    # -- inputs -------------------------------------------------------------------------------------------------
+    def _tokenize(self, texts: list[str]) -> dict[str, list]:
+        if self.tokenizer is None:
+            raise TurnoverError("text needs a tokenizer: pass tokenizer=... to InfluencePipeline.")
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length)
+
+    def _model_features(self, dataset: Dataset) -> Dataset:
+        """``dataset`` with model inputs (tokenizing ``text_column`` if there are no ``input_ids``) and ``labels``."""
+        if "input_ids" not in dataset.column_names:
+            if self.text_column not in dataset.column_names:
+                raise TurnoverError(
+                    f"the dataset has neither input_ids nor a {self.text_column!r} column (columns: "
+                    f"{dataset.column_names}); pass text_column=... or tokenized data."
+                )
+            dataset = dataset.map(lambda rows: self._tokenize(rows[self.text_column]), batched=True)
+        if "label" in dataset.column_names and "labels" not in dataset.column_names:
+            dataset = dataset.rename_column("label", "labels")
+        keep = {"input_ids", "attention_mask", "token_type_ids", "labels", self.config.id_column}
+        return dataset.remove_columns([c for c in dataset.column_names if c not in keep])
+
+    def _target_rows(self, targets: TargetsLike) -> list[dict[str, Any]]:
+        if isinstance(targets, Dataset):
+            return [dict(row) for row in self._model_features(targets.remove_columns(
+                [c for c in (self.config.id_column,) if c in targets.column_names]))]
+        if isinstance(targets, str):
+            targets = [targets]
+        if isinstance(targets, Mapping):
+            first = targets.get("input_ids")
+            if first is None and self.text_column in targets:
+                return self._target_rows([dict(targets)])
+            if first is None:
+                raise TurnoverError(f"a dict target needs input_ids or {self.text_column!r}; got keys {list(targets)}.")
+            first = torch.as_tensor(first)
+            if first.dim() == 1:
+                return [{k: torch.as_tensor(v).tolist() for k, v in targets.items()}]
+            return [{k: torch.as_tensor(v)[i].tolist() for k, v in targets.items()} for i in range(len(first))]
+        rows: list[dict[str, Any]] = []
+        for target in targets:
+            if isinstance(target, str):
+                rows.append({k: v[0] for k, v in self._tokenize([target]).items()})
+            elif isinstance(target, Mapping):
+                row = dict(target)
+                if "input_ids" not in row:
+                    if self.text_column not in row:
+                        raise TurnoverError(f"target {target!r} has neither input_ids nor {self.text_column!r}.")
+                    row |= {k: v[0] for k, v in self._tokenize([row.pop(self.text_column)]).items()}
+                rows.append(row)
+            else:
+                raise TurnoverError(
+                    f"cannot use a target of type {type(target).__name__}: give text, a dict of model inputs, a "
+                    "list of those, or a datasets.Dataset."
+                )
+        return rows
+
+    def prepare_targets(self, targets: TargetsLike) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
+        """Collated target inputs, their labels, and where each label came from ("given" or "predicted")."""
+        rows = self._target_rows(targets)
+        if not rows:
+            raise TurnoverError("no targets given.")
+        for row in rows:
+            if "label" in row and "labels" not in row:
+                row["labels"] = row.pop("label")
+        labelled = [row.get("labels") is not None for row in rows]
+        try:
+            batch = self.collator([{k: v for k, v in row.items() if k != "labels"} for row in rows])
+        except (ValueError, TypeError) as err:
+            raise TurnoverError(f"the targets could not be collated into model inputs ({err}).") from err
+        if all(labelled):
+            labels = torch.as_tensor([row["labels"] for row in rows])
+            return batch, labels, ["given"] * len(rows)
+        logger.info("some targets have no label: all are scored against the model's own predictions.")
+        return batch, predicted_labels(self.model, batch).cpu(), ["predicted"] * len(rows)
+
+    def _ids(self, example_ids: Optional[Sequence[int]]) -> torch.Tensor:
+        if example_ids is None:
+            return self.train_ids.clone()
+        return check_ids_known(torch.as_tensor(example_ids), self.train_ids)
+
+    def _positions(self, example_ids: torch.Tensor) -> list[int]:
+        return self._order[torch.searchsorted(self.train_ids[self._order], example_ids)].tolist()
+
+    def train_rows(self, example_ids: torch.Tensor) -> Dataset:
+        """The training rows with these ids, in that order."""
+        return self.train_dataset.select(self._positions(example_ids))
+
+    # -- the sharded, resumable loop ----------------------------------------------------------------------------
+    def _run(self, kind: str, example_ids: torch.Tensor, n_columns: int, compute: Callable[[torch.Tensor], torch.Tensor],
+             key_parts: tuple, output_dir: Optional[str]) -> torch.Tensor:
+        from accelerate import PartialState
+        from accelerate.utils import gather_object
+
+        store = None
+        if output_dir is not None:
+            key = fingerprint(kind, self.config.to_dict(), self.model.state_dict(), example_ids, *key_parts)
+            store = ScoreStore(output_dir, key, example_ids, n_columns, f"{kind} of {len(example_ids)} ids")
+            done = store.result()
+            if done is not None:
+                return done
+        chunks = list(range(0, len(example_ids), self.chunk_size))
+        # A model on the CPU runs its processes on gloo; on accelerators accelerate picks the backend.
+        state = PartialState(cpu=self.scorer.device.type == "cpu")
+        results: list[tuple[int, torch.Tensor]] = []
+        with state.split_between_processes(list(range(len(chunks)))) as mine:
+            for index in tqdm(mine, desc=kind, unit="chunk", disable=not state.is_local_main_process or len(mine) < 2):
+                part = store.shard(index) if store is not None else None
+                if part is None:
+                    start = chunks[index]
+                    part = compute(example_ids[start : start + self.chunk_size]).reshape(-1, n_columns).cpu()
+                    if store is not None:
+                        store.write_shard(index, part)
+                results.append((index, part))
+        if state.num_processes > 1:
+            results = gather_object(results)
+        scores = torch.cat([part for _, part in sorted(results, key=lambda item: item[0])]) if results else torch.empty(0, n_columns)
+        if store is not None and state.is_main_process:
+            store.finish(scores)
+        state.wait_for_everyone()
+        return scores
+
+    # -- public -------------------------------------------------------------------------------------------------
+    def scores(self, targets: TargetsLike, example_ids: Optional[Sequence[int]] = None, *, output_dir: Optional[str] = None) -> torch.Tensor:
+        """The (n_ids, n_targets) influence matrix; rows follow ``example_ids`` (default: the training set's order).
+
+        Example:
+            >>> pipe.scores(valid.select(range(100)), output_dir="scores/valid100")   # resumable
+        """
+        batch, labels, _ = self.prepare_targets(targets)
+        ids = self._ids(example_ids)
+        return self._run(
+            "scores", ids, len(labels), lambda chunk: self.scorer.scores(batch, labels, chunk),
+            (batch, labels), output_dir,
+        )
+
+    def mean_influence(self, targets: TargetsLike, example_ids: Optional[Sequence[int]] = None, *,
+                       output_dir: Optional[str] = None) -> Dataset:
+        """Each training example's mean influence over a target set (data cleansing, paper Table 2), as a Dataset.
+
+        Example:
+            >>> harmful = pipe.mean_influence(valid).sort("mean_influence").select(range(20))
+        """
+        batch, labels, _ = self.prepare_targets(targets)
+        ids = self._ids(example_ids)
+        means = self._run(
+            "mean_influence", ids, 1, lambda chunk: self.scorer.scores(batch, labels, chunk).mean(1),
+            (batch, labels), output_dir,
+        )
+        return self.train_rows(ids).add_column("mean_influence", means[:, 0].tolist())
+
+    def self_influence(self, example_ids: Optional[Sequence[int]] = None, *, output_dir: Optional[str] = None) -> Dataset:
+        """Each training example's influence on its own prediction (paper App. E), as a Dataset.
+
+        Very negative values flag examples the rest of the data contradicts (often mislabelled); very positive
+        ones flag memorised examples.
+
+        Example:
+            >>> pipe.self_influence().sort("self_influence").select(range(10))["text"]
+        """
+        ids = self._ids(example_ids)
+
+        def compute(chunk: torch.Tensor) -> torch.Tensor:
+            rows = self._train_features.select(self._positions(chunk))
+            out = []
+            for start in range(0, len(chunk), self.batch_size):
+                batch = self.collator([rows[i] for i in range(start, min(start + self.batch_size, len(chunk)))])
+                out.append(self.scorer.self_scores(batch, batch["labels"], batch["example_ids"]))
+            return torch.cat(out)
+
+        values = self._run("self_influence", ids, 1, compute, (), output_dir)
+        return self.train_rows(ids).add_column("self_influence", values[:, 0].tolist())
+
+
+    def __call__(self, targets: TargetsLike, top_k: Optional[int] = None, example_ids: Optional[Sequence[int]] = None,
+                 *, output_dir: Optional[str] = None) -> Union[dict[str, Any], list[dict[str, Any]]]:
+        """Top-k proponents (most helpful) and opponents (most harmful) of each target, with their training rows.
+
+        Returns one dict for a single text or dict target, a list of dicts otherwise.
+        """
+        top_k = top_k or self.top_k
+        single = isinstance(targets, str) or (isinstance(targets, Mapping) and torch.as_tensor(targets.get("input_ids", [[0]])).dim() <= 1)
+        batch, labels, sources = self.prepare_targets(targets)
+        ids = self._ids(example_ids)
+        matrix = self._run(
+            "scores", ids, len(labels), lambda chunk: self.scorer.scores(batch, labels, chunk),
+            (batch, labels), output_dir,
+        )
+        k = min(top_k, len(ids))
+        out = []
+        for t in range(len(labels)):
+            column = matrix[:, t]
+            best = torch.topk(column, k)
+            worst = torch.topk(-column, k)
+            out.append({
+                "label": labels[t].item(),
+                "label_source": sources[t],
+                "proponents": self._explain(ids[best.indices], best.values),
+                "opponents": self._explain(ids[worst.indices], -worst.values),
+            })
+        return out[0] if single else out
+
+    def _explain(self, ids: torch.Tensor, values: torch.Tensor) -> list[dict[str, Any]]:
+        rows = self.train_rows(ids)
+        shown = [c for c in rows.column_names if c not in ("input_ids", "attention_mask", "token_type_ids", self.config.id_column)]
+        return [
+            {"example_id": int(i), "score": float(v), **{c: rows[n][c] for c in shown}}
+            for n, (i, v) in enumerate(zip(ids.tolist(), values.tolist()))
+        ]
