@@ -44,6 +44,8 @@ class InfluencePipeline:
         max_length: truncation length for text.
         top_k: proponents and opponents returned per target.
         fast: use the exact fast paths (closed-form head, prefix reuse); ``False`` scores row by row.
+        chunk_size: training ids per saved chunk (the unit of resuming and of sharding over processes).
+        device: where to run the model (default: where it is).
 
     Scoring is sharded over the processes of ``accelerate launch`` / ``torchrun`` (training ids split evenly,
     results gathered in order); with ``output_dir`` every chunk is saved and an interrupted run resumes.
@@ -67,6 +69,7 @@ class InfluencePipeline:
         top_k: int = 5,
         fast: bool = True,
         chunk_size: int = 1024,
+        device: Optional[Union[str, torch.device]] = None,
     ) -> None:
         if isinstance(model, (str, os.PathLike)):
             path = model
@@ -76,7 +79,7 @@ class InfluencePipeline:
         state = state_of(model)
         if train_dataset is None:
             raise TurnoverError("InfluencePipeline needs train_dataset: the training set, with its id column.")
-        self.model = model.eval()
+        self.model = (model.to(device) if device is not None else model).eval()
         self.config = state.config
         self.tokenizer = tokenizer
         self.text_column = text_column
