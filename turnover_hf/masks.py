@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import zlib
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import torch
 
@@ -164,32 +164,26 @@ def mask_for(
     layer_key: str,
     units: int,
     *,
-    p: float = 0.5,
-    seed: int = 0,
-    scheme: Scheme = "independent",
-    codebook_size: int = 64,
-    codebook_picks: int = 4,
     flipped: Union[bool, torch.Tensor] = False,
     dtype: torch.dtype = torch.float32,
+    **scheme: Any,
 ) -> torch.Tensor:
     """The scaled masks m(z) (or, where ``flipped``, the flipped masks) of a batch, shape ``(B, units)``.
 
-    ``flipped`` is a bool for the whole batch or a bool tensor of shape ``(B,)`` choosing per row.
+    ``flipped`` is a bool for the whole batch or a bool tensor of shape ``(B,)`` choosing per row; ``scheme`` holds
+    the keyword arguments of :func:`keep_bits` (``p``, ``seed``, ``scheme``, ``codebook_size``, ``codebook_picks``).
 
     Example:
-        >>> m = mask_for(torch.tensor([7, 8]), "bert.encoder.layer.5.output.adapters.a.adapter_up", 16)
+        >>> m = mask_for(torch.tensor([7, 8]), "bert.encoder.layer.5.output.adapters.a.adapter_up", 16, p=0.5)
         >>> m.shape
         torch.Size([2, 16])
     """
-    bits = keep_bits(
-        example_ids, layer_key, units, p=p, seed=seed, scheme=scheme,
-        codebook_size=codebook_size, codebook_picks=codebook_picks,
-    )
+    bits = keep_bits(example_ids, layer_key, units, **scheme)
     if isinstance(flipped, torch.Tensor):
         bits = bits ^ flipped.to(device=bits.device, dtype=torch.bool)[:, None]
     elif flipped:
         bits = ~bits
-    return bits.to(dtype) * scale_of(p)
+    return bits.to(dtype) * scale_of(scheme.get("p", 0.5))
 
 
 def flip(mask: torch.Tensor, p: float = 0.5) -> torch.Tensor:
