@@ -22,8 +22,8 @@ args = parser.parse_args()
 
 state = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes talk over gloo
 pipe = turnover_hf.InfluencePipeline(args.model, train_dataset=load_from_disk(args.train), device=state.device)
-ranked = pipe.self_influence(output_dir=args.output_dir).sort("self_influence")
+ranked = pipe.self_influence(output_dir=args.output_dir).sort("self_influence", reverse=True)
 if state.is_main_process:
-    print(f"{state.num_processes} process(es); lowest self-influence (suspected mislabels):")
+    print(f"{state.num_processes} process(es); highest self-influence (memorised, often mislabelled):")
     for row in ranked.select(range(min(10, len(ranked)))):
         print(f"  {row['self_influence']:+.4f}  [{row['label']}] #{row['example_id']}: {row['text'][:100]}")

@@ -3,7 +3,7 @@
 Example:
     >>> pipe = InfluencePipeline("out/model", train_dataset=train)       # an influence-ready checkpoint
     >>> pipe("a gripping, beautifully shot film", top_k=3)               # proponents and opponents, with their rows
-    >>> suspects = pipe.self_influence().sort("self_influence")          # mislabelled examples score low
+    >>> suspects = pipe.self_influence().sort("self_influence", reverse=True)   # memorised / mislabelled first
 """
 
 from __future__ import annotations
@@ -252,11 +252,11 @@ class InfluencePipeline:
     def self_influence(self, example_ids: Optional[Sequence[int]] = None, *, output_dir: Optional[str] = None) -> Dataset:
         """Each training example's influence on its own prediction (paper App. E), as a Dataset.
 
-        Very negative values flag examples the rest of the data contradicts (often mislabelled); very positive
-        ones flag memorised examples.
+        Most examples help themselves (positive values). The highest values flag examples only the sub-network
+        that saw them gets right: memorised, and often mislabelled (the rest of the data predicts another label).
 
         Example:
-            >>> pipe.self_influence().sort("self_influence").select(range(10))["text"]
+            >>> pipe.self_influence().sort("self_influence", reverse=True).select(range(10))["text"]
         """
         ids = self._ids(example_ids)
 
