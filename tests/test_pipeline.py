@@ -166,3 +166,32 @@ def test_two_processes_give_the_single_process_result(tmp_path):
     assert torch.equal(results[1]["ids"], results[2]["ids"]) and torch.equal(results[1]["ids"], torch.arange(40))
     assert torch.allclose(results[1]["scores"], results[2]["scores"], atol=1e-6)
     assert torch.allclose(results[1]["self"], results[2]["self"], atol=1e-6)
+
+
+def test_both_estimators_behind_one_pipeline(tmp_path):
+    """One training run (turn-over masks + HYDRA tracking), one checkpoint folder, both estimators by name."""
+    from transformers import TrainingArguments
+
+    tokenizer = word_tokenizer(tmp_path / "tok")
+    train = text_task(24)
+    tokenized = train.map(lambda r: tokenizer(r["text"]), remove_columns=["text"])
+    model = th.patch_model(_top_layer_adapter(tiny_bert()), th.TurnoverConfig(seed=2), freeze_leaking=True)
+    args = TrainingArguments(str(tmp_path / "run"), per_device_train_batch_size=8, num_train_epochs=2,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = th.HydraTurnoverTrainer(model=model, args=args, train_dataset=tokenized, processing_class=tokenizer)
+    trainer.train()
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    trainer.hydra.save(folder / "hydra")
+    targets = train.select([0, 1, 2])
+    turnover = th.InfluencePipeline(str(folder), train_dataset=train)
+    hydra = th.InfluencePipeline(str(folder), train_dataset=train, estimator="hydra")
+    assert hydra.scorer.path == "hydra" and turnover.scorer.path == "prefix"
+    batch, labels, _ = hydra.prepare_targets(targets)
+    direct = th.HydraScorer(hydra.model, str(folder / "hydra")).scores(batch, labels, torch.tensor(train["example_id"]))
+    assert torch.allclose(hydra.scores(targets), direct, atol=1e-6)
+    assert hydra.scores(targets).shape == turnover.scores(targets).shape == (24, 3)
+    assert len(hydra.self_influence()) == 24 and hydra(train[0]["text"], top_k=2)["proponents"][0]["text"]
+    with pytest.raises(th.TurnoverError, match="estimator must be one of"):
+        th.InfluencePipeline(str(folder), train_dataset=train, estimator="tracin")

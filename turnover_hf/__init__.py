@@ -27,12 +27,16 @@ from .callbacks import FlipSanityCallback
 from . import assets
 from .checkpoint import load_influence_ready
 from .pipeline import InfluencePipeline
+from .hydra import HydraScorer, HydraTrainer, HydraTurnoverTrainer
 
 __all__ = [
     "CONFIG_NAME",
     "ConfigMismatchError",
     "ExampleIdError",
     "FlipSanityCallback",
+    "HydraScorer",
+    "HydraTrainer",
+    "HydraTurnoverTrainer",
     "InfluencePipeline",
     "InstanceIdCollator",
     "MissingExampleIdsError",

@@ -178,7 +178,8 @@ def _read_safetensors(folder: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _model_class(folder: str) -> type:
+def model_class_of(folder: str) -> type:
+    """The transformers class named in a checkpoint's ``config.json`` (``architectures``)."""
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
         architectures = json.load(handle).get("architectures") or []
     for name in architectures:
@@ -231,7 +232,7 @@ def load_influence_ready(
         saved.check_same_masks(config)
     if saved.mask_sites is None:
         raise ConfigMismatchError(f"{CONFIG_NAME} in {folder!r} records no mask_sites; it was not written by patch_model.")
-    model_class = model_class or _model_class(folder)
+    model_class = model_class or model_class_of(folder)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # adapter weights load below; do not warn they were "not used"
     from_pretrained_kwargs.setdefault("use_safetensors", True)  # never unpickle a downloaded checkpoint

@@ -18,7 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase, default_data_collator
 
-from .checkpoint import load_influence_ready
+from .checkpoint import load_influence_ready, model_class_of
+from .config import CONFIG_NAME
 from .context import state_of
 from .data import InstanceIdCollator, check_id_column
 from .errors import ConfigMismatchError, TurnoverError
@@ -29,6 +30,14 @@ logger = logging.getLogger(__name__)
 
 TargetsLike = Union[str, Sequence[str], Mapping[str, Any], Sequence[Mapping[str, Any]], Dataset]
 LABEL_KEYS = ("labels", "label")
+ESTIMATORS = ("turnover", "hydra")
+
+
+def _load_model(path: str, estimator: str) -> nn.Module:
+    """An influence-ready checkpoint for turn-over scores; for HYDRA any safetensors checkpoint will do."""
+    if estimator == "turnover" or os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return load_influence_ready(path)
+    return model_class_of(path).from_pretrained(path, use_safetensors=True)
 
 
 class InfluencePipeline:
@@ -44,6 +53,9 @@ class InfluencePipeline:
         max_length: truncation length for text.
         top_k: proponents and opponents returned per target.
         fast: use the exact fast paths (closed-form head, prefix reuse); ``False`` scores row by row.
+        estimator: ``"turnover"`` (turn-over dropout, forward passes only) or ``"hydra"`` (hypergradients
+            tracked during training by :class:`~turnover_hf.hydra.HydraTrainer`, loaded from ``hydra_dir``, by
+            default ``<checkpoint>/hydra``).
         chunk_size: training ids per saved chunk (the unit of resuming and of sharding over processes).
         device: where to run the model (default: where it is).
 
@@ -70,29 +82,45 @@ class InfluencePipeline:
         fast: bool = True,
         chunk_size: int = 1024,
         device: Optional[Union[str, torch.device]] = None,
+        estimator: str = "turnover",
+        hydra_dir: Optional[Union[str, os.PathLike]] = None,
     ) -> None:
-        if isinstance(model, (str, os.PathLike)):
-            path = model
-            model = load_influence_ready(path)
-            if tokenizer is None and os.path.isfile(os.path.join(os.fspath(path), "tokenizer_config.json")):
+        if estimator not in ESTIMATORS:
+            raise TurnoverError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}.")
+        path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+        if path is not None:
+            model = _load_model(path, estimator)
+            if tokenizer is None and os.path.isfile(os.path.join(path, "tokenizer_config.json")):
                 tokenizer = AutoTokenizer.from_pretrained(path)
-        state = state_of(model)
         if train_dataset is None:
             raise TurnoverError("InfluencePipeline needs train_dataset: the training set, with its id column.")
         self.model = (model.to(device) if device is not None else model).eval()
-        self.config = state.config
+        self.estimator = estimator
         self.tokenizer = tokenizer
         self.text_column = text_column
         self.max_length = max_length
         self.top_k = top_k
         self.batch_size = batch_size
         self.chunk_size = chunk_size
-        self.scorer = TurnoverScorer(model, batch_size=batch_size, fast=fast)
+        if estimator == "turnover":
+            config = state_of(model).config
+            self.id_column, expected = config.id_column, config.num_train_examples
+            self.scorer = TurnoverScorer(model, batch_size=batch_size, fast=fast)
+            self._estimator_key = config.to_dict()
+        else:
+            from .hydra import HydraScorer, SavedHypergradients
+
+            folder = hydra_dir or (os.path.join(path, "hydra") if path is not None else None)
+            if folder is None:
+                raise TurnoverError("estimator='hydra' needs hydra_dir=... (the folder trainer.hydra.save(...) wrote).")
+            saved = SavedHypergradients.load(folder)
+            self.id_column, expected = "example_id", saved.meta.get("num_examples")
+            self.scorer = HydraScorer(model, saved, batch_size=batch_size)
+            self._estimator_key = saved.meta
         collator = data_collator or (DataCollatorWithPadding(tokenizer) if tokenizer is not None else default_data_collator)
-        self.collator = InstanceIdCollator(collator, self.config.id_column)
+        self.collator = InstanceIdCollator(collator, self.id_column)
         self.train_dataset = train_dataset
-        self.train_ids = check_id_column(train_dataset, self.config.id_column)
-        expected = self.config.num_train_examples
+        self.train_ids = check_id_column(train_dataset, self.id_column)
         if expected is not None and expected != len(train_dataset):
             raise ConfigMismatchError(
                 f"the model was trained on {expected} examples but train_dataset has {len(train_dataset)} rows. Pass "
@@ -118,13 +146,13 @@ class InfluencePipeline:
             dataset = dataset.map(lambda rows: self._tokenize(rows[self.text_column]), batched=True)
         if "label" in dataset.column_names and "labels" not in dataset.column_names:
             dataset = dataset.rename_column("label", "labels")
-        keep = {"input_ids", "attention_mask", "token_type_ids", "labels", self.config.id_column}
+        keep = {"input_ids", "attention_mask", "token_type_ids", "labels", self.id_column}
         return dataset.remove_columns([c for c in dataset.column_names if c not in keep])
 
     def _target_rows(self, targets: TargetsLike) -> list[dict[str, Any]]:
         if isinstance(targets, Dataset):
             return [dict(row) for row in self._model_features(targets.remove_columns(
-                [c for c in (self.config.id_column,) if c in targets.column_names]))]
+                [c for c in (self.id_column,) if c in targets.column_names]))]
         if isinstance(targets, str):
             targets = [targets]
         if isinstance(targets, Mapping):
@@ -194,7 +222,7 @@ class InfluencePipeline:
 
         store = None
         if output_dir is not None:
-            key = fingerprint(kind, self.config.to_dict(), self.model.state_dict(), example_ids, *key_parts)
+            key = fingerprint(kind, self.estimator, self._estimator_key, self.model.state_dict(), example_ids, *key_parts)
             store = ScoreStore(output_dir, key, example_ids, n_columns, f"{kind} of {len(example_ids)} ids")
             done = store.result()
             if done is not None:
@@ -302,7 +330,7 @@ class InfluencePipeline:
 
     def _explain(self, ids: torch.Tensor, values: torch.Tensor) -> list[dict[str, Any]]:
         rows = self.train_rows(ids)
-        shown = [c for c in rows.column_names if c not in ("input_ids", "attention_mask", "token_type_ids", self.config.id_column)]
+        shown = [c for c in rows.column_names if c not in ("input_ids", "attention_mask", "token_type_ids", self.id_column)]
         return [
             {"example_id": int(i), "score": float(v), **{c: rows[n][c] for c in shown}}
             for n, (i, v) in enumerate(zip(ids.tolist(), values.tolist()))

@@ -1,0 +1,1029 @@
+"""HYDRA (Chen et al., 2021): influence from hypergradients tracked along the whole training trajectory.
+
+The second estimator of turnover-hf, beside turn-over dropout. While an ordinary ``transformers.Trainer`` trains,
+:class:`HydraTracker` keeps, for every training example ``i`` and a subset of parameters ``w`` (default: the
+parameters with ``requires_grad``, e.g. adapters and head), the hypergradient
+
+    h_i = d w_T / d delta_i,
+
+where ``delta_i`` scales example ``i``'s term in every training loss it enters: the step loss is
+``sum_k a_k (1 + delta_k) loss_k(w)`` with ``a_k`` the weight the Trainer gives example ``k`` (``1 / B`` for a mean
+over an effective batch of ``B``). ``delta_i = -1`` removes the example, so the first-order change of a target's
+loss when ``i`` is left out is
+
+    score(i, j) = -grad_w loss_j(w_T) . h_i  ~=  loss_j(trained without i) - loss_j(trained with i).
+
+This is the paper's contribution ``C(i, j) = -(1/N) grad loss_j(w_T) . nabla_{T,i}`` (Eq. 8-9): with weights
+``1/N + eps_i`` and mini-batches of ``B``, the paper's ``nabla_{T,i} = d w_T / d eps_i`` equals ``N h_i``, so the
+``1/N`` cancels. Positive scores mean the example helped the target (lowered its loss), as in turn-over scores.
+
+The recurrence follows the optimizer actually used, step by step (Algorithm 1, Eq. 10-12), with the Hessian term
+dropped (the paper's fast approximation) unless ``hessian=True``:
+
+* ``torch.optim.SGD`` (momentum ``mu``, dampening ``tau``, Nesterov, weight decay ``lam``), exactly:
+  ``dd_i = lam h_i + c_i [+ H h_i]``, ``m_i <- mu m_i + (1 - tau) dd_i`` (first step: ``m_i = dd_i``),
+  ``h_i <- h_i - lr (m_i or dd_i + mu m_i)``, where ``c_i = s a_i g_i`` is example ``i``'s share of this step's
+  gradient (zero when it is not in the step) and ``s`` the gradient-clipping factor of the step.
+* ``torch.optim.Adam`` / ``AdamW``: an approximation, documented here. The update is treated as preconditioned SGD
+  with momentum whose preconditioner ``1 / (sqrt(v_hat_t) + eps)`` is held fixed (its dependence on ``delta_i``
+  through ``g^2`` is ignored): ``m_i <- beta1 m_i + (1 - beta1)(c_i [+ H h_i] + lam_coupled h_i)``,
+  ``h_i <- (1 - lr lam_decoupled) h_i - lr / (1 - beta1^t) * m_i / (sqrt(v_t / (1 - beta2^t)) + eps)``.
+
+The clipping factor ``s`` is likewise held fixed. Both choices leave the tracked quantity linear in the
+per-example gradients, which is what makes N of them affordable.
+
+Per-example gradients are taken in eval mode (without dropout) with ``turnover_hf.per_example_loss``; the weights
+``a_i`` are read off each micro-batch's actual gradient, so gradient accumulation and the Trainer's loss scaling are
+followed as they are.
+
+Cost. Per optimizer step, the per-example gradients of the step's examples (``torch.func`` ``vmap(grad)``, or a
+forward and backward per example for models whose forward ``vmap`` cannot trace, which includes the Hugging Face
+transformers) and an update of their rows only: examples outside the step change through one linear map shared by
+all of them (momentum and weight decay), kept as a per-coordinate 2x2 matrix and applied to the whole table only
+when it becomes ill-conditioned (never for plain SGD; every ~44 steps for momentum 0.9). Memory is ``N x |w|``
+float32 (twice that while training with momentum or Adam), in memory or memory-mapped from disk.
+
+Example:
+    >>> trainer = HydraTrainer(model=model, args=args, train_dataset=add_example_ids(train), processing_class=tok)
+    >>> trainer.train()
+    >>> trainer.hydra.save("out/hydra")                       # hypergradients + metadata, no pickle
+    >>> scorer = HydraScorer(model, "out/hydra")
+    >>> scorer.scores(targets, labels, example_ids)           # (n_ids, n_targets), positive = helped
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.func import functional_call, grad, vjp, vmap
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, default_data_collator
+
+from .data import BATCH_KEY, InstanceIdCollator, check_id_column
+from .errors import ConfigMismatchError, ExampleIdError, MissingExampleIdsError, TurnoverError
+from .files import atomic_path, atomic_write_text
+from .scoring import IGNORE_INDEX, _eval_mode, check_ids_known, model_inputs, per_example_loss
+from .store import fingerprint
+from .trainer import TurnoverTrainer
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "turnover-hf/hydra"
+FORMAT_VERSION = 1
+META_NAME = "hydra.json"
+IDS_NAME = "hydra_example_ids.safetensors"
+TABLE_SAFETENSORS = "hydra_hypergradients.safetensors"
+TABLE_NPY = "hydra_hypergradients.npy"
+NORMALISATION = (
+    "h_i = d w_T / d delta_i, example i's loss weighted a_i (1 + delta_i) in every step it enters; "
+    "score(i, j) = -grad loss_j(w_T) . h_i = paper's C(i, j) (Chen et al. 2021, Eq. 8)"
+)
+ROW_CHUNK = 4096  # rows per pass when a whole table is rewritten (bounded temporary memory)
+
+LabelsLike = torch.Tensor
+PathLike = Union[str, os.PathLike]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameters and per-example gradients
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamSpec:
+    """One tracked parameter: its name in ``model.named_parameters()``, shape and columns in the flat vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _specs_for(model: nn.Module, names: Optional[Sequence[str]]) -> list[ParamSpec]:
+    named = dict(model.named_parameters())
+    if names is None:
+        names = [n for n, p in named.items() if p.requires_grad]
+        if not names:
+            raise TurnoverError("the model has no parameter with requires_grad; pass parameters=[...] to track.")
+    else:
+        missing = [n for n in names if n not in named]
+        if missing:
+            raise TurnoverError(f"parameters {missing[:5]} are not in the model (see model.named_parameters()).")
+        order = {n: k for k, n in enumerate(named)}
+        names = sorted(dict.fromkeys(names), key=order.__getitem__)
+    specs, offset = [], 0
+    for name in names:
+        shape = tuple(named[name].shape)
+        specs.append(ParamSpec(name, shape, offset))
+        offset += math.prod(shape)
+    return specs
+
+
+def _labels_in(batch: Mapping[str, Any]) -> torch.Tensor:
+    for key in ("labels", "label"):
+        if key in batch and batch[key] is not None:
+            return torch.as_tensor(batch[key])
+    raise TurnoverError("HYDRA needs labels in every training batch (a 'labels' or 'label' entry).")
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output[0]
+
+
+class PerExampleGrads:
+    """Flattened gradients of ``per_example_loss`` of each row w.r.t. the tracked parameters, ``(B, D)`` float32.
+
+    Tries ``vmap(grad)`` over rows (one traced forward for the batch); models whose forward has data-dependent
+    control flow (e.g. attention-mask shortcuts in BERT) cannot be vmapped, and then each row runs its own forward
+    and ``torch.autograd.grad`` (measured twice as fast as a ``torch.func.grad`` per row on BERT with LoRA). The
+    choice is made on the first call and kept. Runs in eval mode: gradients are those of the model without dropout.
+
+    Example:
+        >>> grads = PerExampleGrads(model, _specs_for(model, None))
+        >>> grads(model_inputs(batch, "cpu"), batch["labels"]).shape     # (B, D)
+    """
+
+    def __init__(self, model: nn.Module, specs: Sequence[ParamSpec]) -> None:
+        self.model = model
+        self.specs = list(specs)
+        self.vmap_ok: Optional[bool] = None
+
+    def params(self) -> dict[str, torch.Tensor]:
+        named = dict(self.model.named_parameters())
+        return {s.name: named[s.name].detach() for s in self.specs}
+
+    def flat(self, grads: Mapping[str, torch.Tensor], rows: int) -> torch.Tensor:
+        return torch.cat([grads[s.name].reshape(rows, -1) for s in self.specs], 1).float()
+
+    def _loss_sum(self, params: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        logits = _logits(functional_call(self.model, params, args=(), kwargs=inputs))
+        return per_example_loss(logits, labels).sum()
+
+    def __call__(
+        self,
+        inputs: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        row_context: Optional[Callable[[int], ContextManager]] = None,
+    ) -> torch.Tensor:
+        params = self.params()
+        n = len(labels)
+        with _eval_mode(self.model):
+            if row_context is None and self.vmap_ok is not False:
+                def one(p, x, y):
+                    return self._loss_sum(p, {k: v.unsqueeze(0) for k, v in x.items()}, y.unsqueeze(0))
+
+                try:
+                    out = self.flat(vmap(grad(one), in_dims=(None, 0, 0))(params, inputs, labels), n)
+                    self.vmap_ok = True
+                    return out
+                except (RuntimeError, NotImplementedError) as err:
+                    if self.vmap_ok:
+                        raise
+                    self.vmap_ok = False
+                    logger.info("per-example gradients: vmap cannot trace this model (%s); one grad per row.", str(err)[:120])
+            named = dict(self.model.named_parameters())
+            tensors = [named[s.name] for s in self.specs]
+            flags = [t.requires_grad for t in tensors]
+            rows = []
+            try:
+                for t in tensors:  # a tracked subset may include frozen parameters
+                    t.requires_grad_(True)
+                with torch.enable_grad():
+                    for k in range(n):
+                        with row_context(k) if row_context is not None else contextlib.nullcontext():
+                            logits = _logits(self.model(**{key: v[k : k + 1] for key, v in inputs.items()}))
+                            loss = per_example_loss(logits, labels[k : k + 1]).sum()
+                            g = torch.autograd.grad(loss, tensors, allow_unused=True)
+                        rows.append(self.flat({s.name: torch.zeros_like(t) if gi is None else gi
+                                               for s, t, gi in zip(self.specs, tensors, g)}, 1))
+            finally:
+                for t, flag in zip(tensors, flags):
+                    t.requires_grad_(flag)
+            return torch.cat(rows) if rows else torch.zeros(0, self.specs[-1].offset + self.specs[-1].numel)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The N x D table
+# ---------------------------------------------------------------------------------------------------------------
+def _mix(P: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``out[k] = sum_j P[k, j] * X[j]`` per coordinate: P (K, K, D), X (K, ..., D). Elementwise, because a batched
+    matmul over D tiny matrices is far slower."""
+    shape = (-1,) + (1,) * (X.dim() - 2) + (P.shape[-1],)
+    return torch.stack([sum(P[k, j].reshape(shape[1:]) * X[j] for j in range(P.shape[1])) for k in range(P.shape[0])])
+
+
+def _inverse(P: torch.Tensor) -> torch.Tensor:
+    """Inverse of each of the D matrices in a (K, K, D) stack, K in {1, 2}."""
+    if P.shape[0] == 1:
+        return 1.0 / P
+    a, b, c, d = P[0, 0], P[0, 1], P[1, 0], P[1, 1]
+    det = a * d - b * c
+    return torch.stack([torch.stack([d, -b]), torch.stack([-c, a])]) / det
+
+
+class Hypergradients:
+    """The hypergradient table: one float32 row of ``D`` values per training example, with lazy shared updates.
+
+    Rows are stored as ``S`` and the true values are ``X = P S`` per coordinate, where ``P`` is a (K, K, D) stack
+    of small matrices (K = 2 when momentum is tracked: state ``(h, m)``; else K = 1). A step whose linear map
+    ``A`` (momentum, weight decay, learning rate) is the same for every row only updates ``P <- A P``; the rows of
+    the step's examples receive their gradient term as ``S += P^-1 b c``. When ``P`` mixes the two state components
+    badly (balanced condition number above ``rebase_condition``, see :meth:`_condition`) the table is rewritten as
+    ``S <- P S``, ``P <- I``, which keeps float32 rows accurate to about ``rebase_condition`` ulps.
+
+    With ``storage_dir`` the arrays are ``.npy`` memory maps in that folder (tables larger than RAM); otherwise
+    numpy arrays in memory.
+
+    Example:
+        >>> table = Hypergradients(torch.arange(100), dim=4096, storage_dir="runs/hydra")
+        >>> table.read(table.rows_of(torch.tensor([3, 7]))).shape          # (2, 4096)
+    """
+
+    def __init__(
+        self,
+        example_ids: torch.Tensor,
+        dim: int,
+        *,
+        storage_dir: Optional[PathLike] = None,
+        rebase_condition: float = 100.0,
+        _arrays: Optional[list[np.ndarray]] = None,
+        _seen: Optional[np.ndarray] = None,
+    ) -> None:
+        ids = check_ids_known(torch.as_tensor(example_ids), None).cpu()
+        self.example_ids = ids
+        self._order = torch.argsort(ids)
+        self._sorted = ids[self._order]
+        self.dim = int(dim)
+        self.storage_dir = os.fspath(storage_dir) if storage_dir is not None else None
+        self.rebase_condition = float(rebase_condition)
+        self.arrays: list[np.ndarray] = _arrays if _arrays is not None else [self._new_array(TABLE_NPY)]
+        self.P = torch.ones(1, 1, self.dim, dtype=torch.float64)
+        self.seen = _seen if _seen is not None else np.zeros(len(ids), dtype=np.int64)
+
+    # -- layout ---------------------------------------------------------------------------------------------
+    def _new_array(self, name: str) -> np.ndarray:
+        shape = (len(self.example_ids), self.dim)
+        if self.storage_dir is None:
+            return np.zeros(shape, dtype=np.float32)
+        if os.path.isfile(os.path.join(self.storage_dir, META_NAME)):
+            raise TurnoverError(
+                f"{self.storage_dir!r} holds a saved HYDRA result; it is kept as it is. Choose another storage_dir."
+            )
+        os.makedirs(self.storage_dir, exist_ok=True)
+        # open_memmap writes a real .npy header, so the file loads with np.load(mmap_mode="r") later.
+        return np.lib.format.open_memmap(os.path.join(self.storage_dir, name), mode="w+", dtype=np.float32, shape=shape)
+
+    @property
+    def K(self) -> int:
+        return self.P.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    def ensure_momentum(self) -> None:
+        """Add the momentum half of the state (zeros) the first time an optimizer with momentum is tracked."""
+        if self.K == 2:
+            return
+        self.arrays.append(self._new_array("hydra_momentum.npy"))
+        P = torch.zeros(2, 2, self.dim, dtype=torch.float64)
+        P[0, 0], P[1, 1] = self.P[0, 0], 1.0
+        self.P = P
+
+    def rows_of(self, example_ids: torch.Tensor) -> torch.Tensor:
+        """Row index of each id; unknown ids raise :class:`ExampleIdError`."""
+        ids = torch.as_tensor(example_ids).to(torch.int64).cpu().reshape(-1)
+        pos = torch.searchsorted(self._sorted, ids).clamp(max=max(len(self._sorted) - 1, 0))
+        known = self._sorted[pos] == ids if len(self._sorted) else torch.zeros_like(ids, dtype=torch.bool)
+        if not bool(known.all()):
+            unknown = ids[~known]
+            raise ExampleIdError(
+                f"{len(unknown)} example id(s) are not in the tracked training set (e.g. {unknown[:5].tolist()}); use "
+                "ids from the id column of the dataset the model was trained on."
+            )
+        return self._order[pos]
+
+    # -- reading and writing --------------------------------------------------------------------------------
+    def read_state(self, rows: torch.Tensor) -> torch.Tensor:
+        """True state ``X = P S`` of these rows, float64 ``(K, n, D)``."""
+        idx = rows.numpy()
+        return _mix(self.P, torch.stack([torch.from_numpy(np.asarray(a[idx])).double() for a in self.arrays]))
+
+    def _state_block(self, start: int, stop: int) -> torch.Tensor:
+        """True state of the contiguous rows ``start:stop`` (slices, not fancy indexing: no copy of the index)."""
+        return _mix(self.P, torch.stack([torch.from_numpy(np.asarray(a[start:stop])).double() for a in self.arrays]))
+
+    def read(self, rows: torch.Tensor) -> torch.Tensor:
+        """Hypergradients ``h`` of these rows, float32 ``(n, D)``."""
+        if self.K == 1 and bool((self.P == 1).all()):
+            return torch.from_numpy(np.asarray(self.arrays[0][rows.numpy()])).float()
+        return self.read_state(rows)[0].float()
+
+    def _add(self, k: int, rows: torch.Tensor, values: torch.Tensor) -> None:
+        # Rows may repeat within a step (an example in two micro-batches): sum duplicates before the fancy "+=".
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        summed = torch.zeros(len(unique), values.shape[1], dtype=torch.float64).index_add_(0, inverse, values)
+        idx = unique.numpy()
+        self.arrays[k][idx] = (torch.from_numpy(np.asarray(self.arrays[k][idx])).double() + summed).float().numpy()
+
+    def rebase(self) -> None:
+        """Rewrite the table as its true values (``S <- P S``, ``P <- I``), chunk by chunk."""
+        if bool((self.P == torch.eye(self.K, dtype=torch.float64)[..., None]).all()):
+            return
+        n = len(self.example_ids)
+        for start in range(0, n, ROW_CHUNK):
+            stop = min(start + ROW_CHUNK, n)
+            X = self._state_block(start, stop)
+            for k, array in enumerate(self.arrays):
+                array[start:stop] = X[k].float().numpy()
+        self.P = torch.eye(self.K, dtype=torch.float64)[..., None].repeat(1, 1, self.dim)
+
+    # -- updates --------------------------------------------------------------------------------------------
+    def apply(self, A: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, C: torch.Tensor) -> None:
+        """One step for every row: ``x <- A x`` (shared map), plus ``b * c`` on the rows of the step's examples.
+
+        ``A`` is (K, K, D), ``b`` (K, D), ``C`` (len(rows), D): the gradient terms of the step's examples.
+        """
+        P = _mix(A, self.P)  # A @ P per coordinate
+        Q = _mix(_inverse(P), b)
+        self.P = P
+        if len(rows):
+            C = C.double()
+            for k in range(self.K):
+                self._add(k, rows, C * Q[k])
+        if self._condition() > self.rebase_condition:
+            self.rebase()
+
+    def apply_dense(self, A: torch.Tensor, b: torch.Tensor, C_all: torch.Tensor) -> None:
+        """``x <- A x + b * c`` with a term ``c`` for every row (the exact mode's Hessian term), ``C_all`` (N, D)."""
+        self.rebase()
+        n = len(self.example_ids)
+        for start in range(0, n, ROW_CHUNK):
+            stop = min(start + ROW_CHUNK, n)
+            new = _mix(A, self._state_block(start, stop)) + b[:, None, :] * C_all[start:stop].double()[None]
+            for k, array in enumerate(self.arrays):
+                array[start:stop] = new[k].float().numpy()
+
+    def _condition(self) -> float:
+        """How much float32 accuracy the lazy form can lose, worst coordinate (1 = none).
+
+        Rows hold sums of terms ``P_j^-1 b c`` read back through ``P``; accuracy is lost to cancellation only when
+        ``P`` mixes the two state components badly. Storage precision does not depend on the units of ``h`` and
+        ``m`` (Adam's ``lr / sqrt(v)`` can be 1e4), so the measure is the condition number after balancing the
+        diagonal scales: ``(p^2 + r^2 + 2 |q s|) / (2 |det|)`` for ``P = [[p, q], [s, r]]`` (1 for the identity,
+        ``beta^-t`` after ``t`` steps of a momentum ``beta``). A scalar (K = 1) never cancels; there only the
+        float32 range matters.
+        """
+        if self.K == 1:
+            mag = self.P.abs()[0, 0]
+            return 1.0 if float(torch.maximum(mag, 1.0 / mag).max()) < 1e30 else math.inf
+        p, q, s_, r = self.P[0, 0], self.P[0, 1], self.P[1, 0], self.P[1, 1]
+        det = (p * r - q * s_).abs()
+        balanced = (p * p + r * r + 2 * (q * s_).abs()) / (2 * det)
+        scale = torch.maximum(self.P.abs().amax((0, 1)), _inverse(self.P).abs().amax((0, 1)))
+        return float(torch.where(scale < 1e30, balanced, torch.full_like(balanced, math.inf)).max())
+
+    # -- files ----------------------------------------------------------------------------------------------
+    def save_arrays(self, folder: PathLike) -> str:
+        """Write the true hypergradients (after a rebase) and the ids to ``folder``; return the table's file name."""
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        self.rebase()
+        table = self.arrays[0]
+        with atomic_path(os.path.join(folder, IDS_NAME)) as tmp:
+            save_file({"example_ids": self.example_ids.contiguous(), "seen": torch.from_numpy(self.seen.copy())}, tmp)
+        if isinstance(table, np.memmap):
+            table.flush()
+            target = os.path.join(folder, TABLE_NPY)
+            if os.path.abspath(target) != os.path.abspath(table.filename):
+                with atomic_path(target) as tmp:
+                    shutil.copyfile(table.filename, tmp)
+            return TABLE_NPY
+        with atomic_path(os.path.join(folder, TABLE_SAFETENSORS)) as tmp:
+            save_file({"hypergradients": torch.from_numpy(table)}, tmp)
+        return TABLE_SAFETENSORS
+
+    @classmethod
+    def load_arrays(cls, folder: PathLike, table_name: str, dim: int, mmap: bool = True) -> "Hypergradients":
+        folder = os.fspath(folder)
+        ids = load_file(os.path.join(folder, IDS_NAME))
+        path = os.path.join(folder, table_name)
+        if table_name.endswith(".npy"):
+            table = np.load(path, mmap_mode="r" if mmap else None)
+        else:
+            table = load_file(path)["hypergradients"].numpy()
+        if table.shape != (len(ids["example_ids"]), dim):
+            raise ConfigMismatchError(f"{path!r} has shape {table.shape}, expected {(len(ids['example_ids']), dim)}.")
+        return cls(ids["example_ids"], dim, _arrays=[table], _seen=ids["seen"].numpy().copy())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tracker
+# ---------------------------------------------------------------------------------------------------------------
+def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    for _ in range(4):  # accelerate's AcceleratedOptimizer (and similar) keep the real one in .optimizer
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
+
+
+def _as_float(value: Any) -> float:
+    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+class HydraTracker:
+    """Tracks ``h_i = d w_T / d delta_i`` for every training example while a model trains (module docstring).
+
+    Per optimizer step, call :meth:`observe` once per micro-batch (after its backward, with the gradient that
+    backward added, so the example weights ``a_i`` are read off the training itself), then :meth:`before_step`
+    after gradient clipping and before ``optimizer.step()``, then :meth:`after_step`. :class:`HydraTrainer` does
+    all of this; a hand-written loop can too.
+
+    Args:
+        model: the model being trained.
+        example_ids: the ids of all training examples (one row each).
+        parameters: names of the parameters to track (default: those with ``requires_grad``).
+        hessian: include the Hessian-vector term (exact hypergradients; small models only: every step touches
+            every row and runs N Hessian-vector products).
+        storage_dir: keep the table as ``.npy`` memory maps in this folder instead of in memory.
+        mask_context: for models patched with turn-over dropout: ``ids -> context manager`` under which the
+            examples with these ids were trained (each example's gradient is then taken under its own mask).
+        rebase_condition: see :class:`Hypergradients`.
+
+    Example:
+        >>> tracker = HydraTracker(model, train["example_id"])
+        >>> for batch in loader:                          # InstanceIdCollator batches, a mean loss
+        ...     optimizer.zero_grad()
+        ...     model(**{k: v for k, v in batch.items() if k != "example_ids"}).loss.backward()
+        ...     tracker.observe(model, batch, batch["example_ids"], observed_grad=tracker.current_grad())
+        ...     tracker.before_step(model, optimizer); optimizer.step(); tracker.after_step(optimizer)
+        >>> tracker.save("out/hydra")
+    """
+
+    #: Relative mismatch between the training gradient and the weighted per-example gradients that is tolerated
+    #: before warning (float32 accumulation noise is ~1e-6; dropout or a different loss give far more).
+    RESIDUAL_TOLERANCE = 1e-3
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_ids: Union[torch.Tensor, Sequence[int]],
+        *,
+        parameters: Optional[Sequence[str]] = None,
+        hessian: bool = False,
+        storage_dir: Optional[PathLike] = None,
+        mask_context: Optional[Callable[[torch.Tensor], ContextManager]] = None,
+        rebase_condition: float = 100.0,
+    ) -> None:
+        self.model = model
+        self.specs = _specs_for(model, parameters)
+        self.dim = self.specs[-1].offset + self.specs[-1].numel
+        self.hessian = bool(hessian)
+        self.mask_context = mask_context
+        self.table = Hypergradients(
+            torch.as_tensor(list(example_ids) if not isinstance(example_ids, torch.Tensor) else example_ids),
+            self.dim, storage_dir=storage_dir, rebase_condition=rebase_condition,
+        )
+        self.grads = PerExampleGrads(model, self.specs)
+        self.steps = 0
+        self.optimizer_name: Optional[str] = None
+        self.max_residual = 0.0
+        self._warned: set[str] = set()
+        self._checked_dropout = False
+        self._reset_step()
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    def _reset_step(self) -> None:
+        self._rows: list[torch.Tensor] = []
+        self._terms: list[torch.Tensor] = []
+        self._step_batches: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._grad_sum: Optional[torch.Tensor] = None
+        self._clip = 1.0
+        self._first_momentum: dict[str, bool] = {}
+        self._had_grad: dict[str, bool] = {}
+        self._hv: Optional[torch.Tensor] = None
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
+
+    def _params(self) -> list[nn.Parameter]:
+        named = dict(self.model.named_parameters())
+        return [named[s.name] for s in self.specs]
+
+    def current_grad(self) -> torch.Tensor:
+        """The tracked parameters' ``.grad`` flattened, float32 ``(D,)`` (zeros where there is none)."""
+        parts = [
+            (p.grad.detach().reshape(-1).float() if p.grad is not None else torch.zeros(p.numel(), device=p.device))
+            for p in self._params()
+        ]
+        return torch.cat(parts)
+
+    @property
+    def example_ids(self) -> torch.Tensor:
+        return self.table.example_ids
+
+    def hypergradients(self, example_ids: Union[torch.Tensor, Sequence[int]]) -> torch.Tensor:
+        """``h_i = d w_T / d delta_i`` of these ids, float32 ``(n, D)`` (columns follow :attr:`specs`)."""
+        return self.table.read(self.table.rows_of(torch.as_tensor(example_ids)))
+
+    # -- the three calls of a step ---------------------------------------------------------------------------
+    def observe(
+        self,
+        model: nn.Module,
+        inputs: Mapping[str, Any],
+        example_ids: torch.Tensor,
+        *,
+        observed_grad: Optional[torch.Tensor] = None,
+        accumulation_steps: int = 1,
+        num_items: Optional[int] = None,
+    ) -> None:
+        """Record the per-example gradients of one micro-batch (at the weights before this optimizer step).
+
+        ``observed_grad`` is what this micro-batch's backward added to the tracked parameters' ``.grad``. The loss
+        is assumed to weight example ``i`` as ``a_i = f * u_i`` with ``u_i = 1`` (one value per example) or the
+        number of labelled tokens (token-level labels, a mean over tokens); ``f`` is fitted to ``observed_grad`` so
+        every Trainer convention (mean per micro-batch divided by the accumulation steps, or a sum over the
+        accumulation group's items) is followed as it is. When the fit does not explain ``observed_grad`` (dropout
+        makes the training gradient noisy; another loss) or there is no ``observed_grad``, the convention is used:
+        ``f = 1 / num_items`` if given (a loss summed over the accumulation group's items), else
+        ``1 / (sum(u) * accumulation_steps)`` (a mean per micro-batch, divided by the accumulation steps).
+        """
+        if not self._checked_dropout:
+            self._checked_dropout = True
+            if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+                logger.info("HYDRA: the model trains with dropout; per-example gradients are taken without it.")
+        example_ids = torch.as_tensor(example_ids).reshape(-1).to(torch.int64).cpu()
+        rows = self.table.rows_of(example_ids)
+        device = next(model.parameters()).device
+        x = model_inputs(inputs, device)
+        labels = _labels_in(inputs).to(device)
+        if len(labels) != len(example_ids):
+            raise ExampleIdError(f"a batch has {len(labels)} rows but {len(example_ids)} example ids.")
+        row_context = None
+        if self.mask_context is not None:
+            def row_context(k: int) -> ContextManager:
+                return self.mask_context(example_ids[k : k + 1])
+        G = self.grads(x, labels, row_context)  # (B, D)
+        if labels.dim() == 2 and not labels.is_floating_point():
+            u = (labels != IGNORE_INDEX).sum(-1).float()
+        else:
+            u = torch.ones(len(labels), device=G.device)
+        Gm = u @ G
+        f = 1.0 / num_items if num_items else 1.0 / (float(u.sum()) * max(1, int(accumulation_steps)))
+        if observed_grad is not None:
+            observed = observed_grad.to(G.device).float().reshape(-1)
+            den, size = float(Gm @ Gm), float(observed.norm())
+            fitted = float(observed @ Gm) / den if den > 0 else f
+            residual = float((observed - fitted * Gm).norm()) / size if size > 0 else 0.0
+            self.max_residual = max(self.max_residual, residual)
+            if residual <= self.RESIDUAL_TOLERANCE:
+                f = fitted
+            else:
+                self._warn_once(
+                    "residual",
+                    "HYDRA: the training gradient differs from the weighted per-example gradients by %.2g (relative): "
+                    "the training loss is not a weighted mean of turnover_hf.per_example_loss computed without dropout "
+                    "(dropout, label smoothing, class weights, mixed precision or a causal-LM shift). Example weights "
+                    "follow the Trainer's convention; hypergradients are approximate.",
+                    residual,
+                )
+            self._grad_sum = observed if self._grad_sum is None else self._grad_sum + observed
+        a = f * u
+        self._rows.append(rows)
+        self._terms.append((a[:, None] * G).cpu())
+        if self.hessian:
+            self._step_batches.append((x, labels, a.detach(), example_ids))
+
+    def before_step(self, model: nn.Module, optimizer: Any) -> None:
+        """After clipping, before ``optimizer.step()``: read the clip factor and the optimizer state to come."""
+        optimizer = _unwrap_optimizer(optimizer)
+        if self._grad_sum is not None:
+            now = self.current_grad()
+            den = float(self._grad_sum @ self._grad_sum)
+            # Clipping scales every gradient by one factor; reading it off the gradient also catches any rescaling.
+            self._clip = float(now @ self._grad_sum) / den if den > 0 else 1.0
+        for spec, p in zip(self.specs, self._params()):
+            state = optimizer.state.get(p, {})
+            self._first_momentum[spec.name] = state.get("momentum_buffer") is None
+            self._had_grad[spec.name] = p.grad is not None
+        if self.hessian:
+            self._hv = self._hessian_products()
+
+    def after_step(self, optimizer: Any) -> None:
+        """After ``optimizer.step()``: advance every row's hypergradient by this step's recurrence."""
+        optimizer = _unwrap_optimizer(optimizer)
+        if not self._had_grad:  # before_step was not called: no clipping, current .grad is what was used
+            for spec, p in zip(self.specs, self._params()):
+                self._first_momentum[spec.name] = self.steps == 0
+                self._had_grad[spec.name] = p.grad is not None
+        A, b = self._coefficients(optimizer)
+        rows = torch.cat(self._rows) if self._rows else torch.zeros(0, dtype=torch.int64)
+        C = torch.cat(self._terms) * self._clip if self._terms else torch.zeros(0, self.dim)
+        if self.hessian:
+            if self._hv is None:
+                raise TurnoverError("exact HYDRA (hessian=True) needs before_step(model, optimizer) before optimizer.step().")
+            C_all = self._hv.cpu().double() * self._clip
+            C_all.index_add_(0, rows, C.double())
+            self.table.apply_dense(A, b, C_all)
+        else:
+            self.table.apply(A, b, rows, C)
+        np.add.at(self.table.seen, rows.numpy(), 1)
+        self.steps += 1
+        self._reset_step()
+
+    # -- optimizer recurrences -------------------------------------------------------------------------------
+    def _coefficients(self, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's per-coordinate map: ``x <- A x + b c`` for the state ``x = (h, m)`` of each row."""
+        where = {id(p): (spec, p) for spec, p in zip(self.specs, self._params())}
+        is_adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+        if not (is_adam or isinstance(optimizer, torch.optim.SGD)):
+            raise TurnoverError(
+                f"HYDRA tracking supports torch.optim.SGD, Adam and AdamW; this run uses {type(optimizer).__name__}. "
+                "Pass optim='sgd' or 'adamw_torch' in TrainingArguments, or optimizers=(torch.optim.SGD(...), None)."
+            )
+        self.optimizer_name = type(optimizer).__name__
+        groups = [(g, [where[id(p)] for p in g["params"] if id(p) in where]) for g in optimizer.param_groups]
+        if any(g.get("maximize", False) for g, specs in groups if specs):
+            raise TurnoverError("HYDRA tracking does not support maximize=True optimizers.")
+        if is_adam or any(g.get("momentum", 0) for g, specs in groups if specs):
+            self.table.ensure_momentum()
+        K, D = self.table.K, self.dim
+        A = torch.eye(K, dtype=torch.float64)[..., None].repeat(1, 1, D)  # untouched coordinates: identity, no term
+        b = torch.zeros(K, D, dtype=torch.float64)
+        for group, specs in groups:
+            lr, lam = _as_float(group["lr"]), float(group.get("weight_decay", 0.0))
+            for spec, p in specs:
+                if not self._had_grad.get(spec.name, True):
+                    continue  # the optimizer skips a parameter without .grad: identity
+                sl = slice(spec.offset, spec.offset + spec.numel)
+                if is_adam:
+                    self._adam(optimizer.state[p], optimizer, group, sl, lr, lam, A, b)
+                else:
+                    self._sgd(group, spec, sl, lr, lam, A, b)
+        return A, b
+
+    def _sgd(self, group, spec, sl, lr, lam, A, b) -> None:
+        mu, tau, nesterov = float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0)), bool(group.get("nesterov"))
+        if mu == 0:
+            A[0, 0, sl], b[0, sl] = 1 - lr * lam, -lr
+            return
+        if self._first_momentum.get(spec.name, False):
+            # First step: buffer = d_p (no dampening); the state of these coordinates is still zero, so A is moot.
+            b[0, sl], b[1, sl] = -lr * (1 + mu if nesterov else 1), 1.0
+            return
+        step = (1 + mu * (1 - tau)) if nesterov else (1 - tau)
+        A[0, 0, sl] = 1 - lr * lam * step
+        A[0, 1, sl] = -lr * (mu * mu if nesterov else mu)
+        A[1, 0, sl] = (1 - tau) * lam
+        A[1, 1, sl] = mu
+        b[0, sl], b[1, sl] = -lr * step, 1 - tau
+
+    def _adam(self, state, optimizer, group, sl, lr, lam, A, b) -> None:
+        beta1, beta2 = (float(x) for x in group["betas"])
+        t = _as_float(state["step"])
+        v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+        decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
+        lam_c, lam_d = (0.0, lam) if decoupled else (lam, 0.0)
+        # The preconditioner after this step's v update, held fixed (the documented approximation).
+        denom = (v.detach().double().cpu().reshape(-1) / (1 - beta2**t)).sqrt() + float(group["eps"])
+        k = lr / (1 - beta1**t) / denom
+        A[0, 0, sl] = 1 - lr * lam_d - k * (1 - beta1) * lam_c
+        A[0, 1, sl] = -k * beta1
+        A[1, 0, sl] = (1 - beta1) * lam_c
+        A[1, 1, sl] = beta1
+        b[0, sl], b[1, sl] = -k * (1 - beta1), 1 - beta1
+
+    # -- exact mode -----------------------------------------------------------------------------------------
+    def _hessian_products(self) -> torch.Tensor:
+        """``H h_i`` for every row, with ``H`` the Hessian of this step's weighted training loss (tracked block)."""
+        params = self.grads.params()
+        batches = self._step_batches
+
+        def step_loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            total = 0.0
+            for x, labels, a, ids in batches:
+                ctx = self.mask_context(ids) if self.mask_context is not None else contextlib.nullcontext()
+                with ctx:
+                    logits = _logits(functional_call(self.model, p, args=(), kwargs=x))
+                total = total + (a * per_example_loss(logits, labels)).sum()
+            return total
+
+        def unflatten(vec: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {s.name: vec[s.offset : s.offset + s.numel].reshape(s.shape).to(params[s.name]) for s in self.specs}
+
+        with _eval_mode(self.model):
+            _, hvp = vjp(grad(step_loss), params)  # the Hessian is symmetric: its vjp is the Hessian-vector product
+            n = len(self.table.example_ids)
+            out = torch.empty(n, self.dim)
+            for start in range(0, n, ROW_CHUNK):
+                H = self.table.read(torch.arange(start, min(start + ROW_CHUNK, n)))
+                for r in range(len(H)):
+                    out[start + r] = self.grads.flat(hvp(unflatten(H[r]))[0], 1)[0].cpu()
+        return out
+
+    # -- files ----------------------------------------------------------------------------------------------
+    def save(self, folder: PathLike) -> None:
+        """Write the hypergradients (safetensors in memory, ``.npy`` for a disk table) and ``hydra.json``.
+
+        The metadata records the tracked parameters and a fingerprint of their final values, which
+        :class:`HydraScorer` checks against the model it scores with. Files are written atomically, the JSON last.
+        """
+        table_name = self.table.save_arrays(folder)
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "normalisation": NORMALISATION,
+            "parameters": [{"name": s.name, "shape": list(s.shape)} for s in self.specs],
+            "dim": self.dim,
+            "num_examples": len(self.table.example_ids),
+            "table": table_name,
+            "hessian": self.hessian,
+            "optimizer": self.optimizer_name,
+            "steps": self.steps,
+            "max_residual": self.max_residual,
+            "weights_fingerprint": _weights_fingerprint(self.model, self.specs),
+        }
+        atomic_write_text(os.path.join(os.fspath(folder), META_NAME), json.dumps(meta, indent=2) + "\n")
+
+
+def _weights_fingerprint(model: nn.Module, specs: Sequence[ParamSpec]) -> str:
+    named = dict(model.named_parameters())
+    return fingerprint({s.name: named[s.name].detach() for s in specs})
+
+
+@dataclass
+class SavedHypergradients:
+    """A saved HYDRA result: the table, the tracked parameters, and the metadata of ``hydra.json``."""
+
+    table: Hypergradients
+    specs: list[ParamSpec]
+    meta: dict[str, Any]
+
+    @classmethod
+    def load(cls, folder: PathLike, mmap: bool = True) -> "SavedHypergradients":
+        """Read a folder written by :meth:`HydraTracker.save` (``.npy`` tables are memory-mapped)."""
+        path = os.path.join(os.fspath(folder), META_NAME)
+        if not os.path.isfile(path):
+            raise TurnoverError(f"{os.fspath(folder)!r} holds no HYDRA result ({META_NAME} is missing).")
+        with open(path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+            raise ConfigMismatchError(f"{path!r} is not a {FORMAT} v{FORMAT_VERSION} file.")
+        specs, offset = [], 0
+        for p in meta["parameters"]:
+            specs.append(ParamSpec(p["name"], tuple(p["shape"]), offset))
+            offset += specs[-1].numel
+        table = Hypergradients.load_arrays(folder, meta["table"], meta["dim"], mmap=mmap)
+        return cls(table, specs, meta)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trainer integration
+# ---------------------------------------------------------------------------------------------------------------
+class HydraCallback(TrainerCallback):
+    """Forwards the Trainer's optimizer events to a :class:`HydraTracker` (the batches come from the trainer).
+
+    ``on_pre_optimizer_step`` runs after gradient clipping and ``on_optimizer_step`` before the scheduler moves
+    the learning rate, so the tracker sees the clipped gradient and the learning rate the step used.
+
+    Example:
+        >>> trainer.add_callback(HydraCallback(tracker))     # HydraTrainer adds it itself
+    """
+
+    def __init__(self, tracker: HydraTracker) -> None:
+        self.tracker = tracker
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # A second train() on the same trainer starts at step 0 and simply continues the trajectory; a resumed
+        # checkpoint starts at its step, whose earlier hypergradients this tracker never saw.
+        if state.global_step > 0 and state.global_step != self.tracker.steps:
+            raise TurnoverError(
+                f"HYDRA tracking starts at optimizer step {state.global_step} but has tracked {self.tracker.steps}: "
+                "resuming from a checkpoint is not supported (the hypergradients of the earlier steps are not saved "
+                "in Trainer checkpoints). Train from the start."
+            )
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
+        self.tracker.before_step(model, optimizer)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        self.tracker.after_step(optimizer)
+
+
+class HydraTrainingMixin:
+    """Adds HYDRA tracking to a ``Trainer`` subclass: each micro-batch's per-example gradients go to ``self.hydra``.
+
+    Needs batches with ``example_ids`` (an :class:`~turnover_hf.data.InstanceIdCollator`). Single process only.
+    """
+
+    hydra: HydraTracker
+    _hydra_keeps_ids = False  # TurnoverTrainer pops the ids itself
+
+    def _setup_hydra(self, model: nn.Module, train_dataset: Any, id_column: str, *, hessian: bool,
+                     storage_dir: Optional[PathLike], parameters: Optional[Sequence[str]],
+                     mask_context: Optional[Callable[[torch.Tensor], ContextManager]]) -> None:
+        if train_dataset is None:
+            raise TurnoverError("HYDRA tracking needs train_dataset (with its id column) when the trainer is built.")
+        ids = check_id_column(train_dataset, id_column)
+        self.hydra = HydraTracker(model, ids, parameters=parameters, hessian=hessian, storage_dir=storage_dir,
+                                  mask_context=mask_context)
+        self.add_callback(HydraCallback(self.hydra))  # type: ignore[attr-defined]
+        if self.args.world_size > 1:  # type: ignore[attr-defined]
+            raise TurnoverError("HYDRA tracking runs in a single process (each process would see part of each step).")
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        example_ids = inputs.get(BATCH_KEY)
+        if example_ids is None:
+            raise MissingExampleIdsError(
+                "a training batch has no example ids: HYDRA needs the dataset's id column "
+                "(turnover_hf.add_example_ids(dataset)) and an InstanceIdCollator."
+            )
+        kept = dict(inputs)  # the parent may pop keys from (and move) the dict it gets
+        if not self._hydra_keeps_ids:
+            inputs = {k: v for k, v in inputs.items() if k != BATCH_KEY}
+        before = self.hydra.current_grad()
+        loss = super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+        # Trainer's own convention, used when the fit to the observed gradient is unreliable (see observe).
+        summed = self.model_accepts_loss_kwargs and num_items_in_batch is not None and self.compute_loss_func is None  # type: ignore[attr-defined]
+        self.hydra.observe(
+            model, kept, example_ids, observed_grad=self.hydra.current_grad() - before,
+            accumulation_steps=getattr(self, "current_gradient_accumulation_steps", 1),
+            num_items=int(num_items_in_batch) if summed else None,
+        )
+        return loss
+
+
+class HydraTrainer(HydraTrainingMixin, Trainer):
+    """A ``transformers.Trainer`` that tracks HYDRA hypergradients of every training example while it trains.
+
+    Differences from ``Trainer``: the training set needs an id column (``turnover_hf.add_example_ids``); the
+    collator is wrapped in :class:`InstanceIdCollator` and the id column survives ``remove_unused_columns``; each
+    training step also computes the per-example gradients of its examples; ``self.hydra`` holds the result.
+
+    Args (besides ``Trainer``'s): ``hessian`` (exact mode), ``hydra_storage_dir`` (memory-mapped table),
+    ``hydra_parameters`` (names to track; default: ``requires_grad``), ``id_column``.
+
+    Example:
+        >>> trainer = HydraTrainer(model=model, args=TrainingArguments("out", max_grad_norm=1.0),
+        ...                        train_dataset=add_example_ids(train), processing_class=tokenizer)
+        >>> trainer.train(); trainer.save_model("out/model"); trainer.hydra.save("out/hydra")
+    """
+
+    def __init__(self, model: Optional[nn.Module] = None, args: Any = None, data_collator: Any = None, *pos: Any,
+                 hessian: bool = False, hydra_storage_dir: Optional[PathLike] = None,
+                 hydra_parameters: Optional[Sequence[str]] = None, id_column: str = "example_id", **kwargs: Any) -> None:
+        self.id_column = id_column
+        train_dataset = kwargs.get("train_dataset", pos[0] if pos else None)
+        if data_collator is None:
+            tokenizer = kwargs.get("processing_class") or kwargs.get("tokenizer")
+            data_collator = DataCollatorWithPadding(tokenizer) if tokenizer is not None and hasattr(tokenizer, "pad") else default_data_collator
+        super().__init__(model, args, InstanceIdCollator(data_collator, id_column), *pos, **kwargs)
+        self._setup_hydra(model, train_dataset, id_column, hessian=hessian, storage_dir=hydra_storage_dir,
+                          parameters=hydra_parameters, mask_context=None)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self.id_column not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, self.id_column]
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Optional[list[str]] = None):
+        inputs = {k: v for k, v in inputs.items() if k != BATCH_KEY}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+
+class HydraTurnoverTrainer(HydraTrainingMixin, TurnoverTrainer):
+    """:class:`~turnover_hf.trainer.TurnoverTrainer` plus HYDRA tracking: one run, both estimators.
+
+    Each example's gradient is taken under its own turn-over mask (as it was trained), so ``h_i`` is the effect of
+    down-weighting example ``i`` in this masked training; scores use the full network at the end, like turn-over
+    scores. Per-example gradients run one example at a time here.
+
+    Example:
+        >>> trainer = HydraTurnoverTrainer(model=patched, args=args, train_dataset=train, processing_class=tok)
+        >>> trainer.train(); trainer.hydra.save("out/hydra")
+    """
+
+    _hydra_keeps_ids = True
+
+    def __init__(self, model: Optional[nn.Module] = None, args: Any = None, data_collator: Any = None, *pos: Any,
+                 hessian: bool = False, hydra_storage_dir: Optional[PathLike] = None,
+                 hydra_parameters: Optional[Sequence[str]] = None, **kwargs: Any) -> None:
+        from .context import instance_masks
+
+        super().__init__(model, args, data_collator, *pos, **kwargs)
+        train_dataset = kwargs.get("train_dataset", pos[0] if pos else None)
+        self._setup_hydra(model, train_dataset, self.id_column, hessian=hessian, storage_dir=hydra_storage_dir,
+                          parameters=hydra_parameters,
+                          mask_context=lambda ids: instance_masks(model, ids, mode="train"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------------------------
+class HydraScorer:
+    """HYDRA scores of (training id, target) pairs, with :class:`~turnover_hf.scoring.TurnoverScorer`'s interface.
+
+    ``scores[i, j] = -grad_w loss_j(w_T) . h_i``, the paper's ``C(i, j)`` (Eq. 8; see the module docstring for
+    the normalisation): the first-order change of target ``j``'s loss when training example ``i`` is left out.
+    Positive = the example helped the target (lowered its loss). Target gradients are taken in eval mode on the
+    model as it is (the full network of a patched model), at the weights the training ended with; with
+    ``strict=True`` a model whose tracked parameters differ from those final weights is refused.
+
+    Args:
+        model: the trained model.
+        hypergradients: a :class:`HydraTracker` (right after training) or a folder written by
+            :meth:`HydraTracker.save`.
+        batch_size: targets per gradient batch; training ids are scored in blocks of ``4 * batch_size`` rows.
+        strict: check the model's weights against the fingerprint saved with the hypergradients.
+
+    Example:
+        >>> scorer = HydraScorer(model, "out/hydra")
+        >>> scorer.scores(targets, targets["labels"], example_ids=torch.arange(100))   # (100, n_targets)
+    """
+
+    path = "hydra"
+
+    def __init__(self, model: nn.Module, hypergradients: Union[HydraTracker, SavedHypergradients, PathLike], *,
+                 batch_size: int = 64, strict: bool = True) -> None:
+        if isinstance(hypergradients, HydraTracker):
+            table, specs = hypergradients.table, hypergradients.specs
+            expected = None  # the tracker's own model: nothing to compare with
+        else:
+            saved = hypergradients if isinstance(hypergradients, SavedHypergradients) else SavedHypergradients.load(hypergradients)
+            table, specs, expected = saved.table, saved.specs, saved.meta.get("weights_fingerprint")
+        named = dict(model.named_parameters())
+        bad = [s.name for s in specs if s.name not in named or tuple(named[s.name].shape) != s.shape]
+        if bad:
+            raise ConfigMismatchError(
+                f"the model lacks the tracked parameters {bad[:5]} (or their shapes differ): score with the model "
+                "whose training was tracked."
+            )
+        if strict and expected is not None and _weights_fingerprint(model, specs) != expected:
+            raise ConfigMismatchError(
+                "the model's tracked parameters differ from the weights the tracked training ended with; HYDRA "
+                "scores need that final model (pass strict=False to score another one anyway)."
+            )
+        self.model = model
+        self.table = table
+        self.specs = specs
+        self.batch_size = max(1, int(batch_size))
+        self.device = next(model.parameters()).device
+        self.grads = PerExampleGrads(model, specs)
+
+    @property
+    def known_ids(self) -> torch.Tensor:
+        return self.table.example_ids
+
+    def _rows(self, example_ids: torch.Tensor) -> torch.Tensor:
+        example_ids = check_ids_known(torch.as_tensor(example_ids).cpu(), self.table.example_ids)
+        rows = self.table.rows_of(example_ids)
+        unseen = example_ids[torch.from_numpy(self.table.seen[rows.numpy()] == 0)]
+        if len(unseen):
+            raise ExampleIdError(
+                f"{len(unseen)} example id(s) never entered a tracked training step (e.g. {unseen[:5].tolist()}): "
+                "HYDRA has nothing to say about them (did training stop before the end of the epoch?)."
+            )
+        return rows
+
+    def target_grads(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Gradient of each target's loss at the model's weights, float32 ``(n_targets, D)``."""
+        inputs = model_inputs(targets, self.device)
+        labels = torch.as_tensor(labels).to(self.device)
+        out = []
+        for start in range(0, len(labels), self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            out.append(self.grads({k: v[sl] for k, v in inputs.items()}, labels[sl]))
+        return torch.cat(out)
+
+    def scores(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
+        """HYDRA influence of each id on each target, float32 ``(n_ids, n_targets)`` on the CPU."""
+        rows = self._rows(example_ids)
+        G = self.target_grads(targets, labels).cpu()  # (T, D)
+        out = torch.empty(len(rows), len(G), dtype=torch.float32)
+        block = 4 * self.batch_size
+        for start in range(0, len(rows), block):
+            H = self.table.read(rows[start : start + block])  # (n, D), from memory or the memory map
+            out[start : start + len(H)] = -(H.double() @ G.double().T).float()
+        return out
+
+    def self_scores(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
+        """Self-influence ``-grad loss_i(w_T) . h_i`` of each training row (with its id), float32 ``(n,)``."""
+        rows = self._rows(example_ids)
+        G = self.target_grads(batch, labels).cpu()
+        H = self.table.read(rows)
+        return -(H.double() * G.double()).sum(1).float()
