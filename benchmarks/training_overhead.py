@@ -11,6 +11,8 @@ What it measures, in one run on one machine:
   number of steps. A step is timed end to end as a user sees it (data loading, forward, backward, optimizer),
   from the end of the last warm-up step to the end of the last step. Each measurement is repeated and the
   median is reported; the order of the settings rotates between repeats so drift does not favour one of them.
+  The process's CPU time per step is reported as well (table column "CPU-time ratio", JSON ``*_cpu_*``): on a
+  machine shared with other work it is steadier than wall time, especially with ``--threads 1``.
 * Mask generation alone: ``turnover_hf.mask_for`` for a batch of 32 examples and 384 / 1536 / 4096 units, as a
   fraction of the forward time of the layer it would mask (``nn.Linear(hidden, units)`` on a
   ``(batch, seq_len, hidden)`` activation, without autograd).
@@ -22,7 +24,8 @@ it, with a fresh 2-class head; otherwise a randomly initialised BERT of the same
 Run from the repository root:
 
     PYTHONPATH=. python benchmarks/training_overhead.py            # defaults: a few minutes on 2 CPU cores
-    PYTHONPATH=. python benchmarks/training_overhead.py --quick    # smoke run, well under a minute
+    PYTHONPATH=. python benchmarks/training_overhead.py --quick    # smoke run, about a minute
+    PYTHONPATH=. python benchmarks/training_overhead.py --threads 1  # steadier when other jobs share the CPU
 
 It prints two Markdown tables and writes the same numbers to ``benchmarks/results/training_overhead.json``.
 """
@@ -30,6 +33,7 @@ It prints two Markdown tables and writes the same numbers to ``benchmarks/result
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import logging
@@ -115,6 +119,12 @@ class TrainingRow:
     ratio: float
     unpatched_runs: list[float] = field(default_factory=list)
     patched_runs: list[float] = field(default_factory=list)
+    paired_ratio_median: float = 0.0  # median over repeats of patched / unpatched within one repeat: less drift
+    # CPU time of this process per step: less sensitive than wall time to other processes on a shared machine
+    # (with one torch thread; with more, threads waiting for each other count too).
+    unpatched_cpu_s_per_step: float = 0.0
+    patched_cpu_s_per_step: float = 0.0
+    cpu_ratio: float = 0.0
     trainable_params_unpatched: int = 0
     trainable_params_patched: int = 0
     mask_sites: int = 0
@@ -188,20 +198,22 @@ def synthetic_dataset(num_examples: int, seq_len: int, vocab_size: int, seed: in
 
 
 class StepClock(TrainerCallback):
-    """Records ``time.perf_counter()`` at the end of every optimizer step."""
+    """Records wall time (``perf_counter``) and process CPU time at the end of every optimizer step."""
 
     def __init__(self) -> None:
-        self.ends: list[float] = []
+        self.ends: list[tuple[float, float]] = []
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.ends = []
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self.ends.append(time.perf_counter())
+        self.ends.append((time.perf_counter(), time.process_time()))
 
 
-def seconds_per_step(model: PreTrainedModel, patched: bool, data: Dataset, settings: Settings, output_dir: str) -> float:
-    """Train ``warmup_steps + steps`` steps with a fresh trainer; seconds per step after warm-up."""
+def seconds_per_step(
+    model: PreTrainedModel, patched: bool, data: Dataset, settings: Settings, output_dir: str
+) -> tuple[float, float]:
+    """Train ``warmup_steps + steps`` steps with a fresh trainer; (wall, CPU) seconds per step after warm-up."""
     args = TrainingArguments(
         output_dir=output_dir,
         use_cpu=True,
@@ -227,10 +239,9 @@ def seconds_per_step(model: PreTrainedModel, patched: bool, data: Dataset, setti
     trainer.train()
     if len(clock.ends) != settings.warmup_steps + settings.steps:
         raise RuntimeError(f"expected {settings.warmup_steps + settings.steps} steps, timed {len(clock.ends)}.")
-    start = clock.ends[settings.warmup_steps - 1] if settings.warmup_steps else None
-    if start is None:
-        raise ValueError("need at least one warm-up step to time steps end to end.")
-    return (clock.ends[-1] - start) / settings.steps
+    # From the end of the last warm-up step (parse_args asks for at least one) to the end of the last step.
+    (wall_start, cpu_start), (wall_end, cpu_end) = clock.ends[settings.warmup_steps - 1], clock.ends[-1]
+    return (wall_end - wall_start) / settings.steps, (cpu_end - cpu_start) / settings.steps
 
 
 def run_training(settings: Settings, folder: Optional[Path]) -> list[TrainingRow]:
@@ -240,13 +251,19 @@ def run_training(settings: Settings, folder: Optional[Path]) -> list[TrainingRow
     vocab_size = next(iter(models.values())).config.vocab_size
     data = synthetic_dataset(settings.num_examples, settings.seq_len, vocab_size, settings.seed)
     runs: dict[Variant, list[float]] = {v: [] for v in variants}
+    cpu_runs: dict[Variant, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="turnover-bench-") as output_dir:
         for repeat in range(settings.repeats):
             shift = repeat % len(variants)
             for variant in variants[shift:] + variants[:shift]:
-                value = seconds_per_step(models[variant], variant.scheme is not None, data, settings, output_dir)
-                runs[variant].append(value)
-                print(f"  repeat {repeat + 1}/{settings.repeats}  {variant.label:<18} {value:.4f} s/step", file=sys.stderr)
+                wall, cpu = seconds_per_step(models[variant], variant.scheme is not None, data, settings, output_dir)
+                runs[variant].append(wall)
+                cpu_runs[variant].append(cpu)
+                print(
+                    f"  repeat {repeat + 1}/{settings.repeats}  {variant.label:<18} {wall:.4f} s/step "
+                    f"(CPU {cpu:.4f} s/step)",
+                    file=sys.stderr,
+                )
 
     rows = []
     for adapter, (description, _) in ADAPTER_SETTINGS.items():
@@ -264,6 +281,10 @@ def run_training(settings: Settings, folder: Optional[Path]) -> list[TrainingRow
                 ratio=patched_median / base_median,
                 unpatched_runs=runs[base],
                 patched_runs=runs[patched],
+                paired_ratio_median=statistics.median(p / u for p, u in zip(runs[patched], runs[base])),
+                unpatched_cpu_s_per_step=statistics.median(cpu_runs[base]),
+                patched_cpu_s_per_step=statistics.median(cpu_runs[patched]),
+                cpu_ratio=statistics.median(cpu_runs[patched]) / statistics.median(cpu_runs[base]),
                 trainable_params_unpatched=trainable_parameters(models[base]),
                 trainable_params_patched=trainable_parameters(models[patched]),
                 mask_sites=len(models[patched].turnover_config.mask_sites or {}),
@@ -301,31 +322,36 @@ def run_mask_micro(settings: Settings, hidden: int) -> list[MaskRow]:
         layer = nn.Linear(hidden, width)
         x = torch.randn(settings.micro_batch, settings.seq_len, hidden)
         with torch.no_grad():
-            forward_s = median_seconds(lambda: layer(x), settings.repeats + 2)
+            forward_s = median_seconds(functools.partial(layer, x), settings.repeats + 2)
         for scheme in SCHEMES:
-            config = turnover_hf.TurnoverConfig(scheme=scheme)
-            mask_s = median_seconds(
-                lambda: turnover_hf.mask_for(ids, "bench.layer", width, **config.mask_kwargs), settings.repeats + 2
-            )
+            mask_kwargs = turnover_hf.TurnoverConfig(scheme=scheme).mask_kwargs
+            generate = functools.partial(turnover_hf.mask_for, ids, "bench.layer", width, **mask_kwargs)
+            mask_s = median_seconds(generate, settings.repeats + 2)
             rows.append(MaskRow(width, scheme, settings.micro_batch, mask_s * 1e3, forward_s * 1e3, mask_s / forward_s))
     return rows
 
 
 def markdown_tables(rows: list[TrainingRow], micro: list[MaskRow], settings: Settings) -> str:
     lines = [
-        f"Training, seconds per step (median of {settings.repeats}; batch {settings.batch_size}, "
-        f"seq len {settings.seq_len}, {settings.steps} timed steps after {settings.warmup_steps} warm-up)",
+        (
+            f"Training, seconds per step (median of {settings.repeats}; batch {settings.batch_size}, "
+            f"seq len {settings.seq_len}, {settings.steps} timed steps after {settings.warmup_steps} warm-up)"
+        ),
         "",
-        "| setting | seconds/step unpatched | seconds/step patched | ratio |",
-        "|---|---:|---:|---:|",
+        "| setting | seconds/step unpatched | seconds/step patched | ratio | CPU-time ratio |",
+        "|---|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r.setting} | {r.unpatched_s_per_step:.4f} | {r.patched_s_per_step:.4f} | {r.ratio:.3f} |" for r in rows
+        f"| {r.setting} | {r.unpatched_s_per_step:.4f} | {r.patched_s_per_step:.4f} | {r.ratio:.3f} "
+        f"| {r.cpu_ratio:.3f} |"
+        for r in rows
     ]
     lines += [
         "",
-        f"Mask generation alone (batch {settings.micro_batch}) vs. forward of Linear(hidden, width) on "
-        f"({settings.micro_batch}, {settings.seq_len}, hidden)",
+        (
+            f"Mask generation alone (batch {settings.micro_batch}) vs. forward of Linear(hidden, width) on "
+            f"({settings.micro_batch}, {settings.seq_len}, hidden)"
+        ),
         "",
         "| width | scheme | mask_for ms | layer forward ms | fraction |",
         "|---:|---|---:|---:|---:|",
@@ -338,8 +364,8 @@ def markdown_tables(rows: list[TrainingRow], micro: list[MaskRow], settings: Set
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per measurement (default 20)")
-    parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before them (default 3)")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per measurement (default 10)")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before them (default 2)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--num-examples", type=int, default=512, help="size of the synthetic training set")

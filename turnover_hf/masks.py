@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Any, Literal, Union
 
@@ -69,9 +70,19 @@ def _example_hash(base: int, example_ids: torch.Tensor) -> torch.Tensor:
     return _fmix32(h ^ (example_ids >> 32))
 
 
+@functools.lru_cache(maxsize=512)
 def _unit_hash(units: int, device: torch.device) -> torch.Tensor:
+    # Cached per (width, device): every layer of a width asks for the same values on every forward.
     u = torch.arange(units, dtype=torch.int64, device=device)
     return _fmix32(_mul32(u, _GOLDEN) ^ 0x7F4A7C15)
+
+
+@functools.lru_cache(maxsize=512)
+def _codebook(base: int, units: int, threshold: int, codebook_size: int, device: torch.device) -> torch.Tensor:
+    """The virtual codebook of one layer, (codebook_size, units) bools; cached, it depends on no example."""
+    rows = torch.arange(codebook_size, dtype=torch.int64, device=device)
+    row_hash = _fmix32(_fmix32(rows ^ _fmix32(base ^ _ROW_SALT)))
+    return _fmix32(row_hash[:, None] ^ _unit_hash(units, device)[None, :]) < threshold
 
 
 def _threshold(keep_probability: float) -> int:
@@ -148,9 +159,8 @@ def keep_bits(
                 f"size={codebook_size}."
             )
         rows = _pick_rows(_fmix32(ex ^ _PICK_SALT), codebook_size, codebook_picks)  # (B, k)
-        row_hash = _fmix32(_fmix32(rows ^ _fmix32(base ^ _ROW_SALT)))  # (B, k)
-        row_bits = _fmix32(row_hash[:, :, None] ^ unit[None, None, :]) < _threshold((1.0 - p) ** (1.0 / codebook_picks))
-        return row_bits.all(dim=1)
+        codebook = _codebook(base, units, _threshold((1.0 - p) ** (1.0 / codebook_picks)), codebook_size, device)
+        return codebook[rows].all(dim=1)
     raise ValueError(f"unknown mask scheme {scheme!r}; choose one of {SCHEMES}.")
 
 

@@ -98,7 +98,9 @@ def patch_model(
 
     leaking = leakage_report(model)
     if leaking and freeze_leaking:
-        freeze_leaking_parameters(model)
+        frozen = freeze_leaking_parameters(model)
+        logger.info("turn-over dropout: froze %d parameter(s) no instance mask covers: %s", len(frozen),
+                    ", ".join(frozen[:8]) + (" ..." if len(frozen) > 8 else ""))
     elif leaking and warn_leaking:
         logger.warning(
             "turn-over dropout: %d trainable parameter(s) are not covered by instance masks and learn from every "
