@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -205,7 +206,13 @@ def _restore_adapters(model: nn.Module, folder: str, config: TurnoverConfig) -> 
         from adapters.composition import Stack
 
         names = config.active_adapters
-        model.set_active_adapters(names[0] if len(names) == 1 else Stack(*names))
+        adapters_logger = logging.getLogger("adapters.model_mixin")
+        level = adapters_logger.level
+        adapters_logger.setLevel(logging.ERROR)  # it warns "none are activated" while switching the setup
+        try:
+            model.set_active_adapters(names[0] if len(names) == 1 else Stack(*names))
+        finally:
+            adapters_logger.setLevel(level)
 
 
 def load_influence_ready(

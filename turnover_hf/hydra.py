@@ -485,6 +485,7 @@ class HydraTracker:
         parameters: Optional[Sequence[str]] = None,
         hessian: bool = False,
         storage_dir: Optional[PathLike] = None,
+        id_column: str = "example_id",
         mask_context: Optional[Callable[[torch.Tensor], ContextManager]] = None,
         rebase_condition: float = 100.0,
     ) -> None:
@@ -492,6 +493,7 @@ class HydraTracker:
         self.specs = _specs_for(model, parameters)
         self.dim = self.specs[-1].offset + self.specs[-1].numel
         self.hessian = bool(hessian)
+        self.id_column = id_column
         self.mask_context = mask_context
         self.table = Hypergradients(
             torch.as_tensor(list(example_ids) if not isinstance(example_ids, torch.Tensor) else example_ids),
@@ -751,6 +753,7 @@ class HydraTracker:
             "parameters": [{"name": s.name, "shape": list(s.shape)} for s in self.specs],
             "dim": self.dim,
             "num_examples": len(self.table.example_ids),
+            "id_column": self.id_column,
             "table": table_name,
             "hessian": self.hessian,
             "optimizer": self.optimizer_name,
@@ -841,7 +844,7 @@ class HydraTrainingMixin:
             raise TurnoverError("HYDRA tracking needs train_dataset (with its id column) when the trainer is built.")
         ids = check_id_column(train_dataset, id_column)
         self.hydra = HydraTracker(model, ids, parameters=parameters, hessian=hessian, storage_dir=storage_dir,
-                                  mask_context=mask_context)
+                                  mask_context=mask_context, id_column=id_column)
         self.add_callback(HydraCallback(self.hydra))  # type: ignore[attr-defined]
         if self.args.world_size > 1:  # type: ignore[attr-defined]
             raise TurnoverError("HYDRA tracking runs in a single process (each process would see part of each step).")

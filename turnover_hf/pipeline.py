@@ -114,7 +114,7 @@ class InfluencePipeline:
             if folder is None:
                 raise TurnoverError("estimator='hydra' needs hydra_dir=... (the folder trainer.hydra.save(...) wrote).")
             saved = SavedHypergradients.load(folder)
-            self.id_column, expected = "example_id", saved.meta.get("num_examples")
+            self.id_column, expected = saved.meta.get("id_column", "example_id"), saved.meta.get("num_examples")
             self.scorer = HydraScorer(model, saved, batch_size=batch_size)
             self._estimator_key = saved.meta
         collator = data_collator or (DataCollatorWithPadding(tokenizer) if tokenizer is not None else default_data_collator)
