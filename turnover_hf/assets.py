@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-from typing import Optional
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
@@ -43,6 +42,7 @@ def _package_folder(package: str, distribution: str) -> str:
 
 
 def _asset_file(folder: str, parts: tuple[str, ...], distribution: str) -> str:
+    """``folder/parts...`` if it exists; a package that lacks it is damaged or of another version."""
     path = os.path.join(folder, *parts)
     if not os.path.exists(path):
         raise TurnoverError(
@@ -69,11 +69,12 @@ def minilm_path() -> str:
 
 
 def _split_key(seed: int, example_id: int) -> bytes:
+    """Sort key of an example in the seeded permutation."""
     return hashlib.blake2b(f"{seed}:{example_id}".encode("ascii"), digest_size=8).digest()
 
 
 def rotten_tomatoes(
-    seed: int = 0, n_train: Optional[int] = None, n_validation: Optional[int] = None, n_test: Optional[int] = None
+    seed: int = 0, n_train: int | None = None, n_validation: int | None = None, n_test: int | None = None
 ) -> DatasetDict:
     """Rotten Tomatoes review snippets as a ``DatasetDict`` with splits ``train``, ``validation`` and ``test``.
 
@@ -119,7 +120,9 @@ def rotten_tomatoes(
         if limit is None:
             continue
         if not 1 <= limit <= len(splits[name]):
-            raise ValueError(f"n_{name} must be between 1 and {len(splits[name])} (the {name} split's size), got {limit}.")
+            raise ValueError(
+                f"n_{name} must be between 1 and {len(splits[name])} (the {name} split's size), got {limit}."
+            )
         splits[name] = splits[name][:limit]
 
     features = Features({
@@ -127,10 +130,10 @@ def rotten_tomatoes(
         "label": ClassLabel(names=LABEL_NAMES),
         "example_id": Value("int64"),
     })
-    columns = {name: sorted(ids) for name, ids in splits.items()}
+    ids_of = {name: sorted(ids) for name, ids in splits.items()}
     return DatasetDict({
         name: Dataset.from_dict(
             {"text": [texts[i] for i in ids], "label": [labels[i] for i in ids], "example_id": ids}, features=features
         )
-        for name, ids in columns.items()
+        for name, ids in ids_of.items()
     })
