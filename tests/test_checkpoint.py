@@ -107,3 +107,15 @@ def test_push_to_hub_uploads_the_influence_ready_folder(tmp_path, monkeypatch):
     assert {"config.json", "model.safetensors", th.CONFIG_NAME, "README.md"} <= set(uploaded["files"])
     assert uploaded["config"]["seed"] == 8
     assert 'load_influence_ready("someone/tiny-influence-ready")' in uploaded["card"]
+
+
+def test_written_files_are_ordinary_readable_files(tmp_path):
+    import stat
+
+    model = th.patch_model(tiny_bert(), warn_leaking=False)
+    model.save_pretrained(tmp_path / "ckpt")
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (th.CONFIG_NAME, "README.md", "model.safetensors", "config.json"):
+        mode = stat.S_IMODE(os.stat(tmp_path / "ckpt" / name).st_mode)
+        assert mode == 0o666 & ~umask, (name, oct(mode))

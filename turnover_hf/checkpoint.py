@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import CONFIG_NAME, TurnoverConfig
 from .errors import ConfigMismatchError
-from .files import atomic_write_text
+from .files import atomic_write_text, umask
 from .patcher import patch_model
 
 CARD_START = "<!-- turnover-hf:start -->"
@@ -101,10 +101,12 @@ def save_influence_ready(
     try:
         original(model, staging, is_main_process=True, **kwargs)
         for name in os.listdir(staging):
-            target = os.path.join(save_directory, name)
+            source, target = os.path.join(staging, name), os.path.join(save_directory, name)
             if os.path.isdir(target) and not os.path.islink(target):
                 shutil.rmtree(target)
-            os.replace(os.path.join(staging, name), target)
+            if os.path.isfile(source):
+                os.chmod(source, 0o666 & ~umask())  # some writers make private files; a checkpoint is shared
+            os.replace(source, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     model.turnover_config.save_pretrained(save_directory)

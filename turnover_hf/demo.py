@@ -11,7 +11,7 @@
 5. computes every training review's self-influence (the paper's App. E) and lists the extremes;
 6. writes ``report.md`` and ``results.json`` into ``--output-dir``.
 
-The default settings finish in about 5 minutes on 2 CPU cores; ``--quick`` is a smoke run of well under a minute.
+The default settings finish in under 6 minutes on 2 CPU cores; ``--quick`` is a smoke run of well under a minute.
 
 Example:
     $ python -m turnover_hf.demo --quick --output-dir runs/quick

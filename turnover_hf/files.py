@@ -13,6 +13,13 @@ from typing import Iterator, Union
 PathLike = Union[str, os.PathLike]
 
 
+def umask() -> int:
+    """The process's umask (read without changing it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed."""
@@ -25,6 +32,7 @@ def atomic_path(path: PathLike) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes files private; results are ordinary files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
