@@ -151,24 +151,14 @@ def predict(
     return logits
 
 
-@torch.no_grad()
 def self_influence(
     model: PreTrainedModel, rows: Sequence[dict[str, Any]], collator: Callable, batch_size: int = 128
 ) -> torch.Tensor:
-    """Influence of each training example on itself: its loss under its flipped mask minus under its own mask.
-
-    Each row of a batch is scored with its own id, so one forward per mode covers a whole batch.
-    """
-    model.eval()
+    """Influence of each training example on itself: its loss under its flipped mask minus under its own mask."""
+    scorer = th.TurnoverScorer(model, batch_size=2 * batch_size)
     scores = torch.empty(len(rows))
-    device = model.device
     for indices, batch in length_sorted_batches(rows, collator, batch_size, "self-influence"):
-        inputs, labels = model_inputs(batch, device), batch["labels"].to(device)
-        losses = {}
-        for mode in ("train", "flip"):
-            with th.instance_masks(model, batch["example_ids"], mode=mode):
-                losses[mode] = th.per_example_loss(model(**inputs).logits, labels)
-        scores[indices] = (losses["flip"] - losses["train"]).cpu()
+        scores[indices] = scorer.self_scores(batch, batch["labels"], batch["example_ids"])
     return scores
 
 
