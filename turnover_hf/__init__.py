@@ -26,12 +26,14 @@ from .trainer import TurnoverTrainer
 from .callbacks import FlipSanityCallback
 from . import assets
 from .checkpoint import load_influence_ready
+from .ensemble import EnsembleScorer, split_half_agreement, train_ensemble
 from .pipeline import InfluencePipeline
 from .hydra import HydraScorer, HydraTrainer, HydraTurnoverTrainer
 
 __all__ = [
     "CONFIG_NAME",
     "ConfigMismatchError",
+    "EnsembleScorer",
     "ExampleIdError",
     "FlipSanityCallback",
     "HydraScorer",
@@ -57,6 +59,8 @@ __all__ = [
     "load_influence_ready",
     "mask_for",
     "patch_model",
+    "split_half_agreement",
+    "train_ensemble",
     "per_example_loss",
     "unpatch_model",
 ]

@@ -23,6 +23,7 @@ from .config import CONFIG_NAME
 from .context import state_of
 from .data import InstanceIdCollator, check_id_column
 from .errors import ConfigMismatchError, TurnoverError
+from .ensemble import EnsembleScorer, member_dirs, split_half_agreement
 from .scoring import TurnoverScorer, check_ids_known, predicted_labels
 from .store import ScoreStore, fingerprint
 
@@ -40,11 +41,28 @@ def _load_model(path: str, estimator: str) -> nn.Module:
     return model_class_of(path).from_pretrained(path, use_safetensors=True)
 
 
+def _members(model: Any) -> tuple[list[Any], Optional[str]]:
+    """The models (or paths) behind ``model``: one model or path, a list of them, or an ensemble folder."""
+    if isinstance(model, (list, tuple)):
+        if not model:
+            raise TurnoverError("InfluencePipeline got an empty list of models.")
+        return list(model), None
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        if not os.path.isfile(os.path.join(path, CONFIG_NAME)) and member_dirs(path):
+            return member_dirs(path), path
+        return [path], path
+    return [model], None
+
+
 class InfluencePipeline:
     """Score training examples against targets with turn-over dropout, in transformers' pipeline style.
 
     Args:
-        model: a patched model, or the path / Hub id of an influence-ready checkpoint.
+        model: a patched model, or the path / Hub id of an influence-ready checkpoint; or an ensemble: a list of
+            those trained on the same data with different mask seeds, or the folder
+            :func:`~turnover_hf.train_ensemble` wrote (its ``member-*`` folders). An ensemble's scores are the mean
+            of its members' and come with a measured agreement; a single model's are close to noise.
         tokenizer: turns text targets (and a training set without ``input_ids``) into model inputs.
         train_dataset: the training set with its id column (the one the model was trained on); rows are returned
             beside their scores. Must have as many rows as the model was trained on.
@@ -87,14 +105,20 @@ class InfluencePipeline:
     ) -> None:
         if estimator not in ESTIMATORS:
             raise TurnoverError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}.")
-        path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
-        if path is not None:
-            model = _load_model(path, estimator)
-            if tokenizer is None and os.path.isfile(os.path.join(path, "tokenizer_config.json")):
-                tokenizer = AutoTokenizer.from_pretrained(path)
+        models, path = _members(model)
+        if len(models) > 1 and estimator != "turnover":
+            raise TurnoverError(f"ensembles (several models) are for estimator='turnover', not {estimator!r}.")
+        for k, member in enumerate(models):
+            if isinstance(member, (str, os.PathLike)):
+                member_path = os.fspath(member)
+                models[k] = _load_model(member_path, estimator)
+                if tokenizer is None and os.path.isfile(os.path.join(member_path, "tokenizer_config.json")):
+                    tokenizer = AutoTokenizer.from_pretrained(member_path)
         if train_dataset is None:
             raise TurnoverError("InfluencePipeline needs train_dataset: the training set, with its id column.")
-        self.model = (model.to(device) if device is not None else model).eval()
+        self.models = [(m.to(device) if device is not None else m).eval() for m in models]
+        self.model = self.models[0]
+        model = self.model
         self.estimator = estimator
         self.tokenizer = tokenizer
         self.text_column = text_column
@@ -105,8 +129,18 @@ class InfluencePipeline:
         if estimator == "turnover":
             config = state_of(model).config
             self.id_column, expected = config.id_column, config.num_train_examples
-            self.scorer = TurnoverScorer(model, batch_size=batch_size, fast=fast)
-            self._estimator_key = config.to_dict()
+            if len(self.models) > 1:
+                self.scorer = EnsembleScorer(self.models, batch_size=batch_size, fast=fast)
+                self._estimator_key = [c.to_dict() for c in self.scorer.configs]
+            else:
+                self.scorer = TurnoverScorer(model, batch_size=batch_size, fast=fast)
+                self._estimator_key = config.to_dict()
+                logger.warning(
+                    "scoring with a single turn-over model: its scores are dominated by the difference between two "
+                    "random half-networks (two mask seeds' rankings agree at Spearman ~0 in benchmarks/fidelity.py). "
+                    "Average an ensemble of models trained with different mask seeds for rankings you can trust: "
+                    "turnover_hf.train_ensemble(...), then InfluencePipeline(<its output_dir>, ...)."
+                )
         else:
             from .hydra import HydraScorer, SavedHypergradients
 
@@ -200,7 +234,8 @@ class InfluencePipeline:
             labels = torch.as_tensor([row["labels"] for row in rows])
             return batch, labels, ["given"] * len(rows)
         logger.info("some targets have no label: all are scored against the model's own predictions.")
-        return batch, predicted_labels(self.model, batch).cpu(), ["predicted"] * len(rows)
+        predicted = self.scorer.predict(batch) if isinstance(self.scorer, EnsembleScorer) else predicted_labels(self.model, batch)
+        return batch, predicted.cpu(), ["predicted"] * len(rows)
 
     def _ids(self, example_ids: Optional[Sequence[int]]) -> torch.Tensor:
         if example_ids is None:
@@ -222,7 +257,8 @@ class InfluencePipeline:
 
         store = None
         if output_dir is not None:
-            key = fingerprint(kind, self.estimator, self._estimator_key, self.model.state_dict(), example_ids, *key_parts)
+            key = fingerprint(kind, self.estimator, self._estimator_key, *[m.state_dict() for m in self.models],
+                              example_ids, *key_parts)
             store = ScoreStore(output_dir, key, example_ids, n_columns, f"{kind} of {len(example_ids)} ids")
             done = store.result()
             if done is not None:
@@ -248,6 +284,28 @@ class InfluencePipeline:
         state.wait_for_everyone()
         return scores
 
+    # -- scoring through members --------------------------------------------------------------------------------
+    @property
+    def num_members(self) -> int:
+        """How many models' scores are averaged (1 unless the pipeline holds an ensemble)."""
+        return len(self.scorer) if isinstance(self.scorer, EnsembleScorer) else 1
+
+    def _member_matrix(self, kind: str, batch: Mapping[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor,
+                       output_dir: Optional[str]) -> torch.Tensor:
+        """``(K, n_ids, n_targets)`` scores of every member (K = 1 for a single model)."""
+        k, t = self.num_members, len(labels)
+        if k == 1:
+            compute = lambda chunk: self.scorer.scores(batch, labels, chunk)
+        else:
+            compute = lambda chunk: self.scorer.member_scores(batch, labels, chunk).permute(1, 0, 2).reshape(len(chunk), k * t)
+        flat = self._run(kind, ids, k * t, compute, (batch, labels), output_dir)
+        return flat.reshape(len(ids), k, t).permute(1, 0, 2)
+
+    def _agreement(self, members: torch.Tensor) -> Optional[list[float]]:
+        if members.shape[0] < 2 or members.shape[1] < 3:
+            return None
+        return split_half_agreement(members)["estimated"]
+
     # -- public -------------------------------------------------------------------------------------------------
     def scores(self, targets: TargetsLike, example_ids: Optional[Sequence[int]] = None, *, output_dir: Optional[str] = None) -> torch.Tensor:
         """The (n_ids, n_targets) influence matrix; rows follow ``example_ids`` (default: the training set's order).
@@ -256,11 +314,27 @@ class InfluencePipeline:
             >>> pipe.scores(valid.select(range(100)), output_dir="scores/valid100")   # resumable
         """
         batch, labels, _ = self.prepare_targets(targets)
+        return self._member_matrix("scores", batch, labels, self._ids(example_ids), output_dir).mean(0)
+
+    def agreement(self, targets: TargetsLike, example_ids: Optional[Sequence[int]] = None, *,
+                  output_dir: Optional[str] = None) -> list[float]:
+        """How reproducible each target's ranking is: the estimated Spearman agreement of this ensemble's scores
+        with another ensemble of the same size and other seeds (split-half, Spearman-Brown; see
+        :func:`~turnover_hf.ensemble.split_half_agreement`). Needs an ensemble; ~0 means the ranking is noise.
+
+        Example:
+            >>> pipe.agreement(valid.select(range(20)))          # one value per target
+        """
+        if self.num_members < 2:
+            raise TurnoverError(
+                "agreement is measured between ensemble members and this pipeline has one model: train several "
+                "with turnover_hf.train_ensemble(...) and pass their folder (or a list of models)."
+            )
+        batch, labels, _ = self.prepare_targets(targets)
         ids = self._ids(example_ids)
-        return self._run(
-            "scores", ids, len(labels), lambda chunk: self.scorer.scores(batch, labels, chunk),
-            (batch, labels), output_dir,
-        )
+        if len(ids) < 3:
+            raise TurnoverError("agreement is a rank correlation over training ids: score at least 3 of them.")
+        return self._agreement(self._member_matrix("scores", batch, labels, ids, output_dir))
 
     def mean_influence(self, targets: TargetsLike, example_ids: Optional[Sequence[int]] = None, *,
                        output_dir: Optional[str] = None) -> Dataset:
@@ -271,49 +345,61 @@ class InfluencePipeline:
         """
         batch, labels, _ = self.prepare_targets(targets)
         ids = self._ids(example_ids)
+        k = self.num_members
         means = self._run(
-            "mean_influence", ids, 1, lambda chunk: self.scorer.scores(batch, labels, chunk).mean(1),
+            "mean_influence", ids, k,
+            lambda chunk: (self.scorer.member_scores(batch, labels, chunk).mean(2).T if k > 1
+                           else self.scorer.scores(batch, labels, chunk).mean(1, keepdim=True)),
             (batch, labels), output_dir,
         )
-        return self.train_rows(ids).add_column("mean_influence", means[:, 0].tolist())
+        return self.train_rows(ids).add_column("mean_influence", means.mean(1).tolist())
 
     def self_influence(self, example_ids: Optional[Sequence[int]] = None, *, output_dir: Optional[str] = None) -> Dataset:
         """Each training example's influence on its own prediction (paper App. E), as a Dataset.
 
         Most examples help themselves (positive values). The highest values flag examples only the sub-network
         that saw them gets right: memorised, and often mislabelled (the rest of the data predicts another label).
+        With an ensemble the members' values are averaged and the ranking's estimated agreement is logged.
 
         Example:
             >>> pipe.self_influence().sort("self_influence", reverse=True).select(range(10))["text"]
         """
         ids = self._ids(example_ids)
+        k = self.num_members
 
         def compute(chunk: torch.Tensor) -> torch.Tensor:
             rows = self._train_features.select(self._positions(chunk))
             out = []
             for start in range(0, len(chunk), self.batch_size):
                 batch = self.collator([rows[i] for i in range(start, min(start + self.batch_size, len(chunk)))])
-                out.append(self.scorer.self_scores(batch, batch["labels"], batch["example_ids"]))
+                if k > 1:
+                    out.append(self.scorer.member_self_scores(batch, batch["labels"], batch["example_ids"]).T)
+                else:
+                    out.append(self.scorer.self_scores(batch, batch["labels"], batch["example_ids"])[:, None])
             return torch.cat(out)
 
-        values = self._run("self_influence", ids, 1, compute, (), output_dir)
-        return self.train_rows(ids).add_column("self_influence", values[:, 0].tolist())
-
+        values = self._run("self_influence", ids, k, compute, (), output_dir)
+        agreement = self._agreement(values.T[:, :, None])
+        if agreement is not None:
+            logger.info("self-influence of %d ids, %d members: estimated ranking agreement %.3f.", len(ids), k, agreement[0])
+        return self.train_rows(ids).add_column("self_influence", values.mean(1).tolist())
 
     def __call__(self, targets: TargetsLike, top_k: Optional[int] = None, example_ids: Optional[Sequence[int]] = None,
                  *, output_dir: Optional[str] = None) -> Union[dict[str, Any], list[dict[str, Any]]]:
         """Top-k proponents (most helpful) and opponents (most harmful) of each target, with their training rows.
 
-        Returns one dict for a single text or dict target, a list of dicts otherwise.
+        Returns one dict for a single text or dict target, a list of dicts otherwise. Each dict has ``label``,
+        ``label_source`` ("given" or "predicted"), ``proponents``, ``opponents``, ``members`` (how many models were
+        averaged) and ``agreement``: the ranking's estimated agreement with an independent ensemble of the same size
+        (None for a single model, whose rankings are close to noise; see :meth:`agreement`).
         """
         top_k = top_k or self.top_k
         single = isinstance(targets, str) or (isinstance(targets, Mapping) and torch.as_tensor(targets.get("input_ids", [[0]])).dim() <= 1)
         batch, labels, sources = self.prepare_targets(targets)
         ids = self._ids(example_ids)
-        matrix = self._run(
-            "scores", ids, len(labels), lambda chunk: self.scorer.scores(batch, labels, chunk),
-            (batch, labels), output_dir,
-        )
+        members = self._member_matrix("scores", batch, labels, ids, output_dir)
+        matrix = members.mean(0)
+        agreement = self._agreement(members)
         k = min(top_k, len(ids))
         out = []
         for t in range(len(labels)):
@@ -323,6 +409,8 @@ class InfluencePipeline:
             out.append({
                 "label": labels[t].item(),
                 "label_source": sources[t],
+                "members": self.num_members,
+                "agreement": None if agreement is None else agreement[t],
                 "proponents": self._explain(ids[best.indices], best.values),
                 "opponents": self._explain(ids[worst.indices], -worst.values),
             })
