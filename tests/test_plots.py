@@ -11,9 +11,9 @@ from transformers import TrainingArguments
 import turnover_hf as th
 
 pytest.importorskip("matplotlib")
-from turnover_hf import plots  # noqa: E402
+from conftest import text_task, tiny_bert, with_bottleneck, word_tokenizer
 
-from conftest import text_task, tiny_bert, with_bottleneck, word_tokenizer  # noqa: E402
+from turnover_hf import plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -25,7 +25,7 @@ def run(tmp_path_factory):
     tokenizer = word_tokenizer(folder / "tok")
     train = text_task(48, seed=0)
     valid = text_task(12, seed=1).remove_columns("example_id")
-    encode = lambda rows: tokenizer(rows["text"])  # noqa: E731
+    encode = lambda rows: tokenizer(rows["text"])
     model = th.patch_model(with_bottleneck(tiny_bert()), th.TurnoverConfig(seed=3), freeze_leaking=True)
     sanity = th.FlipSanityCallback(train.map(encode, batched=True).select(range(16)), batch_size=8)
     args = TrainingArguments(

@@ -16,7 +16,7 @@ import io
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _new_figure(width: float = 6.4, height: float = 4.0) -> tuple["Figure", Any]:
+def _new_figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, Any]:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
     # Closed for pyplot's bookkeeping (no leak, no second copy shown at the end of a notebook cell); the returned
@@ -62,14 +62,14 @@ def _new_figure(width: float = 6.4, height: float = 4.0) -> tuple["Figure", Any]
     return fig, ax
 
 
-def _finish(fig: "Figure", path: Optional[PathLike], dpi: int) -> "Figure":
+def _finish(fig: Figure, path: PathLike | None, dpi: int) -> Figure:
     if path is not None:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=dpi)
     return fig
 
 
-def figure_png(fig: "Figure", dpi: int = 110) -> bytes:
+def figure_png(fig: Figure, dpi: int = 110) -> bytes:
     """The figure as PNG bytes (for embedding in a report).
 
     Example:
@@ -110,14 +110,14 @@ def _finite(values: np.ndarray, name: str) -> np.ndarray:
 
 
 def self_influence_histogram(
-    scores: Union[Dataset, ArrayLike],
-    mislabelled: Optional[Union[ArrayLike, str]] = None,
+    scores: Dataset | ArrayLike,
+    mislabelled: ArrayLike | str | None = None,
     *,
     bins: int = 50,
-    title: Optional[str] = None,
-    path: Optional[PathLike] = None,
+    title: str | None = None,
+    path: PathLike | None = None,
     dpi: int = 110,
-) -> "Figure":
+) -> Figure:
     """Histogram of self-influence (Kobayashi et al. 2020, App. E), split by a known-mislabelled flag if given.
 
     ``scores`` is what :meth:`InfluencePipeline.self_influence` returns (a Dataset with a ``self_influence``
@@ -198,11 +198,11 @@ def class_influence_heatmap(
     train_labels: LabelsLike,
     target_labels: LabelsLike,
     *,
-    label_names: Optional[Union[Sequence[str], Mapping[Any, str]]] = None,
-    title: Optional[str] = None,
-    path: Optional[PathLike] = None,
+    label_names: Sequence[str] | Mapping[Any, str] | None = None,
+    title: str | None = None,
+    path: PathLike | None = None,
     dpi: int = 110,
-) -> "Figure":
+) -> Figure:
     """Heatmap of mean influence by (training class, target class), HYDRA's inter-class view (Chen et al. 2021).
 
     ``scores`` is the (n_train, n_targets) matrix of :meth:`InfluencePipeline.scores`; labels are one per row /
@@ -287,10 +287,10 @@ def flip_sanity_series(log_history: Any) -> dict[str, np.ndarray]:
 def flip_sanity_curves(
     log_history: Any,
     *,
-    title: Optional[str] = None,
-    path: Optional[PathLike] = None,
+    title: str | None = None,
+    path: PathLike | None = None,
     dpi: int = 110,
-) -> "Figure":
+) -> Figure:
     """Training-time sanity curves of turn-over dropout (Kobayashi et al. 2020, Fig. 2).
 
     The loss of a fixed sample of training examples under their own masks (seen, falls like a training loss) and
@@ -322,13 +322,13 @@ def flip_sanity_curves(
 def cleansing_curve(
     fractions: ArrayLike,
     accuracy: ArrayLike,
-    random_accuracy: Optional[ArrayLike] = None,
+    random_accuracy: ArrayLike | None = None,
     *,
     metric: str = "accuracy",
-    title: Optional[str] = None,
-    path: Optional[PathLike] = None,
+    title: str | None = None,
+    path: PathLike | None = None,
     dpi: int = 110,
-) -> "Figure":
+) -> Figure:
     """Data-cleansing curve (Kobayashi et al. 2020, Table 2): metric after removing the most harmful fraction.
 
     ``accuracy[i]`` is the retrained model's metric after removing ``fractions[i]`` of the training set ranked by
