@@ -4,6 +4,10 @@ Example:
     >>> model.save_pretrained("out")                    # a patched model: weights, adapters, turnover_config.json
     >>> model = load_influence_ready("out")             # re-patched, bit-identical masks
     >>> model.push_to_hub("me/my-influence-ready-model")
+
+A patched PEFT model saves PEFT's own adapter files (``adapter_config.json``, ``adapter_model.safetensors``) plus
+``turnover_config.json``; :func:`load_influence_ready` loads the base model named in the adapter config (or the
+``base_model`` given), attaches the adapter with PEFT and re-patches it.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Optional, Union
@@ -217,17 +222,76 @@ def _restore_adapters(model: nn.Module, folder: str, config: TurnoverConfig) -> 
             adapters_logger.setLevel(level)
 
 
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+_PEFT_ADAPTER_IN_SITE = re.compile(r".*\.(?:lora_A|modules_to_save)\.([^.]+)(?:\..*)?")
+
+
+def _peft_adapters(folder: str, config: TurnoverConfig) -> list[tuple[str, str]]:
+    """(adapter name, folder of its files) of a saved PEFT model, from the adapter names in the mask sites;
+    empty if ``folder`` holds no PEFT adapter. PEFT saves the adapter ``default`` at the top, others in subfolders."""
+    names = sorted({m.group(1) for m in map(_PEFT_ADAPTER_IN_SITE.fullmatch, config.mask_sites or {}) if m})
+    found = [(n, folder if n == "default" else os.path.join(folder, n)) for n in names or ["default"]]
+    found = [(n, d) for n, d in found if os.path.isfile(os.path.join(d, PEFT_CONFIG))]
+    if not found and os.path.isfile(os.path.join(folder, PEFT_CONFIG)):
+        raise ConfigMismatchError(
+            f"{folder!r} holds a PEFT adapter but {CONFIG_NAME} names no PEFT adapter among its masked modules; "
+            "it was not saved from a patched PEFT model."
+        )
+    return found
+
+
+def _base_model(base: Union[nn.Module, str, os.PathLike, None], adapter_dir: str, model_class: Optional[type],
+                hub_kwargs: dict[str, Any], from_pretrained_kwargs: dict[str, Any]) -> nn.Module:
+    if isinstance(base, nn.Module):
+        if type(base).__module__.startswith("peft.") or "turnover_state" in base.__dict__:
+            raise ConfigMismatchError("base_model must be the plain transformers model, not a PEFT or patched one.")
+        return base
+    if base is None:
+        with open(os.path.join(adapter_dir, PEFT_CONFIG), encoding="utf-8") as handle:
+            base = json.load(handle).get("base_model_name_or_path")
+        if not base:
+            raise ConfigMismatchError(
+                f"the PEFT adapter in {adapter_dir!r} records no base model; pass base_model=... (the model or its "
+                "path) to load_influence_ready."
+            )
+    base_folder = _local_folder(base, hub_kwargs)
+    model_class = model_class or model_class_of(base_folder)
+    from_pretrained_kwargs.setdefault("use_safetensors", True)  # never unpickle a downloaded checkpoint
+    return model_class.from_pretrained(base_folder, **from_pretrained_kwargs)
+
+
+def _load_peft(adapters: list[tuple[str, str]], base: nn.Module) -> nn.Module:
+    from peft import PeftModel
+
+    for name, folder in adapters:
+        if not os.path.isfile(os.path.join(folder, PEFT_WEIGHTS)):
+            raise ConfigMismatchError(
+                f"{folder!r} has no {PEFT_WEIGHTS}; turnover-hf never unpickles saved files. Re-save the PEFT model "
+                "with model.save_pretrained(folder) (safetensors is the default)."
+            )
+    (first, folder), rest = adapters[0], adapters[1:]
+    model = PeftModel.from_pretrained(base, folder, adapter_name=first)
+    for name, folder in rest:
+        model.load_adapter(folder, adapter_name=name)
+    if rest:
+        model.base_model.set_adapter([name for name, _ in adapters])
+    return model
+
+
 def load_influence_ready(
     path: Union[str, os.PathLike],
     model_class: Optional[type] = None,
     *,
     config: Optional[TurnoverConfig] = None,
+    base_model: Union[nn.Module, str, os.PathLike, None] = None,
     **from_pretrained_kwargs: Any,
 ) -> nn.Module:
     """Load an influence-ready checkpoint (a local folder or a Hub repo id), re-patched with the very same masks.
 
     ``config``, if given, must agree with the checkpoint's own ``turnover_config.json`` on everything that decides
-    the masks; otherwise loading refuses.
+    the masks; otherwise loading refuses. A saved PEFT model comes back as a ``PeftModel`` on ``base_model`` (a
+    model, which gets the adapter in place, or a path; default: the base recorded in ``adapter_config.json``).
 
     Example:
         >>> model = load_influence_ready("out")
@@ -241,6 +305,13 @@ def load_influence_ready(
         saved.check_same_masks(config)
     if saved.mask_sites is None:
         raise ConfigMismatchError(f"{CONFIG_NAME} in {folder!r} records no mask_sites; it was not written by patch_model.")
+    adapters = _peft_adapters(folder, saved)
+    if adapters:
+        base = _base_model(base_model, adapters[0][1], model_class, hub_kwargs, dict(from_pretrained_kwargs))
+        model = _load_peft(adapters, base).eval()
+        return patch_model(model, saved, warn_leaking=False)
+    if base_model is not None:
+        raise ConfigMismatchError(f"base_model is for PEFT adapters, but {folder!r} holds a whole model; leave it out.")
     model_class = model_class or model_class_of(folder)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # adapter weights load below; do not warn they were "not used"

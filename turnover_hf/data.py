@@ -4,6 +4,10 @@ Example:
     >>> train = add_example_ids(train)                      # adds "example_id" = row index
     >>> collator = InstanceIdCollator(DataCollatorWithPadding(tokenizer))
     >>> batch = collator([train[0], train[1]])              # batch["example_ids"] == tensor([0, 1])
+
+Causal language models: :class:`CausalLMCollator` pads token sequences and their ``labels`` (-100 on padding and on
+tokens that do not count); :func:`prompt_completion_features` tokenizes a prompt + completion pair so that only
+the completion counts.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from transformers import default_data_collator
 from .errors import ExampleIdError, MissingExampleIdsError
 
 BATCH_KEY = "example_ids"
+IGNORE_INDEX = -100
 
 
 def add_example_ids(dataset: Dataset, column: str = "example_id", start: int = 0) -> Dataset:
@@ -85,4 +90,87 @@ class InstanceIdCollator:
         ids = [int(f[self.id_column]) for f in features]
         batch = self.collator([{k: v for k, v in f.items() if k != self.id_column} for f in features])
         batch[BATCH_KEY] = torch.tensor(ids, dtype=torch.int64)
+        return batch
+
+
+def prompt_completion_features(
+    tokenizer: Any, prompt: str, completion: Optional[str] = None, max_length: Optional[int] = None
+) -> dict[str, list[int]]:
+    """Token ids, attention mask and ``labels`` of one language-model example: ``prompt`` + ``completion``, with
+    -100 on the prompt's tokens so that only the completion counts. Without a completion, every token counts.
+
+    The two parts are tokenized separately (special tokens such as BOS go with the prompt) and joined, so the
+    completion's tokens are exactly the ones it gets on its own. ``max_length`` keeps the last tokens of the
+    prompt; a completion that does not fit is an error.
+
+    Example:
+        >>> row = prompt_completion_features(tokenizer, "The film was", " a triumph")
+        >>> row["labels"]       # [-100, -100, -100, 257, 15499]
+    """
+    from .errors import TurnoverError
+
+    if completion is None:
+        ids = list(tokenizer(prompt)["input_ids"])
+        if max_length is not None:
+            ids = ids[:max_length]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
+    head = list(tokenizer(prompt)["input_ids"])
+    tail = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    if not tail:
+        raise TurnoverError(f"the completion {completion!r} has no tokens; give a non-empty completion.")
+    if max_length is not None and len(head) + len(tail) > max_length:
+        if len(tail) >= max_length:
+            raise TurnoverError(
+                f"the completion has {len(tail)} tokens, more than max_length={max_length} leaves room for; raise "
+                "max_length or shorten the completion."
+            )
+        head = head[len(head) + len(tail) - max_length :]
+    ids = head + tail
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(head) + tail}
+
+
+class CausalLMCollator:
+    """Collate causal-LM rows: right-pad ``input_ids`` (with the pad id), ``attention_mask`` (0) and ``labels``
+    (-100); rows without ``labels`` count every token (labels = their input ids).
+
+    Right padding keeps every real token at its position, so a sequence's loss does not depend on what it is
+    batched with. The pad id only fills masked positions: a tokenizer without a pad token uses its EOS (or 0).
+
+    Example:
+        >>> collator = CausalLMCollator(tokenizer)
+        >>> batch = collator([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}])
+        >>> batch["labels"]     # tensor([[5, 6, 7], [8, -100, -100]])
+    """
+
+    def __init__(self, tokenizer: Any = None, pad_token_id: Optional[int] = None) -> None:
+        if pad_token_id is None and tokenizer is not None:
+            pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = int(pad_token_id or 0)
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        from .errors import TurnoverError
+
+        if not features or any("input_ids" not in f for f in features):
+            raise TurnoverError("CausalLMCollator needs rows with input_ids (tokenize the text first).")
+        ids = [list(torch.as_tensor(f["input_ids"]).tolist()) for f in features]
+        width = max(len(row) for row in ids)
+        batch = {
+            "input_ids": torch.full((len(ids), width), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros(len(ids), width, dtype=torch.long),
+            "labels": torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long),
+        }
+        for r, (row, feature) in enumerate(zip(ids, features)):
+            n = len(row)
+            batch["input_ids"][r, :n] = torch.tensor(row, dtype=torch.long)
+            given = feature.get("attention_mask")
+            batch["attention_mask"][r, :n] = torch.as_tensor(given, dtype=torch.long) if given is not None else 1
+            labels = feature.get("labels")
+            labels = row if labels is None else list(torch.as_tensor(labels).tolist())
+            if len(labels) != n:
+                raise TurnoverError(f"a row has {n} input_ids but {len(labels)} labels; give one label per token.")
+            batch["labels"][r, :n] = torch.tensor(labels, dtype=torch.long)
+        for key in {k for f in features for k in f} - {"input_ids", "attention_mask", "labels"}:
+            values = [f.get(key) for f in features]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                batch[key] = torch.tensor(values)
         return batch

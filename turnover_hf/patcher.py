@@ -12,8 +12,8 @@ from torch import nn
 from .config import TurnoverConfig
 from .context import MaskState, state_of
 from .errors import ConfigMismatchError, NotPatchedError, TurnoverError
-from .layers import InputMaskHook, OutputMaskHook, masked_lora_class
-from .targets import covered_parameters, resolve_sites, units_of
+from .layers import InputMaskHook, OutputMaskHook, is_adapters_lora, masked_lora_class
+from .targets import covered_parameters, inner_model, resolve_sites, units_of
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,10 @@ def patch_model(
     batches must carry ``example_ids`` (``TurnoverTrainer`` does this). Trainable parameters that the masks do not
     cover are listed in a warning (see :func:`leakage_report`); ``freeze_leaking=True`` freezes them.
 
+    A PEFT model (``peft.get_peft_model``) is patched as it is: masks go on the rank units of its LoRA layers and
+    on heads in ``modules_to_save``, named as in the transformers model inside it; ``model.save_pretrained``
+    then writes PEFT's adapter files plus ``turnover_config.json``.
+
     Example:
         >>> model = AutoModelForSequenceClassification.from_pretrained("bert-base-uncased", num_labels=2)
         >>> model = patch_model(model, TurnoverConfig(p=0.5, seed=0))
@@ -52,10 +56,11 @@ def patch_model(
     if is_patched(model):
         raise TurnoverError("this model is patched already; call turnover_hf.unpatch_model(model) before patching again.")
     config = copy.deepcopy(config) if config is not None else TurnoverConfig()
-    sites = resolve_sites(model, config)
+    inner = inner_model(model)
+    sites = resolve_sites(inner, config)
     recorded = config.mask_sites
     resolved = {s.name: s.as_dict() for s in sites}
-    modules = dict(model.named_modules())
+    modules = dict(inner.named_modules())
     for site in sites:
         actual = units_of(modules[site.name], site.side)
         if actual is not None and actual != site.units:
@@ -64,7 +69,7 @@ def patch_model(
                 "wider or narrower than the layer. Load the checkpoint into the model it was trained with."
             )
     config.mask_sites = resolved
-    active = _active_adapter_names(model)
+    active = _active_adapter_names(inner)
     if recorded is not None and config.active_adapters is not None and active != config.active_adapters:
         raise ConfigMismatchError(
             f"the checkpoint was patched with active adapters {config.active_adapters} but the model has {active}; "
@@ -80,14 +85,17 @@ def patch_model(
             handles.append(module.register_forward_hook(OutputMaskHook(site, state)))
         elif site.side == "input":
             handles.append(module.register_forward_pre_hook(InputMaskHook(site, state)))
+        elif not is_adapters_lora(module):
+            handles.append(module.register_forward_hook(OutputMaskHook(site, state)))  # PEFT: lora_A's outputs
         else:
             module.turnover_site, module.turnover_state = site, state
             module.turnover_original_class = type(module)
             module.__class__ = masked_lora_class(type(module))
     state.handles = handles
     state.sites = sites
-    model.turnover_state = state
-    model.turnover_config = config
+    # On the transformers model: a PeftModel reaches it through attribute forwarding.
+    inner.turnover_state = state
+    inner.turnover_config = config
     if hasattr(type(model), "save_pretrained"):
         from .checkpoint import push_influence_ready, save_influence_ready
 
@@ -144,12 +152,26 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         if original is not None:
             module.__class__ = original
             del module.turnover_site, module.turnover_state
-    for attr in ("turnover_state", "turnover_config", "save_pretrained", "push_to_hub"):
-        target.__dict__.pop(attr, None)
-    return target
+    for holder in _wrappers(model):
+        for attr in ("turnover_state", "turnover_config", "save_pretrained", "push_to_hub"):
+            holder.__dict__.pop(attr, None)
+    return model if inner_model(model) is target else target
+
+
+def _wrappers(model: nn.Module) -> list[nn.Module]:
+    """``model`` and the models inside it (DDP ``module``, compile's ``_orig_mod``, PEFT) down to the patched one."""
+    chain = [model]
+    while "turnover_state" not in model.__dict__:
+        inner = inner_model(model)
+        if inner is model:
+            inner = model.__dict__.get("_modules", {}).get("module") or getattr(model, "_orig_mod", None)
+        if inner is None:
+            raise NotPatchedError(f"{type(chain[0]).__name__} carries no turn-over dropout.")
+        model = inner
+        chain.append(model)
+    return chain
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    while "turnover_state" not in model.__dict__:
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model
+    """The model that holds the mask state and whose module names the masks use."""
+    return _wrappers(model)[-1]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .context import instance_masks, state_of
-from .targets import head_linears
+from .targets import head_linears, inner_model
 
 
 def _layer_list(base: nn.Module) -> tuple[str, Optional[nn.ModuleList]]:
@@ -66,6 +66,7 @@ class PrefixReplay:
     def for_model(cls, model: nn.Module) -> Optional["PrefixReplay"]:
         """The replay for a patched model, or None when the lowest mask sits in the first layer (nothing to reuse)."""
         sites = [s.name for s in state_of(model).sites]
+        model = inner_model(model)  # a PEFT model's masks are named in the transformers model inside it
         prefix = getattr(model, "base_model_prefix", "") or ""
         base = getattr(model, prefix, None) if prefix else None
         if base is None or base is model:
@@ -134,14 +135,14 @@ def closed_form_head(model: nn.Module) -> Optional[str]:
     sites = state_of(model).sites
     heads = head_linears(model)
     if len(sites) == 1 and sites[0].side == "input" and len(heads) == 1 and sites[0].name == heads[0]:
-        module = dict(model.named_modules())[heads[0]]
+        module = dict(inner_model(model).named_modules())[heads[0]]
         return heads[0] if isinstance(module, nn.Linear) else None
     return None
 
 
 def head_features(model: nn.Module, head_name: str, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The features entering the head (unmasked) and the model's logits, from one full-network pass."""
-    head = dict(model.named_modules())[head_name]
+    head = dict(inner_model(model).named_modules())[head_name]
     seen: dict[str, torch.Tensor] = {}
     handle = head.register_forward_pre_hook(lambda module, args: seen.__setitem__("x", args[0]))
     try:

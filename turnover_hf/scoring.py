@@ -2,6 +2,11 @@
 
 Positive scores mean training example z helped the target (the sub-network that never saw z does worse).
 
+For causal language models a target is a token sequence whose ``labels`` are its input ids with -100 on the
+tokens that do not count (a prompt, padding); the loss is the shifted next-token cross-entropy, averaged
+(``reduction="mean"``) or summed (``"sum"``) over the counted tokens, or kept per token (``"none"``: which target
+tokens an example helped or hurt; they sum to the ``"sum"`` score).
+
 Example:
     >>> targets = tokenizer(["a gripping film"], return_tensors="pt")
     >>> targets["labels"] = torch.tensor([1])
@@ -11,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from typing import Iterator, Mapping, Optional, Sequence, Union
 
@@ -21,26 +27,62 @@ from torch import nn
 from .context import instance_masks, state_of
 from .errors import ExampleIdError, TurnoverError
 from .masks import check_example_ids, mask_for, scale_of
+from .targets import inner_model, is_causal_lm
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+REDUCTIONS = ("mean", "sum", "none")
 
 
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Loss of each row: cross-entropy for classification (mean over labelled tokens for token-level logits),
-    squared error for single-output regression. Computed in float32 whatever the model's dtype."""
-    logits = logits.float()
+def per_token_loss(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = False) -> torch.Tensor:
+    """Cross-entropy of every labelled token, float32 ``(B, T)`` aligned with ``labels`` (0 where not counted).
+
+    ``shift=True`` is the causal-LM loss: the logits at position t predict the label at t + 1, so position 0 never
+    counts. The logits may cover only the last k positions (transformers' ``logits_to_keep``); they are aligned
+    with the last k labels.
+
+    Example:
+        >>> per_token_loss(model(**batch).logits, batch["labels"], shift=True).sum(-1)   # summed loss per sequence
+    """
+    if logits.dim() != 3 or labels.dim() != 2:
+        raise ValueError(f"per-token losses need (B, T, V) logits and (B, T) labels, got {tuple(logits.shape)} "
+                         f"and {tuple(labels.shape)}.")
+    labels = labels.to(logits.device).long()
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+    total, kept = labels.shape[1], logits.shape[1]
+    if shift:
+        start = total - kept + 1  # logits[:, j] sit at position total - kept + j and predict the next token
+        if kept > 1:
+            out[:, start:] = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, start:],
+                                             reduction="none", ignore_index=IGNORE_INDEX)
+    else:
+        out[:, total - kept:] = F.cross_entropy(logits.float().transpose(1, 2), labels[:, total - kept:],
+                                                reduction="none", ignore_index=IGNORE_INDEX)
+    return out
+
+
+def counted_tokens(labels: torch.Tensor, *, shift: bool = False) -> torch.Tensor:
+    """How many tokens of each row count in its loss (labels other than -100, after the shift), at least 1."""
+    counted = labels[:, 1:] if shift else labels
+    return (counted != IGNORE_INDEX).sum(-1).clamp(min=1)
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = False, reduction: str = "mean") -> torch.Tensor:
+    """Loss of each row: cross-entropy for classification (for token-level logits the mean, or with
+    ``reduction="sum"`` the sum, over labelled tokens; ``shift=True`` for causal LMs), squared error for
+    single-output regression. Computed in float32 whatever the model's dtype.
+
+    Example:
+        >>> per_example_loss(lm(**batch).logits, batch["labels"], shift=True)    # (B,) mean next-token loss
+    """
     if logits.dim() == 2 and logits.shape[-1] == 1 and labels.is_floating_point():
-        return (logits.squeeze(-1) - labels.float()) ** 2
+        return (logits.float().squeeze(-1) - labels.float()) ** 2
     if logits.dim() == 2:
-        return F.cross_entropy(logits, labels.long(), reduction="none")
+        return F.cross_entropy(logits.float(), labels.long(), reduction="none")
     if logits.dim() == 3:
-        token_loss = F.cross_entropy(
-            logits.transpose(1, 2), labels.long(), reduction="none", ignore_index=IGNORE_INDEX
-        )  # (B, T)
-        counted = (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
-        return token_loss.sum(-1) / counted
+        total = per_token_loss(logits, labels, shift=shift).sum(-1)
+        return total if reduction == "sum" else total / counted_tokens(labels.to(total.device), shift=shift)
     raise ValueError(f"cannot compute a per-example loss from logits of shape {tuple(logits.shape)}.")
 
 
@@ -94,6 +136,11 @@ def _labels_of(model: nn.Module, targets: Mapping[str, torch.Tensor]) -> torch.T
     for key in ("labels", "label"):
         if key in targets:
             return torch.as_tensor(targets[key])
+    if is_causal_lm(model):  # a language model's target is its own text: every real token counts
+        labels = torch.as_tensor(targets["input_ids"]).clone()
+        if "attention_mask" in targets:
+            labels[torch.as_tensor(targets["attention_mask"]) == 0] = IGNORE_INDEX
+        return labels
     logger.info("targets carry no labels: scoring against the model's own predictions.")
     return predicted_labels(model, targets)
 
@@ -105,6 +152,10 @@ class TurnoverScorer:
     ``"prefix"`` (the layers below the lowest mask run once per target and are replayed for every mask; see
     :mod:`turnover_hf.prefix`), ``"batched"`` (every (id, target, mask-or-flip) row a full forward). A fast path
     is checked against the batched path on its first use and abandoned, with a warning, if they disagree.
+
+    Causal LMs (PEFT-wrapped or not) score the shifted next-token loss of the counted tokens of each target; the
+    logits are computed only from the first counted position on (``logits_to_keep``), which spares most of the
+    vocabulary projection for a short completion after a long prompt.
 
     Example:
         >>> scorer = TurnoverScorer(model, batch_size=128)
@@ -120,16 +171,35 @@ class TurnoverScorer:
         self.state = state_of(model)
         self.batch_size = max(2, int(batch_size))
         self.device = next(model.parameters()).device
-        self._head = closed_form_head(model) if fast else None
+        self.causal_lm = is_causal_lm(model)
+        self._inner = inner_model(model)
+        # The head of a language model reads per-token features: no closed form.
+        self._head = closed_form_head(model) if fast and not self.causal_lm else None
         self._replay = PrefixReplay.for_model(model) if fast and self._head is None else None
         self.path = "closed_form" if self._head else "prefix" if self._replay else "batched"
         self._verified = self.path == "batched"
+        accepted = inspect.signature(self._inner.forward).parameters
+        self._lm_trim = self.causal_lm and "logits_to_keep" in accepted
+        self._forward_kwargs = {"use_cache": False} if "use_cache" in accepted else {}  # no cache: one pass only
 
     # -- public -------------------------------------------------------------------------------------------------
-    def scores(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
-        """Influence of each id on each target, float32 ``(n_ids, n_targets)`` on the CPU."""
+    def scores(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor, *,
+               reduction: str = "mean") -> torch.Tensor:
+        """Influence of each id on each target, float32 ``(n_ids, n_targets)`` on the CPU.
+
+        For token-level targets (language models) ``reduction`` says how the loss of a target's counted tokens is
+        combined: ``"mean"``, ``"sum"``, or ``"none"`` for per-token scores ``(n_ids, n_targets, T)`` aligned with
+        the target's tokens (0 on tokens that do not count).
+        """
+        if reduction not in REDUCTIONS:
+            raise TurnoverError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
         inputs = model_inputs(targets, self.device)
         labels = labels.to(self.device)
+        if reduction == "none" and labels.dim() != 2:
+            raise TurnoverError(
+                "reduction='none' gives per-token scores and needs token-level targets (labels of shape (n, T), as "
+                f"for language models); these labels have shape {tuple(labels.shape)}."
+            )
         example_ids = example_ids.to(self.device)
         if not self._verified:
             self._verify(inputs, labels, example_ids)
@@ -137,10 +207,22 @@ class TurnoverScorer:
             if self.path == "closed_form":
                 out = self._closed_form_scores(inputs, labels, example_ids)
             else:
-                out = self._row_scores(inputs, labels, example_ids)
+                out = self._row_scores(inputs, labels, example_ids, reduction=reduction)
         return out.float().cpu()
 
-    def self_scores(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
+    def token_scores(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
+        """Per-token influence ``(n_ids, n_targets, T)``: how each id changed the loss of each counted target token.
+
+        Summed over tokens they give ``scores(..., reduction="sum")``.
+
+        Example:
+            >>> per_token = scorer.token_scores(targets, targets["labels"], ids)
+            >>> per_token[0, 0, 5]     # > 0: training example ids[0] helped target 0 predict its token 5
+        """
+        return self.scores(targets, labels, example_ids, reduction="none")
+
+    def self_scores(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor, *,
+                    reduction: str = "mean") -> torch.Tensor:
         """Self-influence: each training row (with its id) scored as its own target, float32 ``(n,)`` on the CPU."""
         inputs = model_inputs(batch, self.device)
         labels, example_ids = labels.to(self.device), example_ids.to(self.device)
@@ -151,13 +233,31 @@ class TurnoverScorer:
                 masks = self._masks(example_ids, features.dtype)
                 return self._closed_form_losses(features, masks, labels).float().cpu()
             rows = torch.arange(2 * n, device=self.device)
-            losses = self._losses(inputs, labels, rows // 2, example_ids[rows // 2], (rows % 2).bool())
+            losses = self._losses(inputs, labels, rows // 2, example_ids[rows // 2], (rows % 2).bool(),
+                                  reduction=reduction)
         return (losses[1::2] - losses[0::2]).float().cpu()
 
     # -- batched and prefix paths --------------------------------------------------------------------------------
-    def _losses(self, inputs, labels, row_target, row_ids, row_flip, replay=None) -> torch.Tensor:
-        """Loss of each row: target ``row_target[r]`` under example ``row_ids[r]``'s mask (flipped if ``row_flip``)."""
-        out = torch.empty(len(row_target), dtype=torch.float32, device=self.device)
+    def _extra_kwargs(self, labels: torch.Tensor) -> dict:
+        """Forward keywords: no KV cache; for causal LMs, logits only from just before the first counted token."""
+        extra = dict(self._forward_kwargs)
+        if self._lm_trim and labels.dim() == 2:
+            counted = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+            first = int(counted[0]) if len(counted) else labels.shape[1] - 2  # position of the first predicting logit
+            extra["logits_to_keep"] = max(2, labels.shape[1] - first)
+        return extra
+
+    def _row_loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+        if reduction == "none":
+            return per_token_loss(logits, labels, shift=self.causal_lm)
+        return per_example_loss(logits, labels, shift=self.causal_lm, reduction=reduction)
+
+    def _losses(self, inputs, labels, row_target, row_ids, row_flip, replay=None, reduction="mean") -> torch.Tensor:
+        """Loss of each row: target ``row_target[r]`` under example ``row_ids[r]``'s mask (flipped if ``row_flip``);
+        ``(rows,)``, or ``(rows, T)`` per token with ``reduction="none"``."""
+        extra = self._extra_kwargs(labels)
+        shape = (len(row_target), labels.shape[1]) if reduction == "none" else (len(row_target),)
+        out = torch.empty(shape, dtype=torch.float32, device=self.device)
         for start in range(0, len(row_target), self.batch_size):
             sl = slice(start, start + self.batch_size)
             rows = row_target[sl]
@@ -166,16 +266,17 @@ class TurnoverScorer:
                 if replay is not None:
                     stack.enter_context(replay.replaying(rows))
                 stack.enter_context(instance_masks(self.model, row_ids[sl], flipped=row_flip[sl]))
-                logits = self.model(**batch).logits
-            out[sl] = per_example_loss(logits, labels.index_select(0, rows))
+                logits = self.model(**batch, **extra).logits
+            out[sl] = self._row_loss(logits, labels.index_select(0, rows), reduction)
         return out
 
-    def _row_scores(self, inputs, labels, example_ids, replay_enabled: bool = True) -> torch.Tensor:
+    def _row_scores(self, inputs, labels, example_ids, replay_enabled: bool = True, reduction: str = "mean") -> torch.Tensor:
         n_ids, n_targets = len(example_ids), len(labels)
         replay = self._replay if replay_enabled else None
         # Targets go in chunks so that one chunk's recorded prefix and its rows stay modest in memory.
         chunk = max(1, min(n_targets, self.batch_size // 2)) if replay is not None else n_targets
-        scores = torch.empty(n_ids, n_targets, dtype=torch.float32, device=self.device)
+        per_token = labels.shape[1:] if reduction == "none" else ()
+        scores = torch.empty(n_ids, n_targets, *per_token, dtype=torch.float32, device=self.device)
         for t0 in range(0, n_targets, chunk):
             t1 = min(t0 + chunk, n_targets)
             part = {k: v[t0:t1] for k, v in inputs.items()}
@@ -184,10 +285,10 @@ class TurnoverScorer:
             row_ids, row_flip = example_ids[rest // 2], (rest % 2).bool()
             with contextlib.ExitStack() as stack:
                 if replay is not None:
-                    stack.enter_context(replay.recorded(self.model, part))
-                losses = self._losses(part, labels[t0:t1], row_target, row_ids, row_flip, replay)
-            losses = losses.view(t1 - t0, n_ids, 2)
-            scores[:, t0:t1] = (losses[..., 1] - losses[..., 0]).T
+                    stack.enter_context(replay.recorded(self.model, {**part, **self._extra_kwargs(labels[t0:t1])}))
+                losses = self._losses(part, labels[t0:t1], row_target, row_ids, row_flip, replay, reduction)
+            losses = losses.view(t1 - t0, n_ids, 2, *per_token)
+            scores[:, t0:t1] = (losses[:, :, 1] - losses[:, :, 0]).transpose(0, 1)
         return scores
 
     # -- closed-form head path -----------------------------------------------------------------------------------
@@ -202,7 +303,7 @@ class TurnoverScorer:
 
     def _closed_form_losses(self, features, masks, labels) -> torch.Tensor:
         """Per-row self-influence on the closed-form path: rows pair features[r] with masks[r]."""
-        head = dict(self.model.named_modules())[self._head]
+        head = dict(self._inner.named_modules())[self._head]
         scale = scale_of(self.state.config.p)
         mask_logits = head(features * masks)
         flip_logits = head(features * (scale - masks))
@@ -211,7 +312,7 @@ class TurnoverScorer:
     def _closed_form_scores(self, inputs, labels, example_ids) -> torch.Tensor:
         from .prefix import head_logits
 
-        head = dict(self.model.named_modules())[self._head]
+        head = dict(self._inner.named_modules())[self._head]
         features, _ = self._features(inputs)  # (T, d)
         scale = scale_of(self.state.config.p)
         n_targets = len(labels)
@@ -267,12 +368,15 @@ def influence(
     batch_size: int = 64,
     known_ids: Optional[torch.Tensor] = None,
     fast: bool = True,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Turn-over influence of each training id on each target, a float32 tensor of shape ``(n_ids, n_targets)``.
 
     ``targets`` is a collated batch (``input_ids``, ``attention_mask``, ... and ``labels``; without labels the
-    model's own predictions are used). Forwards hold up to ``batch_size`` (id, target, mask-or-flip) rows; with
-    ``fast=True`` the lower layers below the masks are computed once per target (see :class:`TurnoverScorer`).
+    model's own predictions are used, and a causal LM's own input ids). Forwards hold up to ``batch_size`` (id,
+    target, mask-or-flip) rows; with ``fast=True`` the lower layers below the masks are computed once per target
+    (see :class:`TurnoverScorer`). For language-model targets ``reduction`` is ``"mean"`` or ``"sum"`` over the
+    counted tokens, or ``"none"`` for per-token scores ``(n_ids, n_targets, T)``.
 
     Example:
         >>> scores = influence(model, collator([valid[0], valid[1]]), example_ids=train["example_id"])
@@ -281,4 +385,5 @@ def influence(
     state_of(model)
     example_ids = check_ids_known(torch.as_tensor(example_ids), known_ids)
     labels = _labels_of(model, targets)
-    return TurnoverScorer(model, batch_size=batch_size, fast=fast).scores(targets, labels, example_ids)
+    scorer = TurnoverScorer(model, batch_size=batch_size, fast=fast)
+    return scorer.scores(targets, labels, example_ids, reduction=reduction)

@@ -1,7 +1,14 @@
-"""Which modules carry masks: default presets (heads, ``adapters`` bottlenecks and LoRA) and user targets.
+"""Which modules carry masks: default presets (heads, ``adapters`` bottlenecks, LoRA of ``adapters`` and PEFT) and
+user targets.
 
 Also the structural coverage rules used by the leakage report: which trainable parameters a set of masks keeps
 away from the flipped sub-network.
+
+LoRA of both libraries is one kind of site, side ``"rank"``: the mask sits on the rank units (A's outputs = B's
+inputs), which covers every entry of A and B. For the ``adapters`` library the site is its ``LoRA`` module (raw
+factors); for PEFT it is the ``lora_A.<adapter>`` Linear of a LoRA layer, whose output units are the rank units.
+Names are read on the transformers model inside a PEFT ``PeftModel`` (:func:`inner_model`), so a site is called
+``transformer.h.0.attn.c_attn.lora_A.default`` whether or not the model is wrapped.
 """
 
 from __future__ import annotations
@@ -18,6 +25,86 @@ from .layers import MaskSite, is_adapters_lora
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 _BOTTLENECK = re.compile(r".*\.adapters\.[^.]+\.adapter_(down|up)")
+_PEFT_A = re.compile(r"(.+)\.lora_A\.([^.]+)")
+# PEFT's frozen originals and LoRA factors are not heads, whatever their position in the model.
+_NOT_A_HEAD = re.compile(r"(.*\.)?(original_module|lora_A|lora_B|base_layer)(\..*)?")
+
+
+def _is_peft(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("peft.")
+
+
+def inner_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT ``PeftModel`` (masks are named and heads found there); else ``model``.
+
+    Example:
+        >>> inner_model(get_peft_model(gpt2, LoraConfig(...))) is gpt2
+        True
+    """
+    if _is_peft(model) and callable(getattr(type(model), "get_base_model", None)):
+        return model.get_base_model()
+    return model
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """True for causal language models (``...ForCausalLM``, GPT-2's ``...LMHeadModel``), PEFT-wrapped or not:
+    their logits at position t predict token t + 1, so losses shift labels by one."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = type(inner_model(model)).__name__
+    return name.endswith("ForCausalLM") or name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def _is_peft_lora_layer(module: nn.Module) -> bool:
+    return _is_peft(module) and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
+
+
+def _active_adapters_of(module: nn.Module) -> list[str]:
+    active = getattr(module, "active_adapters", None)
+    if active is None:
+        return []
+    return [active] if isinstance(active, str) else list(active)
+
+
+def _check_peft_lora(name: str, layer: nn.Module, adapter: str) -> None:
+    """Refuse PEFT LoRA layers whose rank units are not the only way A and B reach the output."""
+    if getattr(layer, "merged", False):
+        raise NoTargetMatchedError(
+            f"the PEFT LoRA layer {name!r} is merged into its base weights, so no mask can reach its rank units; "
+            "call model.unmerge_adapter() before patching."
+        )
+    variant = getattr(layer, "lora_variant", {}) or {}
+    if adapter in variant:
+        raise NoTargetMatchedError(
+            f"the PEFT LoRA layer {name!r} uses the variant {type(variant[adapter]).__name__} (e.g. DoRA), whose "
+            "weight norm mixes every rank unit for every example; turn-over masks support plain LoRA "
+            "(use_dora=False)."
+        )
+
+
+def _rank_sites(name: str, module: nn.Module) -> list[str]:
+    """The rank sites of a LoRA module: the module itself (``adapters``) or its active ``lora_A.<adapter>`` (PEFT)."""
+    if is_adapters_lora(module):
+        return [name]
+    if _is_peft_lora_layer(module):
+        sites = []
+        for adapter in _active_adapters_of(module):
+            if adapter in module.lora_A:
+                _check_peft_lora(name, module, adapter)
+                sites.append(f"{name}.lora_A.{adapter}")
+        return sites
+    return []
+
+
+def _peft_lora_of(modules: dict[str, nn.Module], name: str) -> Optional[tuple[nn.Module, str, str]]:
+    """(LoRA layer, adapter, name of B) if ``name`` is PEFT's ``<layer>.lora_A.<adapter>``; else None."""
+    match = _PEFT_A.fullmatch(name)
+    if match is None:
+        return None
+    layer = modules.get(match.group(1))
+    if layer is None or not _is_peft_lora_layer(layer):
+        return None
+    return layer, match.group(2), f"{match.group(1)}.lora_B.{match.group(2)}"
 
 
 def _units_of_linear(module: nn.Module, side: str) -> int:
@@ -40,7 +127,9 @@ def _last_linear(module: nn.Sequential) -> Optional[nn.Module]:
 def units_of(module: nn.Module, side: str) -> Optional[int]:
     """How many units a mask on ``side`` of ``module`` covers, or None if that module kind is not supported."""
     if side == "rank":
-        return int(module.lora_A.shape[0]) if is_adapters_lora(module) else None
+        if is_adapters_lora(module):
+            return int(module.lora_A.shape[0])
+        return module.out_features if isinstance(module, nn.Linear) else None  # PEFT's lora_A
     if isinstance(module, LINEAR_TYPES):
         return _units_of_linear(module, side)
     if isinstance(module, nn.Sequential) and side == "output":
@@ -61,19 +150,33 @@ def _name_matches(name: str, patterns: Union[list[str], str, None]) -> bool:
 
 
 def head_linears(model: nn.Module) -> list[str]:
-    """Linear-like modules outside the base model (the task head), in registration order."""
+    """Linear-like modules outside the base model (the task head), in registration order.
+
+    In a PEFT model the head of ``modules_to_save`` counts through its trainable copy of the active adapter
+    (``score.modules_to_save.default``); the frozen original and LoRA factors never do.
+    """
+    model = inner_model(model)
     prefix = getattr(model, "base_model_prefix", "") or ""
     if not prefix or not hasattr(model, prefix) or getattr(model, prefix) is model:
         return []
+    inactive = [
+        f"{name}.modules_to_save.{adapter}."
+        for name, module in model.named_modules() if _is_peft(module) and isinstance(getattr(module, "modules_to_save", None), nn.ModuleDict)
+        for adapter in module.modules_to_save if adapter not in _active_adapters_of(module)
+    ]
     return [
         name for name, module in model.named_modules()
         if name and not (name == prefix or name.startswith(prefix + ".")) and isinstance(module, LINEAR_TYPES)
+        and not _NOT_A_HEAD.fullmatch(name) and not any((name + ".").startswith(p) for p in inactive)
     ]
 
 
 def _default_sites(model: nn.Module) -> list[tuple[str, str]]:
     sites: list[tuple[str, str]] = []
     heads = head_linears(model)
+    if any(_is_peft(module) for module in model.modules()):
+        # A PEFT model trains only its adapters and modules_to_save: a frozen head is not worth masking.
+        heads = [name for name in heads if ".modules_to_save." in name]
     # A head with hidden layers (RoBERTa, DistilBERT) masks the hidden layers' outputs: the final projection's
     # inputs are then masked already. A one-layer head masks the features entering it.
     if len(heads) == 1:
@@ -83,13 +186,13 @@ def _default_sites(model: nn.Module) -> list[tuple[str, str]]:
     for name, module in model.named_modules():
         if _BOTTLENECK.fullmatch(name):
             sites.append((name, "output"))
-        elif is_adapters_lora(module):
-            sites.append((name, "rank"))
+        sites.extend((site, "rank") for site in _rank_sites(name, module))
     return sites
 
 
 def resolve_sites(model: nn.Module, config: TurnoverConfig) -> list[MaskSite]:
     """The masked modules of ``model`` under ``config`` (its recorded ``mask_sites`` if it has them)."""
+    model = inner_model(model)
     modules = dict(model.named_modules())
     if config.mask_sites is not None:
         sites = []
@@ -99,6 +202,9 @@ def resolve_sites(model: nn.Module, config: TurnoverConfig) -> list[MaskSite]:
                     f"the turn-over config masks module {name!r}, which {type(model).__name__} does not have; load the "
                     "checkpoint into the same architecture (and the same adapters) it was trained with."
                 )
+            peft_lora = _peft_lora_of(modules, name) if spec["side"] == "rank" else None
+            if peft_lora is not None:
+                _check_peft_lora(name, peft_lora[0], peft_lora[1])
             sites.append(MaskSite(name, spec["side"], int(spec["units"])))
         return sites
 
@@ -111,9 +217,16 @@ def resolve_sites(model: nn.Module, config: TurnoverConfig) -> list[MaskSite]:
                 continue
             by_name = _name_matches(name, config.target_modules)
             by_type = type(module).__name__ in (config.target_module_types or ())
-            if by_name or by_type:
-                side = "rank" if is_adapters_lora(module) else "input" if _name_matches(name, config.mask_inputs_of) else "output"
-                chosen.append((name, side))
+            if not (by_name or by_type):
+                continue
+            rank = _rank_sites(name, module)
+            if rank:
+                chosen.extend((site, "rank") for site in rank if site not in dict(chosen))
+            elif _peft_lora_of(modules, name) is not None:
+                if name not in dict(chosen):
+                    chosen.append((name, "rank"))
+            else:
+                chosen.append((name, "input" if _name_matches(name, config.mask_inputs_of) else "output"))
     if config.mask_inputs_of is not None:
         chosen = [(n, "input" if _name_matches(n, config.mask_inputs_of) and s != "rank" else s) for n, s in chosen]
     chosen = [(n, s) for n, s in chosen if not _name_matches(n, config.exclude_modules)]
@@ -128,7 +241,7 @@ def resolve_sites(model: nn.Module, config: TurnoverConfig) -> list[MaskSite]:
     if unsupported:
         raise NoTargetMatchedError(
             f"cannot mask these modules: {unsupported}. Turn-over masks go on Linear / Conv1D layers, Sequentials "
-            "ending in one, and the adapters library's LoRA modules; narrow target_modules to those."
+            "ending in one, and the LoRA modules of the adapters library and of PEFT; narrow target_modules to those."
         )
     if not sites:
         available = [n for n, m in modules.items() if isinstance(m, LINEAR_TYPES)]
@@ -142,6 +255,7 @@ def resolve_sites(model: nn.Module, config: TurnoverConfig) -> list[MaskSite]:
 
 def covered_parameters(model: nn.Module, sites: list[MaskSite]) -> set[str]:
     """Names of parameters whose every entry is kept from the flipped sub-network by ``sites``' masks."""
+    model = inner_model(model)
     modules = dict(model.named_modules())
     covered: set[str] = set()
     output_units = {s.name for s in sites if s.side == "output"}
@@ -154,7 +268,12 @@ def covered_parameters(model: nn.Module, sites: list[MaskSite]) -> set[str]:
     for site in sites:
         module = modules[site.name]
         if site.side == "rank":
-            add(site.name, module, ("lora_A", "lora_B"))
+            peft_lora = _peft_lora_of(modules, site.name)
+            if peft_lora is None:
+                add(site.name, module, ("lora_A", "lora_B"))
+            else:  # PEFT: every row of A; B only reads the rank units, but its bias (lora_bias=True) is shared
+                add(site.name, module, ("weight", "bias"))
+                add(peft_lora[2], modules[peft_lora[2]], ("weight",))
         elif site.side == "input":
             add(site.name, module, ("weight",))  # the bias is shared by every example: it leaks
         elif isinstance(module, LINEAR_TYPES):

@@ -15,8 +15,9 @@ from torch import nn
 from transformers import DataCollatorWithPadding, Trainer, default_data_collator
 
 from .context import instance_masks, state_of
-from .data import BATCH_KEY, InstanceIdCollator, check_id_column
+from .data import BATCH_KEY, CausalLMCollator, InstanceIdCollator, check_id_column
 from .errors import MissingExampleIdsError
+from .targets import is_causal_lm
 
 
 class TurnoverTrainer(Trainer):
@@ -26,7 +27,9 @@ class TurnoverTrainer(Trainer):
     survives ``remove_unused_columns``; each training step runs (forward and backward) inside
     :func:`instance_masks` with the batch's ids; evaluation and prediction use the full network. Everything else
     (evaluation, checkpoints and resume, gradient accumulation, mixed precision, logging, callbacks) is ``Trainer``'s.
-    The training set's id column is checked up front (present, integer, non-negative, unique).
+    The training set's id column is checked up front (present, integer, non-negative, unique). A causal LM
+    (PEFT-wrapped or not) gets :class:`~turnover_hf.data.CausalLMCollator` by default: every token of a sequence
+    trains under that sequence's mask, and rows with ``labels`` (-100 on a prompt) train on their completion only.
 
     Example:
         >>> trainer = TurnoverTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
@@ -42,7 +45,12 @@ class TurnoverTrainer(Trainer):
             state.config.num_train_examples = len(train_dataset)
         if data_collator is None:
             tokenizer = kwargs.get("processing_class") or kwargs.get("tokenizer")
-            data_collator = DataCollatorWithPadding(tokenizer) if tokenizer is not None and hasattr(tokenizer, "pad") else default_data_collator
+            if is_causal_lm(model):
+                data_collator = CausalLMCollator(tokenizer)
+            elif tokenizer is not None and hasattr(tokenizer, "pad"):
+                data_collator = DataCollatorWithPadding(tokenizer)
+            else:
+                data_collator = default_data_collator
         data_collator = InstanceIdCollator(data_collator, self.id_column)
         super().__init__(model, args, data_collator, *pos, **kwargs)
 
