@@ -129,3 +129,33 @@ def text_task(n: int = 64, seed: int = 0) -> Dataset:
     ds = token_task(n, seed)
     texts = [" ".join(f"w{t}" for t in row[1:]) for row in ds["input_ids"]]
     return th.add_example_ids(Dataset.from_dict({"text": texts, "label": ds["labels"]}))
+
+
+def tiny_gpt2_lm(seed: int = 0, n_layer: int = 2, n_embd: int = 32):
+    """A tiny GPT-2 language model (transformers' Conv1D layers), untied head, no dropout."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=n_embd, n_layer=n_layer, n_head=2, n_positions=32, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama_lm(seed: int = 0, n_layer: int = 2):
+    """A tiny Llama-style language model (RMSNorm, rotary positions, gated MLP)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=n_layer,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def lm_targets(n: int = 3, length: int = 9, prompt: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Random token sequences of different lengths (right-padded) whose first ``prompt`` tokens do not count."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(5, VOCAB, (length - i,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return th.CausalLMCollator(pad_token_id=0)(rows)

@@ -20,8 +20,8 @@ from .errors import (
 )
 from .masks import flip, keep_bits, mask_for
 from .patcher import freeze_leaking_parameters, is_patched, leakage_report, patch_model, unpatch_model
-from .data import InstanceIdCollator, add_example_ids
-from .scoring import TurnoverScorer, influence, per_example_loss
+from .data import CausalLMCollator, InstanceIdCollator, add_example_ids, prompt_completion_features
+from .scoring import TurnoverScorer, influence, per_example_loss, per_token_loss
 from .trainer import TurnoverTrainer
 from .callbacks import FlipSanityCallback
 from . import assets
@@ -32,6 +32,7 @@ from .hydra import HydraScorer, HydraTrainer, HydraTurnoverTrainer
 
 __all__ = [
     "CONFIG_NAME",
+    "CausalLMCollator",
     "ConfigMismatchError",
     "EnsembleScorer",
     "ExampleIdError",
@@ -62,5 +63,7 @@ __all__ = [
     "split_half_agreement",
     "train_ensemble",
     "per_example_loss",
+    "per_token_loss",
+    "prompt_completion_features",
     "unpatch_model",
 ]

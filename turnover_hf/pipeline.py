@@ -21,15 +21,17 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedToken
 from .checkpoint import load_influence_ready, model_class_of
 from .config import CONFIG_NAME
 from .context import state_of
-from .data import InstanceIdCollator, check_id_column
+from .data import CausalLMCollator, InstanceIdCollator, check_id_column, prompt_completion_features
 from .errors import ConfigMismatchError, TurnoverError
 from .ensemble import EnsembleScorer, member_dirs, split_half_agreement
 from .scoring import TurnoverScorer, check_ids_known, predicted_labels
 from .store import ScoreStore, fingerprint
+from .targets import is_causal_lm
 
 logger = logging.getLogger(__name__)
 
-TargetsLike = Union[str, Sequence[str], Mapping[str, Any], Sequence[Mapping[str, Any]], Dataset]
+# Causal LMs also take (prompt, completion) tuples: only the completion's tokens count.
+TargetsLike = Union[str, tuple[str, str], Sequence[Union[str, tuple[str, str]]], Mapping[str, Any], Sequence[Mapping[str, Any]], Dataset]
 LABEL_KEYS = ("labels", "label")
 ESTIMATORS = ("turnover", "hydra")
 
@@ -119,6 +121,7 @@ class InfluencePipeline:
         self.models = [(m.to(device) if device is not None else m).eval() for m in models]
         self.model = self.models[0]
         model = self.model
+        self.causal_lm = is_causal_lm(model)  # targets are token sequences: labels = their ids, scores per token
         self.estimator = estimator
         self.tokenizer = tokenizer
         self.text_column = text_column
@@ -151,7 +154,10 @@ class InfluencePipeline:
             self.id_column, expected = saved.meta.get("id_column", "example_id"), saved.meta.get("num_examples")
             self.scorer = HydraScorer(model, saved, batch_size=batch_size)
             self._estimator_key = saved.meta
-        collator = data_collator or (DataCollatorWithPadding(tokenizer) if tokenizer is not None else default_data_collator)
+        collator = data_collator or (
+            CausalLMCollator(tokenizer) if self.causal_lm
+            else DataCollatorWithPadding(tokenizer) if tokenizer is not None else default_data_collator
+        )
         self.collator = InstanceIdCollator(collator, self.id_column)
         self.train_dataset = train_dataset
         self.train_ids = check_id_column(train_dataset, self.id_column)
@@ -187,7 +193,7 @@ class InfluencePipeline:
         if isinstance(targets, Dataset):
             return [dict(row) for row in self._model_features(targets.remove_columns(
                 [c for c in (self.id_column,) if c in targets.column_names]))]
-        if isinstance(targets, str):
+        if isinstance(targets, str) or (self.causal_lm and _is_prompt_completion(targets)):
             targets = [targets]
         if isinstance(targets, Mapping):
             first = targets.get("input_ids")
@@ -201,7 +207,12 @@ class InfluencePipeline:
             return [{k: torch.as_tensor(v)[i].tolist() for k, v in targets.items()} for i in range(len(first))]
         rows: list[dict[str, Any]] = []
         for target in targets:
-            if isinstance(target, str):
+            if self.causal_lm and (isinstance(target, str) or _is_prompt_completion(target)):
+                if self.tokenizer is None:
+                    raise TurnoverError("text needs a tokenizer: pass tokenizer=... to InfluencePipeline.")
+                prompt, completion = (target, None) if isinstance(target, str) else target
+                rows.append(prompt_completion_features(self.tokenizer, prompt, completion, self.max_length))
+            elif isinstance(target, str):
                 rows.append({k: v[0] for k, v in self._tokenize([target]).items()})
             elif isinstance(target, Mapping):
                 row = dict(target)
@@ -225,6 +236,9 @@ class InfluencePipeline:
         for row in rows:
             if "label" in row and "labels" not in row:
                 row["labels"] = row.pop("label")
+        if self.causal_lm:  # labels are token ids (-100 where a token does not count), padded by the collator
+            batch = self.collator(rows)
+            return batch, batch.pop("labels"), ["given"] * len(rows)
         labelled = [row.get("labels") is not None for row in rows]
         try:
             batch = self.collator([{k: v for k, v in row.items() if k != "labels"} for row in rows])
@@ -392,9 +406,14 @@ class InfluencePipeline:
         ``label_source`` ("given" or "predicted"), ``proponents``, ``opponents``, ``members`` (how many models were
         averaged) and ``agreement``: the ranking's estimated agreement with an independent ensemble of the same size
         (None for a single model, whose rankings are close to noise; see :meth:`agreement`).
+
+        Causal LMs take text (every token counts) or ``(prompt, completion)`` tuples (the completion's tokens count).
+        ``score`` is then the influence on the mean loss of the counted tokens; each dict also has ``tokens`` (the
+        counted tokens) and each proponent / opponent ``token_scores`` (its influence on each of those tokens) and
+        ``score_sum`` (their sum: the influence on the summed loss).
         """
         top_k = top_k or self.top_k
-        single = isinstance(targets, str) or (isinstance(targets, Mapping) and torch.as_tensor(targets.get("input_ids", [[0]])).dim() <= 1)
+        single = isinstance(targets, str) or (self.causal_lm and _is_prompt_completion(targets)) or (isinstance(targets, Mapping) and torch.as_tensor(targets.get("input_ids", [[0]])).dim() <= 1)
         batch, labels, sources = self.prepare_targets(targets)
         ids = self._ids(example_ids)
         members = self._member_matrix("scores", batch, labels, ids, output_dir)
@@ -407,14 +426,58 @@ class InfluencePipeline:
             best = torch.topk(column, k)
             worst = torch.topk(-column, k)
             out.append({
-                "label": labels[t].item(),
+                "label": labels[t].item() if labels.dim() == 1 else None,
                 "label_source": sources[t],
                 "members": self.num_members,
                 "agreement": None if agreement is None else agreement[t],
                 "proponents": self._explain(ids[best.indices], best.values),
                 "opponents": self._explain(ids[worst.indices], -worst.values),
             })
+        if self.causal_lm and self.estimator == "turnover":
+            for t, entry in enumerate(out):
+                self._add_token_scores(entry, batch, labels, t)
         return out[0] if single else out
+
+    # -- causal language models: which target tokens an example helped or hurt ---------------------------------
+    def _member_token_scores(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        members = getattr(self.scorer, "members", [self.scorer])
+        return torch.stack([m.token_scores(batch, labels, ids) for m in members]).mean(0)
+
+    def token_scores(self, targets: TargetsLike, example_ids: Optional[Sequence[int]] = None, *,
+                     output_dir: Optional[str] = None) -> torch.Tensor:
+        """Per-token influence of a causal LM, ``(n_ids, n_targets, T)``: how each training example changed the loss
+        of each counted token of each target (0 on prompt and padding); summed over tokens it is the influence on
+        the completion's summed loss. Targets: text, ``(prompt, completion)`` tuples, or lists of them.
+
+        Example:
+            >>> per_token = pipe.token_scores(("The film was", " a triumph"))
+            >>> per_token[:, 0].sum(-1).topk(3)       # the strongest proponents of the whole completion
+        """
+        if not self.causal_lm or self.estimator != "turnover":
+            raise TurnoverError("token_scores is for turn-over scores of causal language models; use scores(...).")
+        batch, labels, _ = self.prepare_targets(targets)
+        ids = self._ids(example_ids)
+        n, width = labels.shape
+        flat = self._run("token_scores", ids, n * width,
+                         lambda chunk: self._member_token_scores(batch, labels, chunk).reshape(len(chunk), -1),
+                         (batch, labels), output_dir)
+        return flat.view(len(ids), n, width)
+
+    def _add_token_scores(self, entry: dict[str, Any], batch: Mapping[str, torch.Tensor], labels: torch.Tensor, t: int) -> None:
+        """Give an explained LM target its counted tokens, and each proponent / opponent its score per token."""
+        counted = (labels[t] != -100).nonzero().flatten()
+        counted = counted[counted > 0]  # the first token is never predicted
+        token_ids = labels[t, counted].tolist()
+        entry["tokens"] = [self.tokenizer.decode([i]) for i in token_ids] if self.tokenizer is not None else token_ids
+        people = entry["proponents"] + entry["opponents"]
+        if not people:
+            return
+        one = {k: v[t : t + 1] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        ids = torch.tensor([p["example_id"] for p in people])
+        per_token = self._member_token_scores(one, labels[t : t + 1], ids)[:, 0, counted]
+        for person, values in zip(people, per_token.tolist()):
+            person["score_sum"] = float(sum(values))
+            person["token_scores"] = values
 
     def _explain(self, ids: torch.Tensor, values: torch.Tensor) -> list[dict[str, Any]]:
         rows = self.train_rows(ids)
@@ -423,3 +486,7 @@ class InfluencePipeline:
             {"example_id": int(i), "score": float(v), **{c: rows[n][c] for c in shown}}
             for n, (i, v) in enumerate(zip(ids.tolist(), values.tolist()))
         ]
+
+
+def _is_prompt_completion(target: Any) -> bool:
+    return isinstance(target, tuple) and len(target) == 2 and all(isinstance(x, str) for x in target)
