@@ -437,3 +437,181 @@ def test_turnover_and_hydra_in_one_run(tmp_path, bert_bottleneck):
     targets = batch_of(token_task(2, seed=5))
     scores = HydraScorer(bert_bottleneck, trainer.hydra).scores(targets, targets["labels"], torch.arange(12))
     assert scores.shape == (12, 2) and torch.isfinite(scores).all()
+
+
+# -- (f) lean mode: projections onto one target set, by replaying the run -------------------------------------------
+LEAN_CASES = {
+    # an SGD instance passed in (one parameter group), plain steps
+    "sgd": dict(optimizer=dict(momentum=0.0)),
+    # the Trainer builds SGD (two groups: decay and no decay), momentum, uneven gradient accumulation, clipping
+    "momentum+decay+accumulation": dict(build=(torch.optim.SGD, {"momentum": 0.9}), weight_decay=0.05,
+                                        per_device_train_batch_size=3, gradient_accumulation_steps=2, max_grad_norm=0.5),
+    "nesterov": dict(optimizer=dict(momentum=0.8, nesterov=True, weight_decay=0.02)),
+    "dampening": dict(optimizer=dict(momentum=0.9, dampening=0.3), lr_scheduler_type="cosine"),
+}
+
+
+def _lean_case(tmp_path, name: str, mode: str, data: Dataset, model: nn.Module | None = None, **extra) -> HydraTrainer:
+    case = dict(LEAN_CASES[name])
+    model = model if model is not None else TinyNet()
+    kw: dict = {}
+    if "optimizer" in case:
+        kw["optimizers"] = (torch.optim.SGD(model.parameters(), lr=0.5, **case.pop("optimizer")), None)
+    if "build" in case:
+        kw["optimizer_cls_and_kwargs"] = case.pop("build")
+    return HydraTrainer(model=model, args=_args(tmp_path / mode, **case), train_dataset=data, hydra_mode=mode, **kw, **extra)
+
+
+def _targets(n: int = 5, seed: int = 9) -> tuple[Dataset, dict[str, torch.Tensor]]:
+    targets = tiny_task(n, seed=seed)
+    return targets, {"features": torch.tensor(targets["features"]), "labels": torch.tensor(targets["labels"])}
+
+
+@pytest.mark.parametrize("name", list(LEAN_CASES))
+def test_lean_mode_equals_full_mode_on_the_same_targets(tmp_path, name):
+    data = tiny_task(10)
+    targets, batch = _targets()
+    ids = torch.tensor(data["example_id"])
+    full = _lean_case(tmp_path, name, "full", data)
+    full.train()
+    expected = HydraScorer(full.model, full.hydra).scores(batch, batch["labels"], ids)  # (10, 5) from the N x D table
+    assert expected.abs().max() > 1e-4
+    tol = dict(rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+
+    lean = _lean_case(tmp_path, name, "lean", data)
+    lean.train()
+    assert lean.hydra is None  # no table: the first run trains plainly
+    torch.testing.assert_close(lean.hydra_lean_scores(batch), expected, **tol)
+    # A Dataset of targets and a summed objective (one column: the sum of the targets' losses).
+    torch.testing.assert_close(lean.hydra_lean_scores(targets, summed=True), expected.sum(1, keepdim=True), **tol)
+    # A replay after a full-mode run gives the same, and leaves the full table alone.
+    subset = ids[[7, 2]]
+    torch.testing.assert_close(full.hydra_lean_scores(batch, example_ids=subset), expected[[7, 2]], **tol)
+    assert torch.equal(HydraScorer(full.model, full.hydra).scores(batch, batch["labels"], ids), expected)
+
+
+class NoisyCollator:
+    """Adds noise from its own generator, which a replay does not restore."""
+
+    def __init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(0)
+
+    def __call__(self, rows):
+        from transformers import default_data_collator
+
+        batch = default_data_collator(rows)
+        batch["features"] = batch["features"] + 0.1 * torch.randn(batch["features"].shape, generator=self.generator)
+        return batch
+
+
+class DropoutNet(TinyNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, features, labels=None):
+        return super().forward(self.drop(features), labels)
+
+
+def test_a_replay_that_differs_from_the_run_is_refused(tmp_path):
+    data = tiny_task(10)
+    _, batch = _targets()
+    # Dropout draws from the global generators, which the replay restores: it replays.
+    ok = _lean_case(tmp_path / "dropout", "nesterov", "lean", data, model=DropoutNet())
+    ok.train()
+    assert ok.hydra_lean_scores(batch).abs().max() > 0
+
+    for case, trainer in (
+        ("data order", _lean_case(tmp_path / "order", "nesterov", "lean", data)),
+        ("collator noise", _lean_case(tmp_path / "noise", "nesterov", "lean", data, data_collator=NoisyCollator())),
+    ):
+        trainer.train()
+        trained = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        if case == "data order":
+            trainer.train_dataset = data.shuffle(seed=3)
+        with pytest.raises(th.TurnoverError, match="did not reproduce the training run"):
+            trainer.hydra_lean_scores(batch)
+        now = trainer.model.state_dict()
+        assert all(torch.equal(now[k], v) for k, v in trained.items()), case  # set back to the trained weights
+        with torch.no_grad():
+            trainer.model.head.bias.add_(1.0)
+        with pytest.raises(th.TurnoverError, match="model changed since train"):
+            trainer.hydra_lean_scores(batch)
+
+
+def test_lean_mode_refuses_what_it_cannot_follow(tmp_path):
+    data = tiny_task(8)
+    _, batch = _targets()
+    lean_adam = HydraTrainer(model=TinyNet(), args=_args(tmp_path / "a", optim="adamw_torch", learning_rate=0.01),
+                             train_dataset=data, hydra_mode="lean")
+    with pytest.raises(th.TurnoverError, match="preconditioner.*hydra_mode='full'"):
+        lean_adam.train()
+    assert lean_adam.state.global_step == 0  # refused before the first step
+
+    model = TinyNet()
+    full_adam = HydraTrainer(model=model, args=_args(tmp_path / "b"), train_dataset=data,
+                             optimizers=(torch.optim.AdamW(model.parameters(), lr=0.01), None))
+    full_adam.train()
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(th.TurnoverError, match="preconditioner"):
+        full_adam.hydra_lean_scores(batch)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
+
+    with pytest.raises(th.TurnoverError, match="lean mode keeps no table"):
+        HydraTrainer(model=TinyNet(), args=_args(tmp_path), train_dataset=data, hydra_mode="lean", hessian=True)
+    with pytest.raises(th.TurnoverError, match="hydra_mode must be"):
+        HydraTrainer(model=TinyNet(), args=_args(tmp_path), train_dataset=data, hydra_mode="fast")
+    twice = _lean_case(tmp_path / "c", "sgd", "lean", data)
+    with pytest.raises(th.TurnoverError, match="train\\(\\) 0 time"):
+        twice.hydra_lean_scores(batch)
+    twice.train()
+    twice.train()  # continues the trajectory: a replay of the last call alone would miss the first
+    with pytest.raises(th.TurnoverError, match="train\\(\\) 2 time"):
+        twice.hydra_lean_scores(batch)
+
+
+# -- (g) saving with the model, and TrainingArguments pitfalls -------------------------------------------------------
+def test_save_model_writes_the_hypergradients_the_pipeline_reads(tmp_path):
+    model = tiny_bert()
+    model.bert.requires_grad_(False)  # the head is tracked: a plain BERT checkpoint holds everything
+    train = th.add_example_ids(token_task(16, seed=0))
+    args = _args(tmp_path, per_device_train_batch_size=4, num_train_epochs=1, save_strategy="steps", save_steps=2)
+    trainer = HydraTrainer(model=model, args=args, train_dataset=train,
+                           optimizers=(torch.optim.SGD(model.classifier.parameters(), lr=0.5, momentum=0.9), None))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "model"))
+    assert (tmp_path / "model" / "hydra" / "hydra.json").is_file()
+
+    targets = token_task(3, seed=5)
+    rows = batch_of(targets)
+    ids = torch.tensor(train["example_id"])
+    expected = HydraScorer(model, trainer.hydra).scores(rows, rows["labels"], ids)
+    assert expected.abs().max() > 0
+    pipe = th.InfluencePipeline(str(tmp_path / "model"), train_dataset=train, estimator="hydra")
+    assert torch.equal(pipe.scores(targets), expected)
+    # Every checkpoint holds the hypergradients of its own step, which match its weights (checked on load).
+    saved = SavedHypergradients.load(tmp_path / "out" / "checkpoint-2" / "hydra")
+    assert saved.meta["steps"] == 2
+    seen = saved.table.example_ids[torch.from_numpy(saved.table.seen > 0)]
+    assert len(seen) == 8
+    early = th.InfluencePipeline(str(tmp_path / "out" / "checkpoint-2"), train_dataset=train, estimator="hydra")
+    assert not torch.equal(early.scores(targets, example_ids=seen), expected[seen])
+
+
+def test_sgd_optim_args_that_transformers_ignores_are_reported(tmp_path, caplog):
+    import logging
+
+    data = tiny_task(8)
+    with caplog.at_level(logging.WARNING, logger="turnover_hf.hydra"):
+        trainer = HydraTrainer(model=TinyNet(), args=_args(tmp_path, optim="sgd", optim_args="momentum=0.9"),
+                               train_dataset=data)
+    trainer.train()
+    momentum = trainer.optimizer.param_groups[0]["momentum"]
+    warned = "optimizer_cls_and_kwargs" in caplog.text and "momentum" in caplog.text
+    assert warned == (momentum == 0)  # warned exactly when transformers dropped it (4.57: it does)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="turnover_hf.hydra"):
+        trainer = HydraTrainer(model=TinyNet(), args=_args(tmp_path), train_dataset=data,
+                               optimizer_cls_and_kwargs=(torch.optim.SGD, {"momentum": 0.9}))
+    trainer.train()
+    assert trainer.optimizer.param_groups[0]["momentum"] == 0.9 and "optim_args" not in caplog.text

@@ -54,16 +54,19 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
 import os
+import random
 import shutil
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
@@ -89,6 +92,8 @@ NORMALISATION = (
     "score(i, j) = -grad loss_j(w_T) . h_i = paper's C(i, j) (Chen et al. 2021, Eq. 8)"
 )
 ROW_CHUNK = 4096  # rows per pass when a whole table is rewritten (bounded temporary memory)
+HYDRA_DIR = "hydra"  # beside a saved model: where save_model writes and InfluencePipeline reads the hypergradients
+HYDRA_MODES = ("full", "lean")
 
 LabelsLike = torch.Tensor
 PathLike = Union[str, os.PathLike]
@@ -139,6 +144,19 @@ def _labels_in(batch: Mapping[str, Any]) -> torch.Tensor:
 
 def _logits(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output[0]
+
+
+def _target_gradients(grads: "PerExampleGrads", targets: Mapping[str, torch.Tensor], labels: torch.Tensor,
+                      batch_size: int) -> torch.Tensor:
+    """Gradient of each target's loss (eval mode, the model as it is), float32 ``(n_targets, D)``."""
+    device = next(grads.model.parameters()).device
+    inputs = model_inputs(targets, device)
+    labels = torch.as_tensor(labels).to(device)
+    out = []
+    for start in range(0, len(labels), batch_size):
+        sl = slice(start, start + batch_size)
+        out.append(grads({k: v[sl] for k, v in inputs.items()}, labels[sl]))
+    return torch.cat(out)
 
 
 class PerExampleGrads:
@@ -232,6 +250,20 @@ def _inverse(P: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack([d, -b]), torch.stack([-c, a])]) / det
 
 
+def _rows_of(sorted_ids: torch.Tensor, order: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
+    """Row of each id in a table whose ids sorted are ``sorted_ids = ids[order]``; unknown ids raise."""
+    ids = torch.as_tensor(example_ids).to(torch.int64).cpu().reshape(-1)
+    pos = torch.searchsorted(sorted_ids, ids).clamp(max=max(len(sorted_ids) - 1, 0))
+    known = sorted_ids[pos] == ids if len(sorted_ids) else torch.zeros_like(ids, dtype=torch.bool)
+    if not bool(known.all()):
+        unknown = ids[~known]
+        raise ExampleIdError(
+            f"{len(unknown)} example id(s) are not in the tracked training set (e.g. {unknown[:5].tolist()}); use "
+            "ids from the id column of the dataset the model was trained on."
+        )
+    return order[pos]
+
+
 class Hypergradients:
     """The hypergradient table: one float32 row of ``D`` values per training example, with lazy shared updates.
 
@@ -257,6 +289,7 @@ class Hypergradients:
         *,
         storage_dir: Optional[PathLike] = None,
         rebase_condition: float = 100.0,
+        dtype: Any = np.float32,
         _arrays: Optional[list[np.ndarray]] = None,
         _seen: Optional[np.ndarray] = None,
     ) -> None:
@@ -265,6 +298,7 @@ class Hypergradients:
         self._order = torch.argsort(ids)
         self._sorted = ids[self._order]
         self.dim = int(dim)
+        self.dtype = np.dtype(dtype)
         self.storage_dir = os.fspath(storage_dir) if storage_dir is not None else None
         self.rebase_condition = float(rebase_condition)
         self.arrays: list[np.ndarray] = _arrays if _arrays is not None else [self._new_array(TABLE_NPY)]
@@ -275,14 +309,14 @@ class Hypergradients:
     def _new_array(self, name: str) -> np.ndarray:
         shape = (len(self.example_ids), self.dim)
         if self.storage_dir is None:
-            return np.zeros(shape, dtype=np.float32)
+            return np.zeros(shape, dtype=self.dtype)
         if os.path.isfile(os.path.join(self.storage_dir, META_NAME)):
             raise TurnoverError(
                 f"{self.storage_dir!r} holds a saved HYDRA result; it is kept as it is. Choose another storage_dir."
             )
         os.makedirs(self.storage_dir, exist_ok=True)
         # open_memmap writes a real .npy header, so the file loads with np.load(mmap_mode="r") later.
-        return np.lib.format.open_memmap(os.path.join(self.storage_dir, name), mode="w+", dtype=np.float32, shape=shape)
+        return np.lib.format.open_memmap(os.path.join(self.storage_dir, name), mode="w+", dtype=self.dtype, shape=shape)
 
     @property
     def K(self) -> int:
@@ -303,16 +337,7 @@ class Hypergradients:
 
     def rows_of(self, example_ids: torch.Tensor) -> torch.Tensor:
         """Row index of each id; unknown ids raise :class:`ExampleIdError`."""
-        ids = torch.as_tensor(example_ids).to(torch.int64).cpu().reshape(-1)
-        pos = torch.searchsorted(self._sorted, ids).clamp(max=max(len(self._sorted) - 1, 0))
-        known = self._sorted[pos] == ids if len(self._sorted) else torch.zeros_like(ids, dtype=torch.bool)
-        if not bool(known.all()):
-            unknown = ids[~known]
-            raise ExampleIdError(
-                f"{len(unknown)} example id(s) are not in the tracked training set (e.g. {unknown[:5].tolist()}); use "
-                "ids from the id column of the dataset the model was trained on."
-            )
-        return self._order[pos]
+        return _rows_of(self._sorted, self._order, example_ids)
 
     # -- reading and writing --------------------------------------------------------------------------------
     def read_state(self, rows: torch.Tensor) -> torch.Tensor:
@@ -335,7 +360,8 @@ class Hypergradients:
         unique, inverse = torch.unique(rows, return_inverse=True)
         summed = torch.zeros(len(unique), values.shape[1], dtype=torch.float64).index_add_(0, inverse, values)
         idx = unique.numpy()
-        self.arrays[k][idx] = (torch.from_numpy(np.asarray(self.arrays[k][idx])).double() + summed).float().numpy()
+        # numpy casts to the array's dtype on assignment (float32 tables; float64 for the lean projections)
+        self.arrays[k][idx] = (torch.from_numpy(np.asarray(self.arrays[k][idx])).double() + summed).numpy()
 
     def rebase(self) -> None:
         """Rewrite the table as its true values (``S <- P S``, ``P <- I``), chunk by chunk."""
@@ -346,7 +372,7 @@ class Hypergradients:
             stop = min(start + ROW_CHUNK, n)
             X = self._state_block(start, stop)
             for k, array in enumerate(self.arrays):
-                array[start:stop] = X[k].float().numpy()
+                array[start:stop] = X[k].numpy()
         self.P = torch.eye(self.K, dtype=torch.float64)[..., None].repeat(1, 1, self.dim)
 
     # -- updates --------------------------------------------------------------------------------------------
@@ -373,7 +399,7 @@ class Hypergradients:
             stop = min(start + ROW_CHUNK, n)
             new = _mix(A, self._state_block(start, stop)) + b[:, None, :] * C_all[start:stop].double()[None]
             for k, array in enumerate(self.arrays):
-                array[start:stop] = new[k].float().numpy()
+                array[start:stop] = new[k].numpy()
 
     def _condition(self) -> float:
         """How much float32 accuracy the lazy form can lose, worst coordinate (1 = none).
@@ -426,6 +452,99 @@ class Hypergradients:
         if table.shape != (len(ids["example_ids"]), dim):
             raise ConfigMismatchError(f"{path!r} has shape {table.shape}, expected {(len(ids['example_ids']), dim)}.")
         return cls(ids["example_ids"], dim, _arrays=[table], _seen=ids["seen"].numpy().copy())
+
+
+class ProjectedHypergradients:
+    """Lean storage: the projections ``G_q . h_i`` onto ``Q`` fixed target gradients instead of ``h_i`` itself.
+
+    With SGD (momentum, dampening, Nesterov, weight decay, any learning-rate schedule, clipping) a step's
+    recurrence is one linear map per optimizer parameter group, the same for every coordinate of the group, plus
+    the example's gradient term. Projecting onto the part ``G_q|g`` of a target gradient that lies in group ``g``
+    therefore commutes with the step: ``(G_q|g . h_i, G_q|g . m_i)`` follows the group's map with the term
+    ``G_q|g . c_i`` in place of ``c_i``. Each group keeps one such table of ``N x Q`` float64 values (twice that with
+    momentum): a :class:`Hypergradients` with ``D = Q``, whose lazy shared map keeps each step's work on its own
+    rows. ``G_q . h_i`` is the sum over the groups.
+
+    Adam's per-coordinate preconditioner does not commute with the projection, nor does a step that moves the
+    coordinates of one group by different maps (a parameter without gradient while it carries state): the first is
+    refused before training, the second when it happens.
+
+    Example:
+        >>> table = ProjectedHypergradients(torch.arange(100), target_grads)      # target_grads: (Q, D)
+        >>> table.read(table.rows_of(torch.tensor([3, 7]))).shape                  # (2, Q): G_q . h_i
+    """
+
+    def __init__(self, example_ids: torch.Tensor, targets: torch.Tensor, *, rebase_condition: float = 100.0) -> None:
+        ids = check_ids_known(torch.as_tensor(example_ids), None).cpu()
+        self.example_ids = ids
+        self._order = torch.argsort(ids)
+        self._sorted = ids[self._order]
+        self.targets = targets.detach().double().cpu()  # (Q, D)
+        self.dim = self.targets.shape[1]
+        self.rebase_condition = float(rebase_condition)
+        self.seen = np.zeros(len(ids), dtype=np.int64)
+        self.groups: Optional[list[tuple[torch.Tensor, Hypergradients]]] = None
+        self.momentum = False
+        self.active = torch.ones(self.dim, dtype=torch.bool)  # columns whose parameter has a gradient this step
+        self._touched = torch.zeros(self.dim, dtype=torch.bool)  # columns that may hold state already
+
+    @property
+    def K(self) -> int:
+        return 2 if self.momentum else 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(table.nbytes for _, table in self.groups or [])
+
+    def rows_of(self, example_ids: torch.Tensor) -> torch.Tensor:
+        return _rows_of(self._sorted, self._order, example_ids)
+
+    def ensure_momentum(self) -> None:
+        self.momentum = True
+        for _, table in self.groups or []:
+            table.ensure_momentum()
+
+    def set_groups(self, columns: Sequence[torch.Tensor]) -> None:
+        """The tracked columns of each optimizer parameter group (fixed for the run)."""
+        q = self.targets.shape[0]
+        self.groups = [(cols, Hypergradients(self.example_ids, q, rebase_condition=self.rebase_condition,
+                                             dtype=np.float64)) for cols in columns]
+        if self.momentum:
+            self.ensure_momentum()
+
+    @staticmethod
+    def _uniform(values: torch.Tensor, group: int) -> torch.Tensor:
+        if not bool((values == values[..., :1]).all()):
+            raise TurnoverError(
+                f"lean HYDRA: one optimizer step moved the parameters of parameter group {group} by different maps "
+                "(e.g. a parameter received no gradient while the others did, after it had been trained); the "
+                "projections need one map per group. Use hydra_mode='full'."
+            )
+        return values[..., 0]
+
+    def apply(self, A: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, C: torch.Tensor) -> None:
+        """One step (same arguments as :meth:`Hypergradients.apply`, with the full ``D`` columns)."""
+        if self.groups is None:
+            raise TurnoverError("lean HYDRA: set_groups(...) must be called before the first step.")
+        q, K = self.targets.shape[0], self.K
+        C = C.double()
+        for g, (cols, table) in enumerate(self.groups):
+            held = cols[self._touched[cols]]  # state may be nonzero here: the map must be the group's one
+            fed = cols[self.active[cols]]  # these receive this step's gradient term
+            if not len(held) and not len(fed):
+                continue
+            Ag = self._uniform(A[:, :, held], g) if len(held) else torch.eye(K, dtype=torch.float64)
+            bg = self._uniform(b[:, fed], g) if len(fed) else torch.zeros(K, dtype=torch.float64)
+            proj = C[:, fed] @ self.targets[:, fed].T if len(fed) else torch.zeros(len(rows), q, dtype=torch.float64)
+            table.apply(Ag[..., None].expand(K, K, q), bg[:, None].expand(K, q), rows, proj)
+        self._touched |= self.active
+
+    def read(self, rows: torch.Tensor) -> torch.Tensor:
+        """``G_q . h_i`` of these rows, float64 ``(n, Q)``."""
+        out = torch.zeros(len(rows), self.targets.shape[0], dtype=torch.float64)
+        for _, table in self.groups or []:
+            out += table.read_state(rows)[0]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -495,10 +614,8 @@ class HydraTracker:
         self.hessian = bool(hessian)
         self.id_column = id_column
         self.mask_context = mask_context
-        self.table = Hypergradients(
-            torch.as_tensor(list(example_ids) if not isinstance(example_ids, torch.Tensor) else example_ids),
-            self.dim, storage_dir=storage_dir, rebase_condition=rebase_condition,
-        )
+        ids = torch.as_tensor(list(example_ids) if not isinstance(example_ids, torch.Tensor) else example_ids)
+        self.table = self._make_table(ids, storage_dir, rebase_condition)
         self.grads = PerExampleGrads(model, self.specs)
         self.steps = 0
         self.optimizer_name: Optional[str] = None
@@ -508,6 +625,9 @@ class HydraTracker:
         self._reset_step()
 
     # -- helpers --------------------------------------------------------------------------------------------
+    def _make_table(self, ids: torch.Tensor, storage_dir: Optional[PathLike], rebase_condition: float) -> Any:
+        return Hypergradients(ids, self.dim, storage_dir=storage_dir, rebase_condition=rebase_condition)
+
     def _reset_step(self) -> None:
         self._rows: list[torch.Tensor] = []
         self._terms: list[torch.Tensor] = []
@@ -764,6 +884,67 @@ class HydraTracker:
         atomic_write_text(os.path.join(os.fspath(folder), META_NAME), json.dumps(meta, indent=2) + "\n")
 
 
+def _check_seen(table: Any, example_ids: torch.Tensor, rows: torch.Tensor) -> None:
+    unseen = example_ids[torch.from_numpy(table.seen[rows.numpy()] == 0)]
+    if len(unseen):
+        raise ExampleIdError(
+            f"{len(unseen)} example id(s) never entered a tracked training step (e.g. {unseen[:5].tolist()}): "
+            "HYDRA has nothing to say about them (did training stop before the end of the epoch?)."
+        )
+
+
+def _check_lean_optimizer(optimizer: Any) -> None:
+    """Lean HYDRA projects before the recurrence, which is exact for SGD only."""
+    optimizer = _unwrap_optimizer(optimizer)
+    if isinstance(optimizer, torch.optim.SGD):
+        return
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        raise TurnoverError(
+            f"lean HYDRA cannot follow {type(optimizer).__name__}: its per-coordinate preconditioner 1 / sqrt(v) does "
+            "not commute with projecting onto the target gradients. Use hydra_mode='full' (Adam tracked with its "
+            "documented approximation), or train with SGD / momentum: "
+            "optimizer_cls_and_kwargs=(torch.optim.SGD, {'momentum': 0.9}) or optim='sgd'."
+        )
+    raise TurnoverError(
+        f"lean HYDRA follows torch.optim.SGD (with or without momentum); this run uses {type(optimizer).__name__}. "
+        "Pass optimizer_cls_and_kwargs=(torch.optim.SGD, {...}) or optim='sgd'."
+    )
+
+
+class _LeanTracker(HydraTracker):
+    """A :class:`HydraTracker` whose table is a :class:`ProjectedHypergradients` onto fixed target gradients."""
+
+    def __init__(self, model: nn.Module, example_ids: torch.Tensor, targets: torch.Tensor, **kwargs: Any) -> None:
+        self._targets = targets
+        super().__init__(model, example_ids, **kwargs)
+        if targets.shape[1] != self.dim:
+            raise ConfigMismatchError(f"target gradients have {targets.shape[1]} columns, the tracked parameters {self.dim}.")
+
+    def _make_table(self, ids: torch.Tensor, storage_dir: Optional[PathLike], rebase_condition: float) -> Any:
+        return ProjectedHypergradients(ids, self._targets, rebase_condition=rebase_condition)
+
+    def _coefficients(self, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_lean_optimizer(optimizer)
+        table: ProjectedHypergradients = self.table
+        if table.groups is None:
+            where = {id(p): spec for spec, p in zip(self.specs, self._params())}
+            columns = []
+            for group in optimizer.param_groups:
+                specs = [where[id(p)] for p in group["params"] if id(p) in where]
+                if specs:
+                    columns.append(torch.cat([torch.arange(s.offset, s.offset + s.numel) for s in specs]))
+            table.set_groups(columns)
+        active = torch.zeros(self.dim, dtype=torch.bool)
+        for spec in self.specs:
+            if self._had_grad.get(spec.name, True):
+                active[spec.offset : spec.offset + spec.numel] = True
+        table.active = active
+        return super()._coefficients(optimizer)
+
+    def save(self, folder: PathLike) -> None:
+        raise TurnoverError("lean HYDRA keeps projections onto one target set, not hypergradients: nothing to save.")
+
+
 def _weights_fingerprint(model: nn.Module, specs: Sequence[ParamSpec]) -> str:
     named = dict(model.named_parameters())
     return fingerprint({s.name: named[s.name].detach() for s in specs})
@@ -802,52 +983,221 @@ class HydraCallback(TrainerCallback):
     """Forwards the Trainer's optimizer events to a :class:`HydraTracker` (the batches come from the trainer).
 
     ``on_pre_optimizer_step`` runs after gradient clipping and ``on_optimizer_step`` before the scheduler moves
-    the learning rate, so the tracker sees the clipped gradient and the learning rate the step used.
+    the learning rate, so the tracker sees the clipped gradient and the learning rate the step used. With no
+    tracker (the first run of lean mode) it only refuses a resumed run.
 
     Example:
         >>> trainer.add_callback(HydraCallback(tracker))     # HydraTrainer adds it itself
     """
 
-    def __init__(self, tracker: HydraTracker) -> None:
+    def __init__(self, tracker: Optional[HydraTracker]) -> None:
         self.tracker = tracker
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # A second train() on the same trainer starts at step 0 and simply continues the trajectory; a resumed
-        # checkpoint starts at its step, whose earlier hypergradients this tracker never saw.
-        if state.global_step > 0 and state.global_step != self.tracker.steps:
+        # checkpoint starts at its step, whose earlier trajectory this tracker never saw.
+        steps = self.tracker.steps if self.tracker is not None else 0
+        if state.global_step > 0 and state.global_step != steps:
             raise TurnoverError(
-                f"HYDRA tracking starts at optimizer step {state.global_step} but has tracked {self.tracker.steps}: "
-                "resuming from a checkpoint is not supported (the hypergradients of the earlier steps are not saved "
-                "in Trainer checkpoints). Train from the start."
+                f"HYDRA tracking starts at optimizer step {state.global_step} but has tracked {steps}: resuming from a "
+                "checkpoint is not supported (the tracker's own state, e.g. the momentum of every example's "
+                "hypergradient, is not restored). Train from the start."
             )
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
-        self.tracker.before_step(model, optimizer)
+        if self.tracker is not None:
+            self.tracker.before_step(model, optimizer)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
-        self.tracker.after_step(optimizer)
+        if self.tracker is not None:
+            self.tracker.after_step(optimizer)
+
+
+class _LeanRunControl(TrainerCallback):
+    """Lean mode: refuse an optimizer it cannot follow before training; keep a replay quiet (no checkpoints or
+    evaluations: the first run made them, and the replay must not overwrite them)."""
+
+    def __init__(self, trainer: "HydraTrainingMixin") -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        if self.trainer.hydra_mode == "lean" or self.trainer._hydra_replaying:
+            _check_lean_optimizer(optimizer)
+
+    def _quiet(self, control: Any) -> None:
+        if self.trainer._hydra_replaying:
+            control.should_save = False
+            control.should_evaluate = False
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._quiet(control)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._quiet(control)
+
+
+def _trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of what training can change: the parameters with ``requires_grad`` and the buffers."""
+    out = {f"parameter {n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    out.update({f"buffer {n}": b.detach().clone() for n, b in model.named_buffers()})
+    return out
+
+
+def _tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**{f"parameter {n}": p for n, p in model.named_parameters()},
+            **{f"buffer {n}": b for n, b in model.named_buffers()}}
+
+
+def _load_trained_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    tensors = _tensors_of(model)
+    with torch.no_grad():
+        for key, value in state.items():
+            tensors[key].copy_(value)
+    for p in model.parameters():
+        p.grad = None
+
+
+def _state_differences(model: nn.Module, expected: Mapping[str, torch.Tensor]) -> list[str]:
+    """The tensors of ``model`` that are not bit for bit ``expected``, with their largest difference."""
+    tensors = _tensors_of(model)
+    out = []
+    for key, value in expected.items():
+        now = tensors.get(key)
+        if now is None or now.shape != value.shape:
+            out.append(f"{key} (missing or reshaped)")
+        elif not torch.equal(now.detach(), value):
+            out.append(f"{key} (max |difference| {float((now.detach().double() - value.double()).abs().max()):.3g})")
+    return out
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class _RunStart:
+    """What ``Trainer.train()`` starts from, kept so lean mode can replay the same run: the trainable weights and
+    buffers, the random states, and the optimizer / scheduler the trainer held (None: the Trainer created them)."""
+
+    weights: dict[str, torch.Tensor]
+    rng: dict[str, Any]
+    optimizer: Any
+    optimizer_state: Optional[dict[str, Any]]
+    scheduler: Any
+    scheduler_state: Optional[dict[str, Any]]
+    created_scheduler: bool
+    ignore_keys_for_eval: Optional[list[str]]
+
+    @classmethod
+    def capture(cls, trainer: Any, ignore_keys_for_eval: Optional[list[str]]) -> "_RunStart":
+        optimizer, scheduler = trainer.optimizer, trainer.lr_scheduler
+        return cls(
+            weights=_trained_state(trainer.model),
+            rng=_rng_state(),
+            optimizer=optimizer,
+            optimizer_state=copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None,
+            scheduler=scheduler,
+            scheduler_state=copy.deepcopy(scheduler.state_dict()) if hasattr(scheduler, "state_dict") else None,
+            created_scheduler=bool(getattr(trainer, "_created_lr_scheduler", False)),
+            ignore_keys_for_eval=ignore_keys_for_eval,
+        )
+
+    def restore(self, trainer: Any) -> None:
+        _load_trained_state(trainer.model, self.weights)
+        trainer.optimizer = self.optimizer  # the Trainer wraps it again (or creates a fresh one from None)
+        if self.optimizer is not None and self.optimizer_state is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(self.optimizer_state))
+        trainer.lr_scheduler = self.scheduler
+        trainer._created_lr_scheduler = self.created_scheduler
+        if self.scheduler is not None and self.scheduler_state is not None:
+            self.scheduler.load_state_dict(copy.deepcopy(self.scheduler_state))
+        _set_rng_state(self.rng)
+
+
+def _ignored_optim_args(args: Any, model: nn.Module) -> list[str]:
+    """Keys of ``args.optim_args`` that transformers does not pass to the optimizer it builds (e.g. all of them for
+    ``optim="sgd"`` in transformers 4.57, whose SGD gets the learning rate only)."""
+    if not getattr(args, "optim_args", None):
+        return []
+    try:
+        parsed = [item.split("=")[0] for item in args.optim_args.replace(" ", "").split(",") if item]
+        _, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    except Exception:  # optimizers that need extra packages: nothing to say
+        return []
+    return [key for key in parsed if key not in kwargs]
 
 
 class HydraTrainingMixin:
-    """Adds HYDRA tracking to a ``Trainer`` subclass: each micro-batch's per-example gradients go to ``self.hydra``.
+    """Adds HYDRA to a ``Trainer`` subclass: each micro-batch's per-example gradients go to ``self.hydra``.
 
     Needs batches with ``example_ids`` (an :class:`~turnover_hf.data.InstanceIdCollator`). Single process only.
+    Full mode tracks the hypergradient table while training; lean mode trains plainly and computes the scores of
+    one target set per :meth:`hydra_lean_scores` call by replaying the run. ``save_model`` (and every Trainer
+    checkpoint) also writes the hypergradients to ``<output_dir>/hydra``, where ``InfluencePipeline`` reads them.
     """
 
-    hydra: HydraTracker
+    hydra: Optional[HydraTracker]
+    hydra_mode: str
     _hydra_keeps_ids = False  # TurnoverTrainer pops the ids itself
 
-    def _setup_hydra(self, model: nn.Module, train_dataset: Any, id_column: str, *, hessian: bool,
+    def _setup_hydra(self, model: Optional[nn.Module], train_dataset: Any, id_column: str, *, hessian: bool,
                      storage_dir: Optional[PathLike], parameters: Optional[Sequence[str]],
-                     mask_context: Optional[Callable[[torch.Tensor], ContextManager]]) -> None:
+                     mask_context: Optional[Callable[[torch.Tensor], ContextManager]], mode: str) -> None:
+        args = self.args  # type: ignore[attr-defined]
+        if mode not in HYDRA_MODES:
+            raise TurnoverError(f"hydra_mode must be one of {HYDRA_MODES}, got {mode!r}.")
+        if model is None:
+            raise TurnoverError(
+                "HYDRA trainers need model=...: model_init re-creates the model at every train(), which the tracker "
+                "cannot follow."
+            )
         if train_dataset is None:
             raise TurnoverError("HYDRA tracking needs train_dataset (with its id column) when the trainer is built.")
         ids = check_id_column(train_dataset, id_column)
-        self.hydra = HydraTracker(model, ids, parameters=parameters, hessian=hessian, storage_dir=storage_dir,
-                                  mask_context=mask_context, id_column=id_column)
-        self.add_callback(HydraCallback(self.hydra))  # type: ignore[attr-defined]
-        if self.args.world_size > 1:  # type: ignore[attr-defined]
+        if args.world_size > 1:
             raise TurnoverError("HYDRA tracking runs in a single process (each process would see part of each step).")
+        if args.load_best_model_at_end:
+            raise TurnoverError(
+                "HYDRA's hypergradients belong to the weights training ends with; load_best_model_at_end would put "
+                "an earlier checkpoint's weights in the model. Leave it off: every checkpoint holds its own "
+                "hypergradients in <checkpoint>/hydra."
+            )
+        if mode == "lean" and (hessian or storage_dir is not None):
+            raise TurnoverError("hessian=True and hydra_storage_dir belong to hydra_mode='full': lean mode keeps no table.")
+        self.hydra_mode = mode
+        self._hydra_ids = ids
+        self._hydra_specs = _specs_for(model, parameters)
+        self._hydra_mask_context = mask_context
+        self.hydra = (HydraTracker(model, ids, parameters=parameters, hessian=hessian, storage_dir=storage_dir,
+                                   mask_context=mask_context, id_column=id_column) if mode == "full" else None)
+        self._hydra_tracker = self.hydra  # the tracker training steps feed (None: plain training)
+        self._hydra_callback = HydraCallback(self.hydra)
+        self.add_callback(self._hydra_callback)  # type: ignore[attr-defined]
+        self.add_callback(_LeanRunControl(self))  # type: ignore[attr-defined]
+        self._hydra_train_calls = 0
+        self._hydra_start: Optional[_RunStart] = None
+        self._hydra_end: Optional[dict[str, torch.Tensor]] = None
+        self._hydra_replaying = False
+        ignored = (_ignored_optim_args(args, model)
+                   if self.optimizer is None and getattr(self, "optimizer_cls_and_kwargs", None) is None else [])  # type: ignore[attr-defined]
+        if ignored:
+            logger.warning(
+                "TrainingArguments(optim=%r) ignores optim_args %s in this transformers version: the optimizer is "
+                "built without them (optim='sgd': no momentum, dampening or Nesterov). Pass them to the trainer as "
+                "optimizer_cls_and_kwargs=(torch.optim.SGD, {'momentum': 0.9, ...}) instead.",
+                str(getattr(args.optim, "value", args.optim)), ignored,
+            )
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         example_ids = inputs.get(BATCH_KEY)
@@ -856,19 +1206,133 @@ class HydraTrainingMixin:
                 "a training batch has no example ids: HYDRA needs the dataset's id column "
                 "(turnover_hf.add_example_ids(dataset)) and an InstanceIdCollator."
             )
+        tracker = self._hydra_tracker
         kept = dict(inputs)  # the parent may pop keys from (and move) the dict it gets
         if not self._hydra_keeps_ids:
             inputs = {k: v for k, v in inputs.items() if k != BATCH_KEY}
-        before = self.hydra.current_grad()
+        if tracker is None:  # lean mode's first run: plain training, replayed by hydra_lean_scores
+            return super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+        before = tracker.current_grad()
         loss = super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
         # Trainer's own convention, used when the fit to the observed gradient is unreliable (see observe).
         summed = self.model_accepts_loss_kwargs and num_items_in_batch is not None and self.compute_loss_func is None  # type: ignore[attr-defined]
-        self.hydra.observe(
-            model, kept, example_ids, observed_grad=self.hydra.current_grad() - before,
+        tracker.observe(
+            model, kept, example_ids, observed_grad=tracker.current_grad() - before,
             accumulation_steps=getattr(self, "current_gradient_accumulation_steps", 1),
             num_items=int(num_items_in_batch) if summed else None,
         )
         return loss
+
+    def train(self, resume_from_checkpoint: Any = None, trial: Any = None, ignore_keys_for_eval: Optional[list[str]] = None,
+              **kwargs: Any) -> Any:
+        self._hydra_train_calls += 1
+        first = self._hydra_train_calls == 1
+        self._hydra_start = _RunStart.capture(self, ignore_keys_for_eval) if first else None
+        self._hydra_end = None
+        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)  # type: ignore[misc]
+        if first:
+            self._hydra_end = _trained_state(self.model)  # type: ignore[attr-defined]
+        return output
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Any = None) -> None:
+        super()._save(output_dir, state_dict)  # type: ignore[misc]
+        if self.hydra is not None and self.hydra.steps > 0 and not self._hydra_replaying:
+            folder = output_dir if output_dir is not None else self.args.output_dir  # type: ignore[attr-defined]
+            self.hydra.save(os.path.join(folder, HYDRA_DIR))
+
+    def _hydra_targets(self, targets: Union[Mapping[str, Any], Dataset], labels: Optional[torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
+        if isinstance(targets, Dataset):
+            if self.args.remove_unused_columns:  # type: ignore[attr-defined]
+                targets = self._remove_unused_columns(targets, description="HYDRA targets")  # type: ignore[attr-defined]
+            batch = self.data_collator([targets[i] for i in range(len(targets))])  # type: ignore[attr-defined]
+        else:
+            batch = dict(targets)
+        labels = torch.as_tensor(labels) if labels is not None else _labels_in(batch)
+        return batch, labels
+
+    def hydra_lean_scores(
+        self,
+        targets: Union[Mapping[str, Any], Dataset],
+        labels: Optional[torch.Tensor] = None,
+        *,
+        example_ids: Optional[Union[torch.Tensor, Sequence[int]]] = None,
+        summed: bool = False,
+        batch_size: int = 64,
+    ) -> torch.Tensor:
+        """HYDRA scores of every training example for one target set, by replaying the finished ``train()`` once.
+
+        Lean mode (``hydra_mode="lean"``; allowed after a full-mode run too): the target gradients are taken at
+        the trained weights, the training is run again from the same start (weights, optimizer, scheduler and
+        random states restored; no checkpoints or evaluations) and every example's per-example gradient is
+        projected onto them before it enters the SGD recurrence. Memory: ``N x Q`` values per optimizer parameter
+        group (twice with momentum) instead of ``N x D``; cost: one more training run with per-example gradients.
+        The replay must reproduce the run bit for bit: its final weights are compared with the trained ones and a
+        difference is an error (the model is then set back to its trained weights).
+
+        Args:
+            targets: a batch of model inputs (with ``labels`` unless given) or a ``datasets.Dataset`` of them.
+            labels: the targets' labels, if not in ``targets``.
+            example_ids: training ids to return (default: the training set's, in its order).
+            summed: one column for the sum of the targets' losses (e.g. a validation set) instead of one per target.
+            batch_size: targets per gradient batch.
+
+        Returns:
+            float32 ``(n_ids, n_targets)`` (``(n_ids, 1)`` with ``summed``), the same scores as
+            :meth:`HydraScorer.scores` on the full table: positive = the example helped the target.
+
+        Example:
+            >>> trainer = HydraTrainer(model=model, args=args, train_dataset=train, hydra_mode="lean")  # SGD
+            >>> trainer.train()                                    # plain training: no table, no per-example work
+            >>> scores = trainer.hydra_lean_scores(valid)          # one replay: (len(train), len(valid))
+        """
+        start, end = self._hydra_start, self._hydra_end
+        if self._hydra_train_calls != 1 or start is None or end is None:
+            raise TurnoverError(
+                "hydra_lean_scores replays one finished train() call, and this trainer ran train() "
+                f"{self._hydra_train_calls} time(s){' (the last did not finish)' if end is None else ''}: build the "
+                "trainer again and call train() once."
+            )
+        model: nn.Module = self.model  # type: ignore[attr-defined]
+        changed = _state_differences(model, end)
+        if changed:
+            raise TurnoverError(
+                f"the model changed since train() ended ({changed[0]}): lean HYDRA takes the target gradients at the "
+                "final weights of the run it replays."
+            )
+        batch, labels = self._hydra_targets(targets, labels)
+        G = _target_gradients(PerExampleGrads(model, self._hydra_specs), batch, labels, max(1, int(batch_size))).cpu()
+        if summed:
+            G = G.double().sum(0, keepdim=True)
+        tracker = _LeanTracker(model, self._hydra_ids, G, parameters=[s.name for s in self._hydra_specs],
+                               id_column=self.id_column, mask_context=self._hydra_mask_context)  # type: ignore[attr-defined]
+        start.restore(self)
+        self._hydra_replaying = True
+        self._hydra_tracker = self._hydra_callback.tracker = tracker
+        try:
+            super().train(ignore_keys_for_eval=start.ignore_keys_for_eval)  # type: ignore[misc]
+        except BaseException:
+            _load_trained_state(model, end)
+            raise
+        finally:
+            self._hydra_replaying = False
+            self._hydra_tracker = self._hydra_callback.tracker = self.hydra
+        changed = _state_differences(model, end)
+        if changed:
+            _load_trained_state(model, end)
+            raise TurnoverError(
+                f"lean HYDRA: the replay did not reproduce the training run ({len(changed)} tensor(s) differ, e.g. "
+                f"{changed[0]}), so its projections would not belong to the trained model. The replay restores the "
+                "initial weights, optimizer, scheduler and the torch / numpy / Python random states; anything else "
+                "that changes between two runs breaks it: another seed, data order or dataset, masks, a collator or "
+                "callback with its own random generator, nondeterministic kernels (TrainingArguments("
+                "full_determinism=True) on GPUs). Make the run deterministic or use hydra_mode='full', which needs no "
+                "replay. The model was set back to its trained weights."
+            )
+        ids = self._hydra_ids if example_ids is None else torch.as_tensor(example_ids)
+        ids = check_ids_known(torch.as_tensor(ids).cpu(), self._hydra_ids)
+        rows = tracker.table.rows_of(ids)
+        _check_seen(tracker.table, ids, rows)
+        return (-tracker.table.read(rows)).float()
 
 
 class HydraTrainer(HydraTrainingMixin, Trainer):
@@ -876,20 +1340,24 @@ class HydraTrainer(HydraTrainingMixin, Trainer):
 
     Differences from ``Trainer``: the training set needs an id column (``turnover_hf.add_example_ids``); the
     collator is wrapped in :class:`InstanceIdCollator` and the id column survives ``remove_unused_columns``; each
-    training step also computes the per-example gradients of its examples; ``self.hydra`` holds the result.
+    training step also computes the per-example gradients of its examples; ``self.hydra`` holds the result and
+    ``save_model`` writes it to ``<output_dir>/hydra`` beside the weights (so does every checkpoint).
 
-    Args (besides ``Trainer``'s): ``hessian`` (exact mode), ``hydra_storage_dir`` (memory-mapped table),
-    ``hydra_parameters`` (names to track; default: ``requires_grad``), ``id_column``.
+    Args (besides ``Trainer``'s): ``hydra_mode`` (``"full"``: the ``N x D`` table while training; ``"lean"``:
+    plain training, then :meth:`hydra_lean_scores` per target set, SGD only), ``hessian`` (exact mode),
+    ``hydra_storage_dir`` (memory-mapped table), ``hydra_parameters`` (names to track; default:
+    ``requires_grad``), ``id_column``.
 
     Example:
         >>> trainer = HydraTrainer(model=model, args=TrainingArguments("out", max_grad_norm=1.0),
         ...                        train_dataset=add_example_ids(train), processing_class=tokenizer)
-        >>> trainer.train(); trainer.save_model("out/model"); trainer.hydra.save("out/hydra")
+        >>> trainer.train(); trainer.save_model("out/model")      # out/model/hydra: InfluencePipeline(estimator="hydra")
     """
 
     def __init__(self, model: Optional[nn.Module] = None, args: Any = None, data_collator: Any = None, *pos: Any,
                  hessian: bool = False, hydra_storage_dir: Optional[PathLike] = None,
-                 hydra_parameters: Optional[Sequence[str]] = None, id_column: str = "example_id", **kwargs: Any) -> None:
+                 hydra_parameters: Optional[Sequence[str]] = None, hydra_mode: str = "full",
+                 id_column: str = "example_id", **kwargs: Any) -> None:
         self.id_column = id_column
         train_dataset = kwargs.get("train_dataset", pos[0] if pos else None)
         if data_collator is None:
@@ -897,7 +1365,7 @@ class HydraTrainer(HydraTrainingMixin, Trainer):
             data_collator = DataCollatorWithPadding(tokenizer) if tokenizer is not None and hasattr(tokenizer, "pad") else default_data_collator
         super().__init__(model, args, InstanceIdCollator(data_collator, id_column), *pos, **kwargs)
         self._setup_hydra(model, train_dataset, id_column, hessian=hessian, storage_dir=hydra_storage_dir,
-                          parameters=hydra_parameters, mask_context=None)
+                          parameters=hydra_parameters, mask_context=None, mode=hydra_mode)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -914,29 +1382,27 @@ class HydraTurnoverTrainer(HydraTrainingMixin, TurnoverTrainer):
 
     Each example's gradient is taken under its own turn-over mask (as it was trained), so ``h_i`` is the effect of
     down-weighting example ``i`` in this masked training; scores use the full network at the end, like turn-over
-    scores. Per-example gradients run one example at a time here.
+    scores. Per-example gradients run one example at a time here. ``hydra_mode`` as in :class:`HydraTrainer`.
 
     Example:
         >>> trainer = HydraTurnoverTrainer(model=patched, args=args, train_dataset=train, processing_class=tok)
-        >>> trainer.train(); trainer.hydra.save("out/hydra")
+        >>> trainer.train(); trainer.save_model("out/model")     # weights, turn-over config and out/model/hydra
     """
 
     _hydra_keeps_ids = True
 
     def __init__(self, model: Optional[nn.Module] = None, args: Any = None, data_collator: Any = None, *pos: Any,
                  hessian: bool = False, hydra_storage_dir: Optional[PathLike] = None,
-                 hydra_parameters: Optional[Sequence[str]] = None, **kwargs: Any) -> None:
+                 hydra_parameters: Optional[Sequence[str]] = None, hydra_mode: str = "full", **kwargs: Any) -> None:
         from .context import instance_masks
 
         super().__init__(model, args, data_collator, *pos, **kwargs)
         train_dataset = kwargs.get("train_dataset", pos[0] if pos else None)
         self._setup_hydra(model, train_dataset, self.id_column, hessian=hessian, storage_dir=hydra_storage_dir,
-                          parameters=hydra_parameters,
+                          parameters=hydra_parameters, mode=hydra_mode,
                           mask_context=lambda ids: instance_masks(model, ids, mode="train"))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Scoring
 # ---------------------------------------------------------------------------------------------------------------
 class HydraScorer:
     """HYDRA scores of (training id, target) pairs, with :class:`~turnover_hf.scoring.TurnoverScorer`'s interface.
@@ -995,23 +1461,12 @@ class HydraScorer:
     def _rows(self, example_ids: torch.Tensor) -> torch.Tensor:
         example_ids = check_ids_known(torch.as_tensor(example_ids).cpu(), self.table.example_ids)
         rows = self.table.rows_of(example_ids)
-        unseen = example_ids[torch.from_numpy(self.table.seen[rows.numpy()] == 0)]
-        if len(unseen):
-            raise ExampleIdError(
-                f"{len(unseen)} example id(s) never entered a tracked training step (e.g. {unseen[:5].tolist()}): "
-                "HYDRA has nothing to say about them (did training stop before the end of the epoch?)."
-            )
+        _check_seen(self.table, example_ids, rows)
         return rows
 
     def target_grads(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """Gradient of each target's loss at the model's weights, float32 ``(n_targets, D)``."""
-        inputs = model_inputs(targets, self.device)
-        labels = torch.as_tensor(labels).to(self.device)
-        out = []
-        for start in range(0, len(labels), self.batch_size):
-            sl = slice(start, start + self.batch_size)
-            out.append(self.grads({k: v[sl] for k, v in inputs.items()}, labels[sl]))
-        return torch.cat(out)
+        return _target_gradients(self.grads, targets, labels, self.batch_size)
 
     def scores(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
         """HYDRA influence of each id on each target, float32 ``(n_ids, n_targets)`` on the CPU."""
