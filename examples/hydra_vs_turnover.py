@@ -13,7 +13,8 @@ turn-over mask (Kobayashi et al., 2020) and tracks, at the same time, each revie
    preconditioner held fixed); ``--optim sgd`` uses SGD with momentum 0.9, whose recurrence is exact up to the
    dropped Hessian term, but which trains this adapter far worse in the same number of steps (0.52 / 0.56
    validation accuracy at lr 0.1 / 0.3, against 0.65 for AdamW at 3e-3; 500 reviews, 3 epochs);
-3. saves model, tokenizer and hypergradients (``<output-dir>/model`` and ``<output-dir>/model/hydra``);
+3. saves model, tokenizer and hypergradients (``trainer.save_model`` writes ``<output-dir>/model`` and the
+   hypergradients in ``<output-dir>/model/hydra``);
 4. opens the checkpoint twice, as ``InfluencePipeline(ckpt, train_dataset=train)`` (turn-over) and
    ``InfluencePipeline(ckpt, train_dataset=train, estimator="hydra")``, scores every training review against
    ``--n-targets`` validation reviews with each, and prints how well they agree: Spearman correlation per target
@@ -166,9 +167,8 @@ def train(settings: Settings, raw: DatasetDict, output_dir: str) -> tuple[str, d
     trainer.train()
     metrics = trainer.evaluate()
     ckpt = os.path.join(output_dir, "model")
-    trainer.save_model(ckpt)
+    trainer.save_model(ckpt)  # weights, turn-over config and the hypergradients in ckpt/hydra
     tokenizer.save_pretrained(ckpt)
-    trainer.hydra.save(os.path.join(ckpt, "hydra"))
     info = {
         "validation_accuracy": metrics["eval_accuracy"],
         "validation_loss": metrics["eval_loss"],

@@ -482,6 +482,8 @@ def test_lean_mode_equals_full_mode_on_the_same_targets(tmp_path, name):
     lean.train()
     assert lean.hydra is None  # no table: the first run trains plainly
     torch.testing.assert_close(lean.hydra_lean_scores(batch), expected, **tol)
+    assert lean.hydra_lean.steps == full.hydra.steps and lean.hydra_lean.max_residual < 1e-4
+    assert lean.hydra_lean.table.nbytes < full.hydra.table.nbytes
     # A Dataset of targets and a summed objective (one column: the sum of the targets' losses).
     torch.testing.assert_close(lean.hydra_lean_scores(targets, summed=True), expected.sum(1, keepdim=True), **tol)
     # A replay after a full-mode run gives the same, and leaves the full table alone.

@@ -41,13 +41,24 @@ forward and backward per example for models whose forward ``vmap`` cannot trace,
 transformers) and an update of their rows only: examples outside the step change through one linear map shared by
 all of them (momentum and weight decay), kept as a per-coordinate 2x2 matrix and applied to the whole table only
 when it becomes ill-conditioned (never for plain SGD; every ~44 steps for momentum 0.9). Memory is ``N x |w|``
-float32 (twice that while training with momentum or Adam), in memory or memory-mapped from disk.
+float32 (twice that while training with momentum or Adam), in memory or memory-mapped from disk. ``save_model``
+and every Trainer checkpoint write the table to ``<folder>/hydra``, where ``InfluencePipeline(estimator="hydra")``
+looks for it.
+
+Lean mode (``hydra_mode="lean"``, SGD family only) for large N: training runs plainly; then, for one target set,
+:meth:`HydraTrainingMixin.hydra_lean_scores` takes the target gradients ``G`` (Q x D) at ``w_T``, replays the same
+run from the same start (weights, optimizer, scheduler, random states) and projects every per-example gradient
+onto ``G`` before it enters the recurrence. The SGD map of a step is the same for all coordinates of a parameter
+group, so the projections follow it exactly (:class:`ProjectedHypergradients`): memory ``N x Q`` per group (twice
+with momentum) instead of ``N x |w|``, for one more training run with per-example gradients. The replayed final
+weights must equal the trained ones bit for bit, or the scores are refused. Adam's per-coordinate preconditioner
+does not commute with the projection and is refused.
 
 Example:
     >>> trainer = HydraTrainer(model=model, args=args, train_dataset=add_example_ids(train), processing_class=tok)
     >>> trainer.train()
-    >>> trainer.hydra.save("out/hydra")                       # hypergradients + metadata, no pickle
-    >>> scorer = HydraScorer(model, "out/hydra")
+    >>> trainer.save_model("out/model")                       # weights + out/model/hydra (no pickle)
+    >>> scorer = HydraScorer(model, "out/model/hydra")
     >>> scorer.scores(targets, labels, example_ids)           # (n_ids, n_targets), positive = helped
 """
 
@@ -1189,6 +1200,7 @@ class HydraTrainingMixin:
         self._hydra_start: Optional[_RunStart] = None
         self._hydra_end: Optional[dict[str, torch.Tensor]] = None
         self._hydra_replaying = False
+        self.hydra_lean: Optional[HydraTracker] = None  # the last replay's tracker (its table: the projections)
         ignored = (_ignored_optim_args(args, model)
                    if self.optimizer is None and getattr(self, "optimizer_cls_and_kwargs", None) is None else [])  # type: ignore[attr-defined]
         if ignored:
@@ -1328,6 +1340,7 @@ class HydraTrainingMixin:
                 "full_determinism=True) on GPUs). Make the run deterministic or use hydra_mode='full', which needs no "
                 "replay. The model was set back to its trained weights."
             )
+        self.hydra_lean = tracker
         ids = self._hydra_ids if example_ids is None else torch.as_tensor(example_ids)
         ids = check_ids_known(torch.as_tensor(ids).cpu(), self._hydra_ids)
         rows = tracker.table.rows_of(ids)
