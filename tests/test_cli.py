@@ -1,0 +1,196 @@
+"""The `turnover-hf` command end to end (subprocesses on a tiny random BERT and CSV files), its help and its errors."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from datasets import load_from_disk
+
+import turnover_hf as th
+from turnover_hf import cli
+
+from conftest import text_task, tiny_bert, word_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = ["absent", "present"]
+
+
+def turnover_hf(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env.pop(cli.TRACEBACK_ENV, None)
+    return subprocess.run([sys.executable, "-m", "turnover_hf", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """`turnover-hf train` on a CSV with named labels and renamed columns, run once for the module."""
+    root = tmp_path_factory.mktemp("cli")
+    word_tokenizer(root / "base").save_pretrained(root / "base")
+    tiny_bert().save_pretrained(root / "base")
+    for name, n, seed in (("train", 40, 0), ("valid", 12, 1)):
+        data = text_task(n, seed).remove_columns("example_id")
+        data = data.map(lambda r: {"sentiment": NAMES[r["label"]]}, remove_columns=["label"])
+        data.rename_column("text", "review").to_csv(root / f"{name}.csv", index=False)
+    done = turnover_hf(
+        "train", "--model", "base", "--train_file", "train.csv", "--validation_file", "valid.csv",
+        "--text_column", "review", "--label-column", "sentiment", "--reduction_factor", "2", "--mask_seed", "4",
+        "--output_dir", "out", "--num_train_epochs", "2", "--per_device_train_batch_size", "8", "--use_cpu",
+        "--save_strategy", "no", "--sanity_examples", "8", cwd=root,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root, done
+
+
+@pytest.fixture(scope="module")
+def pipe(trained):
+    root, _ = trained
+    return th.InfluencePipeline(str(root / "out" / "model"), train_dataset=load_from_disk(root / "out" / "train"))
+
+
+def test_train_writes_model_data_and_sanity_log(trained):
+    root, done = trained
+    out = root / "out"
+    config = th.TurnoverConfig.from_pretrained(out / "model")
+    assert (config.seed, config.num_train_examples, config.active_adapters) == (4, 40, ["task"])
+    train = load_from_disk(out / "train")
+    assert train.features["label"].names == NAMES  # string labels became classes, in sorted order
+    assert sorted(train.column_names) == ["example_id", "label", "text"]
+    assert train["example_id"] == list(range(40))
+    assert load_from_disk(out / "validation").num_rows == 12
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert sum("train_sample_loss_flip" in r for r in history) == 2  # --eval_strategy epoch came by default
+    assert f"influence-ready model: {os.path.join('out', 'model')}" in done.stdout
+    assert "validation accuracy:" in done.stdout
+
+
+def test_explain_prints_and_writes_the_pipeline_result(trained, pipe):
+    root, _ = trained
+    texts = ["w5 w7 w9 w11", "w8 w9 w10 w12"]
+    done = turnover_hf("explain", "--model", "out/model", "--text", *texts, "--label", "present", "--top_k", "3",
+                       "--output", "explained.json", cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = json.loads((root / "explained.json").read_text())
+    expected = pipe([{"text": t, "label": 1} for t in texts], top_k=3)
+    for result, wanted, text in zip(written, expected, texts):
+        assert (result["text"], result["label"], result["label_source"]) == (text, 1, "given")
+        for key in ("proponents", "opponents"):
+            assert [r["example_id"] for r in result[key]] == [r["example_id"] for r in wanted[key]]
+            assert [r["score"] for r in result[key]] == pytest.approx([r["score"] for r in wanted[key]], abs=1e-6)
+    top = written[0]["proponents"][0]
+    assert f"{top['score']:+.4f}  [{NAMES[top['label']]}] #{top['example_id']}" in done.stdout
+
+
+def in_process(root, *args):
+    """The command in this process (each subprocess pays ~6 s of imports; these are the same code path)."""
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        return cli.main([str(a) for a in args])
+    finally:
+        os.chdir(cwd)
+
+
+def test_self_influence_writes_every_example_highest_first(trained, pipe, capsys):
+    root, _ = trained
+    assert in_process(root, "self-influence", "--model", "out/model", "--output", "si.csv", "--top", "2") == 0
+    assert "wrote si.csv" in capsys.readouterr().out
+    with open(root / "si.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0])[:5] == ["example_id", "self_influence", "label", "label_name", "text"]
+    values = [float(r["self_influence"]) for r in rows]
+    assert values == sorted(values, reverse=True) and len(rows) == 40
+    scores = pipe.self_influence()
+    expected = dict(zip(scores["example_id"], scores["self_influence"]))
+    for row in rows:
+        assert float(row["self_influence"]) == pytest.approx(expected[int(row["example_id"])], abs=1e-6)
+        assert row["label_name"] == NAMES[int(row["label"])]
+
+
+def test_cleanse_lists_the_most_harmful_and_keeps_the_rest(trained, pipe):
+    root, _ = trained
+    assert in_process(root, "cleanse", "--model", "out/model", "--output", "remove.txt", "--count", "4",
+                      "--kept_dataset", "kept") == 0
+    removed = [int(line) for line in (root / "remove.txt").read_text().split()]
+    validation = load_from_disk(root / "out" / "validation")
+    harmful = pipe.mean_influence(validation).sort("mean_influence")
+    expected = [i for i, v in zip(harmful["example_id"], harmful["mean_influence"]) if v < 0][:4]
+    assert removed == expected and len(removed) == 4
+    kept = load_from_disk(root / "kept")
+    assert sorted(kept["example_id"]) == sorted(set(range(40)) - set(removed))
+
+
+def test_report_writes_a_page_with_three_plots(trained):
+    root, _ = trained
+    done = turnover_hf("report", "--model", "out/model", "--output", "report.html", "--explain", "2", cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    page = (root / "report.html").read_text(encoding="utf-8")
+    assert page.count('src="data:image/png;base64,') == 3  # self-influence, flip sanity, influence by class
+    assert page.count("<h3>Target ") == 2
+    assert "Suspected mislabelled" in page and "target accuracy" in page
+
+
+def test_errors_are_one_line_with_a_nonzero_exit(trained, capsys):
+    root, _ = trained
+    assert in_process(root, "explain", "--model", "nowhere", "--text", "w5") == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "turnover-hf explain: error: --model 'nowhere' is not a folder; give the folder `turnover-hf train` wrote."
+    ]
+    (root / "mine.csv").write_text("keep me", encoding="utf-8")
+    assert in_process(root, "self-influence", "--model", "out/model", "--output", "mine.csv") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0]
+    assert (root / "mine.csv").read_text(encoding="utf-8") == "keep me"
+    # A failure inside a library call (here: a training set of another size) is one line too.
+    other = load_from_disk(root / "out" / "train").select(range(30))
+    other.save_to_disk(root / "short")
+    capsys.readouterr()  # datasets' progress bars
+    assert in_process(root, "self-influence", "--model", "out/model", "--train", "short", "--output", "x.csv") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained on 40 examples" in err[0]
+
+
+def test_in_process_errors_name_the_fix(tmp_path, capsys):
+    assert cli.main(["explain", "--model", str(tmp_path)]) == 1
+    assert "give --text" in capsys.readouterr().err
+    assert cli.main(["train", "--model", "x", "--train_file", "x.csv"]) == 1
+    assert "give --output_dir" in capsys.readouterr().err
+    (tmp_path / "data.xlsx").write_text("")
+    code = cli.main(["train", "--model", "x", "--train_file", str(tmp_path / "data.xlsx"), "--output_dir",
+                     str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "unknown format '.xlsx'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_explains_the_workflow(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    top = capsys.readouterr().out
+    for command in ("train", "explain", "self-influence", "cleanse", "report", "A typical session"):
+        assert command in top
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    short = capsys.readouterr().out
+    assert "--num_train_epochs" in short and "--mask_seed" in short and "Examples:" in short
+    assert "--adafactor" not in short  # the long tail of TrainingArguments only with --help_all
+    assert cli.main(["train", "--help_all"]) == 0
+    assert "--adafactor" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["frobnicate"])
+    assert exit_info.value.code == 2
+
+
+def test_the_console_script_points_at_main():
+    import importlib
+
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as handle:
+        target = tomllib.load(handle)["project"]["scripts"]["turnover-hf"]
+    module, name = target.split(":")
+    assert getattr(importlib.import_module(module), name) is cli.main
