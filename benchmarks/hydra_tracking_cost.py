@@ -570,8 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     env = result["environment"]
     header = (
         f"# HYDRA tracking cost ({settings.optim}{', momentum 0.9' if settings.optim == 'sgd' else ''})\n\n"
-        f"`python benchmarks/hydra_tracking_cost.py{' --optim sgd' if settings.optim == 'sgd' else ''}"
-        f"{' --quick' if quick else ''}`: {settings.steps} timed steps (+{settings.warmup_steps} warm-up), batch "
+        f"`{' '.join(['python benchmarks/hydra_tracking_cost.py', *(sys.argv[1:] if argv is None else argv)])}`: "
+        f"{settings.steps} timed steps (+{settings.warmup_steps} warm-up), batch "
         f"{settings.batch_size}, {settings.seq_len} tokens, N = {settings.num_examples}, {settings.threads} torch "
         f"thread(s), median of {settings.repeats} fresh processes per variant; torch {env['torch']}, transformers "
         f"{env['transformers']}, {env['cpu_count']} CPUs shared with other jobs (load average "
