@@ -226,3 +226,13 @@ def test_a_memorised_sentence_is_its_own_top_proponent(tmp_path):
     rows = th.CausalLMCollator()([{"input_ids": r} for r in train["input_ids"]])
     self_influence = th.TurnoverScorer(model).self_scores(rows, rows["labels"], torch.tensor(train["example_id"]))
     assert int(self_influence.argmax()) == 4  # and the most self-influential sentence (paper App. A)
+
+
+def test_a_classification_label_column_does_not_confuse_a_language_model():
+    tok = word_lm_tokenizer()
+    model = _perturb(th.patch_model(tiny_gpt2_lm(), CONV1D, freeze_leaking=True))
+    train = th.add_example_ids(Dataset.from_dict({"text": ["w5 w6 w7", "w8 w9 w10 w11"], "label": [0, 1]}))
+    pipe = th.InfluencePipeline(model, tok, train_dataset=train)
+    assert len(pipe.self_influence()["self_influence"]) == 2  # the label column is shown, not used as token labels
+    with pytest.raises(th.TurnoverError, match="one label .* instead of one per token"):
+        th.CausalLMCollator(tok)([{"input_ids": [5, 6], "labels": 1}])

@@ -165,7 +165,12 @@ class CausalLMCollator:
             given = feature.get("attention_mask")
             batch["attention_mask"][r, :n] = torch.as_tensor(given, dtype=torch.long) if given is not None else 1
             labels = feature.get("labels")
-            labels = row if labels is None else list(torch.as_tensor(labels).tolist())
+            labels = row if labels is None else torch.as_tensor(labels).tolist()
+            if not isinstance(labels, list):
+                raise TurnoverError(
+                    f"a language-model row has one label ({labels!r}) instead of one per token; drop the dataset's "
+                    "classification label column, or give labels = token ids with -100 where a token does not count."
+                )
             if len(labels) != n:
                 raise TurnoverError(f"a row has {n} input_ids but {len(labels)} labels; give one label per token.")
             batch["labels"][r, :n] = torch.tensor(labels, dtype=torch.long)

@@ -184,8 +184,8 @@ class InfluencePipeline:
                     f"{dataset.column_names}); pass text_column=... or tokenized data."
                 )
             dataset = dataset.map(lambda rows: self._tokenize(rows[self.text_column]), batched=True)
-        if "label" in dataset.column_names and "labels" not in dataset.column_names:
-            dataset = dataset.rename_column("label", "labels")
+        if "label" in dataset.column_names and "labels" not in dataset.column_names and not self.causal_lm:
+            dataset = dataset.rename_column("label", "labels")  # (a language model's labels are its tokens)
         keep = {"input_ids", "attention_mask", "token_type_ids", "labels", self.id_column}
         return dataset.remove_columns([c for c in dataset.column_names if c not in keep])
 
