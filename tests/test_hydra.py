@@ -442,12 +442,13 @@ def test_turnover_and_hydra_in_one_run(tmp_path, bert_bottleneck):
 # -- (f) lean mode: projections onto one target set, by replaying the run -------------------------------------------
 LEAN_CASES = {
     # an SGD instance passed in (one parameter group), plain steps
-    "sgd": dict(optimizer=dict(momentum=0.0)),
+    "sgd": {"optimizer": {"momentum": 0.0}},
     # the Trainer builds SGD (two groups: decay and no decay), momentum, uneven gradient accumulation, clipping
-    "momentum+decay+accumulation": dict(build=(torch.optim.SGD, {"momentum": 0.9}), weight_decay=0.05,
-                                        per_device_train_batch_size=3, gradient_accumulation_steps=2, max_grad_norm=0.5),
-    "nesterov": dict(optimizer=dict(momentum=0.8, nesterov=True, weight_decay=0.02)),
-    "dampening": dict(optimizer=dict(momentum=0.9, dampening=0.3), lr_scheduler_type="cosine"),
+    "momentum+decay+accumulation": {"build": (torch.optim.SGD, {"momentum": 0.9}), "weight_decay": 0.05,
+                                    "per_device_train_batch_size": 3, "gradient_accumulation_steps": 2,
+                                    "max_grad_norm": 0.5},
+    "nesterov": {"optimizer": {"momentum": 0.8, "nesterov": True, "weight_decay": 0.02}},
+    "dampening": {"optimizer": {"momentum": 0.9, "dampening": 0.3}, "lr_scheduler_type": "cosine"},
 }
 
 
@@ -476,7 +477,7 @@ def test_lean_mode_equals_full_mode_on_the_same_targets(tmp_path, name):
     full.train()
     expected = HydraScorer(full.model, full.hydra).scores(batch, batch["labels"], ids)  # (10, 5) from the N x D table
     assert expected.abs().max() > 1e-4
-    tol = dict(rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+    tol = {"rtol": 1e-4, "atol": 1e-6 * float(expected.abs().max())}
 
     lean = _lean_case(tmp_path, name, "lean", data)
     lean.train()

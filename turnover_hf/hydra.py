@@ -157,7 +157,7 @@ def _logits(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output[0]
 
 
-def _target_gradients(grads: "PerExampleGrads", targets: Mapping[str, torch.Tensor], labels: torch.Tensor,
+def _target_gradients(grads: PerExampleGrads, targets: Mapping[str, torch.Tensor], labels: torch.Tensor,
                       batch_size: int) -> torch.Tensor:
     """Gradient of each target's loss (eval mode, the model as it is), float32 ``(n_targets, D)``."""
     device = next(grads.model.parameters()).device
@@ -1028,7 +1028,7 @@ class _LeanRunControl(TrainerCallback):
     """Lean mode: refuse an optimizer it cannot follow before training; keep a replay quiet (no checkpoints or
     evaluations: the first run made them, and the replay must not overwrite them)."""
 
-    def __init__(self, trainer: "HydraTrainingMixin") -> None:
+    def __init__(self, trainer: HydraTrainingMixin) -> None:
         self.trainer = trainer
 
     def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
@@ -1111,7 +1111,7 @@ class _RunStart:
     ignore_keys_for_eval: Optional[list[str]]
 
     @classmethod
-    def capture(cls, trainer: Any, ignore_keys_for_eval: Optional[list[str]]) -> "_RunStart":
+    def capture(cls, trainer: Any, ignore_keys_for_eval: Optional[list[str]]) -> _RunStart:
         optimizer, scheduler = trainer.optimizer, trainer.lr_scheduler
         return cls(
             weights=_trained_state(trainer.model),
@@ -1144,7 +1144,7 @@ def _ignored_optim_args(args: Any, model: nn.Module) -> list[str]:
     try:
         parsed = [item.split("=")[0] for item in args.optim_args.replace(" ", "").split(",") if item]
         _, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-    except Exception:  # optimizers that need extra packages: nothing to say
+    except (ImportError, ValueError, TypeError, RuntimeError):  # e.g. optimizers needing extra packages
         return []
     return [key for key in parsed if key not in kwargs]
 
