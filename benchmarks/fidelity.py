@@ -1,53 +1,69 @@
-"""Fidelity of turn-over influence on a head over frozen features: retraining ground truth, variants and peers.
+"""Fidelity of turn-over influence against retraining ground truth and peers, in two settings on real offline data.
 
-Setting: all-MiniLM-L6-v2 sentence embeddings (mean pooling, L2-normalised; computed once and cached in
-``benchmarks/results/cache``) of Rotten Tomatoes snippets (``turnover_hf.assets.rotten_tomatoes``); a head
-``Linear(384, W) -> ReLU -> Linear(W, 2)`` trained for 10 epochs with Adam (lr 1e-3, batch 64), each training
+``--setting head`` (default): all-MiniLM-L6-v2 sentence embeddings (mean pooling, L2-normalised; computed once and
+cached in ``benchmarks/results/cache``) of Rotten Tomatoes snippets (``turnover_hf.assets.rotten_tomatoes``); a
+head ``Linear(384, W) -> ReLU -> Linear(W, 2)`` trained for 10 epochs with Adam (lr 1e-3, batch 64), each training
 example under its own turn-over mask on the ``W`` hidden units. Masks are the library's
 (``turnover_hf.masks.mask_for`` keyed by example id and the layer key ``"head.hidden"``); the run checks that the
 patched head (``turnover_hf.patch_model``) gives the same scores as the closed form used here.
 
+``--setting adapters``: all-MiniLM-L6-v2 as ``BertForSequenceClassification`` with a bottleneck adapter (the
+``adapters`` library's ``SeqBnConfig``, as ``turnover_hf.demo`` sets it up, 384 -> 48 -> 384) in its top layer,
+patched with ``turnover_hf.patch_model`` (masks on the adapter's 48 hidden units, its 384 outputs and the
+classifier's inputs; leaking parameters frozen). Everything below the adapter is frozen and mask-free, so its
+output is computed once and cached (``turnover_hf.evaluation.cached``); the adapter, the layer's LayerNorm, the
+pooler and the classifier then run with the model's own modules, exactly (checked against
+``turnover_hf.TurnoverScorer`` on the full model), and retraining a model takes about a second.
+
 Measured for every method, in one table:
 
 * LDS: Spearman, per validation target, between the loss predicted for a model trained on a random half of the
-  training set (``const - sum of the included examples' scores``) and the loss of a head actually retrained on
-  that half (turn-over recipe, weights / order / mask seeds no scored model used), averaged over targets.
-  ``LDS 2-seed GT`` uses the mean loss of two such retrainings per subset (less ground-truth noise).
+  training set (``const - sum of the included examples' scores``) and the loss of a model actually retrained on
+  that half (the same recipe, with weights / order / mask seeds no scored model used), averaged over targets.
+* LOO correlation: Pearson correlation, over (left-out example, target) pairs, between the scores and the actual
+  loss change when one example of a random sample is left out, averaged over several retrain seeds no scored
+  model used (each seed's reference model and its leave-one-out models share the seed).
 * seed agreement: per-target Spearman between the scores of two independent runs of the method (other init
   and mask seeds), averaged over targets.
 * mislabel AUC and recall@10 %: 10 % of the training labels flipped, methods rerun on that data, examples ranked
   by self-influence (high = suspicious, see ``--low-is-suspicious``) or training loss.
-* accuracy of the deployed full network on the test split; seconds to train the models a method needs; seconds
-  for the self-influence of all N training examples and for one target against all N (from a trained model).
+* cleansing gain: remove the 1 % of training examples with the most negative mean influence on the validation
+  targets, retrain with ordinary dropout (Kobayashi et al. 2020, Table 2), and subtract the test accuracy of
+  removing as many random examples; points, mean over retrain seeds (the same seeds for both).
+* accuracy cost of masks: test accuracy of the same recipe trained with ordinary dropout at the same p on the
+  same units and seeds, minus that of the turn-over model(s) a row scores (points; positive = masks cost).
+* seconds: training all the models a method needs; self-influence of all N training examples and one target
+  against all N, each from trained models (including any setup such as fitting factors or loading
+  checkpoints); end to end = training + setup + both scorings.
 
 Methods: (a) single-model turn-over; (b) seed ensembles of K models; (c) wider masked layers; (d) residuals of a
 per-target least-squares fit of the scores on the examples' centred mask bits; (e) the full network as the
-reference instead of the example's own mask (``L(flip) - L(full)``) and its mirror (``L(full) - L(mask)``);
-(f) K parallel masked channels in one model (layer keys ``head.hidden.{k}``, channel outputs averaged before the
-output layer), scored by flipping all channels at once or one channel at a time (averaged); (g) peers computed
-exactly on the same head: gradient dot product, TracIn over checkpoints, a damped Gauss-Newton influence
-function (exact, through the N x N kernel of per-example gradients), Kronfluence's EK-FAC influence when
-``kronfluence`` is installed (optional), and the training loss for mislabels.
+reference instead of the example's own mask; (f) K parallel masked channels in one model; (g) peers on the same
+model: gradient dot product, TracIn over checkpoints (in-house and Captum's ``TracInCP`` / ``TracInCPFast`` over
+Trainer-style checkpoints), an exact damped Gauss-Newton influence function, Kronfluence's EK-FAC, and the
+training loss for mislabels. The adapter setting runs (a), (b), (c) and (g). Captum and Kronfluence rows appear
+when the packages are installed (``pip install turnover-hf[bench]``).
 
 Run from the repository root:
 
-    PYTHONPATH=. python benchmarks/fidelity.py            # default: N=2000, 200 targets, 50 subsets (~10-15 min)
-    PYTHONPATH=. python benchmarks/fidelity.py --quick    # smoke run: N=200, 20 targets, 10 subsets (< 1 min)
+    PYTHONPATH=. python benchmarks/fidelity.py                     # head setting, default size
+    PYTHONPATH=. python benchmarks/fidelity.py --setting adapters  # adapter setting, default size
+    PYTHONPATH=. python benchmarks/fidelity.py --quick [--setting adapters]   # smoke runs
 
-The first default run embeds the corpus (about 3 minutes on 2 cores) and caches it; the quick run embeds only
-its own rows when there is no cache.
-
-It prints a Markdown table and writes ``benchmarks/results/fidelity{,_quick}.{json,md}``.
+The first run of a setting embeds / caches the corpus (a few minutes on 2 cores); quick runs compute only their
+own rows when there is no cache. Results: ``benchmarks/results/fidelity{,_adapters}{,_quick}.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -62,22 +78,50 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import turnover_hf as th
 from turnover_hf.evaluation import (
+    Cleansing,
     HeadRecipe,
     TrainedHead,
     TurnoverHead,
     explained_variance,
     lds,
     linear_residuals,
+    loo_correlation,
+    loo_effects,
     mislabel_detection,
+    most_harmful,
     patched_classifier,
     random_subsets,
     seed_agreement,
     spearman_columns,
-    subset_target_losses,
+    subset_losses,
     train_head,
+)
+from turnover_hf.evaluation.cached import (
+    TopInputs,
+    TopModel,
+    TopRecipe,
+    TrainedTop,
+    cache_top_inputs,
+    top_accuracy,
+    top_losses,
+    top_self_scores,
+    top_turnover_scores,
+    train_top,
+)
+from turnover_hf.evaluation.peers import (
+    KronfluenceEKFAC,
+    MarginFactors,
+    captum_tracin,
+    captum_version,
+    gauss_newton_influence,
+    gradient_dot,
+    kronfluence_version,
+    margin_factors,
+    save_trainer_checkpoint,
 )
 from turnover_hf.files import atomic_path, atomic_write_text
 from turnover_hf.masks import scale_of
@@ -85,9 +129,11 @@ from turnover_hf.masks import scale_of
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CACHE_DIR = RESULTS_DIR / "cache"
 FEATURES_FILE = "minilm_mean_pooled.safetensors"
-GROUND_TRUTH_SEED = 10_000  # retraining seeds start here; scored models use seeds below it
+# Seeds: scored models use seeds below 10,000; every ground truth draws from its own range above.
+GROUND_TRUTH_SEED = 10_000
 REPLICATE_SEED = 20_000
-
+LOO_SEED = 30_000
+CLEANSING_SEED = 40_000
 
 # -- frozen features ------------------------------------------------------------------------------------------------
 def _texts_fingerprint(example_ids: Sequence[int], texts: Sequence[str]) -> str:
@@ -326,97 +372,49 @@ def check_closed_form(trained: TrainedHead, train: Split, targets: Split, n_ids:
 
 
 # -- peers on the same head: gradients through the N x N kernel -----------------------------------------------------
-@dataclass
-class GradientFactors:
-    """What the per-example gradient of the logit margin ``z0 - z1`` of a binary head is built from.
-
-    For ``logits = V @ mean_k(m_k * relu(W1_k x + b1_k)) + c`` the margin gradient ``j`` has the blocks
-    ``(hbar, -hbar)`` for ``V``, ``(1, -1)`` for ``c``, ``delta`` for ``b1`` and ``delta x^T`` for ``W1``, so
-    ``j_a . j_b = 2 hbar_a.hbar_b + 2 + (delta_a.delta_b)(1 + x_a.x_b)``. The loss gradient is ``(p0 - y0) j``.
-    """
-
-    hbar: torch.Tensor  # (B, W)
-    delta: torch.Tensor  # (B, K*W)
-    x: torch.Tensor  # (B, d)
-    residual: torch.Tensor  # (B,) p0 - y0: the loss gradient is residual * j
-    curvature: torch.Tensor  # (B,) p0 * p1: the Gauss-Newton weight of the margin
 
 
-@torch.no_grad()
-def gradient_factors(
-    head: TurnoverHead, features: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None
-) -> GradientFactors:
-    """Margin-gradient factors of each row under ``masks`` ``(B, K, W)`` (None = the full network)."""
-    if head.recipe.num_labels != 2:
-        raise ValueError("the gradient kernel here is written for binary heads.")
-    pre = torch.stack([layer(features) for layer in head.hidden_linears()], dim=1)  # (B, K, W)
-    keep = torch.ones_like(pre) if masks is None else masks
-    hidden = F.relu(pre) * keep
-    hbar = hidden.mean(dim=1)
-    margin_weight = (head.out.weight[0] - head.out.weight[1]) / pre.shape[1]  # d margin / d hidden[k, u]
-    delta = (margin_weight * keep * (pre > 0)).flatten(1)
-    probs = torch.softmax(head.out(hbar), dim=-1)
-    residual = probs[:, 0] - (labels == 0).to(probs.dtype)
-    return GradientFactors(hbar, delta, features, residual, probs[:, 0] * probs[:, 1])
-
-
-def margin_kernel(a: GradientFactors, b: GradientFactors) -> torch.Tensor:
-    """``(len(a), len(b))`` inner products of margin gradients over all head parameters, float64."""
-    hbar = a.hbar.double() @ b.hbar.double().T
-    delta = a.delta.double() @ b.delta.double().T
-    xx = a.x.double() @ b.x.double().T
-    return 2.0 * hbar + 2.0 + delta * (1.0 + xx)
-
-
-def paired_margin_kernel(a: GradientFactors, b: GradientFactors) -> torch.Tensor:
-    """The diagonal of :func:`margin_kernel` for row-aligned ``a`` and ``b``: ``j_a[i] . j_b[i]``, ``(B,)``."""
-    hbar = (a.hbar.double() * b.hbar.double()).sum(1)
-    delta = (a.delta.double() * b.delta.double()).sum(1)
-    xx = (a.x.double() * b.x.double()).sum(1)
-    return 2.0 * hbar + 2.0 + delta * (1.0 + xx)
+# -- peers on the same head: exact gradient methods (turnover_hf.evaluation.peers) ----------------------------------
+def head_factors(head: TurnoverHead, features: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None) -> MarginFactors:
+    """Margin-gradient factors of every row on all head parameters, under ``masks`` (None = the full network)."""
+    layers = [*head.hidden_linears(), head.out]
+    return margin_factors(
+        lambda rows: head(features[rows], None if masks is None else masks[rows]), len(labels), layers, labels
+    )
 
 
 def _train_and_target_factors(
     head: TurnoverHead, trained: TrainedHead, train: Split, labels: torch.Tensor, targets: Split
-) -> tuple[GradientFactors, GradientFactors]:
+) -> tuple[MarginFactors, MarginFactors]:
     # Training examples enter the objective under their own masks; targets are predicted by the full network.
     return (
-        gradient_factors(head, train.features, labels, trained.masks(train.ids)),
-        gradient_factors(head, targets.features, targets.labels, None),
+        head_factors(head, train.features, labels, trained.masks(train.ids)),
+        head_factors(head, targets.features, targets.labels, None),
     )
 
 
 def gradient_dot_scores(
     head: TurnoverHead, trained: TrainedHead, train: Split, labels: torch.Tensor, targets: Split
 ) -> torch.Tensor:
-    """``grad L(target) . grad L(z)``, ``(N, T)``: the first-order drop of the target loss from a step on z."""
-    tr, tg = _train_and_target_factors(head, trained, train, labels, targets)
-    return (tr.residual.double()[:, None] * margin_kernel(tr, tg) * tg.residual.double()[None, :]).float()
+    """``grad L(z) . grad L(target)``, ``(N, T)``: the first-order drop of the target loss from a step on z."""
+    return gradient_dot(*_train_and_target_factors(head, trained, train, labels, targets))
 
 
 def gradient_dot_self(head: TurnoverHead, trained: TrainedHead, train: Split, labels: torch.Tensor) -> torch.Tensor:
     """Self-influence version: each example's masked training gradient against its full-network loss gradient."""
-    tr = gradient_factors(head, train.features, labels, trained.masks(train.ids))
-    full = gradient_factors(head, train.features, labels, None)
-    return (tr.residual.double() * full.residual.double() * paired_margin_kernel(tr, full)).float()
+    masked = head_factors(head, train.features, labels, trained.masks(train.ids))
+    return gradient_dot(masked, head_factors(head, train.features, labels, None), paired=True)
 
 
 def tracin_scores(trained: TrainedHead, train: Split, labels: torch.Tensor, targets: Split) -> torch.Tensor:
     """TracInCP: gradient dot products summed over the training checkpoints, each weighted by its learning rate."""
-    total = None
-    for checkpoint in trained.checkpoints:
-        part = checkpoint.lr * gradient_dot_scores(trained.head_at(checkpoint), trained, train, labels, targets)
-        total = part if total is None else total + part
-    return total
+    return sum(
+        c.lr * gradient_dot_scores(trained.head_at(c), trained, train, labels, targets) for c in trained.checkpoints
+    )
 
 
 def tracin_self(trained: TrainedHead, train: Split, labels: torch.Tensor) -> torch.Tensor:
     return sum(c.lr * gradient_dot_self(trained.head_at(c), trained, train, labels) for c in trained.checkpoints)
-
-
-def damping_of(tr: GradientFactors, n_params: int, factor: float) -> float:
-    """Damping ``factor * trace(G) / n_params``: a multiple of the mean eigenvalue of the Gauss-Newton matrix G."""
-    return float(factor * (tr.curvature.double() * paired_margin_kernel(tr, tr)).mean() / n_params)
 
 
 def influence_function_scores(
@@ -427,138 +425,190 @@ def influence_function_scores(
     targets: Split | None,
     damping_factor: float,
 ) -> torch.Tensor:
-    """Exact damped Gauss-Newton influence ``grad L(t)^T (G + lambda I)^-1 grad L(z) / N`` on all head parameters.
+    """Exact damped Gauss-Newton influence on all head parameters; ``targets=None`` returns self-influence ``(N,)``.
 
-    ``G = (1/N) sum_z p0 p1 j_z j_z^T`` over the training examples (under their masks). With ``U`` the rows
-    ``sqrt(p0 p1 / N) j_z``, Woodbury gives ``(G + lambda I)^-1 = (I - U^T (lambda I + U U^T)^-1 U) / lambda``,
-    so everything comes from the N x N kernel of margin gradients. ``targets=None`` returns self-influence ``(N,)``.
+    Training gradients are taken under the examples' masks; targets (and, for self-influence, each example as its
+    own target) on the full network. See :func:`turnover_hf.evaluation.peers.gauss_newton_influence`.
     """
-    tr = gradient_factors(head, train.features, labels, trained.masks(train.ids))
-    n = len(labels)
-    n_params = sum(p.numel() for p in head.parameters())
-    damping = damping_of(tr, n_params, damping_factor)
-    k_train = margin_kernel(tr, tr)
-    weight = (tr.curvature.double() / n).sqrt()
-    system = damping * torch.eye(n, dtype=torch.float64) + weight[:, None] * k_train * weight[None, :]
+    masked = head_factors(head, train.features, labels, trained.masks(train.ids))
     if targets is None:
-        full = gradient_factors(head, train.features, labels, None)
-        cross = margin_kernel(tr, full)  # rows: training gradients, columns: the same examples as targets
-        target_residual = full.residual.double()
-    else:
-        tg = gradient_factors(head, targets.features, targets.labels, None)
-        cross = margin_kernel(tr, tg)
-        target_residual = tg.residual.double()
-    solved = torch.linalg.solve(system, weight[:, None] * cross)  # (lambda I + U U^T)^-1 U j_t
-    inner = (cross - k_train @ (weight[:, None] * solved)) / damping
-    scores = tr.residual.double()[:, None] * inner * target_residual[None, :] / n
-    return (scores.diagonal() if targets is None else scores).float()
+        full = head_factors(head, train.features, labels, None)
+        return gauss_newton_influence(masked, full, damping_factor, paired=True)
+    target = head_factors(head, targets.features, targets.labels, None)
+    return gauss_newton_influence(masked, target, damping_factor)
 
 
-# -- optional peer: Kronfluence's EK-FAC influence on the same head ---------------------------------------------------
-def kronfluence_version() -> str | None:
-    """Kronfluence's version, or None if it does not import.
+def head_rows(features: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.utils.data.Dataset:
+    """``(features, masks, label)`` rows: ``TurnoverHead(features, masks)`` gives the logits (Captum, Kronfluence)."""
+    return torch.utils.data.TensorDataset(features, masks, labels.long())
 
-    It is optional: ``pip install --no-deps kronfluence einops einconv opt-einsum`` adds it without touching torch.
-    """
-    try:
-        from kronfluence.version import __version__
-    except ImportError:
-        return None
-    return str(__version__)
+
+def write_checkpoints(checkpoints: Sequence[Any], folder: str, steps_per_epoch: int) -> list[str]:
+    """Trainer-style checkpoint folders (``checkpoint-{step}``) of in-memory snapshots, for Captum."""
+    return [
+        save_trainer_checkpoint(
+            folder, c.state_dict, step=steps_per_epoch * c.epoch, epoch=c.epoch, learning_rate=c.lr
+        )
+        for c in checkpoints
+    ]
+
+
+def captum_available() -> bool:
+    return captum_version() is not None
 
 
 def kronfluence_available() -> bool:
     return kronfluence_version() is not None
 
 
-class _MaskedRows(torch.utils.data.Dataset):
-    """(features, label, masks) rows: training rows carry their instance masks, targets masks of ones (full net)."""
+# -- rows and how they are judged (shared by both settings) ---------------------------------------------------------
+@dataclass
+class Row:
+    """One method's line of the results table (None = not applicable)."""
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor) -> None:
-        self.features, self.labels, self.masks = features, labels, masks
+    method: str
+    lds: float | None = None
+    lds_2seed: float | None = None
+    loo_corr: float | None = None
+    agreement: float | None = None
+    agreement_overall: float | None = None
+    mislabel_auc: float | None = None
+    recall_at_10: float | None = None
+    cleansing_gain: float | None = None
+    accuracy: float | None = None
+    accuracy_cost: float | None = None
+    train_seconds: float | None = None
+    setup_seconds: float = 0.0
+    self_seconds: float | None = None
+    target_seconds: float | None = None
+    end_to_end_seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.features[index], self.labels[index], self.masks[index]
-
-
-def kronfluence_scores(trained: TrainedHead, train: Split, labels: torch.Tensor, targets: Split | None) -> torch.Tensor:
-    """EK-FAC influence from Kronfluence on the head's Linear layers, ``(N, T)`` or self-influence ``(N,)``.
-
-    The training loss is the masked one the head was trained on; targets are measured on the full network.
-    Damping is Kronfluence's heuristic, 0.1 x the mean eigenvalue (the rule of the exact Gauss-Newton row).
-    Positive scores mean the example lowers the target loss, as everywhere in this benchmark.
-    """
-    import copy
-    import logging
-    import tempfile
-    import warnings
-
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-
-    class HeadTask(Task):
-        def compute_train_loss(self, batch, model, sample: bool = False) -> torch.Tensor:
-            features, targets_, masks = batch
-            logits = model(features, masks)
-            if sample:
-                with torch.no_grad():
-                    targets_ = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
-            return F.cross_entropy(logits, targets_, reduction="sum")
-
-        def compute_measurement(self, batch, model) -> torch.Tensor:
-            features, targets_, masks = batch
-            return F.cross_entropy(model(features, masks), targets_, reduction="sum")
-
-    # Kronfluence warns about torch's deprecated GradScaler spelling on every call; nothing to act on here.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="kronfluence")
-    recipe = trained.recipe
-    train_rows = _MaskedRows(train.features, labels, trained.masks(train.ids))
-    task = HeadTask()
-    model = prepare_model(copy.deepcopy(trained.head).eval(), task)
-    with tempfile.TemporaryDirectory() as folder:
-        analyzer = Analyzer(
-            "fidelity", model, task, cpu=True, disable_tqdm=True, output_dir=folder, log_level=logging.WARNING
-        )
-        analyzer.fit_all_factors(
-            "ekfac",
-            dataset=train_rows,
-            per_device_batch_size=256,
-            factor_args=FactorArguments(strategy="ekfac"),
-            overwrite_output_dir=True,
-        )
-        score_args = ScoreArguments(damping_factor=None)
-        if targets is None:
-            analyzer.compute_self_scores(
-                "self",
-                "ekfac",
-                train_dataset=train_rows,
-                per_device_train_batch_size=256,
-                score_args=score_args,
-                overwrite_output_dir=True,
+    def finish(self) -> Row:
+        """Fill in the end-to-end time: training, the setup once, and both scorings."""
+        if self.self_seconds is not None and self.target_seconds is not None:
+            self.end_to_end_seconds = (
+                (self.train_seconds or 0.0) + self.self_seconds + self.target_seconds - self.setup_seconds
             )
-            return analyzer.load_self_scores("self")["all_modules"].float()
-        ones = torch.ones(len(targets), recipe.channels, recipe.width)
-        analyzer.compute_pairwise_scores(
-            "pairs",
-            "ekfac",
-            query_dataset=_MaskedRows(targets.features, targets.labels, ones),
-            train_dataset=train_rows,
-            per_device_query_batch_size=64,
-            per_device_train_batch_size=256,
-            score_args=score_args,
-            overwrite_output_dir=True,
+        return self
+
+
+def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """``fn(*args)`` and its wall-clock seconds."""
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+@dataclass
+class Judge:
+    """The retraining ground truths every row is judged against, computed once per run."""
+
+    subsets: np.ndarray  # (S, N) half-size subsets
+    gt: np.ndarray  # (S, T) target losses of models retrained on them
+    gt_mean: np.ndarray  # (S, T) mean of two retrainings per subset
+    loo_rows: np.ndarray  # (n,) row positions left out one at a time
+    loo_actual: np.ndarray  # (seeds, n, T) actual loss changes
+    cleansing: Cleansing | None
+    cleansing_fraction: float
+    flipped: np.ndarray
+    low_is_suspicious: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def fidelity(self, row: Row, score_a: torch.Tensor, score_b: torch.Tensor) -> Row:
+        """LDS, LOO correlation and cleansing gain of run A's scores; agreement of runs A and B."""
+        row.lds = lds(score_a, self.subsets, self.gt)
+        row.lds_2seed = lds(score_a, self.subsets, self.gt_mean)
+        loo = loo_correlation(np.asarray(score_a)[self.loo_rows], self.loo_actual.mean(0))
+        row.loo_corr = loo["pearson"]
+        row.extra["loo"] = loo
+        agreement = seed_agreement(score_a, score_b)
+        row.agreement, row.agreement_overall = agreement["per_target"], agreement["overall"]
+        if self.cleansing is not None:
+            gain = self.cleansing.gain(most_harmful(score_a, self.cleansing_fraction))
+            row.cleansing_gain = 100.0 * gain["gain_vs_random"]
+            row.extra["cleansing"] = gain
+        return row
+
+    def mislabels(self, row: Row, suspicion: torch.Tensor, low_is_suspicious: bool | None = None) -> Row:
+        low = self.low_is_suspicious if low_is_suspicious is None else low_is_suspicious
+        found = mislabel_detection(suspicion, self.flipped, low_is_suspicious=low)
+        row.mislabel_auc, row.recall_at_10 = found["auc"], found["recall@10%"]
+        row.extra["mislabel"] = found
+        return row
+
+    def summary(self) -> dict[str, Any]:
+        """What the ground truths are, and how reliable (split-half / seed-to-seed agreement)."""
+        out: dict[str, Any] = {
+            "subsets": len(self.subsets),
+            "subset_size": int(self.subsets[0].sum()),
+            "split_half_reliability": float(np.nanmean(spearman_columns(self.gt, 2 * self.gt_mean - self.gt))),
+            "loo_examples": len(self.loo_rows),
+            "loo_seeds": len(self.loo_actual),
+            "seconds": self.seconds,
+        }
+        if len(self.loo_actual) > 1:
+            out["loo_seed_to_seed_pearson"] = loo_correlation(self.loo_actual[0], self.loo_actual[1])["pearson"]
+        if self.cleansing is not None:
+            base = self.cleansing.baseline()
+            out["cleansing"] = {
+                "seeds": len(self.cleansing.seeds),
+                "removed": max(1, round(self.cleansing_fraction * self.cleansing.n)),
+                "accuracy_none": base["none"],
+                "accuracy_random": base["random"],
+            }
+        return out
+
+
+def build_judge(
+    n_train: int,
+    subsets: np.ndarray,
+    subset_losses_fn: Callable[[np.ndarray, int], np.ndarray],
+    loo_fn: Callable[[int | None, int], np.ndarray],
+    cleansing_fn: Callable[[np.ndarray, int], float] | None,
+    settings: Any,
+    flipped: np.ndarray,
+    log: Callable[[str], None],
+) -> Judge:
+    """Retrain for every ground truth: subsets (twice), leave-one-out on a sample, cleansing baselines."""
+    seconds: dict[str, float] = {}
+    log(f"ground truth: {len(subsets)} subsets x 2 retrainings ...")
+    gt, seconds["subsets_per_set"] = timed(
+        lambda: subset_losses(subset_losses_fn, subsets, seeds=range(GROUND_TRUTH_SEED, GROUND_TRUTH_SEED + len(subsets)))
+    )
+    gt_rep = subset_losses(subset_losses_fn, subsets, seeds=range(REPLICATE_SEED, REPLICATE_SEED + len(subsets)))
+    rng = np.random.default_rng(settings.data_seed + 11)
+    loo_rows = np.sort(rng.permutation(n_train)[: settings.n_loo])
+    log(f"leave-one-out: {len(loo_rows)} examples x {settings.loo_seeds} seeds ...")
+    loo_actual, seconds["leave_one_out"] = timed(
+        lambda: loo_effects(loo_fn, loo_rows, seeds=range(LOO_SEED, LOO_SEED + settings.loo_seeds))
+    )
+    cleansing = None
+    if cleansing_fn is not None and settings.cleansing_seeds > 0:
+        cleansing = Cleansing(
+            cleansing_fn,
+            n_train,
+            seeds=list(range(CLEANSING_SEED, CLEANSING_SEED + settings.cleansing_seeds)),
+            fraction=settings.cleansing_fraction,
+            random_seed=settings.data_seed + 13,
         )
-        return analyzer.load_pairwise_scores("pairs")["all_modules"].T.float()
+        _, seconds["cleansing_baselines"] = timed(cleansing.baseline)
+    judge = Judge(
+        subsets, gt, (gt + gt_rep) / 2, loo_rows, loo_actual, cleansing, settings.cleansing_fraction, flipped,
+        settings.low_is_suspicious, seconds,
+    )
+    summary = judge.summary()
+    log(
+        f"  split-half reliability {summary['split_half_reliability']:.3f}, LOO seed-to-seed "
+        f"{summary.get('loo_seed_to_seed_pearson', float('nan')):.3f}"
+    )
+    return judge
 
 
-# -- experiment -----------------------------------------------------------------------------------------------------
+# -- head setting ---------------------------------------------------------------------------------------------------
 @dataclass
 class Settings:
-    """Sizes and recipes of one benchmark run."""
+    """Sizes and recipes of one run of the head setting."""
 
     n_train: int = 2000
     in_features: int = 384
@@ -577,7 +627,12 @@ class Settings:
     tracin_checkpoints: int = 4
     damping_factors: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
     damping_factor: float = 0.1
+    n_loo: int = 40
+    loo_seeds: int = 3
+    cleansing_seeds: int = 5
+    cleansing_fraction: float = 0.01
     low_is_suspicious: bool = False
+    peers: tuple[str, ...] = ("captum", "kronfluence")  # optional peers to run when installed
 
     def recipe(self, **changes: Any) -> HeadRecipe:
         """The head recipe of this run, with ``changes`` (e.g. another width or channel count)."""
@@ -596,32 +651,10 @@ QUICK = Settings(
     channels=(16,),
     wide_widths=(1024,),
     damping_factors=(0.1, 1.0, 10.0),
+    n_loo=10,
+    loo_seeds=2,
+    cleansing_seeds=2,
 )
-
-
-@dataclass
-class Row:
-    """One method's line of the results table (None = not applicable)."""
-
-    method: str
-    lds: float | None = None
-    lds_2seed: float | None = None
-    agreement: float | None = None
-    agreement_overall: float | None = None
-    mislabel_auc: float | None = None
-    recall_at_10: float | None = None
-    accuracy: float | None = None
-    train_seconds: float | None = None
-    self_seconds: float | None = None
-    target_seconds: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
-    """``fn(*args)`` and its wall-clock seconds."""
-    start = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - start
 
 
 class ModelPool:
@@ -651,14 +684,51 @@ class ModelPool:
     def many(self, recipe: HeadRecipe, seeds: Sequence[int], *, noisy: bool = False) -> list[TrainedHead]:
         return [self.get(recipe, s, noisy=noisy) for s in seeds]
 
+    def accuracy_cost(self, recipe: HeadRecipe, seeds: Sequence[int], masked_accuracy: float) -> float:
+        """Points of test accuracy the masks cost: the same recipe and seeds with ordinary dropout, minus masked."""
+        dropout = recipe.replace(masking="dropout")
+        plain = float(np.mean([accuracy(self.get(dropout, s).head, self.data.test) for s in seeds]))
+        return 100.0 * (plain - masked_accuracy)
+
 
 def accuracy(head: TurnoverHead, split: Split) -> float:
     with torch.no_grad():
         return float((head(split.features).argmax(-1) == split.labels).float().mean())
 
 
+def head_judge(data: FidelityData, settings: Settings, log: Callable[[str], None]) -> Judge:
+    """Ground truths of the head setting: the turn-over recipe for LDS and LOO, ordinary dropout for cleansing."""
+    train, targets, base = data.train, data.targets, settings.recipe()
+    subsets = random_subsets(len(train), settings.n_subsets, seed=settings.data_seed + 7)
+
+    def subset_fn(rows: np.ndarray, seed: int) -> np.ndarray:
+        rows = torch.as_tensor(rows)
+        trained = train_head(train.features[rows], train.labels[rows], train.ids[rows], base, init_seed=seed, mask_seed=seed)
+        return trained.head.losses(targets.features, targets.labels).numpy()
+
+    def loo_fn(row: int | None, seed: int) -> np.ndarray:
+        exclude = None if row is None else torch.tensor([row])
+        trained = train_head(
+            train.features, train.labels, train.ids, base, init_seed=seed, mask_seed=seed, exclude=exclude
+        )
+        return trained.head.losses(targets.features, targets.labels).numpy()
+
+    plain = base.replace(masking="dropout")  # the paper retrains without turn-over dropout after cleansing
+
+    def cleansing_fn(keep: np.ndarray, seed: int) -> float:
+        # exclude: the batch order is drawn for all N rows, so the kept examples meet the same batches in every
+        # condition and the comparison is paired (as for leave-one-out)
+        exclude = torch.as_tensor(np.flatnonzero(~keep))
+        trained = train_head(
+            train.features, train.labels, train.ids, plain, init_seed=seed, mask_seed=seed, exclude=exclude
+        )
+        return accuracy(trained.head, data.test)
+
+    return build_judge(len(train), subsets, subset_fn, loo_fn, cleansing_fn, settings, data.flipped, log)
+
+
 def run_fidelity(data: FidelityData, settings: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train everything, score everything, and return the rows plus diagnostics as a JSON-ready dict."""
+    """Head setting: train everything, score everything, and return the rows plus diagnostics as a JSON-ready dict."""
     started = time.perf_counter()
     settings = replace(settings, in_features=int(data.train.features.shape[1]))
     train, targets, noisy = data.train, data.targets, data.noisy_labels
@@ -671,37 +741,12 @@ def run_fidelity(data: FidelityData, settings: Settings, log: Callable[[str], No
             for i in range(settings.tracin_checkpoints)
         }
     )
-
-    # Ground truth: heads retrained on random halves with seeds no scored model uses, twice per subset.
-    log(f"ground truth: {settings.n_subsets} subsets x 2 retrainings ...")
-    subsets = random_subsets(len(train), settings.n_subsets, seed=settings.data_seed + 7)
-    gt_args = (train.features, train.labels, train.ids, subsets, targets.features, targets.labels, base)
-    gt, gt_seconds = timed(
-        lambda: subset_target_losses(*gt_args, seeds=range(GROUND_TRUTH_SEED, GROUND_TRUTH_SEED + len(subsets)))
-    )
-    gt_rep = subset_target_losses(*gt_args, seeds=range(REPLICATE_SEED, REPLICATE_SEED + len(subsets)))
-    gt_mean = (gt + gt_rep) / 2
-    reliability = float(np.nanmean(spearman_columns(gt, gt_rep)))
-    log(f"  done in {gt_seconds:.0f}s per set; ground-truth split-half reliability {reliability:.3f}")
-
-    def fidelity(row: Row, score_a: torch.Tensor, score_b: torch.Tensor) -> Row:
-        """LDS of run A's scores; agreement of runs A and B (other init and mask seeds)."""
-        row.lds = lds(score_a, subsets, gt)
-        row.lds_2seed = lds(score_a, subsets, gt_mean)
-        agreement = seed_agreement(score_a, score_b)
-        row.agreement, row.agreement_overall = agreement["per_target"], agreement["overall"]
-        return row
-
-    def mislabels(row: Row, suspicion: torch.Tensor, low_is_suspicious: bool | None = None) -> Row:
-        low = settings.low_is_suspicious if low_is_suspicious is None else low_is_suspicious
-        found = mislabel_detection(suspicion, data.flipped, low_is_suspicious=low)
-        row.mislabel_auc, row.recall_at_10 = found["auc"], found["recall@10%"]
-        row.extra["mislabel"] = found
-        return row
+    judge = head_judge(data, settings, log)
+    fidelity, mislabels = judge.fidelity, judge.mislabels
 
     def on_model_a(row: Row) -> None:
-        """Rows that score model (a) share its accuracy and training time."""
-        row.accuracy, row.train_seconds = row_a.accuracy, row_a.train_seconds
+        """Rows that score model (a) share its accuracy, its accuracy cost and its training time."""
+        row.accuracy, row.accuracy_cost, row.train_seconds = row_a.accuracy, row_a.accuracy_cost, row_a.train_seconds
 
     rows: list[Row] = []
     one_target = Split(targets.features[:1], targets.labels[:1], targets.ids[:1])
@@ -721,11 +766,12 @@ def run_fidelity(data: FidelityData, settings: Settings, log: Callable[[str], No
     self_a, row.self_seconds = timed(self_turnover, noisy_a, noisy_train, noisy)
     _, row.target_seconds = timed(turnover_scores, model_a, train.ids, one_target)
     row.accuracy, row.train_seconds = accuracy(model_a.head, data.test), model_a.seconds
+    row.accuracy_cost = pool.accuracy_cost(base, [0], row.accuracy)
     row.extra["closed_form_gap_vs_patched_model"] = gap
     # The direction of self-influence for mislabels, both ways, so the choice is visible.
     row.extra["mislabel_low_is_suspicious"] = mislabel_detection(self_a, data.flipped, low_is_suspicious=True)
     row.extra["mislabel_high_is_suspicious"] = mislabel_detection(self_a, data.flipped, low_is_suspicious=False)
-    rows.append(mislabels(row, self_a))
+    rows.append(mislabels(row, self_a).finish())
 
     # (b) seed ensembles: two disjoint ensembles of K models for agreement; mislabels from one ensemble.
     def ensemble_scores(models: list[TrainedHead], part: Split) -> torch.Tensor:
@@ -745,6 +791,7 @@ def run_fidelity(data: FidelityData, settings: Settings, log: Callable[[str], No
         self_ens, row.self_seconds = timed(ensemble_self, pool.many(base, range(k), noisy=True))
         _, row.target_seconds = timed(ensemble_scores, first, one_target)
         row.accuracy = float(np.mean([accuracy(m.head, data.test) for m in first]))
+        row.accuracy_cost = pool.accuracy_cost(base, range(k), row.accuracy)
         row.train_seconds = float(sum(m.seconds for m in first))
         with torch.no_grad():
             row.extra["ensemble_prediction_accuracy"] = float(
@@ -755,7 +802,7 @@ def run_fidelity(data: FidelityData, settings: Settings, log: Callable[[str], No
                 .float()
                 .mean()
             )
-        rows.append(mislabels(row, self_ens))
+        rows.append(mislabels(row, self_ens).finish())
 
     # (c) wider masked layers (K channels of W units, below, are a reparametrised layer of K * W units).
     for width in settings.wide_widths:
@@ -770,7 +817,8 @@ def run_fidelity(data: FidelityData, settings: Settings, log: Callable[[str], No
         self_wide, row.self_seconds = timed(self_turnover, wide_noisy, noisy_train, noisy)
         _, row.target_seconds = timed(turnover_scores, wide_a, train.ids, one_target)
         row.accuracy, row.train_seconds = accuracy(wide_a.head, data.test), wide_a.seconds
-        rows.append(mislabels(row, self_wide))
+        row.accuracy_cost = pool.accuracy_cost(wide, [0], row.accuracy)
+        rows.append(mislabels(row, self_wide).finish())
 
     # (d) residuals after regressing each target's scores on the examples' centred mask bits.
     log("(d) mask-bit regression ...")
@@ -785,13 +833,13 @@ def run_fidelity(data: FidelityData, settings: Settings, log: Callable[[str], No
         torch.from_numpy(res_b),
     )
     row.extra["r2_per_target_mean"] = float(np.nanmean(explained_variance(scores_a, res_a)))
-    row.extra["lds_of_fitted_part"] = lds(scores_a.double().numpy() - res_a, subsets, gt)
+    row.extra["lds_of_fitted_part"] = lds(scores_a.double().numpy() - res_a, judge.subsets, judge.gt)
     self_res, row.self_seconds = timed(lambda: linear_residuals(self_a, bits(noisy_a))[:, 0])
     row.self_seconds += row_a.self_seconds
     _, row.target_seconds = timed(linear_residuals, scores_a[:, :1], bits(model_a))
     row.target_seconds += row_a.target_seconds
     on_model_a(row)
-    rows.append(mislabels(row, torch.from_numpy(self_res)))
+    rows.append(mislabels(row, torch.from_numpy(self_res)).finish())
 
     # (e) the full network as the reference, and the mirror image.
     for reference, label in (("full", "L(flip) - L(full)"), ("mirror", "L(full) - L(mask)")):
@@ -804,7 +852,7 @@ def run_fidelity(data: FidelityData, settings: Settings, log: Callable[[str], No
         self_e, row.self_seconds = timed(self_turnover, noisy_a, noisy_train, noisy, reference)
         _, row.target_seconds = timed(turnover_scores, model_a, train.ids, one_target, reference)
         on_model_a(row)
-        rows.append(mislabels(row, self_e))
+        rows.append(mislabels(row, self_e).finish())
 
     # (f) K parallel masked channels in one model.
     for k in settings.channels:
@@ -836,7 +884,8 @@ def run_fidelity(data: FidelityData, settings: Settings, log: Callable[[str], No
             self_f, row.self_seconds = timed(self_fn, multi_noisy)
             _, row.target_seconds = timed(score_fn, multi_a, one_target)
             row.accuracy, row.train_seconds = accuracy(multi_a.head, data.test), multi_a.seconds
-            rows.append(mislabels(row, self_f))
+            row.accuracy_cost = pool.accuracy_cost(multi, [0], row.accuracy)
+            rows.append(mislabels(row, self_f).finish())
 
     # (g) peers on the same head as (a).
     log("(g) peers: gradient dot, TracIn, Gauss-Newton influence ...")
@@ -848,17 +897,58 @@ def run_fidelity(data: FidelityData, settings: Settings, log: Callable[[str], No
     self_g, row.self_seconds = timed(gradient_dot_self, noisy_a.head, noisy_a, noisy_train, noisy)
     _, row.target_seconds = timed(gradient_dot_scores, model_a.head, model_a, train, train.labels, one_target)
     on_model_a(row)
-    rows.append(mislabels(row, self_g))
+    rows.append(mislabels(row, self_g).finish())
 
+    epochs_text = ", ".join(map(str, ckpt_epochs))
     row = fidelity(
-        Row(f"(g) TracInCP, {len(ckpt_epochs)} checkpoints (epochs {', '.join(map(str, ckpt_epochs))})"),
+        Row(f"(g) TracInCP in-house, {len(ckpt_epochs)} checkpoints (epochs {epochs_text})"),
         tracin_scores(model_a, train, train.labels, targets),
         tracin_scores(model_b, train, train.labels, targets),
     )
     self_t, row.self_seconds = timed(tracin_self, noisy_a, noisy_train, noisy)
     _, row.target_seconds = timed(tracin_scores, model_a, train, train.labels, one_target)
     on_model_a(row)
-    rows.append(mislabels(row, self_t))
+    rows.append(mislabels(row, self_t).finish())
+
+    if "captum" in settings.peers and captum_available():
+        log("(g) Captum TracInCP / TracInCPFast over Trainer-style checkpoints ...")
+        steps = -(-len(train) // settings.batch_size)
+        with tempfile.TemporaryDirectory() as folder:
+            paths, write_seconds = {}, {}
+            for name, model in (("a", model_a), ("b", model_b), ("noisy", noisy_a)):
+                paths[name], write_seconds[name] = timed(
+                    write_checkpoints, model.checkpoints, os.path.join(folder, name), steps
+                )
+
+            def rows_of(model: TrainedHead, labels: torch.Tensor) -> torch.utils.data.Dataset:
+                return head_rows(train.features, model.masks(train.ids), labels)
+
+            def target_rows(part: Split) -> torch.utils.data.Dataset:
+                ones = torch.ones(len(part), base.channels, base.width)
+                return head_rows(part.features, ones, part.labels)
+
+            for label, kwargs in (
+                ("TracInCP (all head layers)", {"layers": ["hidden", "out"]}),
+                ("TracInCPFast (last layer)", {"final_layer": "out"}),
+            ):
+                row = fidelity(
+                    Row(f"(g) Captum {label}, {len(ckpt_epochs)} Trainer checkpoints"),
+                    captum_tracin(model_a.head, rows_of(model_a, train.labels), paths["a"], target_rows(targets), **kwargs),
+                    captum_tracin(model_b.head, rows_of(model_b, train.labels), paths["b"], target_rows(targets), **kwargs),
+                )
+                self_c, row.self_seconds = timed(
+                    lambda kw=kwargs: captum_tracin(noisy_a.head, rows_of(noisy_a, noisy), paths["noisy"], None, **kw)
+                )
+                _, row.target_seconds = timed(
+                    lambda kw=kwargs: captum_tracin(
+                        model_a.head, rows_of(model_a, train.labels), paths["a"], target_rows(one_target), **kw
+                    )
+                )
+                on_model_a(row)
+                row.train_seconds += write_seconds["a"]
+                rows.append(mislabels(row, self_c).finish())
+    else:
+        log("(g) Captum is not installed: its rows are skipped.")
 
     factor = settings.damping_factor
     by_factor = {
@@ -877,41 +967,583 @@ def run_fidelity(data: FidelityData, settings: Settings, log: Callable[[str], No
         influence_function_scores, model_a.head, model_a, train, train.labels, one_target, factor
     )
     on_model_a(row)
-    row.extra["lds_by_damping_factor"] = {str(f): lds(scores, subsets, gt) for f, scores in by_factor.items()}
-    rows.append(mislabels(row, self_if))
+    row.extra["lds_by_damping_factor"] = {str(f): lds(scores, judge.subsets, judge.gt) for f, scores in by_factor.items()}
+    rows.append(mislabels(row, self_if).finish())
 
-    if kronfluence_available():
+    if "kronfluence" in settings.peers and kronfluence_available():
         log("(g) Kronfluence EK-FAC ...")
+        _, gc_seconds = timed(gc.collect)  # Kronfluence calls gc.collect() several times per fit and scoring
+
+        def ekfac(model: TrainedHead, labels: torch.Tensor) -> KronfluenceEKFAC:
+            return KronfluenceEKFAC(model.head, head_rows(train.features, model.masks(train.ids), labels))
+
+        def ekfac_targets(part: Split) -> torch.utils.data.Dataset:
+            return head_rows(part.features, torch.ones(len(part), base.channels, base.width), part.labels)
+
+        fitted_a, setup = timed(ekfac, model_a, train.labels)
+        fitted_b = ekfac(model_b, train.labels)
         row = fidelity(
             Row("(g) Kronfluence EK-FAC influence, damping 0.1 x mean eigenvalue"),
-            kronfluence_scores(model_a, train, train.labels, targets),
-            kronfluence_scores(model_b, train, train.labels, targets),
+            fitted_a.scores(ekfac_targets(targets)),
+            fitted_b.scores(ekfac_targets(targets)),
         )
-        self_k, row.self_seconds = timed(kronfluence_scores, noisy_a, noisy_train, noisy, None)
-        _, row.target_seconds = timed(kronfluence_scores, model_a, train, train.labels, one_target)
+        self_k, row.self_seconds = timed(lambda: ekfac(noisy_a, noisy).self_scores())
+        _, target_score_seconds = timed(fitted_a.scores, ekfac_targets(one_target))
+        row.setup_seconds, row.target_seconds = setup, setup + target_score_seconds
+        row.extra["one_gc_collect_seconds"] = gc_seconds
         on_model_a(row)
-        rows.append(mislabels(row, self_k))
+        rows.append(mislabels(row, self_k).finish())
+        for fitted in (fitted_a, fitted_b):
+            fitted.close()
     else:
         log("(g) Kronfluence is not installed: its row is skipped.")
 
     row = Row("(g) training loss (mislabels only)")
     with torch.no_grad():
         loss_noisy, row.self_seconds = timed(noisy_a.head.losses, train.features, noisy)
-    row.accuracy = row_a.accuracy
+    row.accuracy, row.train_seconds = row_a.accuracy, row_a.train_seconds
     rows.append(mislabels(row, loss_noisy, low_is_suspicious=False))
 
     return {
+        "setting": "head",
         "settings": asdict(settings),
         "ground_truth": {
-            "subsets": len(subsets),
-            "subset_size": int(subsets[0].sum()),
+            **judge.summary(),
             "recipe": asdict(base),
-            "seeds": f"{GROUND_TRUTH_SEED}+s and {REPLICATE_SEED}+s (weights, batch order and masks)",
-            "split_half_reliability": reliability,
-            "seconds_per_set": gt_seconds,
+            "seeds": (
+                f"subsets {GROUND_TRUTH_SEED}+s and {REPLICATE_SEED}+s, leave-one-out {LOO_SEED}+s, cleansing "
+                f"{CLEANSING_SEED}+s (weights, batch order and masks); scored models use seeds below {GROUND_TRUTH_SEED}"
+            ),
         },
         "tracin_checkpoint_epochs": ckpt_epochs,
         "kronfluence": kronfluence_version(),
+        "captum": captum_version(),
+        "rows": [asdict(r) for r in rows],
+        "seconds_total": time.perf_counter() - started,
+    }
+
+
+# -- adapter setting ------------------------------------------------------------------------------------------------
+ADAPTER_NAME = "rt"
+TOP_CACHE_FILE = "minilm_top_layer_inputs_len{max_length}.safetensors"
+
+
+@dataclass
+class AdapterSettings:
+    """Sizes and recipes of one run of the adapter setting (bottleneck adapter in MiniLM's top layer)."""
+
+    n_train: int = 2000
+    n_targets: int = 100
+    n_test: int | None = None
+    n_subsets: int = 50
+    noise: float = 0.10
+    data_seed: int = 0
+    max_length: int = 64
+    reduction_factor: int = 8  # 384 / 8 = 48 bottleneck units, the demo's adapter
+    wide_reduction_factors: tuple[int, ...] = (1,)  # 384 bottleneck units
+    ensembles: tuple[int, ...] = (4, 16)
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 3e-3
+    tracin_checkpoints: int = 4
+    damping_factor: float = 0.1
+    n_loo: int = 40
+    loo_seeds: int = 3
+    cleansing_seeds: int = 5
+    cleansing_fraction: float = 0.01
+    low_is_suspicious: bool = False
+    peers: tuple[str, ...] = ("captum", "kronfluence")  # optional peers to run when installed
+    library_timing: bool = True  # also time turnover_hf.TurnoverScorer on the full model (single model)
+
+    def recipe(self, **changes: Any) -> TopRecipe:
+        return replace(TopRecipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr), **changes)
+
+
+QUICK_ADAPTERS = AdapterSettings(
+    n_train=200,
+    n_targets=20,
+    n_test=200,
+    n_subsets=10,
+    ensembles=(4,),
+    wide_reduction_factors=(1,),
+    n_loo=10,
+    loo_seeds=2,
+    cleansing_seeds=2,
+)
+
+
+@dataclass
+class AdapterData:
+    """Cached cut inputs of every split, and how to get a patched model (and its top) for an adapter size."""
+
+    train: TopInputs
+    noisy_labels: torch.Tensor
+    flipped: np.ndarray
+    targets: TopInputs
+    test: TopInputs
+    build_model: Callable[[int], nn.Module]  # reduction factor -> patched full model (adapter in the top layer)
+    train_batches: list[dict[str, torch.Tensor]] = field(default_factory=list)  # tokenized, for library timing
+    target_batch: dict[str, torch.Tensor] | None = None  # tokenized first targets, for the exactness check
+    _models: dict[int, tuple[nn.Module, TopModel]] = field(default_factory=dict)
+
+    def model_and_top(self, reduction_factor: int) -> tuple[nn.Module, TopModel]:
+        if reduction_factor not in self._models:
+            model = self.build_model(reduction_factor)
+            self._models[reduction_factor] = (model, TopModel(model))
+        return self._models[reduction_factor]
+
+
+def build_adapter_model(reduction_factor: int, seed: int = 0) -> nn.Module:
+    """all-MiniLM-L6-v2 with a fresh 2-way head and a bottleneck adapter in its top layer, patched (demo recipe)."""
+    import adapters
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # "newly initialized: classifier" is expected
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        th.assets.minilm_path(), num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    adapters.init(model)
+    layers = model.config.num_hidden_layers
+    model.add_adapter(
+        ADAPTER_NAME,
+        config=adapters.SeqBnConfig(reduction_factor=reduction_factor, leave_out=list(range(layers - 1))),
+    )
+    model.train_adapter(ADAPTER_NAME)
+    return th.patch_model(model, th.TurnoverConfig(seed=0), freeze_leaking=True).eval()
+
+
+def _top_cache(model: nn.Module, rows: list[tuple[int, str, int]], tokenizer: Any, max_length: int, batch_size: int = 64) -> TopInputs:
+    """Cut inputs of (example_id, text, label) rows, computed in length-sorted batches and returned in row order."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][1]))
+
+    def batches():
+        for start in range(0, len(order), batch_size):
+            chosen = [rows[i] for i in order[start : start + batch_size]]
+            batch = dict(
+                tokenizer([t for _, t, _ in chosen], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            )
+            batch["labels"] = torch.tensor([y for _, _, y in chosen])
+            batch["example_ids"] = torch.tensor([i for i, _, _ in chosen])
+            yield batch
+
+    cache = cache_top_inputs(model, batches())
+    inverse = torch.empty(len(order), dtype=torch.int64)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return cache.select(inverse)
+
+
+def load_adapter_data(settings: AdapterSettings, full_cache: bool, cache_dir: Path = CACHE_DIR) -> AdapterData:
+    """Rotten Tomatoes through frozen MiniLM up to the top layer's adapter, cached on disk for the whole corpus."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    data = th.assets.rotten_tomatoes(
+        seed=settings.data_seed, n_train=settings.n_train, n_validation=settings.n_targets, n_test=settings.n_test
+    )
+    tokenizer = AutoTokenizer.from_pretrained(th.assets.minilm_path())
+    model = build_adapter_model(settings.reduction_factor)
+    everything = th.assets.rotten_tomatoes()
+    corpus = sorted(
+        (int(i), t, int(y)) for split in everything.values() for i, t, y in zip(split["example_id"], split["text"], split["label"])
+    )
+    fingerprint = _texts_fingerprint([i for i, _, _ in corpus], [t for _, t, _ in corpus])
+    path = cache_dir / TOP_CACHE_FILE.format(max_length=settings.max_length)
+    by_id: dict[int, int] | None = None
+    cache: TopInputs | None = None
+    if path.exists():
+        with safe_open(str(path), framework="pt") as handle:
+            valid = (handle.metadata() or {}).get("texts_sha256") == fingerprint
+        if valid:
+            stored = load_file(str(path))
+            cache = TopInputs(stored["hidden"], stored["residual"], stored["labels"], stored["example_ids"])
+    if cache is None:
+        needed = {int(i) for split in data.values() for i in split["example_id"]}
+        rows = corpus if full_cache else [r for r in corpus if r[0] in needed]
+        cache = _top_cache(model, rows, tokenizer, settings.max_length)
+        if full_cache:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                save_file(
+                    {
+                        "hidden": cache.hidden.contiguous(),
+                        "residual": cache.residual.contiguous(),
+                        "labels": cache.labels,
+                        "example_ids": cache.example_ids,
+                    },
+                    tmp,
+                    metadata={"texts_sha256": fingerprint, "model": "all-MiniLM-L6-v2", "cut": "top layer output adapter"},
+                )
+    by_id = {int(i): r for r, i in enumerate(cache.example_ids.tolist())}
+
+    def split(name: str) -> TopInputs:
+        return cache.select([by_id[int(i)] for i in data[name]["example_id"]])
+
+    train = split("train")
+    noisy, flipped = with_flipped_labels(train.labels, settings.noise, settings.data_seed + 1)
+
+    def tokenized(name: str, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        part = data[name].select(list(rows))
+        batch = dict(
+            tokenizer(list(part["text"]), padding=True, truncation=True, max_length=settings.max_length, return_tensors="pt")
+        )
+        batch["labels"] = torch.tensor(list(part["label"]))
+        batch["example_ids"] = torch.tensor(list(part["example_id"]))
+        return batch
+
+    order = sorted(range(len(data["train"])), key=lambda i: len(data["train"][i]["text"]))
+    train_batches = [tokenized("train", order[s : s + 64]) for s in range(0, len(order), 64)]
+    out = AdapterData(
+        train, noisy, flipped, split("validation"), split("test"), build_adapter_model, train_batches,
+        tokenized("validation", range(min(3, len(data["validation"])))),
+    )
+    out._models[settings.reduction_factor] = (model, TopModel(model))
+    return out
+
+
+class TopPool:
+    """Trains adapters + heads on the cached cut on demand and keeps them, one per (size, recipe, labels, seed)."""
+
+    def __init__(self, data: AdapterData) -> None:
+        self.data = data
+        self._models: dict[tuple[int, TopRecipe, bool, int], TrainedTop] = {}
+
+    def get(
+        self, reduction: int, recipe: TopRecipe, seed: int, *, noisy: bool = False, checkpoint_epochs: Sequence[int] = ()
+    ) -> TrainedTop:
+        key = (reduction, recipe, noisy, seed)
+        if key not in self._models:
+            top = self.data.model_and_top(reduction)[1]
+            train = self.data.train.with_labels(self.data.noisy_labels) if noisy else self.data.train
+            self._models[key] = train_top(
+                top, train, recipe, init_seed=seed, mask_seed=seed, checkpoint_epochs=checkpoint_epochs
+            )
+        return self._models[key]
+
+    def many(self, reduction: int, recipe: TopRecipe, seeds: Sequence[int], *, noisy: bool = False) -> list[TrainedTop]:
+        return [self.get(reduction, recipe, s, noisy=noisy) for s in seeds]
+
+    def accuracy(self, reduction: int, trained: TrainedTop) -> float:
+        return top_accuracy(self.data.model_and_top(reduction)[1], trained, self.data.test)
+
+    def accuracy_cost(self, reduction: int, recipe: TopRecipe, seeds: Sequence[int], masked_accuracy: float) -> float:
+        dropout = replace(recipe, masking="dropout")
+        plain = float(np.mean([self.accuracy(reduction, self.get(reduction, dropout, s)) for s in seeds]))
+        return 100.0 * (plain - masked_accuracy)
+
+
+def adapter_units(top: TopModel) -> int:
+    """Bottleneck width of the top layer's adapter."""
+    return next(m.out_features for name, m in top.named_modules() if name.endswith("adapter_down.0"))
+
+
+def top_layer_names(top: TopModel) -> list[str]:
+    """Names of the Linear modules holding the trainable parameters (adapter down / up, classifier)."""
+    return sorted({name.rpartition(".")[0] for name in top.trainable()})
+
+
+def top_factors(top: TopModel, part: TopInputs, masked: bool) -> MarginFactors:
+    """Margin-gradient factors of every row on the trainable parameters (own masks, or the full network)."""
+    modules = dict(top.named_modules())
+    layers = [modules[name] for name in top_layer_names(top)]
+
+    def forward(rows: torch.Tensor) -> torch.Tensor:
+        ids = part.example_ids[rows] if masked else None
+        return top(part.hidden[rows], part.residual[rows], ids)
+
+    return margin_factors(forward, len(part), layers, part.labels.long())
+
+
+def top_rows(part: TopInputs, masked: bool) -> torch.utils.data.Dataset:
+    """``(hidden, residual, example_ids, label)`` rows; ids of -1 run the full network (targets)."""
+    ids = part.example_ids if masked else torch.full((len(part),), -1, dtype=torch.int64)
+    return torch.utils.data.TensorDataset(part.hidden, part.residual, ids, part.labels.long())
+
+
+def adapter_judge(data: AdapterData, settings: AdapterSettings, log: Callable[[str], None]) -> Judge:
+    """Ground truths of the adapter setting, retrained on the cached cut with unseen seeds."""
+    train, targets = data.train, data.targets
+    top = data.model_and_top(settings.reduction_factor)[1]
+    base, plain = settings.recipe(), settings.recipe(masking="dropout")
+    subsets = random_subsets(len(train), settings.n_subsets, seed=settings.data_seed + 7)
+
+    def subset_fn(rows: np.ndarray, seed: int) -> np.ndarray:
+        trained = train_top(top, train.select(rows), base, init_seed=seed, mask_seed=seed)
+        return top_losses(top, trained, targets).numpy()
+
+    def loo_fn(row: int | None, seed: int) -> np.ndarray:
+        exclude = None if row is None else [row]
+        trained = train_top(top, train, base, init_seed=seed, mask_seed=seed, exclude=exclude)
+        return top_losses(top, trained, targets).numpy()
+
+    def cleansing_fn(keep: np.ndarray, seed: int) -> float:
+        exclude = np.flatnonzero(~keep).tolist()  # paired: the kept rows meet the same batches in every condition
+        trained = train_top(top, train, plain, init_seed=seed, mask_seed=seed, exclude=exclude)
+        return top_accuracy(top, trained, data.test)
+
+    return build_judge(len(train), subsets, subset_fn, loo_fn, cleansing_fn, settings, data.flipped, log)
+
+
+def check_top_exact(data: AdapterData, reduction: int, trained: TrainedTop, n_ids: int = 4) -> float:
+    """Largest gap between the cached top's scores and ``turnover_hf.TurnoverScorer`` (batched) on the full model."""
+    if data.target_batch is None:
+        return float("nan")
+    model, top = data.model_and_top(reduction)
+    batch = data.target_batch
+    n_targets = len(batch["labels"])
+    ids = data.train.example_ids[:n_ids]
+    fast = top_turnover_scores(top, trained, ids, data.targets.select(range(n_targets)))
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_ids")}
+    with trained.active(top):
+        reference = th.TurnoverScorer(model, fast=False).scores(inputs, batch["labels"], ids)
+    return float((fast - reference).abs().max())
+
+
+def library_times(data: AdapterData, reduction: int, trained: TrainedTop) -> dict[str, Any]:
+    """Seconds of ``turnover_hf.TurnoverScorer`` on the full model: one target vs all N, self-influence of all N."""
+    model, top = data.model_and_top(reduction)
+    batch = data.target_batch
+    inputs = {k: v[:1] for k, v in batch.items() if k not in ("labels", "example_ids")}
+    out: dict[str, Any] = {}
+    with trained.active(top):
+        scorer = th.TurnoverScorer(model, batch_size=256)
+        _, out["one_target_seconds"] = timed(scorer.scores, inputs, batch["labels"][:1], data.train.example_ids)
+        out["path"] = scorer.path
+
+        def self_all() -> None:
+            for part in data.train_batches:
+                scorer.self_scores(part, part["labels"], part["example_ids"])
+
+        _, out["self_influence_seconds"] = timed(self_all)
+    return out
+
+
+def run_adapter_fidelity(
+    data: AdapterData, settings: AdapterSettings, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Adapter setting: train on the cached cut, score every method, return rows and diagnostics (JSON-ready)."""
+    started = time.perf_counter()
+    train, targets = data.train, data.targets
+    noisy_train = train.with_labels(data.noisy_labels)
+    rf = settings.reduction_factor
+    model, top = data.model_and_top(rf)
+    base = settings.recipe()
+    units = adapter_units(top)
+    pool = TopPool(data)
+    ckpt_epochs = sorted(
+        {max(1, round(settings.epochs * (i + 1) / settings.tracin_checkpoints)) for i in range(settings.tracin_checkpoints)}
+    )
+    judge = adapter_judge(data, settings, log)
+    fidelity, mislabels = judge.fidelity, judge.mislabels
+    one_target = targets.select([0])
+    rows: list[Row] = []
+
+    def on_model_a(row: Row) -> None:
+        row.accuracy, row.accuracy_cost, row.train_seconds = row_a.accuracy, row_a.accuracy_cost, row_a.train_seconds
+
+    log("(a) single-model turn-over ...")
+    model_a = pool.get(rf, base, 0, checkpoint_epochs=ckpt_epochs)
+    model_b = pool.get(rf, base, 1, checkpoint_epochs=ckpt_epochs)
+    noisy_a = pool.get(rf, base, 0, noisy=True, checkpoint_epochs=ckpt_epochs)
+    gap = check_top_exact(data, rf, model_a)
+    if gap > 1e-4:
+        raise RuntimeError(f"cached top-layer scores disagree with TurnoverScorer on the full model by {gap:.3g}.")
+    scores_a = top_turnover_scores(top, model_a, train.example_ids, targets)
+    row_a = row = fidelity(
+        Row(f"(a) turn-over, single model, adapter {units} units"),
+        scores_a,
+        top_turnover_scores(top, model_b, train.example_ids, targets),
+    )
+    self_a, row.self_seconds = timed(top_self_scores, top, noisy_a, noisy_train)
+    _, row.target_seconds = timed(top_turnover_scores, top, model_a, train.example_ids, one_target)
+    row.accuracy, row.train_seconds = pool.accuracy(rf, model_a), model_a.seconds
+    row.accuracy_cost = pool.accuracy_cost(rf, base, [0], row.accuracy)
+    row.extra["cached_top_gap_vs_turnover_scorer"] = gap
+    row.extra["mislabel_low_is_suspicious"] = mislabel_detection(self_a, data.flipped, low_is_suspicious=True)
+    row.extra["mislabel_high_is_suspicious"] = mislabel_detection(self_a, data.flipped, low_is_suspicious=False)
+    if settings.library_timing and data.train_batches:
+        log("    timing turnover_hf.TurnoverScorer on the full model ...")
+        row.extra["library_turnover_scorer"] = library_times(data, rf, model_a)
+    rows.append(mislabels(row, self_a).finish())
+
+    def ensemble_scores(models: list[TrainedTop], part: TopInputs) -> torch.Tensor:
+        return torch.stack([top_turnover_scores(top, m, train.example_ids, part) for m in models]).mean(0)
+
+    for k in settings.ensembles:
+        log(f"(b) ensemble of {k} ...")
+        first, second = pool.many(rf, base, range(k)), pool.many(rf, base, range(k, 2 * k))
+        row = fidelity(
+            Row(f"(b) turn-over, seed ensemble K={k}"), ensemble_scores(first, targets), ensemble_scores(second, targets)
+        )
+        noisy_models = pool.many(rf, base, range(k), noisy=True)
+        self_ens, row.self_seconds = timed(
+            lambda models=noisy_models: torch.stack([top_self_scores(top, m, noisy_train) for m in models]).mean(0)
+        )
+        _, row.target_seconds = timed(ensemble_scores, first, one_target)
+        row.accuracy = float(np.mean([pool.accuracy(rf, m) for m in first]))
+        row.accuracy_cost = pool.accuracy_cost(rf, base, range(k), row.accuracy)
+        row.train_seconds = float(sum(m.seconds for m in first))
+        rows.append(mislabels(row, self_ens).finish())
+
+    for wide_rf in settings.wide_reduction_factors:
+        wide_top = data.model_and_top(wide_rf)[1]
+        wide_units = adapter_units(wide_top)
+        log(f"(c) adapter of {wide_units} units ...")
+        wide_a, wide_b = pool.get(wide_rf, base, 0), pool.get(wide_rf, base, 1)
+        wide_noisy = pool.get(wide_rf, base, 0, noisy=True)
+        row = fidelity(
+            Row(f"(c) turn-over, wider adapter {wide_units} units"),
+            top_turnover_scores(wide_top, wide_a, train.example_ids, targets),
+            top_turnover_scores(wide_top, wide_b, train.example_ids, targets),
+        )
+        self_w, row.self_seconds = timed(top_self_scores, wide_top, wide_noisy, noisy_train)
+        _, row.target_seconds = timed(top_turnover_scores, wide_top, wide_a, train.example_ids, one_target)
+        row.accuracy, row.train_seconds = pool.accuracy(wide_rf, wide_a), wide_a.seconds
+        row.accuracy_cost = pool.accuracy_cost(wide_rf, base, [0], row.accuracy)
+        rows.append(mislabels(row, self_w).finish())
+
+    # (g) peers on the same adapter and head as (a).
+    log("(g) peers: gradient dot, TracIn, Gauss-Newton influence ...")
+
+    def grad_dot(trained: TrainedTop, part: TopInputs, state: dict | None = None) -> torch.Tensor:
+        with trained.active(top, state):
+            return gradient_dot(top_factors(top, train, True), top_factors(top, part, False))
+
+    def grad_dot_self(trained: TrainedTop, state: dict | None = None) -> torch.Tensor:
+        with trained.active(top, state):
+            return gradient_dot(top_factors(top, noisy_train, True), top_factors(top, noisy_train, False), paired=True)
+
+    row = fidelity(Row("(g) gradient dot product (final model)"), grad_dot(model_a, targets), grad_dot(model_b, targets))
+    self_g, row.self_seconds = timed(grad_dot_self, noisy_a)
+    _, row.target_seconds = timed(grad_dot, model_a, one_target)
+    on_model_a(row)
+    rows.append(mislabels(row, self_g).finish())
+
+    def tracin(trained: TrainedTop, part: TopInputs) -> torch.Tensor:
+        return sum(c.lr * grad_dot(trained, part, c.state_dict) for c in trained.checkpoints)
+
+    def tracin_self_top(trained: TrainedTop) -> torch.Tensor:
+        return sum(c.lr * grad_dot_self(trained, c.state_dict) for c in trained.checkpoints)
+
+    epochs_text = ", ".join(map(str, ckpt_epochs))
+    row = fidelity(
+        Row(f"(g) TracInCP in-house, {len(ckpt_epochs)} checkpoints (epochs {epochs_text})"),
+        tracin(model_a, targets),
+        tracin(model_b, targets),
+    )
+    self_t, row.self_seconds = timed(tracin_self_top, noisy_a)
+    _, row.target_seconds = timed(tracin, model_a, one_target)
+    on_model_a(row)
+    rows.append(mislabels(row, self_t).finish())
+
+    layer_names = top_layer_names(top)
+    if "captum" in settings.peers and captum_available():
+        log("(g) Captum TracInCP / TracInCPFast over Trainer-style checkpoints ...")
+        steps = -(-len(train) // settings.batch_size)
+        with tempfile.TemporaryDirectory() as folder:
+            paths, write_seconds = {}, {}
+            for name, trained in (("a", model_a), ("b", model_b), ("noisy", noisy_a)):
+                paths[name], write_seconds[name] = timed(
+                    write_checkpoints, trained.checkpoints, os.path.join(folder, name), steps
+                )
+
+            def captum(trained: TrainedTop, part: TopInputs | None, path_key: str, **kwargs: Any) -> torch.Tensor:
+                rows_ = top_rows(noisy_train if part is None else train, True)
+                with trained.active(top):
+                    return captum_tracin(
+                        top, rows_, paths[path_key], None if part is None else top_rows(part, False), **kwargs
+                    )
+
+            for label, kwargs in (
+                ("TracInCP (adapter + classifier)", {"layers": layer_names}),
+                ("TracInCPFast (classifier)", {"final_layer": "classifier"}),
+            ):
+                row = fidelity(
+                    Row(f"(g) Captum {label}, {len(ckpt_epochs)} Trainer checkpoints"),
+                    captum(model_a, targets, "a", **kwargs),
+                    captum(model_b, targets, "b", **kwargs),
+                )
+                self_c, row.self_seconds = timed(lambda kw=kwargs: captum(noisy_a, None, "noisy", **kw))
+                _, row.target_seconds = timed(lambda kw=kwargs: captum(model_a, one_target, "a", **kw))
+                on_model_a(row)
+                row.train_seconds += write_seconds["a"]
+                rows.append(mislabels(row, self_c).finish())
+    else:
+        log("(g) Captum is not installed: its rows are skipped.")
+
+    factor = settings.damping_factor
+
+    def influence(trained: TrainedTop, part: TopInputs | None) -> torch.Tensor:
+        with trained.active(top):
+            if part is None:
+                return gauss_newton_influence(
+                    top_factors(top, noisy_train, True), top_factors(top, noisy_train, False), factor, paired=True
+                )
+            return gauss_newton_influence(top_factors(top, train, True), top_factors(top, part, False), factor)
+
+    row = fidelity(
+        Row(f"(g) Gauss-Newton influence, damping {factor:g} x mean eigenvalue"),
+        influence(model_a, targets),
+        influence(model_b, targets),
+    )
+    self_if, row.self_seconds = timed(influence, noisy_a, None)
+    _, row.target_seconds = timed(influence, model_a, one_target)
+    on_model_a(row)
+    rows.append(mislabels(row, self_if).finish())
+
+    if "kronfluence" in settings.peers and kronfluence_available():
+        log("(g) Kronfluence EK-FAC ...")
+        _, gc_seconds = timed(gc.collect)  # Kronfluence calls gc.collect() several times per fit and scoring
+
+        def ekfac(trained: TrainedTop, part: TopInputs) -> KronfluenceEKFAC:
+            with trained.active(top):
+                return KronfluenceEKFAC(top, top_rows(part, True), tracked=layer_names)
+
+        fitted_a, setup = timed(ekfac, model_a, train)
+        fitted_b = ekfac(model_b, train)
+        row = fidelity(
+            Row("(g) Kronfluence EK-FAC influence, damping 0.1 x mean eigenvalue"),
+            fitted_a.scores(top_rows(targets, False)),
+            fitted_b.scores(top_rows(targets, False)),
+        )
+        self_k, row.self_seconds = timed(lambda: ekfac(noisy_a, noisy_train).self_scores())
+        _, target_score_seconds = timed(fitted_a.scores, top_rows(one_target, False))
+        row.setup_seconds, row.target_seconds = setup, setup + target_score_seconds
+        row.extra["one_gc_collect_seconds"] = gc_seconds
+        on_model_a(row)
+        rows.append(mislabels(row, self_k).finish())
+        for fitted in (fitted_a, fitted_b):
+            fitted.close()
+    else:
+        log("(g) Kronfluence is not installed: its row is skipped.")
+
+    row = Row("(g) training loss (mislabels only)")
+    loss_noisy, row.self_seconds = timed(top_losses, top, noisy_a, noisy_train)
+    row.accuracy, row.train_seconds = row_a.accuracy, row_a.train_seconds
+    rows.append(mislabels(row, loss_noisy, low_is_suspicious=False))
+
+    n_params = sum(p.numel() for p in top.trainable().values())
+    return {
+        "setting": "adapters",
+        "settings": asdict(settings),
+        "model": {
+            "adapter_units": units,
+            "trainable_parameters": n_params,
+            "mask_sites": dict(model.turnover_config.mask_sites),
+        },
+        "ground_truth": {
+            **judge.summary(),
+            "recipe": asdict(base),
+            "seeds": (
+                f"subsets {GROUND_TRUTH_SEED}+s and {REPLICATE_SEED}+s, leave-one-out {LOO_SEED}+s, cleansing "
+                f"{CLEANSING_SEED}+s (weights, batch order and masks); scored models use seeds below {GROUND_TRUTH_SEED}"
+            ),
+        },
+        "tracin_checkpoint_epochs": ckpt_epochs,
+        "kronfluence": kronfluence_version(),
+        "captum": captum_version(),
         "rows": [asdict(r) for r in rows],
         "seconds_total": time.perf_counter() - started,
     }
@@ -921,14 +1553,17 @@ def run_fidelity(data: FidelityData, settings: Settings, log: Callable[[str], No
 COLUMNS = (
     ("method", "method"),
     ("lds", "LDS"),
-    ("lds_2seed", "LDS 2-seed GT"),
+    ("loo_corr", "LOO corr."),
     ("agreement", "seed agreement"),
     ("mislabel_auc", "mislabel AUC"),
     ("recall_at_10", "recall@10%"),
+    ("cleansing_gain", "cleansing gain (pt)"),
+    ("accuracy_cost", "acc. cost of masks (pt)"),
     ("accuracy", "test acc."),
     ("train_seconds", "train s"),
     ("self_seconds", "self-infl. s (all N)"),
     ("target_seconds", "1 target s (all N)"),
+    ("end_to_end_seconds", "end-to-end s"),
 )
 
 
@@ -939,25 +1574,42 @@ def _cell(key: str, value: Any) -> str:
         return str(value)
     if key.endswith("seconds"):
         return f"{value:.3f}" if value < 10 else f"{value:.0f}"
+    if key in ("cleansing_gain", "accuracy_cost"):
+        return f"{value:+.2f}"
     return f"{value:.3f}"
 
 
-def markdown(results: dict[str, Any]) -> str:
+def _setting_line(results: dict[str, Any]) -> str:
     s, gt = results["settings"], results["ground_truth"]
+    common = (
+        f"N={s['n_train']} training examples, {s['n_targets']} validation targets, {gt['subsets']} half-size "
+        f"subsets (ground-truth split-half reliability {gt['split_half_reliability']:.3f}); LOO on "
+        f"{gt['loo_examples']} examples x {gt['loo_seeds']} retrain seeds; {s['noise']:.0%} labels flipped for "
+        f"mislabel detection ({'low' if s['low_is_suspicious'] else 'high'} self-influence = suspicious; high "
+        "loss for the training-loss row)."
+    )
+    if results.get("setting") == "adapters":
+        m = results["model"]
+        return (
+            f"all-MiniLM-L6-v2 with a bottleneck adapter ({m['adapter_units']} units) in its top layer, turn-over "
+            f"masks on {', '.join(m['mask_sites'])}; {m['trainable_parameters']} trainable parameters retrained on "
+            f"cached lower layers, {s['epochs']} epochs of Adam (lr {s['lr']:g}, batch {s['batch_size']}). " + common
+        )
+    return (
+        f"Head {s['in_features']} -> W -> 2 on frozen MiniLM embeddings, {s['epochs']} epochs of Adam (lr "
+        f"{s['lr']:g}, batch {s['batch_size']}). " + common
+    )
+
+
+def markdown(results: dict[str, Any]) -> str:
     lines = [
-        (
-            f"N={s['n_train']} training examples, {s['n_targets']} validation targets, {gt['subsets']} half-size "
-            f"subsets (ground-truth split-half reliability {gt['split_half_reliability']:.3f}); head "
-            f"{s['in_features']} -> W -> 2, {s['epochs']} epochs of Adam (lr {s['lr']:g}, batch {s['batch_size']}); {s['noise']:.0%} labels flipped "
-            f"for mislabel detection ({'low' if s['low_is_suspicious'] else 'high'} self-influence = suspicious; "
-            "high loss for the training-loss row)."
-        ),
+        _setting_line(results),
         "",
         "| " + " | ".join(title for _, title in COLUMNS) + " |",
         "|" + "|".join("---" if key == "method" else "---:" for key, _ in COLUMNS) + "|",
     ]
     for row in results["rows"]:
-        lines.append("| " + " | ".join(_cell(key, row[key]) for key, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(key, row.get(key)) for key, _ in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -966,21 +1618,49 @@ def notes(results: dict[str, Any]) -> list[str]:
     gt, first = results["ground_truth"], results["rows"][0]
     out = [
         (
-            f"- Ground truth: {gt['subsets']} random subsets of {gt['subset_size']} examples, each retrained twice "
-            f"(seeds {gt['seeds']}). Split-half reliability (per-target Spearman between the two retrainings, mean): "
-            f"{gt['split_half_reliability']:.3f}, so even an exact predictor of the expected loss would score well "
-            "below 1 against one retraining."
-        ),
-        (
-            f"- Closed-form turn-over scores vs. the patched head (`turnover_hf.patch_model` + `instance_masks`, one "
-            f"forward per row): max gap {first['extra']['closed_form_gap_vs_patched_model']:.1e}."
-        ),
-        (
-            "- Mislabel direction, single model: AUC "
-            f"{first['extra']['mislabel_high_is_suspicious']['auc']:.3f} ranking high self-influence first, "
-            f"{first['extra']['mislabel_low_is_suspicious']['auc']:.3f} ranking low self-influence first."
+            f"- Ground truths ({gt['seeds']}). LDS: {gt['subsets']} random subsets of {gt['subset_size']} examples, "
+            f"each retrained twice; split-half reliability (per-target Spearman between the two retrainings, mean) "
+            f"{gt['split_half_reliability']:.3f}, so even an exact predictor of the expected loss scores well below 1."
         ),
     ]
+    if "loo_seed_to_seed_pearson" in gt:
+        out.append(
+            f"- Leave-one-out: {gt['loo_examples']} random examples x the targets, mean over {gt['loo_seeds']} retrain "
+            f"seeds; the actual effects of two seeds correlate at Pearson {gt['loo_seed_to_seed_pearson']:.3f} (the "
+            "noise ceiling of the LOO column: one example's removal is mostly retraining noise)."
+        )
+    if "cleansing" in gt:
+        c = gt["cleansing"]
+        out.append(
+            f"- Cleansing: {c['removed']} examples removed (1 %), {c['seeds']} retrain seeds with ordinary dropout; "
+            f"test accuracy with nothing removed {np.mean(c['accuracy_none']):.4f}, with random removal "
+            f"{np.mean(c['accuracy_random']):.4f}. The column is the gain over random removal in points; the paper's "
+            "Table 2 reports +1.3 points over no cleansing under a domain shift (SST-2 -> electronics); here "
+            "validation and test come from the same distribution."
+        )
+    if "closed_form_gap_vs_patched_model" in first["extra"]:
+        out.append(
+            f"- Closed-form turn-over scores vs. the patched head (`turnover_hf.patch_model` + `instance_masks`, one "
+            f"forward per row): max gap {first['extra']['closed_form_gap_vs_patched_model']:.1e}."
+        )
+    if "cached_top_gap_vs_turnover_scorer" in first["extra"]:
+        out.append(
+            "- Cached top-layer scores vs. `turnover_hf.TurnoverScorer` (batched path) on the full patched MiniLM: "
+            f"max gap {first['extra']['cached_top_gap_vs_turnover_scorer']:.1e}."
+        )
+    library = first["extra"].get("library_turnover_scorer")
+    if library:
+        out.append(
+            f"- The same single model through the library's generic `TurnoverScorer` on the full MiniLM (tokens in, "
+            f"`{library['path']}` path): one target vs all N {library['one_target_seconds']:.1f} s, self-influence of "
+            f"all N {library['self_influence_seconds']:.1f} s. The table's turn-over times use the cached top "
+            "(the same scores); every peer also runs on the cached top."
+        )
+    out.append(
+        "- Mislabel direction, single model: AUC "
+        f"{first['extra']['mislabel_high_is_suspicious']['auc']:.3f} ranking high self-influence first, "
+        f"{first['extra']['mislabel_low_is_suspicious']['auc']:.3f} ranking low self-influence first."
+    )
     for row in results["rows"]:
         extra = row["extra"]
         if "r2_per_target_mean" in extra:
@@ -1000,62 +1680,93 @@ def notes(results: dict[str, Any]) -> list[str]:
                 f"- {row['method']}: accuracy of the averaged ensemble prediction "
                 f"{extra['ensemble_prediction_accuracy']:.3f} (the table shows the mean member)."
             )
-    if results.get("kronfluence") is None:
-        out.append(
-            "- Kronfluence is not installed, so its row is missing (`pip install --no-deps kronfluence einops "
-            "einconv opt-einsum` adds it without replacing torch). Captum was not tried: its TracInCP would "
-            "repeat the in-house TracIn row."
-        )
-    else:
-        out.append(
-            f"- Kronfluence {results['kronfluence']} (EK-FAC factors fitted on the masked training loss with "
-            "sampled labels; targets measured on the full network). Captum was not tried: its TracInCP "
-            "would repeat the in-house TracIn row."
-        )
+    out.append(
+        "- Accuracy cost of masks: the ordinary-dropout twin (same recipe, p, units and seeds) minus the turn-over "
+        "model(s) a row scores, in points. Peers (g) score model (a), so they show its cost; run on an ordinary "
+        "model they would cost nothing."
+    )
+    peers = []
+    peers.append(
+        f"Kronfluence {results['kronfluence']} (EK-FAC factors fitted on the masked training loss with sampled "
+        "labels; targets on the full network; setup = fitting the factors, counted in both timing columns and "
+        "once end to end)"
+        if results.get("kronfluence")
+        else "Kronfluence is not installed, so its row is missing (`pip install --no-deps kronfluence einops einconv opt-einsum`)"
+    )
+    peers.append(
+        f"Captum {results['captum']} (TracInCP with per-sample gradients of the trainable layers, TracInCPFast on "
+        "the last layer, both over Trainer-style checkpoint folders written with the learning rate; summed "
+        "cross-entropy; Captum's self-influence is the masked training gradient against itself)"
+        if results.get("captum")
+        else "Captum is not installed, so its rows are missing (`pip install --no-deps captum`)"
+    )
+    out.append("- Peers: " + "; ".join(peers) + ".")
+    for row in results["rows"]:
+        if "one_gc_collect_seconds" in row["extra"]:
+            out.append(
+                "- Part of Kronfluence's fixed cost is its own memory release: about nine `gc.collect()` calls per "
+                f"fit and scoring, {row['extra']['one_gc_collect_seconds']:.2f} s each in this process."
+            )
     env = results.get("environment", {})
+    load = env.get("load_average")
+    load_text = f" (load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f})" if load else ""
     out.append(
         f"- Whole run: {results['seconds_total']:.0f} s on {env.get('threads', '?')} torch thread(s) of a shared "
-        f"{env.get('cpu_count', '?')}-core machine; times are wall-clock and noisy. Train s = training of "
+        f"{env.get('cpu_count', '?')}-core machine{load_text}; times are wall-clock and noisy. Train s = training of "
         "all the models one score matrix needs (K for an ensemble)."
     )
     return out
 
 
 def environment() -> dict[str, Any]:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
+        "load_average": list(load) if load else None,
     }
+
+
+TITLES = {
+    "head": "# Fidelity of turn-over influence (head over frozen MiniLM features)\n\n",
+    "adapters": "# Fidelity of turn-over influence (bottleneck adapter in MiniLM's top layer)\n\n",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: N=200, 20 targets, 10 subsets (< 3 min)")
+    parser.add_argument("--setting", choices=("head", "adapters"), default="head", help="which model is trained")
+    parser.add_argument("--quick", action="store_true", help="smoke run: N=200, 20 targets, 10 subsets")
     parser.add_argument("--subsets", type=int, help="number of ground-truth subsets (default 50)")
-    parser.add_argument("--epochs", type=int, help="training epochs of every head (default 10)")
-    parser.add_argument("--ensembles", type=int, nargs="+", help="seed-ensemble sizes (default 4 16 64)")
-    parser.add_argument("--channels", type=int, nargs="+", help="masked-channel counts (default 16 32)")
+    parser.add_argument("--epochs", type=int, help="training epochs of every model")
+    parser.add_argument("--ensembles", type=int, nargs="+", help="seed-ensemble sizes")
+    parser.add_argument("--channels", type=int, nargs="+", help="masked-channel counts (head setting)")
+    parser.add_argument("--loo", type=int, help="examples left out one at a time (default 40)")
+    parser.add_argument("--cleansing-seeds", type=int, help="retrain seeds of the cleansing test (default 5)")
     parser.add_argument(
         "--low-is-suspicious",
         action="store_true",
         help="rank low turn-over/gradient self-influence as suspicious (default: high)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run best on one)")
-    parser.add_argument("--output", type=Path, help="results stem (default benchmarks/results/fidelity[_quick])")
+    parser.add_argument("--output", type=Path, help="results stem (default benchmarks/results/fidelity[_adapters][_quick])")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    settings = QUICK if args.quick else Settings()
+    head = args.setting == "head"
+    settings: Any = (QUICK if args.quick else Settings()) if head else (QUICK_ADAPTERS if args.quick else AdapterSettings())
     changes = {
         k: v
         for k, v in (
             ("n_subsets", args.subsets),
             ("epochs", args.epochs),
             ("ensembles", tuple(args.ensembles) if args.ensembles else None),
-            ("channels", tuple(args.channels) if args.channels else None),
+            ("channels", tuple(args.channels) if args.channels and head else None),
+            ("n_loo", args.loo),
+            ("cleansing_seeds", args.cleansing_seeds),
         )
         if v is not None
     }
@@ -1064,25 +1775,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     settings = replace(settings, **changes)
 
     def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
-    data = load_data(
-        settings.n_train,
-        settings.n_targets,
-        settings.n_test,
-        settings.noise,
-        settings.data_seed,
-        full_cache=not args.quick,
-    )
-    log(f"features ready in {time.perf_counter() - started:.0f}s")
-    results = run_fidelity(data, settings, log)
+    if head:
+        data = load_data(
+            settings.n_train, settings.n_targets, settings.n_test, settings.noise, settings.data_seed,
+            full_cache=not args.quick,
+        )
+        log(f"features ready in {time.perf_counter() - started:.0f}s")
+        results = run_fidelity(data, settings, log)
+    else:
+        adapter_data = load_adapter_data(settings, full_cache=not args.quick)
+        log(f"cached lower layers ready in {time.perf_counter() - started:.0f}s")
+        results = run_adapter_fidelity(adapter_data, settings, log)
+        results["seconds_data"] = time.perf_counter() - started - results["seconds_total"]
     results["environment"] = environment()
     table = markdown(results) + "\n" + "\n".join(notes(results)) + "\n"
     print(table)
-    stem = args.output or RESULTS_DIR / ("fidelity_quick" if args.quick else "fidelity")
+    name = "fidelity" + ("" if head else "_adapters") + ("_quick" if args.quick else "")
+    stem = args.output or RESULTS_DIR / name
     atomic_write_text(f"{stem}.json", json.dumps(results, indent=2) + "\n")
-    atomic_write_text(f"{stem}.md", "# Fidelity of turn-over influence (head over frozen MiniLM features)\n\n" + table)
+    atomic_write_text(f"{stem}.md", TITLES[args.setting] + table)
     return results
 
 

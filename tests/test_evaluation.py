@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
+import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,25 +17,46 @@ import torch
 import torch.nn.functional as F
 
 import turnover_hf as th
+from conftest import batch_of, tiny_bert, tiny_gpt2, token_task
 from turnover_hf.evaluation import (
+    Cleansing,
     HeadRecipe,
+    KronfluenceEKFAC,
+    TopModel,
+    TopRecipe,
+    TurnoverHead,
+    cache_top_inputs,
+    captum_tracin,
     explained_variance,
+    gradient_dot,
     head_masks,
     lds,
     lds_per_target,
     leave_one_out,
     linear_residuals,
+    loo_correlation,
+    loo_effects,
+    margin_factors,
     mislabel_detection,
+    most_harmful,
     patched_classifier,
     random_subsets,
     rankdata,
     roc_auc,
+    save_trainer_checkpoint,
     seed_agreement,
     spearman,
     spearman_columns,
+    subset_losses,
     subset_target_losses,
+    top_accuracy,
+    top_losses,
+    top_self_scores,
+    top_turnover_scores,
     train_head,
+    train_top,
 )
+from turnover_hf.evaluation.peers import load_trainer_checkpoint
 
 
 # -- metrics --------------------------------------------------------------------------------------------------------
@@ -315,6 +338,11 @@ def test_gradient_peers_equal_autograd(fidelity, channels):
     torch.testing.assert_close(got_self, expected_self, rtol=1e-4, atol=1e-7)
 
 
+def peer_rows(fidelity) -> int:
+    """Captum's two rows when installed (Kronfluence is tested through its bridge: its fixed costs are seconds)."""
+    return 2 * fidelity.captum_available()
+
+
 def test_run_fidelity_core_on_tiny_data(fidelity):
     settings = fidelity.Settings(
         n_train=40,
@@ -328,12 +356,17 @@ def test_run_fidelity_core_on_tiny_data(fidelity):
         batch_size=8,
         tracin_checkpoints=2,
         damping_factors=(0.1,),
+        n_loo=4,
+        loo_seeds=2,
+        cleansing_seeds=2,
+        cleansing_fraction=0.05,
+        peers=("captum",),
     )
     started = time.perf_counter()
     results = fidelity.run_fidelity(tiny_data(fidelity), settings, log=lambda message: None)
     assert time.perf_counter() - started < 60
     methods = [row["method"] for row in results["rows"]]
-    expected_rows = 12 + fidelity.kronfluence_available()
+    expected_rows = 12 + peer_rows(fidelity)
     assert (
         len(methods) == expected_rows and methods[0].startswith("(a)") and methods[-1].startswith("(g) training loss")
     )
@@ -343,5 +376,342 @@ def test_run_fidelity_core_on_tiny_data(fidelity):
             assert -1.0 <= row["lds"] <= 1.0 and -1.0 <= row["agreement"] <= 1.0
     first = results["rows"][0]
     assert first["extra"]["closed_form_gap_vs_patched_model"] < 1e-5
+    for row in results["rows"][:-1]:  # every estimator row: the new columns are filled and consistent
+        assert -1.0 <= row["loo_corr"] <= 1.0 and row["cleansing_gain"] is not None
+        assert row["accuracy_cost"] is not None
+        assert row["end_to_end_seconds"] == pytest.approx(
+            row["train_seconds"] + row["self_seconds"] + row["target_seconds"] - row["setup_seconds"]
+        )
+    gt = results["ground_truth"]
+    assert gt["loo_examples"] == 4 and gt["loo_seeds"] == 2 and gt["cleansing"]["removed"] == 2
     table = fidelity.markdown(results)
-    assert table.count("\n| (") == expected_rows and "LDS" in table
+    assert table.count("\n| (") == expected_rows and "LOO corr." in table and "end-to-end s" in table
+    assert any("Leave-one-out" in line for line in fidelity.notes({**results, "environment": {}}))
+
+
+# -- leave-one-out, cleansing and accuracy-cost building blocks -----------------------------------------------------
+def test_loo_correlation_and_most_harmful():
+    rng = np.random.default_rng(8)
+    actual = rng.normal(size=(12, 4))
+    assert loo_correlation(actual * 3.0, actual) == pytest.approx(
+        {"pearson": 1.0, "spearman": 1.0, "per_target_spearman": 1.0}
+    )
+    assert loo_correlation(-actual, actual)["pearson"] == pytest.approx(-1.0)
+    noisy = actual + rng.normal(size=actual.shape)
+    expected = np.corrcoef(noisy.ravel(), actual.ravel())[0, 1]
+    assert loo_correlation(noisy, actual)["pearson"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="n_targets"):
+        loo_correlation(actual, actual[:, :2])
+
+    scores = np.zeros((10, 3))
+    scores[[7, 2, 5], :] = [[-3.0], [-2.0], [-1.0]]  # most harmful: 7, then 2, then 5
+    scores[4] = [5.0, -9.0, 5.0]  # negative on one target, positive on average
+    assert most_harmful(scores, 0.2).tolist() == [7, 2]
+    assert most_harmful(scores.mean(1), 0.3).tolist() == [7, 2, 5]
+    with pytest.raises(ValueError, match="fraction"):
+        most_harmful(scores, 1.5)
+
+
+def test_cleansing_pairs_every_condition_by_seed():
+    """A retraining stand-in whose accuracy is known: 0.8 minus 0.1 per kept 'bad' row, plus a seed offset."""
+    bad = np.zeros(50, dtype=bool)
+    bad[[3, 9]] = True
+    calls = []
+
+    def evaluate(keep, seed):
+        calls.append(seed)
+        return 0.8 - 0.1 * float((keep & bad).sum()) + 0.01 * (seed - 100)
+
+    cleansing = Cleansing(evaluate, n=50, seeds=[100, 101, 102], fraction=0.04, random_seed=0)
+    assert [len(r) for r in cleansing.random_removals] == [2, 2, 2]
+    gain = cleansing.gain(np.array([3, 9]))
+    random_bad = [int(bad[r].sum()) for r in cleansing.random_removals]
+    assert gain["gain_vs_none"] == pytest.approx(0.2)
+    assert gain["gain_vs_random"] == pytest.approx(np.mean([0.2 - 0.1 * k for k in random_bad]))
+    assert len(calls) == 9  # baselines (none, random) and the cleansed condition, 3 seeds each
+    cleansing.gain(np.array([0, 1]))
+    assert len(calls) == 12  # baselines are computed once
+
+
+def test_dropout_recipe_trains_with_fresh_masks():
+    x, y, ids = toy_split(32)
+    recipe = HeadRecipe(in_features=8, width=6, epochs=2, batch_size=8)
+    heads = {
+        masking: train_head(x, y, ids, recipe.replace(masking=masking), init_seed=1, mask_seed=1).head
+        for masking in ("turnover", "dropout", "none")
+    }
+    again = train_head(x, y, ids, recipe.replace(masking="dropout"), init_seed=1, mask_seed=1).head
+    assert torch.equal(again.out.weight, heads["dropout"].out.weight)  # seeded: reproducible
+    other = train_head(x, y, ids, recipe.replace(masking="dropout"), init_seed=1, mask_seed=2).head
+    assert not torch.equal(other.out.weight, heads["dropout"].out.weight)  # the mask seed drives the dropout
+    weights = [h.out.weight for h in heads.values()]
+    assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
+    with pytest.raises(ValueError, match="masking"):
+        HeadRecipe(masking="sometimes")
+
+
+def test_generic_ground_truths_match_the_head_versions():
+    recipe = HeadRecipe(in_features=8, width=6, epochs=2, batch_size=8)
+    x, y, ids = toy_split(24)
+    tx, ty, _ = toy_split(5, seed=1)
+
+    def measure(row, seed):
+        exclude = None if row is None else torch.tensor([row])
+        return train_head(x, y, ids, recipe, init_seed=seed, mask_seed=seed, exclude=exclude).head.losses(tx, ty).numpy()
+
+    effects = loo_effects(measure, [0, 5], seeds=[2, 3])
+    assert effects.shape == (2, 2, 5)
+    for s, seed in enumerate([2, 3]):
+        expected = leave_one_out(x, y, ids, [0, 5], tx, ty, recipe, init_seed=seed, mask_seed=seed)
+        np.testing.assert_allclose(effects[s], expected, rtol=1e-5, atol=1e-7)
+    subsets = random_subsets(24, 3, seed=0)
+
+    def on_rows(rows, seed):
+        rows = torch.as_tensor(rows)
+        return train_head(x[rows], y[rows], ids[rows], recipe, init_seed=seed, mask_seed=seed).head.losses(tx, ty).numpy()
+
+    np.testing.assert_allclose(
+        subset_losses(on_rows, subsets, seeds=[7, 8, 9]),
+        subset_target_losses(x, y, ids, subsets, tx, ty, recipe, seeds=[7, 8, 9]),
+    )
+
+
+# -- cached top layer: a real adapter model, retrained cheaply ------------------------------------------------------
+def top_adapter_bert(reduction_factor: int = 2, seed: int = 0):
+    """A tiny BERT with a bottleneck adapter in its last layer only, patched with turn-over dropout."""
+    import adapters
+
+    model = tiny_bert(seed=seed)
+    adapters.init(model)
+    leave_out = list(range(model.config.num_hidden_layers - 1))
+    model.add_adapter(
+        "bn", config=adapters.SeqBnConfig(reduction_factor=reduction_factor, init_weights="bert", leave_out=leave_out)
+    )
+    model.train_adapter("bn")
+    return th.patch_model(model, th.TurnoverConfig(seed=7), freeze_leaking=True).eval()
+
+
+def forward_inputs(batch):
+    return {k: v for k, v in batch.items() if k not in ("labels", "example_ids")}
+
+
+@pytest.fixture(scope="module")
+def top_setup():
+    model = top_adapter_bert()
+    ds = th.add_example_ids(token_task(40))
+    batches = [batch_of(ds, range(0, 24)), batch_of(ds, range(24, 40))]
+    return model, TopModel(model), cache_top_inputs(model, batches), batch_of(ds)
+
+
+def test_top_model_is_the_full_model_above_the_cut(top_setup):
+    model, top, cache, batch = top_setup
+    assert len(cache) == 40 and torch.equal(cache.example_ids, batch["example_ids"])
+    trained = train_top(top, cache, TopRecipe(epochs=2, batch_size=8), init_seed=1, mask_seed=3)
+    with trained.active(top), torch.no_grad():
+        torch.testing.assert_close(top(cache.hidden, cache.residual), model(**forward_inputs(batch)).logits)
+        # Under masks too, and with examples on the position axis.
+        with th.instance_masks(model, batch["example_ids"][:5], mode="flip"):
+            full = model(**forward_inputs({k: v[:5] for k, v in batch.items()})).logits
+        with th.instance_masks(top, cache.example_ids[:5], mode="flip"):
+            flipped = top(cache.hidden[:5], cache.residual[:5])
+            positions = top(cache.hidden[:5, None].expand(5, 3, -1), cache.residual[:5, None].expand(5, 3, -1))
+        torch.testing.assert_close(flipped, full)
+        torch.testing.assert_close(positions[:, 1], full)
+
+
+def test_top_scores_equal_the_library_scorer(top_setup):
+    model, top, cache, batch = top_setup
+    trained = train_top(top, cache, TopRecipe(epochs=2, batch_size=8), init_seed=1, mask_seed=3)
+    targets = cache.select(range(4))
+    scores = top_turnover_scores(top, trained, cache.example_ids, targets, block=16)
+    with trained.active(top):
+        assert th.context.state_of(model).config.seed == 3
+        reference = th.TurnoverScorer(model, fast=False).scores(
+            forward_inputs({k: v[:4] for k, v in batch.items()}), batch["labels"][:4], cache.example_ids
+        )
+        own = th.TurnoverScorer(model, fast=False).self_scores(batch, batch["labels"], batch["example_ids"])
+    assert th.context.state_of(model).config.seed == 7  # restored after the block
+    torch.testing.assert_close(scores, reference, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(top_self_scores(top, trained, cache, block=16), own, rtol=1e-4, atol=1e-6)
+    assert scores.abs().max() > 0
+
+
+def test_train_top_recipes_and_leave_one_out(top_setup):
+    _, top, cache, _ = top_setup
+    recipe = TopRecipe(epochs=2, batch_size=8)
+    a = train_top(top, cache, recipe, init_seed=1, mask_seed=3, checkpoint_epochs=[1, 2])
+    b = train_top(top, cache, recipe, init_seed=1, mask_seed=3)
+    assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+    assert [c.epoch for c in a.checkpoints] == [1, 2]
+    assert all(torch.equal(a.checkpoints[-1].state_dict[k], a.state[k]) for k in a.state)
+    names = set(a.state)
+    assert names == {n for n, p in top.named_parameters() if p.requires_grad} and "classifier.bias" not in names
+    other_masks = train_top(top, cache, recipe, init_seed=1, mask_seed=4)
+    dropout = train_top(top, cache, replace(recipe, masking="dropout"), init_seed=1, mask_seed=3)
+    plain = train_top(top, cache, replace(recipe, masking="none"), init_seed=1, mask_seed=3)
+    for trained in (other_masks, dropout, plain):
+        assert not torch.equal(trained.state["classifier.weight"], a.state["classifier.weight"])
+    # Leaving a row out is the same as training on the others when the batch order is drawn for the others only
+    # in the same way: compare with an explicit exclusion of the same row instead.
+    without = train_top(top, cache, recipe, init_seed=1, mask_seed=3, exclude=[5])
+    assert not torch.equal(without.state["classifier.weight"], a.state["classifier.weight"])
+    assert top_accuracy(top, a, cache) == pytest.approx(
+        float((top_losses(top, a, cache) < math.log(2)).float().mean())
+    )
+
+
+def test_cached_top_refuses_models_it_cannot_serve():
+    import adapters
+
+    model = tiny_bert()
+    adapters.init(model)
+    model.add_adapter("bn", config=adapters.SeqBnConfig(reduction_factor=2, init_weights="bert"))  # every layer
+    model.train_adapter("bn")
+    model = th.patch_model(model, th.TurnoverConfig(seed=7), freeze_leaking=True)
+    with pytest.raises(th.TurnoverError, match="below the top layer"):
+        TopModel(model)
+    with pytest.raises(th.TurnoverError, match="BERT-style"):
+        TopModel(th.patch_model(tiny_gpt2(), th.TurnoverConfig(seed=1)))
+
+
+# -- peers: exact factorised gradients, Captum and Kronfluence bridges ---------------------------------------------
+def test_margin_factors_on_the_adapter_equal_autograd(top_setup):
+    _, top, cache, _ = top_setup
+    trained = train_top(top, cache, TopRecipe(epochs=2, batch_size=8), init_seed=1, mask_seed=3)
+    names = sorted({n.rpartition(".")[0] for n in top.trainable()})
+    modules = dict(top.named_modules())
+    layers = [modules[n] for n in names]
+    targets = cache.select(range(5))
+    with trained.active(top):
+        train_f = margin_factors(
+            lambda r: top(cache.hidden[r], cache.residual[r], cache.example_ids[r]), len(cache), layers,
+            cache.labels, batch_size=16,
+        )
+        target_f = margin_factors(lambda r: top(targets.hidden[r], targets.residual[r]), 5, layers, targets.labels)
+        params = list(top.trainable().values())
+        assert train_f.n_params == sum(p.numel() for p in params)
+
+        def grad(part, i, ids):
+            loss = F.cross_entropy(top(part.hidden[i : i + 1], part.residual[i : i + 1], ids), part.labels[i : i + 1])
+            return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]).double()
+
+        g_train = torch.stack([grad(cache, i, cache.example_ids[i : i + 1]) for i in range(len(cache))])
+        g_target = torch.stack([grad(targets, i, None) for i in range(5)])
+    torch.testing.assert_close(gradient_dot(train_f, target_f).double(), g_train @ g_target.T, rtol=1e-4, atol=1e-7)
+    # The output gradient is taken before the output mask: units an example's mask drops get none.
+    up = names.index(next(n for n in names if n.endswith("adapter_up")))
+    site = next(s for s in th.context.state_of(top).sites if s.name.endswith("adapter_up"))
+    kept = th.mask_for(cache.example_ids, site.name, site.units, p=0.5, seed=3)
+    dropped = kept == 0
+    assert dropped.any() and torch.all(train_f.grads[up][dropped] == 0) and train_f.grads[up][~dropped].abs().sum() > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("captum") is None, reason="captum is not installed")
+def test_captum_bridge_equals_in_house_tracin(top_setup, tmp_path):
+    _, top, cache, _ = top_setup
+    trained = train_top(top, cache, TopRecipe(epochs=2, batch_size=8), init_seed=1, mask_seed=3, checkpoint_epochs=[1, 2])
+    paths = [
+        save_trainer_checkpoint(str(tmp_path), c.state_dict, step=5 * c.epoch, epoch=c.epoch, learning_rate=c.lr * c.epoch)
+        for c in trained.checkpoints
+    ]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-5"]
+    names = sorted({n.rpartition(".")[0] for n in top.trainable()})
+    modules = dict(top.named_modules())
+    targets = cache.select(range(5))
+    rows = torch.utils.data.TensorDataset(cache.hidden, cache.residual, cache.example_ids, cache.labels)
+    target_rows = torch.utils.data.TensorDataset(targets.hidden, targets.residual, torch.full((5,), -1), targets.labels)
+
+    def in_house(layer_names, part):
+        total = 0
+        for c in trained.checkpoints:
+            with trained.active(top, c.state_dict):
+                layers = [modules[n] for n in layer_names]
+                tr = margin_factors(lambda r: top(cache.hidden[r], cache.residual[r], cache.example_ids[r]), 40, layers, cache.labels)
+                if part is None:
+                    total = total + c.lr * c.epoch * gradient_dot(tr, tr, paired=True)
+                    continue
+                tg = margin_factors(lambda r: top(part.hidden[r], part.residual[r]), len(part), layers, part.labels)
+                total = total + c.lr * c.epoch * gradient_dot(tr, tg)
+        return total
+
+    with trained.active(top):
+        for layer_names in (names, [n for n in names if n.endswith("adapter_up")]):  # the up-projection is masked
+            got = captum_tracin(top, rows, paths, target_rows, layers=layer_names, batch_size=16)
+            torch.testing.assert_close(got, in_house(layer_names, targets), rtol=1e-4, atol=1e-9)
+        own = captum_tracin(top, rows, paths, None, layers=names, batch_size=16)
+        torch.testing.assert_close(own, in_house(names, None), rtol=1e-4, atol=1e-9)
+        fast = captum_tracin(top, rows, paths, target_rows, final_layer="classifier", batch_size=16)
+        torch.testing.assert_close(fast, in_house(["classifier"], targets), rtol=1e-4, atol=1e-9)
+    # The caller's model is untouched: the classifier bias is still a frozen parameter, masks still on the Linear.
+    assert not top.classifier.bias.requires_grad and isinstance(top.classifier.bias, torch.nn.Parameter)
+    with pytest.raises(ValueError, match="either"):
+        captum_tracin(top, rows, paths, target_rows)
+
+
+def test_trainer_checkpoint_roundtrip_and_refusals(tmp_path):
+    head = TurnoverHead(HeadRecipe(in_features=4, width=3))
+    path = save_trainer_checkpoint(str(tmp_path), head.state_dict(), step=7, epoch=1.0, learning_rate=0.01)
+    other = TurnoverHead(HeadRecipe(in_features=4, width=3))
+    assert load_trainer_checkpoint(other, path) == pytest.approx(0.01)
+    assert torch.equal(other.out.weight, head.out.weight)
+    with pytest.raises(KeyError, match="does not have"):
+        load_trainer_checkpoint(TurnoverHead(HeadRecipe(in_features=4, width=3, channels=2)), path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("kronfluence") is None, reason="kronfluence is not installed")
+def test_kronfluence_bridge_scores_the_rows_it_was_given(top_setup):
+    _, top, cache, _ = top_setup
+    trained = train_top(top, cache, TopRecipe(epochs=2, batch_size=8), init_seed=1, mask_seed=3)
+    names = sorted({n.rpartition(".")[0] for n in top.trainable()})
+    rows = torch.utils.data.TensorDataset(cache.hidden, cache.residual, cache.example_ids, cache.labels)
+    target_rows = torch.utils.data.TensorDataset(cache.hidden[:3], cache.residual[:3], torch.full((3,), -1), cache.labels[:3])
+    with trained.active(top):
+        ekfac = KronfluenceEKFAC(top, rows, tracked=names, batch_size=16)
+        scores, own = ekfac.scores(target_rows), ekfac.self_scores()
+        ekfac.close()
+    assert scores.shape == (40, 3) and own.shape == (40,)
+    assert bool((own > 0).all())  # g^T (G + lambda I)^-1 g of a positive-definite damped curvature
+    assert torch.isfinite(scores).all() and scores.abs().max() > 0
+
+
+# -- the adapter setting of the benchmark on a tiny model ----------------------------------------------------------
+def tiny_adapter_data(fidelity, n_train: int = 40, n_targets: int = 5, n_test: int = 24):
+    ds = th.add_example_ids(token_task(n_train + n_targets + n_test, seed=3))
+    models = {}
+
+    def build(reduction_factor):
+        if reduction_factor not in models:
+            models[reduction_factor] = top_adapter_bert(reduction_factor)
+        return models[reduction_factor]
+
+    model = build(2)
+    cache = cache_top_inputs(model, [batch_of(ds, range(0, 40)), batch_of(ds, range(40, len(ds)))])
+    train, targets = cache.select(range(n_train)), cache.select(range(n_train, n_train + n_targets))
+    test = cache.select(range(n_train + n_targets, len(ds)))
+    noisy, flipped = fidelity.with_flipped_labels(train.labels, 0.2, seed=0)
+    train_batches = [batch_of(ds, range(0, 20)), batch_of(ds, range(20, 40))]
+    return fidelity.AdapterData(
+        train, noisy, flipped, targets, test, build, train_batches, batch_of(ds, range(n_train, n_train + 2))
+    )
+
+
+def test_run_adapter_fidelity_core_on_tiny_model(fidelity):
+    settings = fidelity.AdapterSettings(
+        n_train=40, n_targets=5, n_subsets=5, reduction_factor=2, wide_reduction_factors=(1,), ensembles=(2,),
+        epochs=2, batch_size=8, tracin_checkpoints=2, n_loo=3, loo_seeds=2, cleansing_seeds=2, cleansing_fraction=0.05,
+        peers=("captum",),
+    )
+    started = time.perf_counter()
+    results = fidelity.run_adapter_fidelity(tiny_adapter_data(fidelity), settings, log=lambda message: None)
+    assert time.perf_counter() - started < 90
+    methods = [row["method"] for row in results["rows"]]
+    assert len(methods) == 7 + peer_rows(fidelity) and methods[0].startswith("(a)") and methods[2].startswith("(c)")
+    first = results["rows"][0]
+    assert first["extra"]["cached_top_gap_vs_turnover_scorer"] < 1e-5
+    assert first["extra"]["library_turnover_scorer"]["path"] == "prefix"
+    for row in results["rows"][:-1]:
+        assert -1.0 <= row["lds"] <= 1.0 and -1.0 <= row["loo_corr"] <= 1.0 and 0.0 <= row["mislabel_auc"] <= 1.0
+        assert row["cleansing_gain"] is not None and row["accuracy_cost"] is not None
+    assert results["model"]["adapter_units"] == 16
+    table = fidelity.markdown(results)
+    assert "bottleneck adapter (16 units)" in table and table.count("\n| (") == len(methods)

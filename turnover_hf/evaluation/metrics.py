@@ -1,4 +1,5 @@
-"""Fidelity metrics for influence scores: LDS, agreement between independent runs, mislabel detection.
+"""Fidelity metrics for influence scores: LDS, leave-one-out correlation, agreement between independent runs,
+mislabel detection and the choice of examples for data cleansing.
 
 Sign convention (the one :func:`turnover_hf.influence` uses): ``scores[i, t] > 0`` means training example ``i``
 helps target ``t``, i.e. training on it lowers the target's loss. A model trained on a subset ``S`` of the
@@ -254,3 +255,55 @@ def explained_variance(scores: ArrayLike, residuals: ArrayLike) -> np.ndarray:
     total = ((y - y.mean(axis=0)) ** 2).sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, 1.0 - (r**2).sum(axis=0) / np.where(total > 0, total, 1.0), np.nan)
+
+
+def loo_correlation(predicted_scores: ArrayLike, actual_changes: ArrayLike) -> dict[str, float]:
+    """How well predicted influence matches the actual leave-one-out effect on the same (example, target) pairs.
+
+    Args:
+        predicted_scores: ``(n, n_targets)`` scores of the ``n`` left-out examples, positive where an example helps.
+        actual_changes: ``(n, n_targets)`` ``L(model without z, target) - L(model, target)`` from retraining
+            (positive where z helped), e.g. from :func:`turnover_hf.evaluation.retrain.loo_effects`.
+
+    Returns:
+        ``{"pearson": ..., "spearman": ..., "per_target_spearman": ...}``: Pearson and Spearman correlation over all
+        pairs (the scatter plot of Koh & Liang, 2017), and the mean over targets of the Spearman correlation over
+        the left-out examples.
+
+    Example:
+        >>> loo_correlation(scores[sample], actual)["pearson"]
+        0.42
+    """
+    predicted, actual = as_numpy(predicted_scores), as_numpy(actual_changes)
+    if predicted.ndim == 1:
+        predicted, actual = predicted[:, None], actual[:, None] if actual.ndim == 1 else actual
+    if predicted.shape != actual.shape or predicted.ndim != 2:
+        raise ValueError(
+            f"predicted_scores and actual_changes must both be (n, n_targets); got {predicted.shape} and "
+            f"{actual.shape}."
+        )
+    pearson = _pearson_columns(predicted.reshape(-1, 1), actual.reshape(-1, 1))[0]
+    per_target = spearman_columns(predicted, actual)
+    return {
+        "pearson": float(pearson),
+        "spearman": spearman(predicted, actual),
+        "per_target_spearman": float(np.nanmean(per_target)) if np.isfinite(per_target).any() else float("nan"),
+    }
+
+
+def most_harmful(scores: ArrayLike, fraction: float = 0.01) -> np.ndarray:
+    """Row positions of the ``round(fraction * n)`` examples with the most negative mean influence, most harmful first.
+
+    ``scores`` is ``(n_train, n_targets)`` (influence on validation examples; positive = helps) or ``(n_train,)``
+    (an already averaged influence). This is the selection rule of data cleansing in Kobayashi et al. (2020,
+    Sec. 4.4): an example whose mean influence on unseen examples is negative may hurt generalisation.
+
+    Example:
+        >>> removed = most_harmful(scores_on_validation, fraction=0.01)   # 20 row positions for n = 2,000
+    """
+    values = as_numpy(scores)
+    mean = values.mean(axis=1) if values.ndim == 2 else values.ravel()
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}.")
+    count = max(1, round(fraction * len(mean)))
+    return np.argsort(mean, kind="mergesort")[:count]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +38,7 @@ from ..config import TurnoverConfig
 from ..masks import mask_for, scale_of
 
 HEAD_PREFIX = "head."
+MASKINGS: tuple[str, ...] = ("turnover", "dropout", "none")
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,9 @@ class HeadRecipe:
     channels: int = 1
     num_labels: int = 2
     p: float = 0.5
-    turnover: bool = True  # False trains the same head without instance masks
+    # "turnover": each example under its own instance mask; "dropout": ordinary dropout at the same p on the same
+    # units (a fresh random mask per row and step); "none": no masks at all.
+    masking: str = "turnover"
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
@@ -64,6 +67,8 @@ class HeadRecipe:
             raise ValueError(f"HeadRecipe needs width >= 1, channels >= 1 and num_labels >= 2, got {self}.")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"HeadRecipe needs epochs >= 1, batch_size >= 1 and lr > 0, got {self}.")
+        if self.masking not in MASKINGS:
+            raise ValueError(f"HeadRecipe.masking must be one of {MASKINGS}, got {self.masking!r}.")
         scale_of(self.p)  # validates the drop ratio
 
     @property
@@ -235,7 +240,9 @@ def train_head(
     torch.manual_seed(init_seed)
     head = TurnoverHead(recipe)
     optimizer = torch.optim.Adam(head.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    masks = head_masks(example_ids, recipe, mask_seed) if recipe.turnover else None
+    masks = head_masks(example_ids, recipe, mask_seed) if recipe.masking == "turnover" else None
+    dropout = torch.Generator().manual_seed(mask_seed) if recipe.masking == "dropout" else None
+    scale = scale_of(recipe.p)
     keep = torch.ones(len(features), dtype=torch.bool)
     if exclude is not None:
         keep[torch.as_tensor(exclude, dtype=torch.int64)] = False
@@ -246,7 +253,14 @@ def train_head(
         order = order[keep[order]]
         for start in range(0, len(order), recipe.batch_size):
             rows = order[start : start + recipe.batch_size]
-            logits = head(features[rows], masks[rows] if masks is not None else None)
+            if masks is not None:
+                batch_masks = masks[rows]
+            elif dropout is not None:
+                shape = (len(rows), recipe.channels, recipe.width)
+                batch_masks = (torch.rand(shape, generator=dropout) >= recipe.p).float() * scale
+            else:
+                batch_masks = None
+            logits = head(features[rows], batch_masks)
             loss = F.cross_entropy(logits, labels[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -290,15 +304,112 @@ def subset_target_losses(
         >>> subsets = random_subsets(len(x), 50, seed=1)
         >>> losses = subset_target_losses(x, y, ids, subsets, vx, vy, HeadRecipe(), seeds=range(10_000, 10_050))
     """
+
+    def losses(rows: np.ndarray, seed: int) -> np.ndarray:
+        rows = torch.as_tensor(rows)
+        trained = train_head(features[rows], labels[rows], example_ids[rows], recipe, init_seed=seed, mask_seed=seed)
+        return trained.head.losses(target_features, target_labels).numpy()
+
+    return subset_losses(losses, subsets, seeds=seeds)
+
+
+def subset_losses(
+    train_and_measure: Callable[[np.ndarray, int], np.ndarray], subsets: np.ndarray, *, seeds: Sequence[int]
+) -> np.ndarray:
+    """``(S, T)`` target losses of one model per subset, for any model family.
+
+    ``train_and_measure(rows, seed)`` trains a model on the row positions ``rows`` with ``seed`` (weights, batch
+    order and masks) and returns the ``(T,)`` target losses of its deployed (full) network.
+
+    Example:
+        >>> losses = subset_losses(lambda rows, seed: my_losses(rows, seed), subsets, seeds=range(10_000, 10_050))
+    """
     seeds = list(seeds)
     if len(seeds) != len(subsets):
         raise ValueError(f"need one seed per subset: {len(subsets)} subsets, {len(seeds)} seeds.")
-    out = np.empty((len(subsets), len(target_labels)), dtype=np.float64)
-    for s, (subset, seed) in enumerate(zip(subsets, seeds)):
-        rows = torch.as_tensor(np.flatnonzero(subset))
-        trained = train_head(features[rows], labels[rows], example_ids[rows], recipe, init_seed=seed, mask_seed=seed)
-        out[s] = trained.head.losses(target_features, target_labels).numpy()
-    return out
+    rows = [train_and_measure(np.flatnonzero(subset), seed) for subset, seed in zip(subsets, seeds)]
+    return np.stack(rows).astype(np.float64) if rows else np.empty((0, 0))
+
+
+def loo_effects(
+    train_and_measure: Callable[[int | None, int], np.ndarray], removed: Sequence[int], *, seeds: Sequence[int]
+) -> np.ndarray:
+    """Actual leave-one-out effects ``L(without z) - L(with z)`` per retrain seed, ``(n_seeds, len(removed), T)``.
+
+    ``train_and_measure(row, seed)`` trains on every row but the position ``row`` (all rows for None) with
+    ``seed`` and returns the ``(T,)`` target losses of the deployed network. Each seed's reference model and its
+    leave-one-out models share the seed, so only the removal differs; positive entries mean z helped the target.
+    Average over seeds (``.mean(0)``) for the expected effect; use seeds the scored model never used.
+
+    Example:
+        >>> effects = loo_effects(losses_without, removed=[3, 17, 40], seeds=[30_000, 30_001])
+        >>> loo_correlation(scores[[3, 17, 40]], effects.mean(0))
+    """
+    out = []
+    for seed in seeds:
+        reference = np.asarray(train_and_measure(None, seed), dtype=np.float64)
+        out.append([np.asarray(train_and_measure(int(row), seed), dtype=np.float64) - reference for row in removed])
+    return np.asarray(out, dtype=np.float64)
+
+
+class Cleansing:
+    """Data cleansing as in Kobayashi et al. (2020, Table 2), with a random-removal control.
+
+    Remove the examples a method finds most harmful (most negative mean influence on a validation set, see
+    :func:`turnover_hf.evaluation.metrics.most_harmful`), retrain with several seeds, and compare test accuracy
+    with removing nothing and with removing as many random examples (one random draw per seed). The same seeds
+    serve every condition, so differences are paired. Baselines are computed once and shared by every method.
+
+    ``evaluate(keep, seed)`` retrains on the rows where the boolean ``keep`` ``(n,)`` is True and returns the test
+    accuracy of the deployed model.
+
+    Example:
+        >>> cleansing = Cleansing(evaluate, n=2000, seeds=range(30_000, 30_005))
+        >>> cleansing.gain(most_harmful(scores, 0.01))["gain_vs_random"]      # accuracy points / 100
+    """
+
+    def __init__(
+        self,
+        evaluate: Callable[[np.ndarray, int], float],
+        n: int,
+        seeds: Sequence[int],
+        *,
+        fraction: float = 0.01,
+        random_seed: int = 0,
+    ) -> None:
+        if not seeds:
+            raise ValueError("Cleansing needs at least one retrain seed.")
+        self.evaluate, self.n, self.seeds, self.fraction = evaluate, int(n), list(seeds), fraction
+        rng = np.random.default_rng(random_seed)
+        count = max(1, round(fraction * self.n))
+        self.random_removals = [rng.permutation(self.n)[:count] for _ in self.seeds]
+        self._baseline: dict[str, list[float]] | None = None
+
+    def _accuracy(self, removed: np.ndarray, seed: int) -> float:
+        keep = np.ones(self.n, dtype=bool)
+        keep[np.asarray(removed, dtype=np.int64)] = False
+        return float(self.evaluate(keep, seed))
+
+    def baseline(self) -> dict[str, list[float]]:
+        """Test accuracy per seed with nothing removed and with random removal (computed once)."""
+        if self._baseline is None:
+            self._baseline = {
+                "none": [self._accuracy(np.empty(0, dtype=np.int64), s) for s in self.seeds],
+                "random": [self._accuracy(r, s) for r, s in zip(self.random_removals, self.seeds)],
+            }
+        return self._baseline
+
+    def gain(self, removed: Sequence[int]) -> dict[str, float | list[float]]:
+        """Mean accuracy gains of removing ``removed`` (row positions) over random removal and over no removal."""
+        base = self.baseline()
+        cleansed = [self._accuracy(np.asarray(removed), s) for s in self.seeds]
+        return {
+            "gain_vs_random": float(np.mean(np.subtract(cleansed, base["random"]))),
+            "gain_vs_none": float(np.mean(np.subtract(cleansed, base["none"]))),
+            "accuracy_cleansed": cleansed,
+            "accuracy_random": list(base["random"]),
+            "accuracy_none": list(base["none"]),
+        }
 
 
 def leave_one_out(
