@@ -194,3 +194,17 @@ def test_the_console_script_points_at_main():
         target = tomllib.load(handle)["project"]["scripts"]["turnover-hf"]
     module, name = target.split(":")
     assert getattr(importlib.import_module(module), name) is cli.main
+
+
+def test_train_an_ensemble_and_explain_with_it(trained, capsys):
+    root, _ = trained
+    assert in_process(root, "train", "--model", "base", "--train_file", "train.csv", "--text_column", "review",
+                      "--label_column", "sentiment", "--reduction_factor", "2", "--mask_seed", "7",
+                      "--num_members", "2", "--output_dir", "ens", "--max_steps", "2", "--use_cpu",
+                      "--save_strategy", "no", "--disable_tqdm", "true") == 0
+    seeds = [th.TurnoverConfig.from_pretrained(root / "ens" / "model" / f"member-{k}").seed for k in range(2)]
+    assert seeds == [7, 8]
+    capsys.readouterr()
+    assert in_process(root, "explain", "--model", "ens/model", "--text", "w5 w6", "--output", "ens.json") == 0
+    result = json.loads((root / "ens.json").read_text())[0]
+    assert result["members"] == 2 and len(result["proponents"]) == 5

@@ -222,7 +222,8 @@ def class_influence_heatmap(
         return str(label_names[c]) if isinstance(c, int) and 0 <= c < len(label_names) else str(c)
 
     size = max(len(row_classes), len(col_classes))
-    fig, ax = _new_figure(min(3.2 + 0.7 * size, 14), min(2.6 + 0.6 * size, 12))
+    # The other plots' 6.4 x 4 inches for a few classes (they sit side by side in reports); larger for many.
+    fig, ax = _new_figure(min(max(6.4, 3.2 + 0.7 * size), 14), min(max(4.0, 2.6 + 0.6 * size), 12))
     limit = float(np.abs(matrix).max()) or 1.0
     image = ax.imshow(matrix, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
     fig.colorbar(image, ax=ax, label="mean influence (> 0: helps)")
