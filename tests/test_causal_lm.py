@@ -236,3 +236,22 @@ def test_a_classification_label_column_does_not_confuse_a_language_model():
     assert len(pipe.self_influence()["self_influence"]) == 2  # the label column is shown, not used as token labels
     with pytest.raises(th.TurnoverError, match="one label .* instead of one per token"):
         th.CausalLMCollator(tok)([{"input_ids": [5, 6], "labels": 1}])
+
+
+def test_flip_sanity_callback_measures_a_language_models_own_loss():
+    model = th.patch_model(tiny_gpt2_lm(), th.TurnoverConfig(seed=3, target_module_types=["Conv1D"]))
+    rows = [{"input_ids": [5 + (7 * i + j) % 50 for j in range(6 + i)], "example_id": i} for i in range(4)]
+    sample = Dataset.from_list(rows)
+    collator = th.CausalLMCollator(pad_token_id=0)
+    losses = th.FlipSanityCallback(sample, collator).sample_losses(model)
+    expected = {}
+    with torch.no_grad():
+        for mode in ("train", "flip"):
+            each = []
+            for r in rows:  # the model's own (shifted) loss of each row alone, under that row's mask
+                with th.instance_masks(model, torch.tensor([r["example_id"]]), mode=mode):
+                    ids = torch.tensor([r["input_ids"]])
+                    each.append(model(input_ids=ids, labels=ids).loss)
+            expected[mode] = torch.stack(each).mean().item()
+    assert losses["train_sample_loss_mask"] == pytest.approx(expected["train"], rel=1e-5)
+    assert losses["train_sample_loss_flip"] == pytest.approx(expected["flip"], rel=1e-5)

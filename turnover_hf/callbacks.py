@@ -16,6 +16,7 @@ from transformers import TrainerCallback, default_data_collator
 from .context import instance_masks, state_of
 from .data import BATCH_KEY, InstanceIdCollator, check_id_column
 from .scoring import _eval_mode, model_inputs, per_example_loss
+from .targets import is_causal_lm
 
 
 class FlipSanityCallback(TrainerCallback):
@@ -42,6 +43,7 @@ class FlipSanityCallback(TrainerCallback):
         collate = InstanceIdCollator(self.data_collator, id_column)
         device = next(model.parameters()).device
         sums = {"train": 0.0, "flip": 0.0}
+        shift = is_causal_lm(model)  # a causal LM's logits at position t predict token t + 1
         with _eval_mode(model), torch.no_grad():
             for start in range(0, len(self.sample), self.batch_size):
                 rows = self.sample.select(range(start, min(start + self.batch_size, len(self.sample))))
@@ -50,7 +52,7 @@ class FlipSanityCallback(TrainerCallback):
                 for mode in sums:
                     with instance_masks(model, batch[BATCH_KEY], mode=mode):
                         logits = model(**inputs).logits
-                    sums[mode] += float(per_example_loss(logits, batch["labels"].to(device)).sum())
+                    sums[mode] += float(per_example_loss(logits, batch["labels"].to(device), shift=shift).sum())
         n = max(len(self.sample), 1)
         return {"train_sample_loss_mask": sums["train"] / n, "train_sample_loss_flip": sums["flip"] / n}
 
