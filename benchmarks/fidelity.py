@@ -57,6 +57,7 @@ own rows when there is no cache. Results: ``benchmarks/results/fidelity{,_adapte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -383,61 +384,6 @@ def head_factors(head: TurnoverHead, features: torch.Tensor, labels: torch.Tenso
     )
 
 
-def _train_and_target_factors(
-    head: TurnoverHead, trained: TrainedHead, train: Split, labels: torch.Tensor, targets: Split
-) -> tuple[MarginFactors, MarginFactors]:
-    # Training examples enter the objective under their own masks; targets are predicted by the full network.
-    return (
-        head_factors(head, train.features, labels, trained.masks(train.ids)),
-        head_factors(head, targets.features, targets.labels, None),
-    )
-
-
-def gradient_dot_scores(
-    head: TurnoverHead, trained: TrainedHead, train: Split, labels: torch.Tensor, targets: Split
-) -> torch.Tensor:
-    """``grad L(z) . grad L(target)``, ``(N, T)``: the first-order drop of the target loss from a step on z."""
-    return gradient_dot(*_train_and_target_factors(head, trained, train, labels, targets))
-
-
-def gradient_dot_self(head: TurnoverHead, trained: TrainedHead, train: Split, labels: torch.Tensor) -> torch.Tensor:
-    """Self-influence version: each example's masked training gradient against its full-network loss gradient."""
-    masked = head_factors(head, train.features, labels, trained.masks(train.ids))
-    return gradient_dot(masked, head_factors(head, train.features, labels, None), paired=True)
-
-
-def tracin_scores(trained: TrainedHead, train: Split, labels: torch.Tensor, targets: Split) -> torch.Tensor:
-    """TracInCP: gradient dot products summed over the training checkpoints, each weighted by its learning rate."""
-    return sum(
-        c.lr * gradient_dot_scores(trained.head_at(c), trained, train, labels, targets) for c in trained.checkpoints
-    )
-
-
-def tracin_self(trained: TrainedHead, train: Split, labels: torch.Tensor) -> torch.Tensor:
-    return sum(c.lr * gradient_dot_self(trained.head_at(c), trained, train, labels) for c in trained.checkpoints)
-
-
-def influence_function_scores(
-    head: TurnoverHead,
-    trained: TrainedHead,
-    train: Split,
-    labels: torch.Tensor,
-    targets: Split | None,
-    damping_factor: float,
-) -> torch.Tensor:
-    """Exact damped Gauss-Newton influence on all head parameters; ``targets=None`` returns self-influence ``(N,)``.
-
-    Training gradients are taken under the examples' masks; targets (and, for self-influence, each example as its
-    own target) on the full network. See :func:`turnover_hf.evaluation.peers.gauss_newton_influence`.
-    """
-    masked = head_factors(head, train.features, labels, trained.masks(train.ids))
-    if targets is None:
-        full = head_factors(head, train.features, labels, None)
-        return gauss_newton_influence(masked, full, damping_factor, paired=True)
-    target = head_factors(head, targets.features, targets.labels, None)
-    return gauss_newton_influence(masked, target, damping_factor)
-
-
 def head_rows(features: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.utils.data.Dataset:
     """``(features, masks, label)`` rows: ``TurnoverHead(features, masks)`` gives the logits (Captum, Kronfluence)."""
     return torch.utils.data.TensorDataset(features, masks, labels.long())
@@ -491,6 +437,12 @@ class Row:
                 (self.train_seconds or 0.0) + self.self_seconds + self.target_seconds - self.setup_seconds
             )
         return self
+
+
+def paired_sem(plain: Sequence[float], masked: Sequence[float]) -> float | None:
+    """Standard error (points) of the mean per-seed accuracy difference plain - masked; None for one seed."""
+    diffs = 100.0 * (np.asarray(plain) - np.asarray(masked))
+    return float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else None
 
 
 def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
@@ -603,6 +555,198 @@ def build_judge(
         f"{summary.get('loo_seed_to_seed_pearson', float('nan')):.3f}"
     )
     return judge
+
+
+# -- peers shared by both settings ----------------------------------------------------------------------------------
+@dataclass
+class PeerSetup:
+    """How a setting exposes its models to the peer rows: runs A and B (clean) and run A on flipped labels.
+
+    ``train_factors(model, checkpoint, noisy, masked)``: margin-gradient factors of the training set (flipped labels
+    if ``noisy``; under the examples' masks if ``masked``) at the final weights or a checkpoint's.
+    ``target_factors(model, checkpoint, part)``: the same for targets, on the full network. ``module(model)``: a
+    context giving the ``nn.Module`` that Captum and Kronfluence see (final weights, this model's mask seed);
+    ``train_rows(model, noisy)`` / ``target_rows(part)``: their datasets of ``(*inputs, label)`` tuples.
+    """
+
+    judge: Judge
+    template: Row  # accuracy, accuracy cost and training time of run A, shared by every peer row
+    a: Any
+    b: Any
+    noisy: Any
+    targets: Any
+    one_target: Any
+    train_factors: Callable[[Any, Any, bool, bool], MarginFactors]
+    target_factors: Callable[[Any, Any, Any], MarginFactors]
+    module: Callable[[Any], Any]
+    train_rows: Callable[[Any, bool], torch.utils.data.Dataset]
+    target_rows: Callable[[Any], torch.utils.data.Dataset]
+    captum_layers: list[str]
+    captum_layers_label: str
+    final_layer: str
+    kronfluence_tracked: list[str] | None
+    steps_per_epoch: int
+
+    def row(self, method: str) -> Row:
+        return replace(self.template, method=method, extra={})
+
+    def scored(
+        self,
+        method: str,
+        score: Callable[[Any, Any], torch.Tensor],
+        self_score: Callable[[Any], torch.Tensor],
+    ) -> Row:
+        """A row from ``score(model, part)`` (``(N, T)``) and ``self_score(noisy model)`` (``(N,)``), timed."""
+        row = self.judge.fidelity(self.row(method), score(self.a, self.targets), score(self.b, self.targets))
+        suspicion, row.self_seconds = timed(self_score, self.noisy)
+        _, row.target_seconds = timed(score, self.a, self.one_target)
+        return self.judge.mislabels(row, suspicion)
+
+
+def gradient_peer_rows(
+    p: PeerSetup, grad_dot_label: str, damping_factor: float, damping_factors: Sequence[float]
+) -> list[Row]:
+    """Gradient dot product, TracIn over the in-memory checkpoints, exact Gauss-Newton influence (in-house)."""
+
+    def dot(model: Any, part: Any, checkpoint: Any = None) -> torch.Tensor:
+        return gradient_dot(p.train_factors(model, checkpoint, False, True), p.target_factors(model, checkpoint, part))
+
+    def dot_self(model: Any, checkpoint: Any = None) -> torch.Tensor:
+        # each example's masked training gradient against its own full-network loss gradient
+        masked, full = p.train_factors(model, checkpoint, True, True), p.train_factors(model, checkpoint, True, False)
+        return gradient_dot(masked, full, paired=True)
+
+    def influence(model: Any, part: Any, factor: float = damping_factor) -> torch.Tensor:
+        return gauss_newton_influence(p.train_factors(model, None, False, True), p.target_factors(model, None, part), factor)
+
+    def influence_self(model: Any) -> torch.Tensor:
+        masked, full = p.train_factors(model, None, True, True), p.train_factors(model, None, True, False)
+        return gauss_newton_influence(masked, full, damping_factor, paired=True)
+
+    epochs = ", ".join(str(c.epoch) for c in p.a.checkpoints)
+    rows = [
+        p.scored(grad_dot_label, dot, dot_self),
+        p.scored(
+            f"(g) TracInCP in-house, {len(p.a.checkpoints)} checkpoints (epochs {epochs})",
+            lambda m, part: sum(c.lr * dot(m, part, c) for c in m.checkpoints),
+            lambda m: sum(c.lr * dot_self(m, c) for c in m.checkpoints),
+        ),
+        p.scored(f"(g) Gauss-Newton influence, damping {damping_factor:g} x mean eigenvalue", influence, influence_self),
+    ]
+    sweep = sorted(set(damping_factors) | {damping_factor})
+    rows[-1].extra["lds_by_damping_factor"] = {
+        str(f): lds(influence(p.a, p.targets, f), p.judge.subsets, p.judge.gt) for f in sweep
+    }
+    return rows
+
+
+def captum_peer_rows(p: PeerSetup) -> list[Row]:
+    """Captum's TracInCP (trainable layers) and TracInCPFast (last layer) over Trainer-style checkpoint folders."""
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        paths, write_seconds = {}, 0.0
+        for name, model in (("a", p.a), ("b", p.b), ("noisy", p.noisy)):
+            paths[id(model)], seconds = timed(
+                write_checkpoints, model.checkpoints, os.path.join(folder, name), p.steps_per_epoch
+            )
+            write_seconds = seconds if model is p.a else write_seconds
+        for label, kwargs in (
+            (f"TracInCP ({p.captum_layers_label})", {"layers": p.captum_layers}),
+            (f"TracInCPFast ({p.final_layer})", {"final_layer": p.final_layer}),
+        ):
+
+            def score(model: Any, part: Any, kw: dict = kwargs) -> torch.Tensor:
+                with p.module(model) as module:
+                    return captum_tracin(module, p.train_rows(model, False), paths[id(model)], p.target_rows(part), **kw)
+
+            def self_score(model: Any, kw: dict = kwargs) -> torch.Tensor:
+                with p.module(model) as module:
+                    return captum_tracin(module, p.train_rows(model, True), paths[id(model)], None, **kw)
+
+            row = p.scored(f"(g) Captum {label}, {len(p.a.checkpoints)} Trainer checkpoints", score, self_score)
+            row.train_seconds = (row.train_seconds or 0.0) + write_seconds  # a Trainer writes them while training
+            rows.append(row)
+    return rows
+
+
+def kronfluence_peer_row(p: PeerSetup) -> Row:
+    """Kronfluence's EK-FAC influence: factors fitted once per model (the setup), then pairwise or self scores.
+
+    Kronfluence calls ``gc.collect()`` several times per fit and scoring; in this process, which holds hundreds of
+    trained models, each call would cost far more than in a user's process. The objects alive before Kronfluence
+    starts are therefore frozen out of the collector (``gc.freeze``) while it runs.
+    """
+    _, gc_before = timed(gc.collect)
+    gc.freeze()
+    try:
+        row = _kronfluence_row(p)
+    finally:
+        gc.unfreeze()
+    row.extra["one_gc_collect_seconds_unfrozen"] = gc_before
+    return row
+
+
+def _kronfluence_row(p: PeerSetup) -> Row:
+    _, gc_seconds = timed(gc.collect)
+
+    def fit(model: Any, noisy: bool) -> KronfluenceEKFAC:
+        with p.module(model) as module:
+            return KronfluenceEKFAC(module, p.train_rows(model, noisy), tracked=p.kronfluence_tracked)
+
+    fitted_a, setup = timed(fit, p.a, False)
+    fitted_b = fit(p.b, False)
+    row = p.judge.fidelity(
+        p.row("(g) Kronfluence EK-FAC influence, damping 0.1 x mean eigenvalue"),
+        fitted_a.scores(p.target_rows(p.targets)),
+        fitted_b.scores(p.target_rows(p.targets)),
+    )
+    suspicion, row.self_seconds = timed(lambda: fit(p.noisy, True).self_scores())
+    _, scoring = timed(fitted_a.scores, p.target_rows(p.one_target))
+    row.setup_seconds, row.target_seconds = setup, setup + scoring
+    row.extra["one_gc_collect_seconds"] = gc_seconds
+    for fitted in (fitted_a, fitted_b):
+        fitted.close()
+    return p.judge.mislabels(row, suspicion)
+
+
+def peer_rows(p: PeerSetup, settings: Any, grad_dot_label: str, log: Callable[[str], None]) -> list[Row]:
+    """Every peer row of a setting: in-house gradient methods, then Captum and Kronfluence when installed."""
+    log("(g) peers: gradient dot, TracIn, Gauss-Newton influence ...")
+    rows = gradient_peer_rows(p, grad_dot_label, settings.damping_factor, settings.damping_factors)
+    if "captum" in settings.peers and captum_available():
+        log("(g) Captum TracInCP / TracInCPFast over Trainer-style checkpoints ...")
+        rows[2:2] = captum_peer_rows(p)  # beside the in-house TracIn row
+    else:
+        log("(g) Captum is not installed (or not selected): its rows are skipped.")
+    if "kronfluence" in settings.peers and kronfluence_available():
+        log("(g) Kronfluence EK-FAC ...")
+        rows.append(kronfluence_peer_row(p))
+    else:
+        log("(g) Kronfluence is not installed (or not selected): its row is skipped.")
+    return [row.finish() for row in rows]
+
+
+def results_dict(
+    setting: str, settings: Any, judge: Judge, recipe: Any, ckpt_epochs: list[int], rows: list[Row], started: float
+) -> dict[str, Any]:
+    """The JSON-ready results of one run."""
+    return {
+        "setting": setting,
+        "settings": asdict(settings),
+        "ground_truth": {
+            **judge.summary(),
+            "recipe": asdict(recipe),
+            "seeds": (
+                f"subsets {GROUND_TRUTH_SEED}+s and {REPLICATE_SEED}+s, leave-one-out {LOO_SEED}+s, cleansing "
+                f"{CLEANSING_SEED}+s (weights, batch order and masks); scored models use seeds below {GROUND_TRUTH_SEED}"
+            ),
+        },
+        "tracin_checkpoint_epochs": ckpt_epochs,
+        "kronfluence": kronfluence_version(),
+        "captum": captum_version(),
+        "rows": [asdict(r) for r in rows],
+        "seconds_total": time.perf_counter() - started,
+    }
 
 
 # -- head setting ---------------------------------------------------------------------------------------------------
@@ -790,8 +934,12 @@ def run_fidelity(data: FidelityData, settings: Settings, log: Callable[[str], No
         )
         self_ens, row.self_seconds = timed(ensemble_self, pool.many(base, range(k), noisy=True))
         _, row.target_seconds = timed(ensemble_scores, first, one_target)
-        row.accuracy = float(np.mean([accuracy(m.head, data.test) for m in first]))
+        members = [accuracy(m.head, data.test) for m in first]
+        row.accuracy = float(np.mean(members))
         row.accuracy_cost = pool.accuracy_cost(base, range(k), row.accuracy)
+        row.extra["accuracy_cost_sem"] = paired_sem(
+            [accuracy(pool.get(base.replace(masking="dropout"), s).head, data.test) for s in range(k)], members
+        )
         row.train_seconds = float(sum(m.seconds for m in first))
         with torch.no_grad():
             row.extra["ensemble_prediction_accuracy"] = float(
@@ -888,115 +1036,32 @@ def run_fidelity(data: FidelityData, settings: Settings, log: Callable[[str], No
             rows.append(mislabels(row, self_f).finish())
 
     # (g) peers on the same head as (a).
-    log("(g) peers: gradient dot, TracIn, Gauss-Newton influence ...")
-    row = fidelity(
-        Row(f"(g) gradient dot product (final model, W={settings.width})"),
-        gradient_dot_scores(model_a.head, model_a, train, train.labels, targets),
-        gradient_dot_scores(model_b.head, model_b, train, train.labels, targets),
+    def head_at(model: TrainedHead, checkpoint: Any) -> TurnoverHead:
+        return model.head if checkpoint is None else model.head_at(checkpoint)
+
+    ones = (base.channels, base.width)  # targets run on the full network: masks of ones
+    peers = PeerSetup(
+        judge,
+        Row("", accuracy=row_a.accuracy, accuracy_cost=row_a.accuracy_cost, train_seconds=row_a.train_seconds),
+        model_a,
+        model_b,
+        noisy_a,
+        targets,
+        one_target,
+        train_factors=lambda m, c, is_noisy, masked: head_factors(
+            head_at(m, c), train.features, noisy if is_noisy else train.labels, m.masks(train.ids) if masked else None
+        ),
+        target_factors=lambda m, c, part: head_factors(head_at(m, c), part.features, part.labels, None),
+        module=lambda m: contextlib.nullcontext(m.head),
+        train_rows=lambda m, is_noisy: head_rows(train.features, m.masks(train.ids), noisy if is_noisy else train.labels),
+        target_rows=lambda part: head_rows(part.features, torch.ones(len(part), *ones), part.labels),
+        captum_layers=["hidden", "out"],
+        captum_layers_label="all head layers",
+        final_layer="out",
+        kronfluence_tracked=None,
+        steps_per_epoch=-(-len(train) // settings.batch_size),
     )
-    self_g, row.self_seconds = timed(gradient_dot_self, noisy_a.head, noisy_a, noisy_train, noisy)
-    _, row.target_seconds = timed(gradient_dot_scores, model_a.head, model_a, train, train.labels, one_target)
-    on_model_a(row)
-    rows.append(mislabels(row, self_g).finish())
-
-    epochs_text = ", ".join(map(str, ckpt_epochs))
-    row = fidelity(
-        Row(f"(g) TracInCP in-house, {len(ckpt_epochs)} checkpoints (epochs {epochs_text})"),
-        tracin_scores(model_a, train, train.labels, targets),
-        tracin_scores(model_b, train, train.labels, targets),
-    )
-    self_t, row.self_seconds = timed(tracin_self, noisy_a, noisy_train, noisy)
-    _, row.target_seconds = timed(tracin_scores, model_a, train, train.labels, one_target)
-    on_model_a(row)
-    rows.append(mislabels(row, self_t).finish())
-
-    if "captum" in settings.peers and captum_available():
-        log("(g) Captum TracInCP / TracInCPFast over Trainer-style checkpoints ...")
-        steps = -(-len(train) // settings.batch_size)
-        with tempfile.TemporaryDirectory() as folder:
-            paths, write_seconds = {}, {}
-            for name, model in (("a", model_a), ("b", model_b), ("noisy", noisy_a)):
-                paths[name], write_seconds[name] = timed(
-                    write_checkpoints, model.checkpoints, os.path.join(folder, name), steps
-                )
-
-            def rows_of(model: TrainedHead, labels: torch.Tensor) -> torch.utils.data.Dataset:
-                return head_rows(train.features, model.masks(train.ids), labels)
-
-            def target_rows(part: Split) -> torch.utils.data.Dataset:
-                ones = torch.ones(len(part), base.channels, base.width)
-                return head_rows(part.features, ones, part.labels)
-
-            for label, kwargs in (
-                ("TracInCP (all head layers)", {"layers": ["hidden", "out"]}),
-                ("TracInCPFast (last layer)", {"final_layer": "out"}),
-            ):
-                row = fidelity(
-                    Row(f"(g) Captum {label}, {len(ckpt_epochs)} Trainer checkpoints"),
-                    captum_tracin(model_a.head, rows_of(model_a, train.labels), paths["a"], target_rows(targets), **kwargs),
-                    captum_tracin(model_b.head, rows_of(model_b, train.labels), paths["b"], target_rows(targets), **kwargs),
-                )
-                self_c, row.self_seconds = timed(
-                    lambda kw=kwargs: captum_tracin(noisy_a.head, rows_of(noisy_a, noisy), paths["noisy"], None, **kw)
-                )
-                _, row.target_seconds = timed(
-                    lambda kw=kwargs: captum_tracin(
-                        model_a.head, rows_of(model_a, train.labels), paths["a"], target_rows(one_target), **kw
-                    )
-                )
-                on_model_a(row)
-                row.train_seconds += write_seconds["a"]
-                rows.append(mislabels(row, self_c).finish())
-    else:
-        log("(g) Captum is not installed: its rows are skipped.")
-
-    factor = settings.damping_factor
-    by_factor = {
-        f: influence_function_scores(model_a.head, model_a, train, train.labels, targets, f)
-        for f in sorted(set(settings.damping_factors) | {factor})
-    }
-    row = fidelity(
-        Row(f"(g) Gauss-Newton influence, damping {factor:g} x mean eigenvalue"),
-        by_factor[factor],
-        influence_function_scores(model_b.head, model_b, train, train.labels, targets, factor),
-    )
-    self_if, row.self_seconds = timed(
-        influence_function_scores, noisy_a.head, noisy_a, noisy_train, noisy, None, factor
-    )
-    _, row.target_seconds = timed(
-        influence_function_scores, model_a.head, model_a, train, train.labels, one_target, factor
-    )
-    on_model_a(row)
-    row.extra["lds_by_damping_factor"] = {str(f): lds(scores, judge.subsets, judge.gt) for f, scores in by_factor.items()}
-    rows.append(mislabels(row, self_if).finish())
-
-    if "kronfluence" in settings.peers and kronfluence_available():
-        log("(g) Kronfluence EK-FAC ...")
-        _, gc_seconds = timed(gc.collect)  # Kronfluence calls gc.collect() several times per fit and scoring
-
-        def ekfac(model: TrainedHead, labels: torch.Tensor) -> KronfluenceEKFAC:
-            return KronfluenceEKFAC(model.head, head_rows(train.features, model.masks(train.ids), labels))
-
-        def ekfac_targets(part: Split) -> torch.utils.data.Dataset:
-            return head_rows(part.features, torch.ones(len(part), base.channels, base.width), part.labels)
-
-        fitted_a, setup = timed(ekfac, model_a, train.labels)
-        fitted_b = ekfac(model_b, train.labels)
-        row = fidelity(
-            Row("(g) Kronfluence EK-FAC influence, damping 0.1 x mean eigenvalue"),
-            fitted_a.scores(ekfac_targets(targets)),
-            fitted_b.scores(ekfac_targets(targets)),
-        )
-        self_k, row.self_seconds = timed(lambda: ekfac(noisy_a, noisy).self_scores())
-        _, target_score_seconds = timed(fitted_a.scores, ekfac_targets(one_target))
-        row.setup_seconds, row.target_seconds = setup, setup + target_score_seconds
-        row.extra["one_gc_collect_seconds"] = gc_seconds
-        on_model_a(row)
-        rows.append(mislabels(row, self_k).finish())
-        for fitted in (fitted_a, fitted_b):
-            fitted.close()
-    else:
-        log("(g) Kronfluence is not installed: its row is skipped.")
+    rows.extend(peer_rows(peers, settings, f"(g) gradient dot product (final model, W={settings.width})", log))
 
     row = Row("(g) training loss (mislabels only)")
     with torch.no_grad():
@@ -1004,23 +1069,7 @@ def run_fidelity(data: FidelityData, settings: Settings, log: Callable[[str], No
     row.accuracy, row.train_seconds = row_a.accuracy, row_a.train_seconds
     rows.append(mislabels(row, loss_noisy, low_is_suspicious=False))
 
-    return {
-        "setting": "head",
-        "settings": asdict(settings),
-        "ground_truth": {
-            **judge.summary(),
-            "recipe": asdict(base),
-            "seeds": (
-                f"subsets {GROUND_TRUTH_SEED}+s and {REPLICATE_SEED}+s, leave-one-out {LOO_SEED}+s, cleansing "
-                f"{CLEANSING_SEED}+s (weights, batch order and masks); scored models use seeds below {GROUND_TRUTH_SEED}"
-            ),
-        },
-        "tracin_checkpoint_epochs": ckpt_epochs,
-        "kronfluence": kronfluence_version(),
-        "captum": captum_version(),
-        "rows": [asdict(r) for r in rows],
-        "seconds_total": time.perf_counter() - started,
-    }
+    return results_dict("head", settings, judge, base, ckpt_epochs, rows, started)
 
 
 # -- adapter setting ------------------------------------------------------------------------------------------------
@@ -1041,11 +1090,12 @@ class AdapterSettings:
     max_length: int = 64
     reduction_factor: int = 8  # 384 / 8 = 48 bottleneck units, the demo's adapter
     wide_reduction_factors: tuple[int, ...] = (1,)  # 384 bottleneck units
-    ensembles: tuple[int, ...] = (4, 16)
+    ensembles: tuple[int, ...] = (4, 16, 32)
     epochs: int = 5
     batch_size: int = 32
     lr: float = 3e-3
     tracin_checkpoints: int = 4
+    damping_factors: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
     damping_factor: float = 0.1
     n_loo: int = 40
     loo_seeds: int = 3
@@ -1351,11 +1401,8 @@ def run_adapter_fidelity(
     if gap > 1e-4:
         raise RuntimeError(f"cached top-layer scores disagree with TurnoverScorer on the full model by {gap:.3g}.")
     scores_a = top_turnover_scores(top, model_a, train.example_ids, targets)
-    row_a = row = fidelity(
-        Row(f"(a) turn-over, single model, adapter {units} units"),
-        scores_a,
-        top_turnover_scores(top, model_b, train.example_ids, targets),
-    )
+    scores_b = top_turnover_scores(top, model_b, train.example_ids, targets)
+    row_a = row = fidelity(Row(f"(a) turn-over, single model, adapter {units} units"), scores_a, scores_b)
     self_a, row.self_seconds = timed(top_self_scores, top, noisy_a, noisy_train)
     _, row.target_seconds = timed(top_turnover_scores, top, model_a, train.example_ids, one_target)
     row.accuracy, row.train_seconds = pool.accuracy(rf, model_a), model_a.seconds
@@ -1368,8 +1415,18 @@ def run_adapter_fidelity(
         row.extra["library_turnover_scorer"] = library_times(data, rf, model_a)
     rows.append(mislabels(row, self_a).finish())
 
+    # per member seed: ensembles of several sizes share members, and (a) and (b) are members 0 and 1
+    target_scores: dict[int, torch.Tensor] = {0: scores_a, 1: scores_b}
+
+    def member_scores(model: TrainedTop, part: TopInputs) -> torch.Tensor:
+        if part is not targets:
+            return top_turnover_scores(top, model, train.example_ids, part)
+        if model.init_seed not in target_scores:
+            target_scores[model.init_seed] = top_turnover_scores(top, model, train.example_ids, part)
+        return target_scores[model.init_seed]
+
     def ensemble_scores(models: list[TrainedTop], part: TopInputs) -> torch.Tensor:
-        return torch.stack([top_turnover_scores(top, m, train.example_ids, part) for m in models]).mean(0)
+        return torch.stack([member_scores(m, part) for m in models]).mean(0)
 
     for k in settings.ensembles:
         log(f"(b) ensemble of {k} ...")
@@ -1382,8 +1439,11 @@ def run_adapter_fidelity(
             lambda models=noisy_models: torch.stack([top_self_scores(top, m, noisy_train) for m in models]).mean(0)
         )
         _, row.target_seconds = timed(ensemble_scores, first, one_target)
-        row.accuracy = float(np.mean([pool.accuracy(rf, m) for m in first]))
+        members = [pool.accuracy(rf, m) for m in first]
+        row.accuracy = float(np.mean(members))
         row.accuracy_cost = pool.accuracy_cost(rf, base, range(k), row.accuracy)
+        plain = replace(base, masking="dropout")
+        row.extra["accuracy_cost_sem"] = paired_sem([pool.accuracy(rf, pool.get(rf, plain, s)) for s in range(k)], members)
         row.train_seconds = float(sum(m.seconds for m in first))
         rows.append(mislabels(row, self_ens).finish())
 
@@ -1405,148 +1465,43 @@ def run_adapter_fidelity(
         rows.append(mislabels(row, self_w).finish())
 
     # (g) peers on the same adapter and head as (a).
-    log("(g) peers: gradient dot, TracIn, Gauss-Newton influence ...")
+    def factors(model: TrainedTop, checkpoint: Any, part: TopInputs, masked: bool) -> MarginFactors:
+        with model.active(top, None if checkpoint is None else checkpoint.state_dict):
+            return top_factors(top, part, masked)
 
-    def grad_dot(trained: TrainedTop, part: TopInputs, state: dict | None = None) -> torch.Tensor:
-        with trained.active(top, state):
-            return gradient_dot(top_factors(top, train, True), top_factors(top, part, False))
-
-    def grad_dot_self(trained: TrainedTop, state: dict | None = None) -> torch.Tensor:
-        with trained.active(top, state):
-            return gradient_dot(top_factors(top, noisy_train, True), top_factors(top, noisy_train, False), paired=True)
-
-    row = fidelity(Row("(g) gradient dot product (final model)"), grad_dot(model_a, targets), grad_dot(model_b, targets))
-    self_g, row.self_seconds = timed(grad_dot_self, noisy_a)
-    _, row.target_seconds = timed(grad_dot, model_a, one_target)
-    on_model_a(row)
-    rows.append(mislabels(row, self_g).finish())
-
-    def tracin(trained: TrainedTop, part: TopInputs) -> torch.Tensor:
-        return sum(c.lr * grad_dot(trained, part, c.state_dict) for c in trained.checkpoints)
-
-    def tracin_self_top(trained: TrainedTop) -> torch.Tensor:
-        return sum(c.lr * grad_dot_self(trained, c.state_dict) for c in trained.checkpoints)
-
-    epochs_text = ", ".join(map(str, ckpt_epochs))
-    row = fidelity(
-        Row(f"(g) TracInCP in-house, {len(ckpt_epochs)} checkpoints (epochs {epochs_text})"),
-        tracin(model_a, targets),
-        tracin(model_b, targets),
+    peers = PeerSetup(
+        judge,
+        Row("", accuracy=row_a.accuracy, accuracy_cost=row_a.accuracy_cost, train_seconds=row_a.train_seconds),
+        model_a,
+        model_b,
+        noisy_a,
+        targets,
+        one_target,
+        train_factors=lambda m, c, is_noisy, masked: factors(m, c, noisy_train if is_noisy else train, masked),
+        target_factors=lambda m, c, part: factors(m, c, part, False),
+        module=lambda m: m.active(top),
+        train_rows=lambda m, is_noisy: top_rows(noisy_train if is_noisy else train, True),
+        target_rows=lambda part: top_rows(part, False),
+        captum_layers=top_layer_names(top),
+        captum_layers_label="adapter + classifier",
+        final_layer="classifier",
+        kronfluence_tracked=top_layer_names(top),
+        steps_per_epoch=-(-len(train) // settings.batch_size),
     )
-    self_t, row.self_seconds = timed(tracin_self_top, noisy_a)
-    _, row.target_seconds = timed(tracin, model_a, one_target)
-    on_model_a(row)
-    rows.append(mislabels(row, self_t).finish())
-
-    layer_names = top_layer_names(top)
-    if "captum" in settings.peers and captum_available():
-        log("(g) Captum TracInCP / TracInCPFast over Trainer-style checkpoints ...")
-        steps = -(-len(train) // settings.batch_size)
-        with tempfile.TemporaryDirectory() as folder:
-            paths, write_seconds = {}, {}
-            for name, trained in (("a", model_a), ("b", model_b), ("noisy", noisy_a)):
-                paths[name], write_seconds[name] = timed(
-                    write_checkpoints, trained.checkpoints, os.path.join(folder, name), steps
-                )
-
-            def captum(trained: TrainedTop, part: TopInputs | None, path_key: str, **kwargs: Any) -> torch.Tensor:
-                rows_ = top_rows(noisy_train if part is None else train, True)
-                with trained.active(top):
-                    return captum_tracin(
-                        top, rows_, paths[path_key], None if part is None else top_rows(part, False), **kwargs
-                    )
-
-            for label, kwargs in (
-                ("TracInCP (adapter + classifier)", {"layers": layer_names}),
-                ("TracInCPFast (classifier)", {"final_layer": "classifier"}),
-            ):
-                row = fidelity(
-                    Row(f"(g) Captum {label}, {len(ckpt_epochs)} Trainer checkpoints"),
-                    captum(model_a, targets, "a", **kwargs),
-                    captum(model_b, targets, "b", **kwargs),
-                )
-                self_c, row.self_seconds = timed(lambda kw=kwargs: captum(noisy_a, None, "noisy", **kw))
-                _, row.target_seconds = timed(lambda kw=kwargs: captum(model_a, one_target, "a", **kw))
-                on_model_a(row)
-                row.train_seconds += write_seconds["a"]
-                rows.append(mislabels(row, self_c).finish())
-    else:
-        log("(g) Captum is not installed: its rows are skipped.")
-
-    factor = settings.damping_factor
-
-    def influence(trained: TrainedTop, part: TopInputs | None) -> torch.Tensor:
-        with trained.active(top):
-            if part is None:
-                return gauss_newton_influence(
-                    top_factors(top, noisy_train, True), top_factors(top, noisy_train, False), factor, paired=True
-                )
-            return gauss_newton_influence(top_factors(top, train, True), top_factors(top, part, False), factor)
-
-    row = fidelity(
-        Row(f"(g) Gauss-Newton influence, damping {factor:g} x mean eigenvalue"),
-        influence(model_a, targets),
-        influence(model_b, targets),
-    )
-    self_if, row.self_seconds = timed(influence, noisy_a, None)
-    _, row.target_seconds = timed(influence, model_a, one_target)
-    on_model_a(row)
-    rows.append(mislabels(row, self_if).finish())
-
-    if "kronfluence" in settings.peers and kronfluence_available():
-        log("(g) Kronfluence EK-FAC ...")
-        _, gc_seconds = timed(gc.collect)  # Kronfluence calls gc.collect() several times per fit and scoring
-
-        def ekfac(trained: TrainedTop, part: TopInputs) -> KronfluenceEKFAC:
-            with trained.active(top):
-                return KronfluenceEKFAC(top, top_rows(part, True), tracked=layer_names)
-
-        fitted_a, setup = timed(ekfac, model_a, train)
-        fitted_b = ekfac(model_b, train)
-        row = fidelity(
-            Row("(g) Kronfluence EK-FAC influence, damping 0.1 x mean eigenvalue"),
-            fitted_a.scores(top_rows(targets, False)),
-            fitted_b.scores(top_rows(targets, False)),
-        )
-        self_k, row.self_seconds = timed(lambda: ekfac(noisy_a, noisy_train).self_scores())
-        _, target_score_seconds = timed(fitted_a.scores, top_rows(one_target, False))
-        row.setup_seconds, row.target_seconds = setup, setup + target_score_seconds
-        row.extra["one_gc_collect_seconds"] = gc_seconds
-        on_model_a(row)
-        rows.append(mislabels(row, self_k).finish())
-        for fitted in (fitted_a, fitted_b):
-            fitted.close()
-    else:
-        log("(g) Kronfluence is not installed: its row is skipped.")
+    rows.extend(peer_rows(peers, settings, "(g) gradient dot product (final model)", log))
 
     row = Row("(g) training loss (mislabels only)")
     loss_noisy, row.self_seconds = timed(top_losses, top, noisy_a, noisy_train)
     row.accuracy, row.train_seconds = row_a.accuracy, row_a.train_seconds
     rows.append(mislabels(row, loss_noisy, low_is_suspicious=False))
 
-    n_params = sum(p.numel() for p in top.trainable().values())
-    return {
-        "setting": "adapters",
-        "settings": asdict(settings),
-        "model": {
-            "adapter_units": units,
-            "trainable_parameters": n_params,
-            "mask_sites": dict(model.turnover_config.mask_sites),
-        },
-        "ground_truth": {
-            **judge.summary(),
-            "recipe": asdict(base),
-            "seeds": (
-                f"subsets {GROUND_TRUTH_SEED}+s and {REPLICATE_SEED}+s, leave-one-out {LOO_SEED}+s, cleansing "
-                f"{CLEANSING_SEED}+s (weights, batch order and masks); scored models use seeds below {GROUND_TRUTH_SEED}"
-            ),
-        },
-        "tracin_checkpoint_epochs": ckpt_epochs,
-        "kronfluence": kronfluence_version(),
-        "captum": captum_version(),
-        "rows": [asdict(r) for r in rows],
-        "seconds_total": time.perf_counter() - started,
+    results = results_dict("adapters", settings, judge, base, ckpt_epochs, rows, started)
+    results["model"] = {
+        "adapter_units": units,
+        "trainable_parameters": sum(p.numel() for p in top.trainable().values()),
+        "mask_sites": dict(model.turnover_config.mask_sites),
     }
+    return results
 
 
 # -- report ---------------------------------------------------------------------------------------------------------
@@ -1624,10 +1579,13 @@ def notes(results: dict[str, Any]) -> list[str]:
         ),
     ]
     if "loo_seed_to_seed_pearson" in gt:
+        r, k = gt["loo_seed_to_seed_pearson"], gt["loo_seeds"]
+        reliability = k * r / (1 + (k - 1) * r) if r > 0 else 0.0  # Spearman-Brown: the k-seed mean
         out.append(
-            f"- Leave-one-out: {gt['loo_examples']} random examples x the targets, mean over {gt['loo_seeds']} retrain "
-            f"seeds; the actual effects of two seeds correlate at Pearson {gt['loo_seed_to_seed_pearson']:.3f} (the "
-            "noise ceiling of the LOO column: one example's removal is mostly retraining noise)."
+            f"- Leave-one-out: {gt['loo_examples']} random examples x the targets, mean over {k} retrain seeds. The "
+            f"actual effects of two seeds correlate at Pearson {r:.3f}: one example's removal is mostly retraining "
+            f"noise. A perfect predictor of the expected effect would reach about {np.sqrt(reliability):.2f} "
+            f"against the {k}-seed mean (sqrt of its Spearman-Brown reliability), the ceiling of the LOO column."
         )
     if "cleansing" in gt:
         c = gt["cleansing"]
@@ -1675,6 +1633,11 @@ def notes(results: dict[str, Any]) -> list[str]:
                 f"- Gauss-Newton influence, LDS by damping factor (x mean eigenvalue): {sweep}. The table uses "
                 f"the factor fixed before the run ({results['settings']['damping_factor']:g})."
             )
+        if extra.get("accuracy_cost_sem") is not None:
+            out.append(
+                f"- {row['method']}: accuracy cost of masks {row['accuracy_cost']:+.2f} ± "
+                f"{extra['accuracy_cost_sem']:.2f} points (mean ± standard error of the per-seed paired differences)."
+            )
         if "ensemble_prediction_accuracy" in extra:
             out.append(
                 f"- {row['method']}: accuracy of the averaged ensemble prediction "
@@ -1702,18 +1665,28 @@ def notes(results: dict[str, Any]) -> list[str]:
     )
     out.append("- Peers: " + "; ".join(peers) + ".")
     for row in results["rows"]:
-        if "one_gc_collect_seconds" in row["extra"]:
+        extra = row["extra"]
+        if "one_gc_collect_seconds" in extra:
+            unfrozen = extra.get("one_gc_collect_seconds_unfrozen")
+            frozen_text = (
+                f" while it runs; the objects of the benchmark itself are frozen out of the collector (`gc.freeze`), "
+                f"else each call would take {unfrozen:.2f} s here"
+                if unfrozen is not None
+                else " in this process"
+            )
             out.append(
                 "- Part of Kronfluence's fixed cost is its own memory release: about nine `gc.collect()` calls per "
-                f"fit and scoring, {row['extra']['one_gc_collect_seconds']:.2f} s each in this process."
+                f"fit and scoring, {extra['one_gc_collect_seconds']:.2f} s each{frozen_text}."
             )
     env = results.get("environment", {})
     load = env.get("load_average")
     load_text = f" (load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f})" if load else ""
+    cpu = results.get("cpu_seconds_process")
+    cpu_text = f", {cpu:.0f} s of CPU time for the whole process (data included)" if cpu else ""
     out.append(
-        f"- Whole run: {results['seconds_total']:.0f} s on {env.get('threads', '?')} torch thread(s) of a shared "
-        f"{env.get('cpu_count', '?')}-core machine{load_text}; times are wall-clock and noisy. Train s = training of "
-        "all the models one score matrix needs (K for an ensemble)."
+        f"- Whole run: {results['seconds_total']:.0f} s wall-clock on {env.get('threads', '?')} torch thread(s) of a "
+        f"shared {env.get('cpu_count', '?')}-core machine{load_text}{cpu_text}; times are wall-clock and noisy. "
+        "Train s = training of all the models one score matrix needs (K for an ensemble)."
     )
     return out
 
@@ -1753,8 +1726,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run best on one)")
     parser.add_argument("--output", type=Path, help="results stem (default benchmarks/results/fidelity[_adapters][_quick])")
+    parser.add_argument("--render", type=Path, help="only rewrite the Markdown of an existing results JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.render is not None:
+        results = json.loads(args.render.read_text(encoding="utf-8"))
+        table = markdown(results) + "\n" + "\n".join(notes(results)) + "\n"
+        atomic_write_text(args.render.with_suffix(".md"), TITLES[results.get("setting", "head")] + table)
+        print(table)
+        return results
 
     head = args.setting == "head"
     settings: Any = (QUICK if args.quick else Settings()) if head else (QUICK_ADAPTERS if args.quick else AdapterSettings())
@@ -1791,6 +1771,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results = run_adapter_fidelity(adapter_data, settings, log)
         results["seconds_data"] = time.perf_counter() - started - results["seconds_total"]
     results["environment"] = environment()
+    results["cpu_seconds_process"] = time.process_time()  # on one thread: the wall time an idle machine would take
     table = markdown(results) + "\n" + "\n".join(notes(results)) + "\n"
     print(table)
     name = "fidelity" + ("" if head else "_adapters") + ("_quick" if args.quick else "")

@@ -28,6 +28,7 @@ from turnover_hf.evaluation import (
     cache_top_inputs,
     captum_tracin,
     explained_variance,
+    gauss_newton_influence,
     gradient_dot,
     head_masks,
     lds,
@@ -308,11 +309,14 @@ def test_gradient_peers_equal_autograd(fidelity, channels):
     g_target = torch.stack(
         [_flat_grad(head, targets.features[i], targets.labels[i], None) for i in range(len(targets))]
     )
-    dots = fidelity.gradient_dot_scores(head, trained, train, train.labels, targets).double()
-    torch.testing.assert_close(dots, g_train @ g_target.T, rtol=1e-4, atol=1e-6)
+    masked = fidelity.head_factors(head, train.features, train.labels, masks)
+    full = fidelity.head_factors(head, train.features, train.labels, None)
+    target = fidelity.head_factors(head, targets.features, targets.labels, None)
+    assert masked.n_params == sum(p.numel() for p in head.parameters())
+    torch.testing.assert_close(gradient_dot(masked, target).double(), g_train @ g_target.T, rtol=1e-4, atol=1e-6)
     # Self-influence: the masked training gradient against the full network's gradient on the same example.
     g_full = torch.stack([_flat_grad(head, train.features[i], train.labels[i], None) for i in range(len(train))])
-    own = fidelity.gradient_dot_self(head, trained, train, train.labels).double()
+    own = gradient_dot(masked, full, paired=True).double()
     torch.testing.assert_close(own, (g_train * g_full).sum(1), rtol=1e-4, atol=1e-6)
 
     # The Gauss-Newton matrix built from explicit margin Jacobians, inverted densely.
@@ -330,11 +334,11 @@ def test_gradient_peers_equal_autograd(fidelity, channels):
     expected = g_train @ torch.linalg.solve(
         gauss_newton + damping * torch.eye(n_params, dtype=torch.float64), g_target.T
     )
-    got = fidelity.influence_function_scores(head, trained, train, train.labels, targets, 0.1).double()
+    got = gauss_newton_influence(masked, target, 0.1).double()
     torch.testing.assert_close(got, expected / len(train), rtol=1e-4, atol=1e-7)
     inverse = torch.linalg.inv(gauss_newton + damping * torch.eye(n_params, dtype=torch.float64))
     expected_self = ((g_train @ inverse) * g_full).sum(1) / len(train)
-    got_self = fidelity.influence_function_scores(head, trained, train, train.labels, None, 0.1).double()
+    got_self = gauss_newton_influence(masked, full, 0.1, paired=True).double()
     torch.testing.assert_close(got_self, expected_self, rtol=1e-4, atol=1e-7)
 
 
@@ -669,6 +673,9 @@ def test_kronfluence_bridge_scores_the_rows_it_was_given(top_setup):
         ekfac = KronfluenceEKFAC(top, rows, tracked=names, batch_size=16)
         scores, own = ekfac.scores(target_rows), ekfac.self_scores()
         ekfac.close()
+        again = KronfluenceEKFAC(top, rows, tracked=names, batch_size=16)
+        torch.testing.assert_close(again.scores(target_rows), scores)  # the sampled labels are seeded
+        again.close()
     assert scores.shape == (40, 3) and own.shape == (40,)
     assert bool((own > 0).all())  # g^T (G + lambda I)^-1 g of a positive-definite damped curvature
     assert torch.isfinite(scores).all() and scores.abs().max() > 0

@@ -329,9 +329,10 @@ class KronfluenceEKFAC:
     """Kronfluence's EK-FAC influence on a model's tracked Linear layers: fit factors once, then score.
 
     Rows are tuples ``(*model_inputs, label)`` as for :func:`captum_tracin`. Factors are fitted on the training
-    loss with labels sampled from the model (Kronfluence's true Fisher); damping is Kronfluence's heuristic
-    (0.1 x the mean eigenvalue). Scores follow this package's sign (positive = the example lowers the target
-    loss). The model is deep-copied; output masks move off the tracked Linears (see :func:`captum_tracin`).
+    loss with labels sampled from the model (Kronfluence's true Fisher; ``seed`` fixes them); damping is
+    Kronfluence's heuristic (0.1 x the mean eigenvalue). Scores follow this package's sign (positive = the example
+    lowers the target loss). The model is deep-copied; output masks move off the tracked Linears (see
+    :func:`captum_tracin`). A tracked Linear's bias is part of the influence even if the model keeps it frozen.
 
     Example:
         >>> ekfac = KronfluenceEKFAC(model, train_rows, tracked=["hidden", "out"])
@@ -347,6 +348,7 @@ class KronfluenceEKFAC:
         tracked: Sequence[str] | None = None,
         batch_size: int = 256,
         output_dir: str | None = None,
+        seed: int = 0,
     ) -> None:
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments
@@ -380,10 +382,12 @@ class KronfluenceEKFAC:
             "turnover_peer", prepare_model(model, RowsTask()), RowsTask(), cpu=True, disable_tqdm=True,
             output_dir=folder, log_level=logging.WARNING,
         )
-        self.analyzer.fit_all_factors(
-            "ekfac", dataset=train_rows, per_device_batch_size=batch_size,
-            factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True,
-        )
+        with torch.random.fork_rng(devices=[]):  # the sampled labels of the Fisher: reproducible, RNG left as it was
+            torch.manual_seed(seed)
+            self.analyzer.fit_all_factors(
+                "ekfac", dataset=train_rows, per_device_batch_size=batch_size,
+                factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True,
+            )
 
     def self_scores(self) -> torch.Tensor:
         """EK-FAC self-influence of every training row, ``(N,)``."""
