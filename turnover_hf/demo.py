@@ -9,14 +9,16 @@
 3. saves it, reloads it with :func:`turnover_hf.load_influence_ready` and checks the reload predicts the same;
 4. lists the strongest proponents and opponents among the training reviews of its most confident validation errors;
 5. computes every training review's self-influence (the paper's App. E) and lists the extremes;
-6. writes ``report.md`` and ``results.json`` into ``--output-dir``.
+6. scores a sample of validation reviews against a sample of training reviews, for the influence-by-class heatmap;
+7. writes ``report.html`` (self-contained, with the plots of :mod:`turnover_hf.plots`), ``report.md``,
+   ``results.json`` and the plots as PNG files into ``--output-dir``.
 
 The default settings finish in under 6 minutes on 2 CPU cores; ``--quick`` is a smoke run of well under a minute.
 
 Example:
     $ python -m turnover_hf.demo --quick --output-dir runs/quick
     $ python -m turnover_hf.demo --n-train 2000 --epochs 3
-    $ cat runs/demo/report.md
+    $ xdg-open runs/demo/report.html
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from transformers import (
 import turnover_hf as th
 
 from .assets import LABEL_NAMES, minilm_path, rotten_tomatoes
+from .errors import TurnoverError
 from .files import atomic_write_text
 from .scoring import model_inputs
 
@@ -73,12 +76,16 @@ class DemoSettings:
     explained_errors: int = 3
     top_k: int = 3
     listed_self_influence: int = 5
+    report_suspects: int = 10  # highest self-influence reviews listed in the HTML report
+    heatmap_targets: int = 16  # validation reviews (half of each class) for the influence-by-class heatmap ...
+    heatmap_train: int = 128  # ... scored against this many training reviews (a random sample: the split is shuffled)
+    evaluations_per_epoch: int = 2  # points of the flip-sanity curves (Fig. 2) per epoch
     seed: int = 0
 
 
 QUICK = DemoSettings(
     n_train=64, n_validation=32, n_test=32, epochs=1.0, max_length=32, batch_size=16, sanity_examples=16,
-    explained_errors=1,
+    explained_errors=1, heatmap_targets=8, heatmap_train=64, evaluations_per_epoch=1,
 )
 
 
@@ -320,6 +327,85 @@ def render_report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def balanced_rows(labels: Sequence[int], count: int) -> list[int]:
+    """The first ``count`` row indices with as many of each label as possible (in row order within a label)."""
+    classes = sorted(set(labels))
+    per_class = {c: [i for i, y in enumerate(labels) if y == c] for c in classes}
+    chosen: list[int] = []
+    for k in range(len(labels)):
+        for c in classes:
+            if len(chosen) < count and k < len(per_class[c]):
+                chosen.append(per_class[c][k])
+    return sorted(chosen)
+
+
+def demo_figures(
+    self_scores: torch.Tensor,
+    log_history: list[dict[str, Any]],
+    class_scores: torch.Tensor,
+    train_labels: Sequence[int],
+    target_labels: Sequence[int],
+    output_dir: str,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The demo's plots (also saved as PNGs in ``output_dir/plots``) and their captions; none without matplotlib."""
+    try:
+        from . import plots
+
+        folder = os.path.join(output_dir, "plots")
+        figures = {
+            "Self-influence": plots.self_influence_histogram(
+                self_scores, path=os.path.join(folder, "self_influence.png")
+            ),
+            "Flip sanity": plots.flip_sanity_curves(log_history, path=os.path.join(folder, "flip_sanity.png")),
+            "Influence by class": plots.class_influence_heatmap(
+                class_scores, train_labels, target_labels, label_names=LABEL_NAMES,
+                path=os.path.join(folder, "influence_by_class.png"),
+            ),
+        }
+    except TurnoverError as err:  # matplotlib missing: the report is written without plots
+        print(f"no plots: {err}")
+        return {}, {}
+    captions = {
+        "Self-influence": ("Influence of every training review on itself (paper App. E). Most help themselves; the "
+                           "right tail holds memorised, often mislabelled reviews."),
+        "Flip sanity": ("Loss of training reviews under their own masks (seen) and flipped masks (unseen) at each "
+                        "evaluation, with the validation loss (paper Fig. 2): the unseen loss should track it."),
+        "Influence by class": (f"Mean influence of {len(train_labels)} training reviews, by class, on "
+                               f"{len(target_labels)} validation reviews (half of each class), by class; a positive "
+                               "diagonal means each class helps itself."),
+    }
+    return figures, captions
+
+
+def write_html_report(
+    results: dict[str, Any], config: th.TurnoverConfig, suspects: list[dict[str, Any]], figures: dict[str, Any],
+    captions: dict[str, str], output_dir: str,
+) -> str:
+    """``report.html``: the run's settings, metrics, explained errors, suspects and plots on one page."""
+    from .report import write_report
+
+    s, si = results["settings"], results["self_influence"]
+    metrics = {f"{split} accuracy": acc for split, (_, acc) in results["accuracy"].items()}
+    metrics |= {
+        "mean self-influence": si["mean"], "self-influence > 0": f"{si['fraction_positive']:.1%}",
+        "reload max logit diff": results["reload_max_logit_diff"], "time (s)": round(sum(results["seconds"].values())),
+    }
+    summary = (
+        f"all-MiniLM-L6-v2 with a bottleneck adapter (reduction factor {s['reduction_factor']}) in its top "
+        f"{s['adapter_layers']} layers and turn-over dropout (p = {config.p:g}, seed {config.seed}) on the adapters "
+        f"and the classifier, fine-tuned on {s['n_train']} Rotten Tomatoes reviews for {s['epochs']:g} epoch(s) "
+        f"on the CPU. The explained predictions are the model's most confident validation errors."
+    )
+    return write_report(
+        os.path.join(output_dir, "report.html"), overwrite=True,  # the demo's own output folder
+        title="turnover-hf demo: MiniLM + turn-over dropout on Rotten Tomatoes", summary=summary, config=config,
+        model="all-MiniLM-L6-v2 + adapter", metrics=metrics,
+        dataset_sizes={"training reviews": s["n_train"], "validation reviews": results["accuracy"]["validation"][0]},
+        explanations=[{**error, "members": 1} for error in results["errors"]], suspects=suspects,
+        figures=figures, captions=captions, top_k=s["top_k"], max_suspects=s["report_suspects"],
+    )
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[DemoSettings, str]:
     """Settings and output folder from the command line; unset options keep the (quick) defaults."""
     parser = argparse.ArgumentParser(prog="python -m turnover_hf.demo", description=__doc__.split("\n\n")[0])
@@ -365,6 +451,13 @@ def run(settings: DemoSettings, output_dir: str) -> dict[str, Any]:
         data["train"].select(range(min(settings.sanity_examples, len(data["train"])))),
         DataCollatorWithPadding(tokenizer),
     )
+    # Several evaluations per epoch give the flip-sanity curves (Fig. 2) more than one point per epoch.
+    steps_per_epoch = -(-len(data["train"]) // settings.batch_size)
+    every = max(1, -(-steps_per_epoch // settings.evaluations_per_epoch))
+    schedule = (
+        {"eval_strategy": "epoch", "logging_strategy": "epoch"} if settings.evaluations_per_epoch <= 1
+        else {"eval_strategy": "steps", "eval_steps": every, "logging_strategy": "steps", "logging_steps": every}
+    )
     args = TrainingArguments(
         output_dir=os.path.join(output_dir, "trainer"),
         num_train_epochs=settings.epochs,
@@ -373,9 +466,8 @@ def run(settings: DemoSettings, output_dir: str) -> dict[str, Any]:
         learning_rate=settings.learning_rate,
         warmup_ratio=0.1,
         group_by_length=True,  # batches of similar length: less padding, faster on CPU
-        eval_strategy="epoch",
         save_strategy="no",
-        logging_strategy="epoch",
+        **schedule,
         seed=settings.seed,
         use_cpu=True,
         report_to=[],
@@ -409,6 +501,14 @@ def run(settings: DemoSettings, output_dir: str) -> dict[str, Any]:
     n = settings.listed_self_influence
     lap("self-influence")
 
+    heatmap_rows = [rows["validation"][i] for i in balanced_rows(raw["validation"]["label"], settings.heatmap_targets)]
+    heatmap_train = min(settings.heatmap_train, len(raw["train"]))
+    class_scores = th.influence(
+        reloaded, collator(heatmap_rows), example_ids=torch.tensor(raw["train"]["example_id"][:heatmap_train]),
+        batch_size=256,
+    )
+    lap("influence by class")
+
     results = {
         "settings": dataclasses.asdict(settings),
         "accuracy": accuracies,
@@ -424,6 +524,12 @@ def run(settings: DemoSettings, output_dir: str) -> dict[str, Any]:
         },
         "seconds": seconds,
     }
+    figures, captions = demo_figures(
+        scores, trainer.state.log_history, class_scores, raw["train"]["label"][:heatmap_train],
+        [row["label"] for row in heatmap_rows], output_dir,
+    )
+    suspects = [review(raw["train"], i, score=float(scores[i])) for i in ranked[: settings.report_suspects]]
+    write_html_report(results, reloaded.turnover_config, suspects, figures, captions, output_dir)
     atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(results, indent=2) + "\n")
     atomic_write_text(os.path.join(output_dir, "report.md"), render_report(results))
     return results
@@ -452,7 +558,9 @@ def print_summary(results: dict[str, Any], output_dir: str) -> None:
         print(f"  {title}:")
         for entry in si[key]:
             print_review("    ", entry)
-    print(f"\ntotal {sum(results['seconds'].values()):.0f} s; report: {os.path.join(output_dir, 'report.md')}")
+    print(f"\ntotal {sum(results['seconds'].values()):.0f} s")
+    print(f"report with plots: {os.path.abspath(os.path.join(output_dir, 'report.html'))}")
+    print(f"same in Markdown:  {os.path.join(output_dir, 'report.md')}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

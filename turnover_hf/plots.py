@@ -237,7 +237,8 @@ def class_influence_heatmap(
         for i in range(len(row_classes)):
             for j in range(len(col_classes)):
                 strong = abs(matrix[i, j]) > 0.6 * limit
-                ax.text(j, i, f"{matrix[i, j]:+.{decimals}f}", ha="center", va="center", color="white" if strong else "black")
+                ax.text(j, i, f"{matrix[i, j]:+.{decimals}f}", ha="center", va="center",
+                        color="white" if strong else "black")
     ax.set_title(title or "Mean influence by class")
     return _finish(fig, path, dpi)
 
@@ -305,18 +306,19 @@ def flip_sanity_curves(
     series = flip_sanity_series(log_history)
     fig, ax = _new_figure()
     marker = "o" if len(series["step"]) <= 30 else None
-    ax.plot(series["step"], series["mask"], color=BLUE, marker=marker, label="training examples, own mask (seen)")
-    ax.plot(series["step"], series["flip"], color=RED, marker=marker, label="training examples, flipped mask (unseen)")
+    ax.plot(series["step"], series["mask"], color=BLUE, marker=marker, label="train, own mask (seen)")
+    ax.plot(series["step"], series["flip"], color=RED, marker=marker, label="train, flipped mask (unseen)")
     if not np.isnan(series["eval"]).all():
         ax.plot(series["step"], series["eval"], color="black", linestyle="--", marker=marker,
-                label="held-out examples, full network")
+                label="held-out, full network")
     ax.set_xlabel("training step")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers
     ax.set_ylabel("mean cross-entropy loss")
     if len(series["step"]) == 1:  # one evaluation: a point, not a curve; keep the axis readable
         step = series["step"][0]
         ax.set_xlim(step - max(1.0, 0.5 * step), step + max(1.0, 0.5 * step))
     ax.set_title(title or "Flip sanity: the flipped loss should track the held-out loss")
-    ax.legend(frameon=False)
+    fig.legend(frameon=False, loc="outside lower center", ncols=3, fontsize="small")
     return _finish(fig, path, dpi)
 
 
@@ -361,5 +363,5 @@ def cleansing_curve(
     ax.set_xlabel("training data removed (%)")
     ax.set_ylabel(metric)
     ax.set_title(title or "Data cleansing: remove harmful examples, retrain")
-    ax.legend(frameon=False)
+    fig.legend(frameon=False, loc="outside lower center", ncols=3, fontsize="small")
     return _finish(fig, path, dpi)
