@@ -534,7 +534,12 @@ def test_top_scores_equal_the_library_scorer(top_setup):
             forward_inputs({k: v[:4] for k, v in batch.items()}), batch["labels"][:4], cache.example_ids
         )
         own = th.TurnoverScorer(model, fast=False).self_scores(batch, batch["labels"], batch["example_ids"])
-    assert th.context.state_of(model).config.seed == 7  # restored after the block
+    assert th.context.state_of(model).config.seed == 7  # restored after the block, and so are the weights
+    other = train_top(top, cache, TopRecipe(epochs=1, batch_size=8), init_seed=2, mask_seed=5)
+    before = {name: p.detach().clone() for name, p in top.trainable().items()}
+    with other.active(top):
+        assert torch.equal(top.classifier.weight, other.state["classifier.weight"])
+    assert all(torch.equal(p, before[name]) for name, p in top.trainable().items())
     torch.testing.assert_close(scores, reference, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(top_self_scores(top, trained, cache, block=16), own, rtol=1e-4, atol=1e-6)
     assert scores.abs().max() > 0

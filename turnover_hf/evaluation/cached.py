@@ -255,10 +255,15 @@ class TrainedTop:
 
     @contextlib.contextmanager
     def active(self, top: TopModel, state: Mapping[str, torch.Tensor] | None = None) -> Iterator[TopModel]:
-        """``top`` with these weights (or a snapshot's ``state``) and this model's mask seed, inside the block."""
+        """``top`` with these weights (or a snapshot's ``state``) and this model's mask seed inside the block; the
+        previous weights and seed come back after it."""
+        saved = trainable_state(top)
         load_trainable(top, self.state if state is None else state)
-        with using_mask_seed(top, self.mask_seed):
-            yield top
+        try:
+            with using_mask_seed(top, self.mask_seed):
+                yield top
+        finally:
+            load_trainable(top, saved)
 
 
 def trainable_state(top: TopModel) -> dict[str, torch.Tensor]:
