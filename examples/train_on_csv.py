@@ -1,6 +1,7 @@
 """Fine-tune an influence-ready classifier on your own CSV (columns: text, label) and save it.
 
     python examples/train_on_csv.py --csv reviews.csv --model path/or/hub-id --output-dir out
+    python examples/train_on_csv.py --csv reviews.csv --push-to-hub you/reviews-influence-ready   # and upload it
 Then explain predictions with examples/explain.py, or score on several processes with examples/score_sharded.py.
 """
 
@@ -18,6 +19,8 @@ parser.add_argument("--model", default=None, help="model folder or Hub id (defau
 parser.add_argument("--output-dir", default="out")
 parser.add_argument("--epochs", type=float, default=3)
 parser.add_argument("--seed", type=int, default=0, help="mask seed")
+parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                    help="also upload the influence-ready checkpoint (weights, turnover_config.json, model card)")
 args = parser.parse_args()
 
 model_path = args.model or turnover_hf.assets.minilm_path()
@@ -44,3 +47,7 @@ model.save_pretrained(f"{args.output_dir}/model")
 tokenizer.save_pretrained(f"{args.output_dir}/model")
 data.save_to_disk(f"{args.output_dir}/train")  # the training set with its ids, for explaining later
 print(f"influence-ready model in {args.output_dir}/model, training data in {args.output_dir}/train")
+if args.push_to_hub:  # anyone can then load it with the same masks: turnover_hf.load_influence_ready(REPO_ID)
+    model.push_to_hub(args.push_to_hub)
+    tokenizer.push_to_hub(args.push_to_hub)
+    print(f"pushed to {args.push_to_hub}")
