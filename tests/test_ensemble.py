@@ -114,3 +114,6 @@ def test_train_ensemble_writes_members_the_pipeline_loads_and_resumes(task, tmp_
     assert th.TurnoverConfig.from_pretrained(more[2]).seed == 22
     with pytest.raises(th.ConfigMismatchError, match="another output_dir"):
         th.train_ensemble(make, th.TurnoverConfig(seed=40), args, train, num_members=1, processing_class=tokenizer)
+    with pytest.raises(th.ConfigMismatchError, match="training examples: 30 vs 20"):
+        th.train_ensemble(make, th.TurnoverConfig(seed=20), args, train.select(range(20)), num_members=1,
+                          processing_class=tokenizer)

@@ -178,7 +178,7 @@ def train_ensemble(
         folder = os.path.join(root, f"{MEMBER_PREFIX}{k}")
         paths.append(folder)
         if os.path.isfile(os.path.join(folder, CONFIG_NAME)):  # written last by a save: the member is complete
-            _check_resumable(TurnoverConfig.from_pretrained(folder), member_config, folder)
+            _check_resumable(TurnoverConfig.from_pretrained(folder), member_config, folder, len(train_dataset))
             logger.info("ensemble member %d is already trained in %s; keeping it.", k, folder)
             continue
         member_args = copy.copy(args)
@@ -191,10 +191,12 @@ def train_ensemble(
     return paths
 
 
-def _check_resumable(saved: TurnoverConfig, wanted: TurnoverConfig, folder: str) -> None:
+def _check_resumable(saved: TurnoverConfig, wanted: TurnoverConfig, folder: str, n_train: int) -> None:
     fields = ("p", "seed", "scheme", "codebook_size", "codebook_picks", "id_column")
     diffs = [f"{name}: {getattr(saved, name)!r} vs {getattr(wanted, name)!r}" for name in fields
              if getattr(saved, name) != getattr(wanted, name)]
+    if saved.num_train_examples != n_train:
+        diffs.append(f"training examples: {saved.num_train_examples} vs {n_train}")
     if diffs:
         raise ConfigMismatchError(
             f"{folder} already holds a member trained with another config ({'; '.join(diffs)}); give another "
