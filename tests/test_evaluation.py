@@ -1,4 +1,5 @@
-"""Fidelity metrics against independently computed answers, head retraining, and the benchmark core on tiny data."""
+"""Fidelity metrics against independently computed answers, cheap retraining (heads, cached top layers), peers
+against autograd and Captum, and the benchmark core of both settings on tiny data."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import batch_of, tiny_bert, tiny_gpt2, token_task
 
 import turnover_hf as th
-from conftest import batch_of, tiny_bert, tiny_gpt2, token_task
 from turnover_hf.evaluation import (
     Cleansing,
     HeadRecipe,
@@ -503,7 +504,7 @@ def forward_inputs(batch):
 def top_setup():
     model = top_adapter_bert()
     ds = th.add_example_ids(token_task(40))
-    batches = [batch_of(ds, range(0, 24)), batch_of(ds, range(24, 40))]
+    batches = [batch_of(ds, range(24)), batch_of(ds, range(24, 40))]
     return model, TopModel(model), cache_top_inputs(model, batches), batch_of(ds)
 
 
@@ -697,11 +698,11 @@ def tiny_adapter_data(fidelity, n_train: int = 40, n_targets: int = 5, n_test: i
         return models[reduction_factor]
 
     model = build(2)
-    cache = cache_top_inputs(model, [batch_of(ds, range(0, 40)), batch_of(ds, range(40, len(ds)))])
+    cache = cache_top_inputs(model, [batch_of(ds, range(40)), batch_of(ds, range(40, len(ds)))])
     train, targets = cache.select(range(n_train)), cache.select(range(n_train, n_train + n_targets))
     test = cache.select(range(n_train + n_targets, len(ds)))
     noisy, flipped = fidelity.with_flipped_labels(train.labels, 0.2, seed=0)
-    train_batches = [batch_of(ds, range(0, 20)), batch_of(ds, range(20, 40))]
+    train_batches = [batch_of(ds, range(20)), batch_of(ds, range(20, 40))]
     return fidelity.AdapterData(
         train, noisy, flipped, targets, test, build, train_batches, batch_of(ds, range(n_train, n_train + 2))
     )
