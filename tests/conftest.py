@@ -159,3 +159,12 @@ def lm_targets(n: int = 3, length: int = 9, prompt: int = 4, seed: int = 1) -> d
         ids = torch.randint(5, VOCAB, (length - i,), generator=g).tolist()
         rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
     return th.CausalLMCollator(pad_token_id=0)(rows)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now, for a torchrun rendezvous (fixed ports collide on busy machines)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

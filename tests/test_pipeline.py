@@ -7,7 +7,7 @@ import torch
 
 import turnover_hf as th
 
-from conftest import text_task, tiny_bert, with_bottleneck, with_lora, word_tokenizer
+from conftest import free_port, text_task, tiny_bert, with_bottleneck, with_lora, word_tokenizer
 from test_scoring import naive_influence, _top_layer_adapter
 
 
@@ -158,7 +158,7 @@ def test_two_processes_give_the_single_process_result(tmp_path):
                                          result=str(result)))
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(tests))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
-               str(29500 + procs), str(script)]
+               str(free_port()), str(script)]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         results[procs] = load_file(result)
