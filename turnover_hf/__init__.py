@@ -29,6 +29,7 @@ from .checkpoint import load_influence_ready
 from .ensemble import EnsembleScorer, split_half_agreement, train_ensemble
 from .pipeline import InfluencePipeline
 from .hydra import HydraScorer, HydraTrainer, HydraTurnoverTrainer
+from .influence_function import InfluenceFunctionScorer
 from . import plots, report  # matplotlib and Chromium are imported only when a plot or screenshot is made
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "HydraScorer",
     "HydraTrainer",
     "HydraTurnoverTrainer",
+    "InfluenceFunctionScorer",
     "InfluencePipeline",
     "InstanceIdCollator",
     "MissingExampleIdsError",

@@ -154,6 +154,9 @@ def _labels_in(batch: Mapping[str, Any]) -> torch.Tensor:
 
 
 def _logits(output: Any) -> torch.Tensor:
+    """The logits of a forward's output: a transformers ``ModelOutput``, a tuple, or a plain logits tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
     return output.logits if hasattr(output, "logits") else output[0]
 
 
@@ -956,6 +959,18 @@ class _LeanTracker(HydraTracker):
         raise TurnoverError("lean HYDRA keeps projections onto one target set, not hypergradients: nothing to save.")
 
 
+def _read_meta(folder: PathLike, name: str, fmt: str, version: int, what: str) -> dict[str, Any]:
+    """The JSON metadata ``name`` of a saved result in ``folder``, checked to be ``fmt`` version ``version``."""
+    path = os.path.join(os.fspath(folder), name)
+    if not os.path.isfile(path):
+        raise TurnoverError(f"{os.fspath(folder)!r} holds no {what} ({name} is missing).")
+    with open(path, encoding="utf-8") as handle:
+        meta = json.load(handle)
+    if meta.get("format") != fmt or meta.get("version") != version:
+        raise ConfigMismatchError(f"{path!r} is not a {fmt} v{version} file.")
+    return meta
+
+
 def _weights_fingerprint(model: nn.Module, specs: Sequence[ParamSpec]) -> str:
     named = dict(model.named_parameters())
     return fingerprint({s.name: named[s.name].detach() for s in specs})
@@ -972,13 +987,7 @@ class SavedHypergradients:
     @classmethod
     def load(cls, folder: PathLike, mmap: bool = True) -> "SavedHypergradients":
         """Read a folder written by :meth:`HydraTracker.save` (``.npy`` tables are memory-mapped)."""
-        path = os.path.join(os.fspath(folder), META_NAME)
-        if not os.path.isfile(path):
-            raise TurnoverError(f"{os.fspath(folder)!r} holds no HYDRA result ({META_NAME} is missing).")
-        with open(path, encoding="utf-8") as handle:
-            meta = json.load(handle)
-        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-            raise ConfigMismatchError(f"{path!r} is not a {FORMAT} v{FORMAT_VERSION} file.")
+        meta = _read_meta(folder, META_NAME, FORMAT, FORMAT_VERSION, "HYDRA result")
         specs, offset = [], 0
         for p in meta["parameters"]:
             specs.append(ParamSpec(p["name"], tuple(p["shape"]), offset))

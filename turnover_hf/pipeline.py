@@ -33,11 +33,12 @@ logger = logging.getLogger(__name__)
 # Causal LMs also take (prompt, completion) tuples: only the completion's tokens count.
 TargetsLike = Union[str, tuple[str, str], Sequence[Union[str, tuple[str, str]]], Mapping[str, Any], Sequence[Mapping[str, Any]], Dataset]
 LABEL_KEYS = ("labels", "label")
-ESTIMATORS = ("turnover", "hydra")
+ESTIMATORS = ("turnover", "hydra", "influence")
 
 
 def _load_model(path: str, estimator: str) -> nn.Module:
-    """An influence-ready checkpoint for turn-over scores; for HYDRA any safetensors checkpoint will do."""
+    """An influence-ready checkpoint for turn-over scores; for HYDRA and influence functions any safetensors
+    checkpoint will do (an influence-ready one is loaded with its masks)."""
     if estimator == "turnover" or os.path.isfile(os.path.join(path, CONFIG_NAME)):
         return load_influence_ready(path)
     return model_class_of(path).from_pretrained(path, use_safetensors=True)
@@ -58,7 +59,8 @@ def _members(model: Any) -> tuple[list[Any], Optional[str]]:
 
 
 class InfluencePipeline:
-    """Score training examples against targets with turn-over dropout, in transformers' pipeline style.
+    """Score training examples against targets with turn-over dropout (or HYDRA, or an influence function), in
+    transformers' pipeline style.
 
     Args:
         model: a patched model, or the path / Hub id of an influence-ready checkpoint; or an ensemble: a list of
@@ -73,9 +75,17 @@ class InfluencePipeline:
         max_length: truncation length for text.
         top_k: proponents and opponents returned per target.
         fast: use the exact fast paths (closed-form head, prefix reuse); ``False`` scores row by row.
-        estimator: ``"turnover"`` (turn-over dropout, forward passes only) or ``"hydra"`` (hypergradients
+        estimator: ``"turnover"`` (turn-over dropout, forward passes only), ``"hydra"`` (hypergradients
             tracked during training by :class:`~turnover_hf.hydra.HydraTrainer`, loaded from ``hydra_dir``, by
-            default ``<checkpoint>/hydra``).
+            default ``<checkpoint>/hydra``) or ``"influence"`` (the damped Gauss-Newton influence function of
+            :class:`~turnover_hf.influence_function.InfluenceFunctionScorer`, classifiers only). The influence
+            function is fitted on ``train_dataset`` once, on the first call (one pass of per-example gradients,
+            not sharded: every process fits it), unless ``influence_dir`` (by default ``<checkpoint>/influence``)
+            holds a fit of this model; scoring is then sharded like the other estimators.
+        influence_dir: where a fitted influence function is loaded from, or saved to after fitting.
+        influence_options: options of :class:`~turnover_hf.influence_function.InfluenceFunctionScorer`
+            (``damping_factor``, ``projection_dim``, ``projection_seed``, ``parameters``, ``max_memory_gb``,
+            ``solver``, ``show_progress``).
         chunk_size: training ids per saved chunk (the unit of resuming and of sharding over processes).
         device: where to run the model (default: where it is).
 
@@ -104,6 +114,8 @@ class InfluencePipeline:
         device: Optional[Union[str, torch.device]] = None,
         estimator: str = "turnover",
         hydra_dir: Optional[Union[str, os.PathLike]] = None,
+        influence_dir: Optional[Union[str, os.PathLike]] = None,
+        influence_options: Optional[Mapping[str, Any]] = None,
     ) -> None:
         if estimator not in ESTIMATORS:
             raise TurnoverError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}.")
@@ -144,6 +156,8 @@ class InfluencePipeline:
                     "Average an ensemble of models trained with different mask seeds for rankings you can trust: "
                     "turnover_hf.train_ensemble(...), then InfluencePipeline(<its output_dir>, ...)."
                 )
+        elif estimator == "influence":
+            self.id_column, expected = self._influence_setup(model, path, influence_dir, influence_options)
         else:
             from .hydra import HydraScorer, SavedHypergradients
 
@@ -168,6 +182,56 @@ class InfluencePipeline:
             )
         self._order = torch.argsort(self.train_ids)
         self._train_features = self._model_features(train_dataset)
+        if estimator == "influence" and self.scorer.factors is None:
+            self.scorer.train_data, self.scorer.data_collator = self._train_features, self.collator
+
+    def _influence_setup(self, model: nn.Module, path: Optional[str], folder: Optional[Union[str, os.PathLike]],
+                         options: Optional[Mapping[str, Any]]) -> tuple[str, Optional[int]]:
+        """The influence-function scorer: loaded from a saved fit, or fitted on the training set when first used."""
+        from .influence_function import INFLUENCE_DIR, META_NAME, InfluenceFunctionScorer
+
+        options = dict(options or {})
+        allowed = {"damping_factor", "projection_dim", "projection_seed", "parameters", "max_memory_gb", "solver",
+                   "show_progress", "id_column"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise TurnoverError(f"influence_options {unknown} are not options of the influence estimator; use {sorted(allowed)}.")
+        if folder is None and path is not None and os.path.isfile(os.path.join(path, INFLUENCE_DIR, META_NAME)):
+            folder = os.path.join(path, INFLUENCE_DIR)
+        self._influence_dir = None if folder is None else os.fspath(folder)
+        if self._influence_dir is not None and os.path.isfile(os.path.join(self._influence_dir, META_NAME)):
+            runtime = {k: options.pop(k) for k in ("show_progress",) if k in options}
+            if options:
+                raise TurnoverError(
+                    f"{self._influence_dir!r} holds a fitted influence function; influence_options {sorted(options)} "
+                    "would change it. Drop them, or choose another influence_dir to fit again."
+                )
+            self.scorer = InfluenceFunctionScorer.load(model, self._influence_dir, batch_size=self.batch_size, **runtime)
+        else:
+            self.scorer = InfluenceFunctionScorer(model, batch_size=self.batch_size, **options)
+        patched = self.scorer.patched
+        expected = state_of(model).config.num_train_examples if patched else None
+        if self.scorer.factors is not None:
+            expected = self.scorer.factors.num_examples
+        self._estimator_key = {
+            "parameters": [s.name for s in self.scorer.specs], "damping_factor": self.scorer.damping_factor,
+            "projection_dim": self.scorer.projection_dim, "projection_seed": self.scorer.projection_seed,
+            "solver": self.scorer.solver,
+        }
+        return self.scorer.id_column, expected
+
+    def _fitted_influence(self) -> None:
+        """Fit the influence function (once; not sharded) and save it to ``influence_dir`` if one was given."""
+        if self.estimator != "influence" or self.scorer.factors is not None:
+            return
+        self.scorer.fit()
+        if self._influence_dir is not None:
+            from accelerate import PartialState
+
+            state = PartialState(cpu=self.scorer.device.type == "cpu")
+            if state.is_main_process:
+                self.scorer.save(self._influence_dir)
+            state.wait_for_everyone()
 
     # -- inputs -------------------------------------------------------------------------------------------------
     def _tokenize(self, texts: list[str]) -> dict[str, list]:
@@ -277,6 +341,7 @@ class InfluencePipeline:
             done = store.result()
             if done is not None:
                 return done
+        self._fitted_influence()
         chunks = list(range(0, len(example_ids), self.chunk_size))
         # A model on the CPU runs its processes on gloo; on accelerators accelerate picks the backend.
         state = PartialState(cpu=self.scorer.device.type == "cpu")

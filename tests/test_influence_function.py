@@ -1,0 +1,344 @@
+"""The influence-function estimator, checked against independent computations.
+
+* a dense reference written here from scratch: the logit Jacobians of every example over the flattened trainable
+  parameters (``torch.func.jacrev``), the Gauss-Newton matrix built explicitly and solved with
+  ``torch.linalg.solve``;
+* the benchmark's in-house factorised Gauss-Newton influence (``turnover_hf.evaluation.peers``);
+* actual leave-one-out retraining of an L2-regularised softmax regression, where the Gauss-Newton matrix is the
+  exact Hessian.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev
+
+import turnover_hf as th
+from turnover_hf.errors import ConfigMismatchError, TurnoverError
+from turnover_hf.influence_function import CountSketch, InfluenceFunctionScorer
+
+from conftest import batch_of, text_task, tiny_bert, tiny_gpt2_lm, token_task, word_tokenizer
+
+
+def _logits(output):
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def dense_reference(model, train, targets, damping_factor=0.1, masked=False):
+    """``g_t^T (G + lambda I)^-1 g_z / N`` from explicit Jacobians; ``train`` / ``targets``: collated batches."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach().double().clone() for n, p in model.named_parameters() if n in names}
+    shapes = [params[n].shape for n in names]
+    flat = torch.cat([params[n].reshape(-1) for n in names])
+    model = model.double()
+
+    def unflatten(vector):
+        out, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            size = int(torch.tensor(shape).prod()) if len(shape) else 1
+            out[name] = vector[offset : offset + size].view(shape)
+            offset += size
+        return out
+
+    def jacobian_and_probs(batch, rows, with_masks):
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_ids")}
+        jacobians, probs = [], []
+        for k in rows:
+            one = {key: (v[k : k + 1].double() if v.is_floating_point() else v[k : k + 1]) for key, v in inputs.items()}
+            ctx = th.instance_masks(model, batch["example_ids"][k : k + 1], mode="train") if with_masks else contextlib.nullcontext()
+            with ctx:
+                logits_of = lambda vector: _logits(functional_call(model, unflatten(vector), args=(), kwargs=one))[0]
+                jacobians.append(jacrev(logits_of)(flat))  # (C, D)
+                probs.append(torch.softmax(logits_of(flat).detach(), -1))
+        return torch.stack(jacobians), torch.stack(probs)
+
+    n = len(train["labels"])
+    j_train, p_train = jacobian_and_probs(train, range(n), masked)
+    j_target, p_target = jacobian_and_probs(targets, range(len(targets["labels"])), False)
+    curvature = torch.diag_embed(p_train) - p_train[:, :, None] * p_train[:, None, :]
+    gauss_newton = torch.einsum("ncd,nce,nef->df", j_train, curvature, j_train) / n
+    damping = damping_factor * gauss_newton.trace() / len(flat)
+    g_train = torch.einsum("ncd,nc->nd", j_train, p_train - F.one_hot(train["labels"], p_train.shape[1]).double())
+    g_target = torch.einsum("ncd,nc->nd", j_target, p_target - F.one_hot(targets["labels"], p_target.shape[1]).double())
+    solved = torch.linalg.solve(gauss_newton + damping * torch.eye(len(flat), dtype=torch.float64), g_train.T)
+    model.float()
+    return (g_target @ solved).T / n  # (N, T)
+
+
+def _frozen_bert(num_labels=3):
+    """A tiny BERT classifier whose pooler and classifier train (everything else frozen)."""
+    model = tiny_bert(num_labels=num_labels, seed=3)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(("bert.pooler", "classifier")))
+    return model
+
+
+def _labelled(dataset, num_labels):
+    g = torch.Generator().manual_seed(5)
+    return dataset.map(lambda row, i: {"labels": int(torch.randint(0, num_labels, (1,), generator=g))}, with_indices=True)
+
+
+def _relative_gap(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_exact_mode_equals_the_dense_gauss_newton_influence_on_a_plain_classifier():
+    model = _frozen_bert()
+    train = th.add_example_ids(_labelled(token_task(14, seed=1), 3), start=100)
+    targets = batch_of(_labelled(token_task(4, seed=2), 3))
+    scorer = InfluenceFunctionScorer(model, train, show_progress=False, batch_size=5)
+    ids = torch.tensor(train["example_id"])
+    scores = scorer.scores({k: v for k, v in targets.items() if k != "labels"}, targets["labels"], ids)
+    reference = dense_reference(model, batch_of(train), targets)
+    assert scorer.factors.solver == "woodbury"  # 14 x 2 rows < D
+    assert scores.shape == (14, 4)
+    assert _relative_gap(scores.double(), reference) < 1e-4
+    # self-influence: each row's full-network gradient against its own training gradient
+    train_batch = batch_of(train, range(5))
+    own = scorer.self_scores(train_batch, train_batch["labels"], train_batch["example_ids"])
+    paired = dense_reference(model, batch_of(train), train_batch)  # (N, 5)
+    assert torch.allclose(own.double(), paired[torch.arange(5), torch.arange(5)], rtol=1e-3, atol=1e-6 * paired.abs().max())
+
+
+def test_exact_mode_on_a_patched_model_uses_each_examples_training_mask(bert_bottleneck):
+    model = bert_bottleneck
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    train = th.add_example_ids(token_task(10, seed=4))
+    targets = batch_of(token_task(3, seed=5))
+    scorer = InfluenceFunctionScorer(model, train, show_progress=False)
+    scores = scorer.scores({k: v for k, v in targets.items() if k != "labels"}, targets["labels"], torch.arange(10))
+    reference = dense_reference(model, batch_of(train), targets, masked=True)
+    assert _relative_gap(scores.double(), reference) < 1e-4
+    unmasked = dense_reference(model, batch_of(train), targets, masked=False)
+    assert _relative_gap(unmasked, reference) > 1e-2  # the masks matter: the check above can tell them apart
+
+
+def test_woodbury_and_direct_solvers_agree():
+    model = _frozen_bert(num_labels=3)
+    train = th.add_example_ids(_labelled(token_task(12, seed=6), 3))
+    targets = batch_of(_labelled(token_task(3, seed=7), 3))
+    inputs = {k: v for k, v in targets.items() if k != "labels"}
+    results = {}
+    for solver in ("woodbury", "direct"):
+        scorer = InfluenceFunctionScorer(model, train, solver=solver, show_progress=False)
+        results[solver] = scorer.scores(inputs, targets["labels"], torch.arange(12))
+        assert scorer.factors.solver == solver
+    assert _relative_gap(results["woodbury"], results["direct"]) < 1e-5
+
+
+def test_agrees_with_the_in_house_gauss_newton_influence_on_a_binary_head():
+    from turnover_hf.evaluation import HeadRecipe, TurnoverHead, patched_classifier
+    from turnover_hf.evaluation.peers import gauss_newton_influence, margin_factors
+    from turnover_hf.evaluation.retrain import head_masks
+
+    torch.manual_seed(0)
+    recipe = HeadRecipe(in_features=10, width=12)
+    head = TurnoverHead(recipe)
+    x, y, ids = torch.randn(40, 10), torch.randint(0, 2, (40,)), torch.arange(40) + 7
+    tx, ty = torch.randn(6, 10), torch.randint(0, 2, (6,))
+    masks = head_masks(ids, recipe, mask_seed=3)
+    layers = [*head.hidden_linears(), head.out]
+    train_factors = margin_factors(lambda rows: head(x[rows], masks[rows]), len(y), layers, y)
+    target_factors = margin_factors(lambda rows: head(tx[rows]), len(ty), layers, ty)
+    in_house = gauss_newton_influence(train_factors, target_factors, damping_factor=0.1)
+    model = patched_classifier(head, mask_seed=3).eval()
+    batches = [{"features": x[s : s + 16], "labels": y[s : s + 16], "example_ids": ids[s : s + 16]} for s in range(0, 40, 16)]
+    scorer = InfluenceFunctionScorer(model, batches, show_progress=False)
+    library = scorer.scores({"features": tx}, ty, ids)
+    assert float((library - in_house).abs().max()) < 1e-5 * max(1.0, float(in_house.abs().max()))
+    in_house_self = gauss_newton_influence(train_factors, margin_factors(lambda rows: head(x[rows]), len(y), layers, y),
+                                           0.1, paired=True)
+    library_self = scorer.self_scores({"features": x}, y, ids)
+    assert float((library_self - in_house_self).abs().max()) < 1e-5 * max(1.0, float(in_house_self.abs().max()))
+
+
+class SoftmaxRegression(nn.Module):
+    def __init__(self, d_in: int, classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d_in, classes, dtype=torch.float64)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features)
+
+
+def _fit_regression(x, y, l2, classes, init=None):
+    """L2-regularised softmax regression, ``mean CE + l2 / 2 |w|^2``, to convergence with full-batch L-BFGS."""
+    model = SoftmaxRegression(x.shape[1], classes)
+    if init is not None:
+        model.load_state_dict(init)
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=500, tolerance_grad=1e-12,
+                                  tolerance_change=1e-14, history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y) + l2 / 2 * sum((p**2).sum() for p in model.parameters())
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        optimizer.step(closure)
+    return model.eval()
+
+
+def test_predicts_leave_one_out_retraining_on_a_convex_problem():
+    g = torch.Generator().manual_seed(0)
+    n, d, classes, l2 = 60, 4, 3, 0.03
+    centres = torch.randn(classes, d, generator=g, dtype=torch.float64) * 1.5
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = centres[y] + torch.randn(n, d, generator=g, dtype=torch.float64)
+    y[:4] = (y[:4] + 1) % classes  # a few mislabelled examples: clear opponents of their neighbours
+    tx_labels = torch.arange(classes).repeat(2)
+    tx = centres[tx_labels] + 0.5 * torch.randn(len(tx_labels), d, generator=g, dtype=torch.float64)
+    model = _fit_regression(x, y, l2, classes)
+    # The regulariser is curvature the Gauss-Newton matrix of the data term lacks: add it as the damping,
+    # lambda = l2, i.e. damping_factor = l2 x D / trace(G), with G written out for a linear model.
+    p = torch.softmax(model(x).detach(), -1)
+    trace = float(((x**2).sum(1) + 1) @ (p * (1 - p)).sum(1)) / n
+    dims = (d + 1) * classes
+    batches = [{"features": x, "labels": y, "example_ids": torch.arange(n)}]
+    scorer = InfluenceFunctionScorer(model, batches, damping_factor=l2 * dims / trace, show_progress=False).fit()
+    assert scorer.factors.damping == pytest.approx(l2, rel=1e-6)
+    removed = torch.tensor([0, 1, 2, 3, 10, 20, 30, 40, 50])
+    predicted = scorer.scores({"features": tx}, tx_labels, removed).double()
+    with torch.no_grad():
+        before = F.cross_entropy(model(tx), tx_labels, reduction="none")
+    actual = torch.empty_like(predicted)
+    keep_all = torch.ones(n, dtype=torch.bool)
+    for row, z in enumerate(removed.tolist()):
+        keep = keep_all.clone()
+        keep[z] = False
+        # the IF is the first-order effect of removing weight 1/N: retrain on the rest with the same objective
+        retrained = _fit_regression(x[keep], y[keep], l2 * (n - 1) / n, classes, init=model.state_dict())
+        with torch.no_grad():
+            actual[row] = F.cross_entropy(retrained(tx), tx_labels, reduction="none") - before
+    pearson = torch.corrcoef(torch.stack([predicted.flatten(), actual.flatten()]))[0, 1]
+    assert pearson > 0.9
+    clear = actual.abs() > 0.2 * actual.abs().max()
+    assert bool(clear.any()) and bool((torch.sign(predicted[clear]) == torch.sign(actual[clear])).all())
+
+
+class TanhNet(nn.Module):
+    """Features -> tanh hidden layer -> logits: gradients that differ from example to example."""
+
+    def __init__(self, d_in: int = 12, hidden: int = 48, classes: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden, self.out = nn.Linear(d_in, hidden), nn.Linear(hidden, classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(features)))
+
+
+def _correlations(a, b):
+    return torch.stack([torch.corrcoef(torch.stack([a[:, t], b[:, t]]))[0, 1] for t in range(a.shape[1])])
+
+
+def test_count_sketch_is_deterministic_and_close_to_exact_when_wide():
+    g = torch.Generator().manual_seed(1)
+    model = TanhNet()
+    x, y = torch.randn(30, 12, generator=g), torch.randint(0, 3, (30,), generator=g)
+    tx, ty = torch.randn(5, 12, generator=g), torch.randint(0, 3, (5,), generator=g)
+    batches = [{"features": x, "labels": y, "example_ids": torch.arange(30)}]
+    ids = torch.arange(30)
+    exact = InfluenceFunctionScorer(model, batches, show_progress=False)
+    first, second = CountSketch(exact.specs, 512, seed=4), CountSketch(exact.specs, 512, seed=4)
+    assert torch.equal(first.buckets, second.buckets) and torch.equal(first.signs, second.signs)
+    assert not torch.equal(first.buckets, CountSketch(exact.specs, 512, seed=5).buckets)
+    # unbiased inner products: E <S a, S b> = <a, b>
+    a, b = torch.randn(2, exact.num_parameters, dtype=torch.float64, generator=g)
+    sketched = torch.stack([CountSketch(exact.specs, 64, seed=s)(torch.stack([a, b])).prod(0).sum() for s in range(200)])
+    assert abs(float(sketched.mean()) - float(a @ b)) < 4 * float(sketched.std()) / 200**0.5
+    # The gradients span rank N (C-1) + T = 65. A CountSketch to d coordinates perturbs each inner product by about
+    # |a| |b| / sqrt(d): at d = 2048 (30 x the rank) ~2%, and the scores correlate > 0.95 with exact ones; at d = 16,
+    # below the rank, the sketch loses most of the structure.
+    exact_scores = exact.scores({"features": tx}, ty, ids)
+    wide = InfluenceFunctionScorer(model, batches, projection_dim=2048, show_progress=False)
+    wide_scores = wide.scores({"features": tx}, ty, ids)
+    again = InfluenceFunctionScorer(model, batches, projection_dim=2048, show_progress=False)
+    assert torch.equal(wide_scores, again.scores({"features": tx}, ty, ids))
+    assert wide.factors.damping == pytest.approx(exact.factors.damping, rel=1e-9)  # lambda from exact gradients
+    assert bool((_correlations(wide_scores, exact_scores) > 0.95).all())
+    narrow = InfluenceFunctionScorer(model, batches, projection_dim=16, show_progress=False)
+    assert float(_correlations(narrow.scores({"features": tx}, ty, ids), exact_scores).mean()) < 0.9
+
+
+def test_save_load_gives_identical_scores_and_refuses_changed_weights(tmp_path):
+    model = _frozen_bert(num_labels=2)
+    train = th.add_example_ids(_labelled(token_task(10, seed=10), 2))
+    targets = batch_of(_labelled(token_task(3, seed=11), 2))
+    inputs = {k: v for k, v in targets.items() if k != "labels"}
+    for projection in (None, 300):
+        folder = tmp_path / f"fit-{projection}"
+        scorer = InfluenceFunctionScorer(model, train, projection_dim=projection, show_progress=False)
+        scores = scorer.scores(inputs, targets["labels"], torch.arange(10))
+        scorer.save(folder)
+        loaded = InfluenceFunctionScorer.load(model, folder)
+        assert loaded.factors.solver == scorer.factors.solver and loaded.projection_dim == projection
+        assert torch.equal(loaded.scores(inputs, targets["labels"], torch.arange(10)), scores)
+    with torch.no_grad():
+        model.classifier.weight[0, 0] += 0.01
+    with pytest.raises(ConfigMismatchError, match="weights differ"):
+        InfluenceFunctionScorer.load(model, tmp_path / "fit-None")
+
+
+def test_unknown_ids_and_too_large_fits_are_refused():
+    model = _frozen_bert(num_labels=2)
+    train = th.add_example_ids(_labelled(token_task(6, seed=12), 2))
+    scorer = InfluenceFunctionScorer(model, train, show_progress=False, max_memory_gb=1e-6)
+    with pytest.raises(TurnoverError, match="projection_dim"):
+        scorer.fit()
+    scorer = InfluenceFunctionScorer(model, train, show_progress=False)
+    targets = batch_of(train, [0])
+    with pytest.raises(th.ExampleIdError):
+        scorer.scores({"input_ids": targets["input_ids"]}, targets["labels"], torch.tensor([99]))
+
+
+def test_causal_language_models_are_refused():
+    with pytest.raises(TurnoverError, match="classifiers.*(turn-over|HYDRA)"):
+        InfluenceFunctionScorer(tiny_gpt2_lm())
+
+
+@pytest.mark.parametrize("patched", [True, False], ids=["patched", "plain"])
+def test_pipeline_influence_estimator_end_to_end(tmp_path, patched):
+    tokenizer = word_tokenizer(tmp_path / "tok")
+    train = text_task(24)
+    model = tiny_bert(seed=2)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(("bert.pooler", "classifier")))
+    if patched:
+        model = th.patch_model(model, th.TurnoverConfig(seed=1), warn_leaking=False).eval()
+    pipe = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence", chunk_size=10,
+                                influence_dir=tmp_path / "fit", influence_options={"show_progress": False})
+    targets = [{"text": train[i]["text"], "label": train[i]["label"]} for i in (1, 2, 3)]
+    matrix = pipe.scores(targets)
+    assert matrix.shape == (24, 3)
+    reference = InfluenceFunctionScorer(model, pipe._train_features, data_collator=pipe.collator, show_progress=False)
+    batch, labels, _ = pipe.prepare_targets(targets)
+    assert torch.allclose(matrix, reference.scores(batch, labels, pipe.train_ids), rtol=1e-5, atol=1e-7)
+    out = pipe(targets, top_k=4)
+    assert len(out) == 3 and len(out[0]["proponents"]) == 4 and len(out[0]["opponents"]) == 4
+    assert [p["example_id"] for p in out[0]["proponents"]] == matrix[:, 0].topk(4).indices.tolist()
+    own = pipe.self_influence(example_ids=[1, 2, 3])
+    assert own["example_id"] == [1, 2, 3] and len(own["self_influence"]) == 3
+    mean = pipe.mean_influence(targets)
+    assert torch.allclose(torch.tensor(mean["mean_influence"]), matrix.mean(1), atol=1e-6)
+    # the fit was saved to influence_dir: a second pipeline loads it instead of fitting again
+    again = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence",
+                                 influence_dir=tmp_path / "fit")
+    assert again.scorer.factors is not None
+    assert torch.equal(again.scores(targets), matrix)
+
+
+def test_pipeline_refuses_causal_language_models_for_the_influence_estimator():
+    lm = tiny_gpt2_lm()
+    train = th.add_example_ids(token_task(8).remove_columns(["labels"]))
+    with pytest.raises(TurnoverError, match="classifiers"):
+        th.InfluencePipeline(lm, train_dataset=train, estimator="influence")

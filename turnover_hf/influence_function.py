@@ -1,0 +1,584 @@
+"""The influence-function estimator: damped Gauss-Newton influence of every training example, for classifiers.
+
+The third estimator of turnover-hf, beside turn-over dropout and HYDRA. For the trained weights ``w``, the tracked
+parameters (default: those with ``requires_grad``; ``D`` of them) and ``N`` training examples:
+
+    score(z, t) = g_t^T (G + lambda I)^-1 g_z / N       (> 0: z lowers the target's loss, a proponent)
+
+* ``g_z``: the gradient of example ``z``'s loss under the loss it was trained with: on a model patched with
+  turn-over dropout, under its own instance mask (``turnover_hf.instance_masks(model, ids, mode="train")``); on
+  an unpatched model, the plain forward. Eval mode (no dropout) in both cases.
+* ``g_t``: the gradient of the target's loss in eval mode on the full network.
+* ``G = (1/N) sum_z J_z^T (diag(p_z) - p_z p_z^T) J_z``: the Gauss-Newton matrix of softmax cross-entropy, with
+  ``J_z`` the Jacobian of ``z``'s logits (under its mask) and ``p_z`` its predicted probabilities. Equivalently
+  ``G = (1/N) sum_z sum_c p_{z,c} g_{z,c} g_{z,c}^T`` with ``g_{z,c}`` the gradient of ``z``'s cross-entropy
+  against class ``c`` (a per-example gradient with a pseudo-label).
+* ``lambda = damping_factor x trace(G) / D``: a multiple of the mean eigenvalue of ``G`` (default 0.1, the value
+  ``benchmarks/fidelity.py`` fixed in advance; the same definition as
+  :func:`turnover_hf.evaluation.peers.gauss_newton_influence`, so the two agree).
+
+``-score(z, t)`` is the first-order change of the target's loss when ``z`` is removed from the training set and
+the model is re-fitted, for a loss whose curvature is ``G + lambda I`` (Koh and Liang, 2017, with the Gauss-Newton
+matrix in place of the Hessian, as in Kronfluence).
+
+How it is computed. The ``C`` class gradients of an example satisfy ``sum_c p_{z,c} g_{z,c} = 0`` (the gradient of
+the expected cross-entropy under the model's own prediction vanishes), so ``C - 1`` of them carry ``G``: the
+predicted class is left out and the others are recombined into ``C - 1`` rows ``u_{z,k}`` with
+``G = sum_{z,k} u_{z,k} u_{z,k}^T`` (one row per example for a binary classifier). They come from the package's
+per-example gradients (:class:`~turnover_hf.hydra.PerExampleGrads`) with pseudo-labels; ``g_z`` itself is a
+combination of the same gradients, so fitting costs ``N (C - 1)`` per-example gradients. The damped system is
+solved once, in float64, in the smaller of two spaces: Woodbury's identity in the ``N (C - 1)``-space
+(``solver="woodbury"``, a Cholesky factor of ``lambda I + U U^T``) or directly in parameter space
+(``solver="direct"``, a Cholesky factor of ``G + lambda I``). Scoring a target set costs one gradient per target
+and one solve, then a matrix product per chunk of training ids.
+
+Scale. The fit keeps ``N x (C - 1) x D`` float32 gradients. When that (plus the factor) exceeds ``max_memory_gb``
+the scorer refuses and asks for ``projection_dim=d``: every gradient is then sketched with a fixed, seeded
+CountSketch (each parameter coordinate hashed to one of ``d`` buckets with a random sign, from the package's
+integer hash of ``(projection_seed, parameter name, index)``: ``O(D)`` memory, identical on every device). The
+sketch preserves inner products in expectation (variance ``~ |a|^2 |b|^2 / d``), so scores approach the exact ones
+as ``d`` grows past the rank of the gradients; it is an approximation (``benchmarks/results/fidelity*.md`` measures
+how close it stays). ``lambda`` is computed from the exact gradients in both modes.
+
+Scope: classifiers (logits ``(B, C)``, integer labels ``(B,)``). Causal language models are refused: use turn-over
+ensembles or HYDRA there.
+
+Example:
+    >>> scorer = InfluenceFunctionScorer(model, train_dataset, data_collator=DataCollatorWithPadding(tokenizer))
+    >>> scorer.scores(targets, targets["labels"], example_ids=torch.arange(100))   # fits once, then (100, T)
+    >>> scorer.save("out/influence"); InfluenceFunctionScorer.load(model, "out/influence")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import default_data_collator
+
+from .context import instance_masks, state_of
+from .data import BATCH_KEY, InstanceIdCollator, check_id_column
+from .errors import ConfigMismatchError, MissingExampleIdsError, TurnoverError
+from .files import atomic_path, atomic_write_text
+from .hydra import ParamSpec, PerExampleGrads, _logits, _read_meta, _rows_of, _specs_for, _target_gradients
+from .masks import _example_hash, _fmix32, _layer_base
+from .patcher import is_patched
+from .scoring import _eval_mode, check_ids_known, model_inputs
+from .store import fingerprint
+from .targets import is_causal_lm
+
+FORMAT = "turnover-hf/influence-function"
+FORMAT_VERSION = 1
+META_NAME = "influence.json"
+FACTORS_NAME = "influence_factors.safetensors"
+INFLUENCE_DIR = "influence"  # beside a saved model: where InfluencePipeline looks for fitted factors
+SOLVERS = ("auto", "woodbury", "direct")
+BLOCK_BYTES = 128 * 2**20  # float64 working blocks of the solve (bounded temporary memory)
+_SIGN_SALT = 0x5BD1E995
+
+PathLike = Union[str, os.PathLike]
+TrainData = Union[Dataset, Iterable[Mapping[str, Any]]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CountSketch
+# ---------------------------------------------------------------------------------------------------------------
+class CountSketch:
+    """A fixed random projection of ``D`` parameter coordinates to ``dim``: coordinate ``i`` goes to one bucket with
+    a random sign, both from the integer hash of ``(seed, parameter name, index)``.
+
+    ``O(D)`` memory (a bucket and a sign per coordinate), generated on the CPU with integer ops, so the sketch is
+    the same on every device and in every process; applied with ``index_add_``. ``E[<S a, S b>] = <a, b>``.
+
+    Example:
+        >>> sketch = CountSketch(_specs_for(model, None), dim=4096, seed=0)
+        >>> sketch(grads).shape                                  # (B, D) -> (B, 4096)
+    """
+
+    def __init__(self, specs: Sequence[ParamSpec], dim: int, seed: int = 0) -> None:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise TurnoverError(f"projection_dim must be a positive integer (e.g. 4096), got {dim!r}.")
+        self.dim = dim
+        self.seed = int(seed)
+        buckets, signs = [], []
+        for spec in specs:
+            hashed = _example_hash(_layer_base(self.seed, spec.name), torch.arange(spec.numel, dtype=torch.int64))
+            buckets.append(hashed % dim)
+            signs.append(1.0 - 2.0 * (_fmix32(hashed ^ _SIGN_SALT) & 1).float())
+        self.buckets = torch.cat(buckets)
+        self.signs = torch.cat(signs)
+        self._on: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, flat: torch.Tensor) -> torch.Tensor:
+        """Sketch the rows of ``flat`` ``(B, D)`` to ``(B, dim)`` (same device and dtype)."""
+        key = (flat.device, flat.dtype)
+        if key not in self._on:
+            self._on[key] = (self.buckets.to(flat.device), self.signs.to(flat.device, flat.dtype))
+        buckets, signs = self._on[key]
+        return flat.new_zeros(flat.shape[0], self.dim).index_add_(1, buckets, flat * signs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fitted state
+# ---------------------------------------------------------------------------------------------------------------
+def _curvature_blocks(probs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Per example, ``A = diag(p') + p' p'^T / p_top`` over the ``C - 1`` kept classes, float64 ``(N, C-1, C-1)``.
+
+    With ``G'`` the kept classes' gradients, ``sum_c p_c g_c g_c^T = G'^T A G'`` because the predicted class's
+    gradient is ``g_top = -(1 / p_top) sum_k p'_k g'_k``.
+    """
+    tiny = torch.finfo(torch.float64).tiny  # a probability that underflowed must not make A singular
+    kept = probs.gather(1, classes).clamp_min(tiny)
+    top = probs.max(1, keepdim=True).values  # >= 1 / C: dividing by it is safe
+    return torch.diag_embed(kept) + kept[:, :, None] * kept[:, None, :] / top[:, :, None]
+
+
+def _label_coefficients(probs: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``b`` with ``g_{z,y} = b^T G'_z``: the label's own row, or ``-p' / p_top`` when the label is the predicted
+    class (the one left out), float64 ``(N, C-1)``."""
+    kept = probs.gather(1, classes)
+    top = probs.max(1, keepdim=True).values
+    own = (classes == labels[:, None]).double()
+    return torch.where(own.sum(1, keepdim=True) > 0, own, -kept / top)
+
+
+@dataclass
+class _Factors:
+    """What a fit produces: the training examples' kept-class gradients and the factor of the damped system."""
+
+    example_ids: torch.Tensor  # (N,) int64
+    labels: torch.Tensor  # (N,) int64
+    probabilities: torch.Tensor  # (N, C) float64, under each example's training mask
+    classes: torch.Tensor  # (N, C-1) int64: the pseudo-labels kept (every class but the predicted one)
+    class_gradients: torch.Tensor  # (N, C-1, D') float32 (D' = D, or the sketch's dim)
+    factor: torch.Tensor  # lower Cholesky factor, float64: (m, m) for woodbury, (D', D') for direct
+    solver: str
+    damping: float
+    trace: float
+
+    def __post_init__(self) -> None:
+        self._order = torch.argsort(self.example_ids)
+        self._sorted = self.example_ids[self._order]
+        self.roots = torch.linalg.cholesky(_curvature_blocks(self.probabilities, self.classes))  # R R^T = A
+        self.coefficients = _label_coefficients(self.probabilities, self.classes, self.labels)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.example_ids)
+
+    @property
+    def width(self) -> int:
+        return self.class_gradients.shape[2]
+
+    def rows_of(self, example_ids: torch.Tensor) -> torch.Tensor:
+        return _rows_of(self._sorted, self._order, example_ids)
+
+    def columns(self) -> Iterator[slice]:
+        """Column blocks of the gradients whose float64 rows ``U[:, block]`` fit in :data:`BLOCK_BYTES`."""
+        rows = self.class_gradients.shape[0] * self.class_gradients.shape[1]
+        step = max(1, BLOCK_BYTES // (8 * max(rows, 1)))
+        for start in range(0, self.width, step):
+            yield slice(start, min(start + step, self.width))
+
+    def curvature_rows(self, columns: slice = slice(None), examples: slice = slice(None)) -> torch.Tensor:
+        """``U[examples, columns]``, float64 ``(n (C-1), len)``: ``G = U^T U``, rows ``R_z^T G'_z / sqrt(N)``."""
+        block = self.class_gradients[examples, :, columns].double()
+        rows = torch.einsum("nce,ncd->ned", self.roots[examples], block)
+        return rows.reshape(-1, block.shape[2]) / math.sqrt(self.num_examples)
+
+    def train_gradients(self, rows: torch.Tensor) -> torch.Tensor:
+        """``g_z`` of the training rows ``rows``, float64 ``(n, D')``."""
+        return torch.einsum("nc,ncd->nd", self.coefficients[rows], self.class_gradients[rows].double())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "example_ids": self.example_ids, "labels": self.labels, "probabilities": self.probabilities,
+            "classes": self.classes, "class_gradients": self.class_gradients, "factor": self.factor,
+        }
+
+
+def _solve_system(factors: _Factors) -> torch.Tensor:
+    """The Cholesky factor of ``lambda I + U U^T`` (woodbury) or ``U^T U + lambda I`` (direct), float64."""
+    m = factors.class_gradients.shape[0] * factors.class_gradients.shape[1]
+    if factors.solver == "woodbury":
+        system = torch.zeros(m, m, dtype=torch.float64)
+        for columns in factors.columns():
+            u = factors.curvature_rows(columns)
+            system.addmm_(u, u.T)
+    else:
+        system = torch.zeros(factors.width, factors.width, dtype=torch.float64)
+        step = max(1, BLOCK_BYTES // (8 * factors.width * factors.class_gradients.shape[1]))
+        for start in range(0, factors.num_examples, step):
+            u = factors.curvature_rows(examples=slice(start, start + step))
+            system.addmm_(u.T, u)
+    system.diagonal().add_(factors.damping)
+    return torch.linalg.cholesky(system)
+
+
+def _precondition(factors: _Factors, target_grads: torch.Tensor) -> torch.Tensor:
+    """``(G + lambda I)^-1 g_t`` for every target, float64 ``(D', T)``."""
+    g = target_grads.double().T  # (D', T)
+    if factors.solver == "direct":
+        return torch.cholesky_solve(g, factors.factor)
+    m = factors.factor.shape[0]
+    projected = torch.zeros(m, g.shape[1], dtype=torch.float64)
+    for columns in factors.columns():
+        projected.addmm_(factors.curvature_rows(columns), g[columns])
+    solved = torch.cholesky_solve(projected, factors.factor)
+    out = torch.empty_like(g)
+    for columns in factors.columns():
+        out[columns] = (g[columns] - factors.curvature_rows(columns).T @ solved) / factors.damping
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The scorer
+# ---------------------------------------------------------------------------------------------------------------
+def _check_classifier_logits(logits: torch.Tensor) -> None:
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise TurnoverError(
+            f"the influence estimator covers classifiers with logits of shape (batch, classes >= 2); this model gave "
+            f"{tuple(logits.shape)}. For language models use turn-over ensembles or HYDRA (estimator='turnover' or "
+            "'hydra')."
+        )
+
+
+def _class_labels(batch: Mapping[str, Any]) -> torch.Tensor:
+    for key in ("labels", "label"):
+        if key in batch and batch[key] is not None:
+            labels = torch.as_tensor(batch[key])
+            if labels.dim() != 1 or labels.is_floating_point():
+                raise TurnoverError(
+                    f"the influence estimator needs one integer class label per training example, got {key!r} of "
+                    f"shape {tuple(labels.shape)} and dtype {labels.dtype}."
+                )
+            return labels.long()
+    raise TurnoverError("every training batch needs its labels (a 'labels' or 'label' entry) to fit influence functions.")
+
+
+class InfluenceFunctionScorer:
+    """Damped Gauss-Newton influence of (training id, target) pairs, with ``TurnoverScorer``'s interface.
+
+    ``scores[i, j] = g_j^T (G + lambda I)^-1 g_i / N`` (see the module docstring): positive = training example ``i``
+    lowers target ``j``'s loss. The fit (one pass over the training set: ``N (C - 1)`` per-example gradients, then
+    one factorisation) runs once, on the first call or in :meth:`fit`, with a progress bar; it belongs to the
+    weights the model has then. :meth:`save` / :meth:`load` keep it (safetensors + JSON; loading refuses other
+    weights).
+
+    Args:
+        model: a trained classifier (patched with turn-over dropout or not).
+        train_data: the training set it was trained on: a ``datasets.Dataset`` with model inputs, labels and the
+            id column (collated with ``data_collator``), or an iterable of collated batches with ``example_ids``.
+        data_collator: collates dataset rows (wrapped in :class:`~turnover_hf.data.InstanceIdCollator`).
+        parameters: names of the parameters to differentiate (default: those with ``requires_grad``).
+        damping_factor: ``lambda = damping_factor x trace(G) / D``.
+        projection_dim: sketch every gradient to this many coordinates with a CountSketch (None: exact).
+        projection_seed: seed of the sketch.
+        max_memory_gb: largest fit kept without a projection; beyond it the scorer asks for ``projection_dim``.
+        solver: ``"auto"`` (the smaller space), ``"woodbury"`` (``N (C-1)``-space) or ``"direct"`` (parameters).
+        batch_size: examples per gradient batch.
+        id_column: the dataset's id column (default: the turn-over config's, else ``"example_id"``).
+        show_progress: a tqdm bar while fitting.
+
+    Example:
+        >>> scorer = InfluenceFunctionScorer(model, train, data_collator=collator, projection_dim=4096)
+        >>> scorer.fit().save("out/influence")
+        >>> scorer.scores(targets, targets["labels"], example_ids=torch.arange(100))   # (100, n_targets)
+    """
+
+    path = "influence"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: Optional[TrainData] = None,
+        *,
+        data_collator: Optional[Callable] = None,
+        parameters: Optional[Sequence[str]] = None,
+        damping_factor: float = 0.1,
+        projection_dim: Optional[int] = None,
+        projection_seed: int = 0,
+        max_memory_gb: float = 4.0,
+        solver: str = "auto",
+        batch_size: int = 64,
+        id_column: Optional[str] = None,
+        show_progress: bool = True,
+    ) -> None:
+        if is_causal_lm(model):
+            raise TurnoverError(
+                f"the influence estimator covers classifiers, and {type(model).__name__} is a causal language model. "
+                "Use an ensemble of turn-over models (turnover_hf.train_ensemble, estimator='turnover') or HYDRA "
+                "(estimator='hydra') for language models."
+            )
+        if solver not in SOLVERS:
+            raise TurnoverError(f"solver must be one of {SOLVERS}, got {solver!r}.")
+        if not float(damping_factor) > 0:
+            raise TurnoverError(f"damping_factor must be positive (0.1 is the default), got {damping_factor!r}.")
+        self.model = model
+        self.specs = _specs_for(model, parameters)
+        self.num_parameters = self.specs[-1].offset + self.specs[-1].numel
+        self.grads = PerExampleGrads(model, self.specs)
+        self.device = next(model.parameters()).device
+        self.patched = is_patched(model)
+        self.id_column = id_column or (state_of(model).config.id_column if self.patched else "example_id")
+        self.damping_factor = float(damping_factor)
+        self.sketch = CountSketch(self.specs, projection_dim, projection_seed) if projection_dim is not None else None
+        self.projection_seed = int(projection_seed)
+        self.max_memory_gb = float(max_memory_gb)
+        self.solver = solver
+        self.batch_size = max(1, int(batch_size))
+        self.train_data = train_data
+        self.data_collator = data_collator
+        self.show_progress = show_progress
+        self.factors: Optional[_Factors] = None
+        self._preconditioned: Optional[tuple[str, torch.Tensor]] = None  # the last target set's (G + lambda I)^-1 g_t
+
+    # -- fitting ----------------------------------------------------------------------------------------------
+    @property
+    def projection_dim(self) -> Optional[int]:
+        return self.sketch.dim if self.sketch is not None else None
+
+    @property
+    def width(self) -> int:
+        """Coordinates of every stored gradient: ``D``, or the sketch's dimension."""
+        return self.sketch.dim if self.sketch is not None else self.num_parameters
+
+    def _batches(self, data: TrainData) -> tuple[Iterable[Mapping[str, Any]], Optional[int]]:
+        if isinstance(data, Dataset):
+            check_id_column(data, self.id_column)
+            collate = InstanceIdCollator(self.data_collator or default_data_collator, self.id_column)
+            starts = range(0, len(data), self.batch_size)
+            rows = (collate([data[i] for i in range(s, min(s + self.batch_size, len(data)))]) for s in starts)
+            return rows, len(data)
+        return data, (len(data) if hasattr(data, "__len__") and isinstance(data, Sequence) else None)
+
+    def _training_masks(self, example_ids: torch.Tensor) -> ContextManager:
+        """The context each training example was trained under: its own mask, or nothing for a plain model."""
+        return instance_masks(self.model, example_ids, mode="train") if self.patched else contextlib.nullcontext()
+
+    def _check_budget(self, examples: int, kept_classes: int) -> None:
+        rows = examples * kept_classes
+        side = min(rows, self.width) if self.solver == "auto" else (rows if self.solver == "woodbury" else self.width)
+        needed = (rows * self.width * 4 + side * side * 8) / 2**30
+        if needed > self.max_memory_gb:
+            what = f"{examples} examples x {kept_classes} class gradient(s) x {self.width} coordinates"
+            raise TurnoverError(
+                f"fitting the influence function needs about {needed:.1f} GB ({what} as float32, plus a "
+                f"{side} x {side} factor), above max_memory_gb={self.max_memory_gb:g}. Pass projection_dim=4096 (a "
+                "CountSketch of every gradient: an approximation whose error shrinks as it grows), select fewer "
+                "parameters=[...], or raise max_memory_gb."
+            )
+
+    def fit(self, train_data: Optional[TrainData] = None) -> "InfluenceFunctionScorer":
+        """One pass over the training set (per-example gradients under the training masks), then the factor.
+
+        Example:
+            >>> scorer = InfluenceFunctionScorer(model, projection_dim=4096).fit(train_batches)
+        """
+        data = train_data if train_data is not None else self.train_data
+        if data is None:
+            raise TurnoverError(
+                "the influence function is fitted on the training set: pass train_data=... (a datasets.Dataset with "
+                f"model inputs, labels and the {self.id_column!r} column, or collated batches with example_ids)."
+            )
+        batches, expected = self._batches(data)
+        total = -(-expected // self.batch_size) if expected is not None and isinstance(data, Dataset) else expected
+        ids, labels, probs, classes, grads = [], [], [], [], []
+        trace, seen = 0.0, 0
+        for batch in tqdm(batches, total=total, desc="influence function: training gradients", unit="batch",
+                          disable=not self.show_progress):
+            if batch.get(BATCH_KEY) is None:
+                raise MissingExampleIdsError(
+                    "a training batch has no example_ids: fit on a dataset with its id column "
+                    "(turnover_hf.add_example_ids) or on batches collated by turnover_hf.InstanceIdCollator."
+                )
+            batch_ids = torch.as_tensor(batch[BATCH_KEY]).to(torch.int64).cpu()
+            batch_labels = _class_labels(batch)
+            inputs = model_inputs(batch, self.device)
+            with torch.no_grad(), _eval_mode(self.model), self._training_masks(batch_ids):
+                logits = _logits(self.model(**inputs))
+            _check_classifier_logits(logits)
+            p = torch.softmax(logits.detach().double(), -1).cpu()
+            n, c = p.shape
+            if seen == 0:
+                self._check_budget(expected or n, c - 1)
+            seen += n
+            self._check_budget(seen, c - 1)
+            everything = torch.arange(c).expand(n, c)
+            kept = everything[everything != p.argmax(1, keepdim=True)].view(n, c - 1)  # all but the predicted class
+            repeated = {k: v.repeat_interleave(c - 1, 0) for k, v in inputs.items()}
+
+            def row_context(k: int, ids: torch.Tensor = batch_ids, per: int = c - 1) -> ContextManager:
+                return instance_masks(self.model, ids[k // per : k // per + 1], mode="train")
+
+            g = self.grads(repeated, kept.reshape(-1).to(self.device), row_context if self.patched else None)
+            g = g.view(n, c - 1, -1)
+            gram = torch.einsum("ncd,ned->nce", g.double(), g.double()).cpu()
+            trace += float((_curvature_blocks(p, kept) * gram).sum())
+            if self.sketch is not None:
+                g = self.sketch(g.reshape(n * (c - 1), -1)).view(n, c - 1, -1)
+            ids.append(batch_ids)
+            labels.append(batch_labels.cpu())
+            probs.append(p)
+            classes.append(kept)
+            grads.append(g.float().cpu())
+        if not ids:
+            raise TurnoverError("the training data is empty: nothing to fit the influence function on.")
+        example_ids = check_ids_known(torch.cat(ids), None)
+        n = len(example_ids)
+        trace /= n
+        rows = n * (grads[0].shape[1])
+        solver = self.solver if self.solver != "auto" else ("woodbury" if rows <= self.width else "direct")
+        factors = _Factors(example_ids, torch.cat(labels), torch.cat(probs), torch.cat(classes), torch.cat(grads),
+                           torch.empty(0), solver, self.damping_factor * trace / self.num_parameters, trace)
+        if not factors.damping > 0:
+            raise TurnoverError(
+                "the Gauss-Newton matrix is zero (every training gradient vanished): nothing to invert. Check that "
+                "the tracked parameters are the ones training changed."
+            )
+        factors.factor = _solve_system(factors)
+        self.factors = factors
+        self._preconditioned = None
+        return self
+
+    def _fitted(self) -> _Factors:
+        if self.factors is None:
+            self.fit()
+        return self.factors
+
+    # -- scoring ----------------------------------------------------------------------------------------------
+    @property
+    def known_ids(self) -> torch.Tensor:
+        """The ids of the training examples the influence function was fitted on."""
+        return self._fitted().example_ids
+
+    def target_grads(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Gradient of each target's loss (eval mode, full network), sketched if projecting, float32 ``(T, D')``."""
+        labels = torch.as_tensor(labels)
+        if labels.dim() != 1 or labels.is_floating_point():
+            raise TurnoverError(f"targets need one integer class label each, got labels of shape {tuple(labels.shape)}.")
+        g = _target_gradients(self.grads, targets, labels, self.batch_size)
+        return (self.sketch(g) if self.sketch is not None else g).cpu()
+
+    def preconditioned(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """``(G + lambda I)^-1 g_t`` of every target, float64 ``(D', T)``; the last target set's is kept."""
+        factors = self._fitted()
+        key = fingerprint({k: v for k, v in targets.items() if isinstance(v, torch.Tensor)}, torch.as_tensor(labels))
+        if self._preconditioned is None or self._preconditioned[0] != key:
+            self._preconditioned = (key, _precondition(factors, self.target_grads(targets, labels)))
+        return self._preconditioned[1]
+
+    def _rows(self, example_ids: torch.Tensor) -> torch.Tensor:
+        factors = self._fitted()
+        return factors.rows_of(check_ids_known(torch.as_tensor(example_ids).cpu(), factors.example_ids))
+
+    def scores(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
+        """Influence of each id on each target, float32 ``(n_ids, n_targets)`` on the CPU (positive = helped)."""
+        rows = self._rows(example_ids)
+        factors = self._fitted()
+        v = self.preconditioned(targets, labels)
+        return (factors.train_gradients(rows) @ v / factors.num_examples).float()
+
+    def self_scores(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
+        """Self-influence ``g_z(full network)^T (G + lambda I)^-1 g_z / N`` of each training row, float32 ``(n,)``."""
+        rows = self._rows(example_ids)
+        factors = self._fitted()
+        v = _precondition(factors, self.target_grads(batch, labels))  # (D', n)
+        return ((factors.train_gradients(rows) * v.T).sum(1) / factors.num_examples).float()
+
+    # -- files ------------------------------------------------------------------------------------------------
+    def _turnover_config(self) -> Optional[dict[str, Any]]:
+        return state_of(self.model).config.to_dict() if self.patched else None
+
+    def _weights_fingerprint(self) -> str:
+        return fingerprint({n: p.detach() for n, p in self.model.named_parameters()})
+
+    def save(self, folder: PathLike) -> None:
+        """Write the fit to ``folder`` (``influence_factors.safetensors`` + ``influence.json``, atomically, the JSON
+        last); fits first if needed.
+
+        Example:
+            >>> scorer.save("out/model/influence")     # InfluencePipeline("out/model", ..., estimator="influence")
+        """
+        factors = self._fitted()
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        with atomic_path(os.path.join(folder, FACTORS_NAME)) as tmp:
+            save_file({k: v.contiguous() for k, v in factors.tensors().items()}, tmp)
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "score": "g_t^T (G + lambda I)^-1 g_z / N, G the Gauss-Newton matrix of the training loss",
+            "parameters": [{"name": s.name, "shape": list(s.shape)} for s in self.specs],
+            "num_parameters": self.num_parameters,
+            "projection_dim": self.projection_dim,
+            "projection_seed": self.projection_seed,
+            "damping_factor": self.damping_factor,
+            "damping": factors.damping,
+            "trace": factors.trace,
+            "solver": factors.solver,
+            "num_examples": factors.num_examples,
+            "num_classes": int(factors.probabilities.shape[1]),
+            "id_column": self.id_column,
+            "turnover_config": self._turnover_config(),
+            "weights_fingerprint": self._weights_fingerprint(),
+        }
+        atomic_write_text(os.path.join(folder, META_NAME), json.dumps(meta, indent=2) + "\n")
+
+    @staticmethod
+    def read_meta(folder: PathLike) -> dict[str, Any]:
+        """The metadata of a saved fit (``influence.json``), checked to be this format."""
+        return _read_meta(folder, META_NAME, FORMAT, FORMAT_VERSION, "fitted influence function")
+
+    @classmethod
+    def load(cls, model: nn.Module, folder: PathLike, **kwargs: Any) -> "InfluenceFunctionScorer":
+        """A scorer with the fit saved in ``folder``; refuses a model whose weights (or masks) differ from the fit's.
+
+        ``kwargs`` are runtime options (``batch_size``, ``show_progress``, ``train_data``, ``data_collator``).
+
+        Example:
+            >>> scorer = InfluenceFunctionScorer.load(model, "out/influence")
+        """
+        meta = cls.read_meta(folder)
+        names = [p["name"] for p in meta["parameters"]]
+        named = dict(model.named_parameters())
+        bad = [p["name"] for p in meta["parameters"] if p["name"] not in named or list(named[p["name"]].shape) != p["shape"]]
+        if bad:
+            raise ConfigMismatchError(
+                f"the model lacks the parameters {bad[:5]} of the saved influence function (or their shapes differ): "
+                "load it with the model it was fitted on."
+            )
+        scorer = cls(model, parameters=names, damping_factor=meta["damping_factor"], projection_dim=meta["projection_dim"],
+                     projection_seed=meta["projection_seed"], solver=meta["solver"], id_column=meta["id_column"],
+                     max_memory_gb=math.inf, **kwargs)
+        if scorer._turnover_config() != meta.get("turnover_config"):
+            raise ConfigMismatchError(
+                f"the influence function in {os.fspath(folder)!r} was fitted on a model with turn-over config "
+                f"{meta.get('turnover_config')}, this one has {scorer._turnover_config()}: the training gradients "
+                "depend on the masks. Fit again with this model."
+            )
+        if scorer._weights_fingerprint() != meta["weights_fingerprint"]:
+            raise ConfigMismatchError(
+                f"the model's weights differ from those the influence function in {os.fspath(folder)!r} was fitted "
+                "on; its factors would belong to another model. Fit again: InfluenceFunctionScorer(model, "
+                "train_data).fit().save(folder) (in another folder)."
+            )
+        tensors = load_file(os.path.join(os.fspath(folder), FACTORS_NAME))
+        scorer.factors = _Factors(
+            tensors["example_ids"], tensors["labels"], tensors["probabilities"], tensors["classes"],
+            tensors["class_gradients"], tensors["factor"], meta["solver"], float(meta["damping"]), float(meta["trace"]),
+        )
+        if scorer.factors.width != scorer.width:
+            raise ConfigMismatchError(
+                f"{FACTORS_NAME} holds gradients of {scorer.factors.width} coordinates, the metadata says {scorer.width}."
+            )
+        return scorer
