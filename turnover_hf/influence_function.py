@@ -352,14 +352,17 @@ class InfluenceFunctionScorer:
         """Coordinates of every stored gradient: ``D``, or the sketch's dimension."""
         return self.sketch.dim if self.sketch is not None else self.num_parameters
 
-    def _batches(self, data: TrainData) -> tuple[Iterable[Mapping[str, Any]], Optional[int]]:
+    def _batches(self, data: TrainData) -> tuple[Iterable[Mapping[str, Any]], Optional[int], Optional[int]]:
+        """Collated training batches, the number of examples (if known) and the number of batches (if known)."""
         if isinstance(data, Dataset):
             check_id_column(data, self.id_column)
             collate = InstanceIdCollator(self.data_collator or default_data_collator, self.id_column)
             starts = range(0, len(data), self.batch_size)
             rows = (collate([data[i] for i in range(s, min(s + self.batch_size, len(data)))]) for s in starts)
-            return rows, len(data)
-        return data, (len(data) if hasattr(data, "__len__") and isinstance(data, Sequence) else None)
+            return rows, len(data), len(starts)
+        if isinstance(data, Sequence):
+            return data, sum(len(torch.as_tensor(b[BATCH_KEY])) for b in data if b.get(BATCH_KEY) is not None), len(data)
+        return data, None, None
 
     def _training_masks(self, example_ids: torch.Tensor) -> ContextManager:
         """The context each training example was trained under: its own mask, or nothing for a plain model."""
@@ -390,8 +393,7 @@ class InfluenceFunctionScorer:
                 "the influence function is fitted on the training set: pass train_data=... (a datasets.Dataset with "
                 f"model inputs, labels and the {self.id_column!r} column, or collated batches with example_ids)."
             )
-        batches, expected = self._batches(data)
-        total = -(-expected // self.batch_size) if expected is not None and isinstance(data, Dataset) else expected
+        batches, expected, total = self._batches(data)
         ids, labels, probs, classes, grads = [], [], [], [], []
         trace, seen = 0.0, 0
         for batch in tqdm(batches, total=total, desc="influence function: training gradients", unit="batch",
