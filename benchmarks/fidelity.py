@@ -40,8 +40,9 @@ Methods: (a) single-model turn-over; (b) seed ensembles of K models; (c) wider m
 per-target least-squares fit of the scores on the examples' centred mask bits; (e) the full network as the
 reference instead of the example's own mask; (f) K parallel masked channels in one model; (g) peers on the same
 model: gradient dot product, TracIn over checkpoints (in-house and Captum's ``TracInCP`` / ``TracInCPFast`` over
-Trainer-style checkpoints), an exact damped Gauss-Newton influence function, Kronfluence's EK-FAC, and the
-training loss for mislabels. The adapter setting runs (a), (b), (c) and (g). Captum and Kronfluence rows appear
+Trainer-style checkpoints), an exact damped Gauss-Newton influence function (in-house, and the library's
+``turnover_hf.InfluenceFunctionScorer`` on the patched model, exact and with CountSketch projections), Kronfluence's
+EK-FAC, and the training loss for mislabels. The adapter setting runs (a), (b), (c) and (g). Captum and Kronfluence rows appear
 when the packages are installed (``pip install turnover-hf[bench]``).
 
 Run from the repository root:
@@ -392,6 +393,17 @@ def head_rows(features: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor)
     return torch.utils.data.TensorDataset(features, masks, labels.long())
 
 
+def library_batches(
+    inputs: dict[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor, batch_size: int = 256
+) -> list[dict[str, torch.Tensor]]:
+    """Collated training batches (model inputs, labels, example_ids) for the library's estimators."""
+    return [
+        {**{k: v[s : s + batch_size] for k, v in inputs.items()}, "labels": labels[s : s + batch_size].long(),
+         "example_ids": ids[s : s + batch_size]}
+        for s in range(0, len(labels), batch_size)
+    ]
+
+
 def write_checkpoints(checkpoints: Sequence[Any], folder: str, steps_per_epoch: int) -> list[str]:
     """Trainer-style checkpoint folders (``checkpoint-{step}``) of in-memory snapshots, for Captum."""
     return [
@@ -589,6 +601,10 @@ class PeerSetup:
     final_layer: str
     kronfluence_tracked: list[str] | None
     steps_per_epoch: int
+    library_model: Callable[[Any], Any]  # a context giving the patched nn.Module the library's estimators score
+    library_batches: Callable[[Any, bool], list[dict[str, torch.Tensor]]]  # its training batches (with example_ids)
+    library_targets: Callable[[Any], dict[str, torch.Tensor]]  # the model inputs and labels of a target split
+    train_ids: torch.Tensor
 
     def row(self, method: str) -> Row:
         return replace(self.template, method=method, extra={})
@@ -640,6 +656,58 @@ def gradient_peer_rows(
     rows[-1].extra["lds_by_damping_factor"] = {
         str(f): lds(influence(p.a, p.targets, f), p.judge.subsets, p.judge.gt) for f in sweep
     }
+    return rows
+
+
+def library_influence_rows(p: PeerSetup, damping_factor: float, projections: Sequence[int]) -> list[Row]:
+    """``turnover_hf.InfluenceFunctionScorer`` on the patched model: exact, then with each CountSketch projection.
+
+    A fit per model (clean runs A and B, and the flipped labels for self-influence) is the setup, counted in both
+    timing columns and once end to end (as for Kronfluence). Each row records its largest difference from the
+    in-house factorised Gauss-Newton influence (the same definition) and, when sketched, its per-target Pearson
+    correlation with the exact library scores.
+    """
+    in_house = gauss_newton_influence(
+        p.train_factors(p.a, None, False, True), p.target_factors(p.a, None, p.targets), damping_factor
+    )
+    rows, exact = [], None
+    for dim in (None, *projections):
+        fit_seconds: dict[int, float] = {}
+        kept: dict[int, torch.Tensor] = {}
+
+        def fitted(module: Any, model: Any, noisy: bool, dim: int | None = dim) -> th.InfluenceFunctionScorer:
+            scorer = th.InfluenceFunctionScorer(module, p.library_batches(model, noisy), damping_factor=damping_factor,
+                                                projection_dim=dim, show_progress=False)
+            return scorer.fit()
+
+        def score(model: Any, part: Any) -> torch.Tensor:
+            with p.library_model(model) as module:
+                scorer, fit_seconds[id(model)] = timed(fitted, module, model, False)
+                target = p.library_targets(part)
+                scores = scorer.scores({k: v for k, v in target.items() if k != "labels"}, target["labels"], p.train_ids)
+            if part is p.targets:
+                kept[id(model)] = scores
+            return scores
+
+        def self_score(model: Any) -> torch.Tensor:
+            with p.library_model(model) as module:
+                scorer = fitted(module, model, True)
+                return torch.cat([scorer.self_scores(b, b["labels"], b["example_ids"]) for b in p.library_batches(model, True)])
+
+        what = "exact" if dim is None else f"CountSketch d={dim}"
+        row = p.scored(f"(g) Gauss-Newton influence, library InfluenceFunctionScorer ({what})", score, self_score)
+        row.setup_seconds = fit_seconds[id(p.a)]
+        scores_a = kept[id(p.a)]
+        row.extra["fit_seconds"] = fit_seconds[id(p.a)]
+        row.extra["max_abs_difference_vs_in_house"] = float((scores_a - in_house).abs().max())
+        row.extra["max_abs_in_house"] = float(in_house.abs().max())
+        if dim is None:
+            exact = scores_a
+        elif exact is not None:
+            centred = [x - x.mean(0) for x in (scores_a.double(), exact.double())]
+            pearson = (centred[0] * centred[1]).sum(0) / (centred[0].norm(dim=0) * centred[1].norm(dim=0))
+            row.extra["pearson_vs_exact_library_per_target_mean"] = float(pearson.mean())
+        rows.append(row)
     return rows
 
 
@@ -716,6 +784,8 @@ def peer_rows(p: PeerSetup, settings: Any, grad_dot_label: str, log: Callable[[s
     """Every peer row of a setting: in-house gradient methods, then Captum and Kronfluence when installed."""
     log("(g) peers: gradient dot, TracIn, Gauss-Newton influence ...")
     rows = gradient_peer_rows(p, grad_dot_label, settings.damping_factor, settings.damping_factors)
+    log("(g) library InfluenceFunctionScorer (exact and CountSketch) ...")
+    rows.extend(library_influence_rows(p, settings.damping_factor, settings.influence_projections))
     if "captum" in settings.peers and captum_available():
         log("(g) Captum TracInCP / TracInCPFast over Trainer-style checkpoints ...")
         rows[2:2] = captum_peer_rows(p)  # beside the in-house TracIn row
@@ -772,6 +842,7 @@ class CommonSettings:
     cleansing_fraction: float = 0.01
     low_is_suspicious: bool = False
     peers: tuple[str, ...] = ("captum", "kronfluence")  # optional peers to run when installed
+    influence_projections: tuple[int, ...] = (1024, 4096)  # CountSketch sizes of the library influence rows
 
 
 @dataclass
@@ -1069,6 +1140,12 @@ def run_fidelity(data: FidelityData, settings: Settings, log: Callable[[str], No
         final_layer="out",
         kronfluence_tracked=None,
         steps_per_epoch=-(-len(train) // settings.batch_size),
+        library_model=lambda m: contextlib.nullcontext(patched_classifier(m.head, m.mask_seed).eval()),
+        library_batches=lambda m, is_noisy: library_batches(
+            {"features": train.features}, noisy if is_noisy else train.labels, train.ids
+        ),
+        library_targets=lambda part: {"features": part.features, "labels": part.labels},
+        train_ids=train.ids,
     )
     rows.extend(peer_rows(peers, settings, f"(g) gradient dot product (final model, W={settings.width})", log))
 
@@ -1482,6 +1559,13 @@ def run_adapter_fidelity(
         final_layer="classifier",
         kronfluence_tracked=top_layer_names(top),
         steps_per_epoch=-(-len(train) // settings.batch_size),
+        library_model=lambda m: m.active(top),
+        library_batches=lambda m, is_noisy: library_batches(
+            {"hidden": train.hidden, "residual": train.residual}, data.noisy_labels if is_noisy else train.labels,
+            train.example_ids,
+        ),
+        library_targets=lambda part: {"hidden": part.hidden, "residual": part.residual, "labels": part.labels},
+        train_ids=train.example_ids,
     )
     rows.extend(peer_rows(peers, settings, "(g) gradient dot product (final model)", log))
 
@@ -1626,6 +1710,14 @@ def notes(results: dict[str, Any]) -> list[str]:
             out.append(
                 f"- Gauss-Newton influence, LDS by damping factor (x mean eigenvalue): {sweep}. The table uses "
                 f"the factor fixed before the run ({results['settings']['damping_factor']:g})."
+            )
+        if "max_abs_difference_vs_in_house" in extra:
+            sketch = extra.get("pearson_vs_exact_library_per_target_mean")
+            out.append(
+                f"- {row['method']}: fit {extra['fit_seconds']:.1f} s (the setup); largest difference from the "
+                f"in-house Gauss-Newton scores {extra['max_abs_difference_vs_in_house']:.1e} (largest |score| "
+                f"{extra['max_abs_in_house']:.1e})"
+                + (f"; per-target Pearson with the exact library scores {sketch:.3f}." if sketch is not None else ".")
             )
         if extra.get("accuracy_cost_sem") is not None:
             out.append(
