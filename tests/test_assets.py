@@ -133,4 +133,6 @@ def test_quick_demo_writes_a_report(tmp_path):
     assert len(results["flip_sanity"]) == 1
     assert len(results["self_influence"]["highest"]) == 5
     assert (tmp_path / "model" / "turnover_config.json").is_file()
+    if results["errors"]:  # a single model's top-k lists come with the caveat the fidelity benchmark measured
+        assert "close to noise" in done.stdout
     print(f"quick demo: {elapsed:.0f} s")

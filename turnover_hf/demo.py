@@ -549,6 +549,10 @@ def print_summary(results: dict[str, Any], output_dir: str) -> None:
             print(f"  {key}:")
             for entry in error[key]:
                 print_review("    ", entry)
+    if results["errors"]:
+        print("\n  (one model: a single turn-over model's top-k lists are close to noise on thousands of examples;\n"
+              "   the class means above carry the signal. Average mask seeds with turnover_hf.train_ensemble\n"
+              "   before acting on a single example; see README, 'How trustworthy are the scores?')")
     si = results["self_influence"]
     print(
         f"\nself-influence: mean {si['mean']:+.4f}, median {si['median']:+.4f}, "
