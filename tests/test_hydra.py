@@ -618,3 +618,26 @@ def test_sgd_optim_args_that_transformers_ignores_are_reported(tmp_path, caplog)
                                optimizer_cls_and_kwargs=(torch.optim.SGD, {"momentum": 0.9}))
     trainer.train()
     assert trainer.optimizer.param_groups[0]["momentum"] == 0.9 and "optim_args" not in caplog.text
+
+
+def test_causal_lm_per_example_losses_are_the_shifted_next_token_losses(tmp_path):
+    from conftest import VOCAB, lm_targets, tiny_gpt2_lm
+
+    model = tiny_gpt2_lm()
+    g = torch.Generator().manual_seed(0)
+    lengths = [9, 5, 7, 12, 6, 10, 8, 4]  # padding in every batch: each row weighs its own counted tokens
+    train = th.add_example_ids(Dataset.from_list(
+        [{"input_ids": torch.randint(5, VOCAB, (n,), generator=g).tolist()} for n in lengths]
+    ))
+    tracked = ["transformer.h.1.mlp.c_proj.weight", "lm_head.weight"]
+    args = _args(tmp_path, per_device_train_batch_size=4, num_train_epochs=1, learning_rate=0.1)
+    trainer = HydraTrainer(model=model, args=args, train_dataset=train, hydra_parameters=tracked)
+    trainer.train()
+    tracker = trainer.hydra
+    assert tracker.steps == 2 and tracker.grads.shift
+    # The Trainer's gradient (transformers' shifted LM loss, a mean over the batch's counted tokens) is reproduced
+    # by the weighted per-example gradients only if they use the same shift and token counts.
+    assert tracker.max_residual < 1e-4
+    targets = lm_targets()
+    scores = HydraScorer(model, tracker).scores(targets, targets["labels"], torch.tensor(train["example_id"]))
+    assert scores.shape == (len(lengths), 3) and torch.isfinite(scores).all() and scores.abs().max() > 0

@@ -83,11 +83,12 @@ from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, default_data_collator
 
-from .data import BATCH_KEY, InstanceIdCollator, check_id_column
+from .data import BATCH_KEY, CausalLMCollator, InstanceIdCollator, check_id_column
 from .errors import ConfigMismatchError, ExampleIdError, MissingExampleIdsError, TurnoverError
 from .files import atomic_path, atomic_write_text
 from .scoring import IGNORE_INDEX, _eval_mode, check_ids_known, model_inputs, per_example_loss
 from .store import fingerprint
+from .targets import is_causal_lm
 from .trainer import TurnoverTrainer
 
 logger = logging.getLogger(__name__)
@@ -190,6 +191,7 @@ class PerExampleGrads:
         self.model = model
         self.specs = list(specs)
         self.vmap_ok: Optional[bool] = None
+        self.shift = is_causal_lm(model)  # a causal LM's logits at position t predict token t + 1
 
     def params(self) -> dict[str, torch.Tensor]:
         named = dict(self.model.named_parameters())
@@ -200,7 +202,7 @@ class PerExampleGrads:
 
     def _loss_sum(self, params: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         logits = _logits(functional_call(self.model, params, args=(), kwargs=inputs))
-        return per_example_loss(logits, labels).sum()
+        return per_example_loss(logits, labels, shift=self.shift).sum()
 
     def __call__(
         self,
@@ -235,7 +237,7 @@ class PerExampleGrads:
                     for k in range(n):
                         with row_context(k) if row_context is not None else contextlib.nullcontext():
                             logits = _logits(self.model(**{key: v[k : k + 1] for key, v in inputs.items()}))
-                            loss = per_example_loss(logits, labels[k : k + 1]).sum()
+                            loss = per_example_loss(logits, labels[k : k + 1], shift=self.shift).sum()
                             g = torch.autograd.grad(loss, tensors, allow_unused=True)
                         rows.append(self.flat({s.name: torch.zeros_like(t) if gi is None else gi
                                                for s, t, gi in zip(self.specs, tensors, g)}, 1))
@@ -715,8 +717,9 @@ class HydraTracker:
             def row_context(k: int) -> ContextManager:
                 return self.mask_context(example_ids[k : k + 1])
         G = self.grads(x, labels, row_context)  # (B, D)
-        if labels.dim() == 2 and not labels.is_floating_point():
-            u = (labels != IGNORE_INDEX).sum(-1).float()
+        if labels.dim() == 2 and not labels.is_floating_point():  # token labels: each row weighs its counted tokens
+            counted = labels[:, 1:] if self.grads.shift else labels
+            u = (counted != IGNORE_INDEX).sum(-1).float()
         else:
             u = torch.ones(len(labels), device=G.device)
         Gm = u @ G
@@ -734,7 +737,7 @@ class HydraTracker:
                     "residual",
                     "HYDRA: the training gradient differs from the weighted per-example gradients by %.2g (relative): "
                     "the training loss is not a weighted mean of turnover_hf.per_example_loss computed without dropout "
-                    "(dropout, label smoothing, class weights, mixed precision or a causal-LM shift). Example weights "
+                    "(dropout, label smoothing, class weights or mixed precision). Example weights "
                     "follow the Trainer's convention; hypergradients are approximate.",
                     residual,
                 )
@@ -856,7 +859,7 @@ class HydraTracker:
                 ctx = self.mask_context(ids) if self.mask_context is not None else contextlib.nullcontext()
                 with ctx:
                     logits = _logits(functional_call(self.model, p, args=(), kwargs=x))
-                total = total + (a * per_example_loss(logits, labels)).sum()
+                total = total + (a * per_example_loss(logits, labels, shift=self.grads.shift)).sum()
             return total
 
         def unflatten(vec: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -1384,7 +1387,12 @@ class HydraTrainer(HydraTrainingMixin, Trainer):
         train_dataset = kwargs.get("train_dataset", pos[0] if pos else None)
         if data_collator is None:
             tokenizer = kwargs.get("processing_class") or kwargs.get("tokenizer")
-            data_collator = DataCollatorWithPadding(tokenizer) if tokenizer is not None and hasattr(tokenizer, "pad") else default_data_collator
+            if is_causal_lm(model):
+                data_collator = CausalLMCollator(tokenizer)
+            elif tokenizer is not None and hasattr(tokenizer, "pad"):
+                data_collator = DataCollatorWithPadding(tokenizer)
+            else:
+                data_collator = default_data_collator
         super().__init__(model, args, InstanceIdCollator(data_collator, id_column), *pos, **kwargs)
         self._setup_hydra(model, train_dataset, id_column, hessian=hessian, storage_dir=hydra_storage_dir,
                           parameters=hydra_parameters, mask_context=None, mode=hydra_mode)
