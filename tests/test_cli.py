@@ -133,6 +133,7 @@ def test_report_writes_a_page_with_three_plots(trained):
     assert page.count('src="data:image/png;base64,') == 3  # self-influence, flip sanity, influence by class
     assert page.count("<h3>Target ") == 2
     assert "Suspected mislabelled" in page and "target accuracy" in page
+    assert "One model:" in page and "flipped mask" in page  # a single turn-over model's scores carry the caveat
 
 
 def test_errors_are_one_line_with_a_nonzero_exit(trained, capsys):
@@ -208,3 +209,32 @@ def test_train_an_ensemble_and_explain_with_it(trained, capsys):
     assert in_process(root, "explain", "--model", "ens/model", "--text", "w5 w6", "--output", "ens.json") == 0
     result = json.loads((root / "ens.json").read_text())[0]
     assert result["members"] == 2 and len(result["proponents"]) == 5
+
+
+def test_the_influence_estimator_fits_once_and_is_reused(trained, capsys):
+    root, _ = trained
+    model = root / "out" / "model"
+    train = load_from_disk(root / "out" / "train")
+    texts = ["w5 w7 w9 w11", "w8 w9 w10 w12"]
+    assert in_process(root, "explain", "--model", "out/model", "--text", *texts, "--label", "present",
+                      "--estimator", "influence", "--top_k", "3", "--output", "influence.json") == 0
+    assert (model / "influence" / "influence.json").is_file()  # the fit is kept for the next command
+    written = json.loads((root / "influence.json").read_text())
+    expected = th.InfluencePipeline(str(model), train_dataset=train, estimator="influence")(
+        [{"text": t, "label": 1} for t in texts], top_k=3
+    )
+    turnover = json.loads((root / "explained.json").read_text()) if (root / "explained.json").exists() else None
+    for result, wanted in zip(written, expected):
+        assert [r["example_id"] for r in result["proponents"]] == [r["example_id"] for r in wanted["proponents"]]
+        assert [r["score"] for r in result["proponents"]] == pytest.approx([r["score"] for r in wanted["proponents"]],
+                                                                           rel=1e-4, abs=1e-7)
+    if turnover is not None:  # another estimator, other scores
+        assert [r["score"] for r in written[0]["proponents"]] != [r["score"] for r in turnover[0]["proponents"]]
+    capsys.readouterr()
+    assert in_process(root, "explain", "--model", "out/model", "--text", texts[0], "--estimator", "influence",
+                      "--projection_dim", "64") == 1  # a fit with other options is not silently reused
+    assert "remove that folder" in capsys.readouterr().err
+    assert in_process(root, "report", "--model", "out/model", "--estimator", "influence",
+                      "--output", "influence_report.html") == 0
+    page = (root / "influence_report.html").read_text()
+    assert "Gauss-Newton influence function" in page and "One model:" not in page

@@ -22,6 +22,7 @@ from typing import Any, Callable, Literal, Optional
 from . import __version__
 from .errors import TurnoverError
 from .files import atomic_path, atomic_write_text
+from .influence_function import INFLUENCE_DIR, META_NAME as INFLUENCE_META
 
 PROG = "turnover-hf"
 TRACEBACK_ENV = "TURNOVER_HF_TRACEBACK"
@@ -120,6 +121,19 @@ class ScoringOptions:
     max_length: int = field(default=128, metadata={"help": "Truncate texts to this many tokens."})
     device: Optional[str] = field(
         default=None, metadata={"help": "Where to run the model, e.g. cpu or cuda:0 (default: where it loads)."}
+    )
+    estimator: Literal["turnover", "influence", "hydra"] = field(
+        default="turnover",
+        metadata={"help": "turnover: turn-over dropout (forward passes; average an ensemble, see --num_members of "
+                          "train). influence: damped Gauss-Newton influence function on the trainable parameters "
+                          f"(classifiers; the most faithful in benchmarks/fidelity.py; fitted once and kept in "
+                          f"<model>/{INFLUENCE_DIR}/ for the next command). hydra: hypergradients saved in "
+                          "<model>/hydra by a HYDRA trainer."},
+    )
+    projection_dim: Optional[int] = field(
+        default=None,
+        metadata={"help": "--estimator influence: sketch gradients to this many dimensions (for many trainable "
+                          "parameters; an approximation). Default: exact while it fits in memory."},
     )
 
 
@@ -502,8 +516,25 @@ def _pipeline(options: ScoringOptions) -> Any:
         raise TurnoverError(f"--train {train_path!r} is not a save_to_disk folder.")
     train = _standard_columns(load_from_disk(train_path), options.text_column, options.label_column,
                               f"the training set {train_path!r}", need_label=False)
+    estimator_options: dict[str, Any] = {}
+    if options.estimator == "influence":
+        folder = estimator_options["influence_dir"] = os.path.join(options.model, INFLUENCE_DIR)
+        saved = os.path.join(folder, INFLUENCE_META)
+        if os.path.isfile(saved):  # a fit from an earlier command: reuse it if it is the one asked for
+            with open(saved, encoding="utf-8") as handle:
+                kept = json.load(handle).get("projection_dim")
+            if options.projection_dim is not None and options.projection_dim != kept:
+                raise TurnoverError(
+                    f"{folder} holds an influence function fitted with projection_dim={kept}; remove that folder "
+                    f"to fit again with --projection_dim {options.projection_dim}, or drop --projection_dim."
+                )
+        elif options.projection_dim is not None:
+            estimator_options["influence_options"] = {"projection_dim": options.projection_dim}
+    elif options.projection_dim is not None:
+        raise TurnoverError("--projection_dim is an option of --estimator influence.")
     pipe = InfluencePipeline(options.model, train_dataset=train, batch_size=options.batch_size,
-                             max_length=options.max_length, device=options.device)
+                             max_length=options.max_length, device=options.device, estimator=options.estimator,
+                             **estimator_options)
     if pipe.tokenizer is None:
         raise TurnoverError(f"{options.model!r} has no tokenizer; save it there with tokenizer.save_pretrained(...).")
     return pipe
@@ -662,12 +693,12 @@ def _command_report(options: ScoringOptions, chosen: ReportOptions) -> int:
             results = pipe([dict(r) for r in rows], top_k=chosen.top_k)
             for row, position, result in zip(rows, chosen_rows, results):
                 explanations.append({**result, "text": row["text"], "predicted": int(predicted[position])})
-    config = pipe.model.turnover_config if len(getattr(pipe, "models", [pipe.model])) == 1 else None
+    config = getattr(pipe.model, "turnover_config", None) if len(getattr(pipe, "models", [pipe.model])) == 1 else None
     path = report.write_report(
         chosen.output, overwrite=chosen.overwrite, title=chosen.title, config=config,
         model=os.path.abspath(options.model), dataset_sizes=sizes, metrics=metrics, explanations=explanations,
         suspects=self_influence, figures=figures, captions=captions, label_names=names, top_k=chosen.top_k,
-        max_suspects=chosen.suspects,
+        max_suspects=chosen.suspects, estimator=options.estimator,
     )
     print(f"wrote the report to {path}")
     return 0
@@ -690,7 +721,8 @@ COMMANDS: dict[str, _Command] = {
         "helped: proponents) and best (they hurt: opponents), with their influence score, label and text. "
         "Without --label the model's own prediction is explained.",
         f"  {PROG} explain --model out/model --text \"a gripping film\" \"a dull, lifeless plot\"\n"
-        f"  {PROG} explain --model out/model --targets questions.txt --top_k 10 --output out/explained.json",
+        f"  {PROG} explain --model out/model --targets questions.txt --top_k 10 --output out/explained.json\n"
+        f"  {PROG} explain --model out/model --text \"a gripping film\" --estimator influence   # most faithful",
         (ScoringOptions, ExplainOptions), _command_explain,
     ),
     "self-influence": _Command(

@@ -253,6 +253,17 @@ def _explanation(index: int, item: Mapping[str, Any], text_column: str, label_na
     return "".join(out)
 
 
+# What one score means, per estimator of InfluencePipeline (the report's explanation section says it).
+ESTIMATOR_DEFINITIONS = {
+    "turnover": "the target's loss under the example's flipped mask (a sub-network that never trained on it) minus "
+                "its loss under the example's own mask.",
+    "influence": "the first-order change of the target's loss if the example were removed and the model re-fitted "
+                 "(damped Gauss-Newton influence function on the trainable parameters).",
+    "hydra": "the change of the target's loss if the example were left out of training, from its hypergradient "
+             "tracked through the optimiser's updates (HYDRA).",
+}
+
+
 def render_report(
     *,
     title: str = "turnover-hf report",
@@ -269,6 +280,7 @@ def render_report(
     text_column: str = "text",
     top_k: int = 5,
     max_suspects: int = 10,
+    estimator: str = "turnover",
 ) -> str:
     """The HTML text of a report; see :func:`write_report` for the arguments.
 
@@ -277,6 +289,8 @@ def render_report(
         >>> page.startswith("<!DOCTYPE html>")
         True
     """
+    if estimator not in ESTIMATOR_DEFINITIONS:
+        raise TurnoverError(f"estimator must be one of {sorted(ESTIMATOR_DEFINITIONS)}, got {estimator!r}.")
     config_dict = _config_dict(config)
     if isinstance(explanations, Mapping):  # the single result of pipe("one text")
         explanations = [explanations]
@@ -314,11 +328,10 @@ def render_report(
     if explanations:
         body.append(
             '<section id="explanations"><h2>Explained predictions</h2><p class="muted">Influence of a training '
-            "example on a target: the target's loss under the example's flipped mask (a sub-network that never "
-            "trained on it) minus its loss under the example's own mask. Positive: the example helped the model "
+            f"example on a target: {_e(ESTIMATOR_DEFINITIONS[estimator])} Positive: the example helped the model "
             "towards the target's label; negative: it pushed away from it.</p>"
         )
-        if any(item.get("members") == 1 for item in explanations):
+        if estimator == "turnover" and any(item.get("members") == 1 for item in explanations):
             body.append(
                 '<p class="muted"><b>One model:</b> a single model\'s rankings are close to noise on large training '
                 "sets; average an ensemble of mask seeds (<code>turnover_hf.train_ensemble</code>) before acting on "
@@ -329,7 +342,7 @@ def render_report(
     if suspect_rows:
         body.append(
             '<section id="suspects"><h2>Suspected mislabelled training examples</h2><p class="muted">Highest '
-            "self-influence first: only the sub-network that trained on these gets them right, so the rest of the "
+            "self-influence first: the model gets these right mostly because it trained on them, so the rest of the "
             "data disagrees with their label (Kobayashi et al. 2020, App. E). Check these labels first.</p>"
             + _rows_table(suspect_rows, text_column, label_names, "self-influence") + "</section>"
         )
@@ -360,6 +373,8 @@ def write_report(path: PathLike, *, overwrite: bool = False, **kwargs: Any) -> s
         figures: title -> matplotlib Figure, PNG bytes or PNG file; captions: title -> a sentence under it.
         label_names: names of the integer labels (a list, or ``model.config.id2label``).
         text_column: the text field of training rows and targets. top_k: rows per proponent/opponent table.
+        estimator: the ``InfluencePipeline`` estimator that made the scores (``"turnover"``, ``"influence"`` or
+            ``"hydra"``): the page says what a score means for it.
 
     Example:
         >>> write_report("runs/report.html", config=model.turnover_config, suspects=pipe.self_influence(),
