@@ -371,10 +371,14 @@ def test_run_fidelity_core_on_tiny_data(fidelity):
     results = fidelity.run_fidelity(tiny_data(fidelity), settings, log=lambda message: None)
     assert time.perf_counter() - started < 60
     methods = [row["method"] for row in results["rows"]]
-    expected_rows = 12 + peer_rows(fidelity)
+    expected_rows = 12 + 1 + len(settings.influence_projections) + peer_rows(fidelity)  # + the library IF rows
     assert (
         len(methods) == expected_rows and methods[0].startswith("(a)") and methods[-1].startswith("(g) training loss")
     )
+    library = {row["method"]: row for row in results["rows"] if "library InfluenceFunctionScorer" in row["method"]}
+    exact = library["(g) Gauss-Newton influence, library InfluenceFunctionScorer (exact)"]["extra"]
+    # The library estimator on the patched model computes what the benchmark's factorised in-house version does.
+    assert exact["max_abs_difference_vs_in_house"] < 1e-4 * max(1.0, exact["max_abs_in_house"])
     for row in results["rows"]:
         assert 0.0 <= row["mislabel_auc"] <= 1.0
         if row["lds"] is not None:
@@ -718,7 +722,11 @@ def test_run_adapter_fidelity_core_on_tiny_model(fidelity):
     results = fidelity.run_adapter_fidelity(tiny_adapter_data(fidelity), settings, log=lambda message: None)
     assert time.perf_counter() - started < 90
     methods = [row["method"] for row in results["rows"]]
-    assert len(methods) == 7 + peer_rows(fidelity) and methods[0].startswith("(a)") and methods[2].startswith("(c)")
+    library_rows = 1 + len(settings.influence_projections)  # the library InfluenceFunctionScorer, exact and sketched
+    assert len(methods) == 7 + library_rows + peer_rows(fidelity)
+    assert methods[0].startswith("(a)") and methods[2].startswith("(c)")
+    exact = next(r for r in results["rows"] if r["method"].endswith("library InfluenceFunctionScorer (exact)"))["extra"]
+    assert exact["max_abs_difference_vs_in_house"] < 1e-4 * max(1.0, exact["max_abs_in_house"])
     first = results["rows"][0]
     assert first["extra"]["cached_top_gap_vs_turnover_scorer"] < 1e-5
     assert first["extra"]["library_turnover_scorer"]["path"] == "prefix"
