@@ -81,15 +81,15 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
-from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, default_data_collator
+from transformers import Trainer, TrainerCallback
 
-from .data import BATCH_KEY, CausalLMCollator, InstanceIdCollator, check_id_column
+from .data import BATCH_KEY, InstanceIdCollator, check_id_column
 from .errors import ConfigMismatchError, ExampleIdError, MissingExampleIdsError, TurnoverError
 from .files import atomic_path, atomic_write_text
 from .scoring import IGNORE_INDEX, _eval_mode, check_ids_known, model_inputs, per_example_loss
 from .store import fingerprint
 from .targets import is_causal_lm
-from .trainer import TurnoverTrainer
+from .trainer import TurnoverTrainer, default_collator
 
 logger = logging.getLogger(__name__)
 
@@ -1386,13 +1386,7 @@ class HydraTrainer(HydraTrainingMixin, Trainer):
         self.id_column = id_column
         train_dataset = kwargs.get("train_dataset", pos[0] if pos else None)
         if data_collator is None:
-            tokenizer = kwargs.get("processing_class") or kwargs.get("tokenizer")
-            if is_causal_lm(model):
-                data_collator = CausalLMCollator(tokenizer)
-            elif tokenizer is not None and hasattr(tokenizer, "pad"):
-                data_collator = DataCollatorWithPadding(tokenizer)
-            else:
-                data_collator = default_data_collator
+            data_collator = default_collator(model, kwargs.get("processing_class") or kwargs.get("tokenizer"))
         super().__init__(model, args, InstanceIdCollator(data_collator, id_column), *pos, **kwargs)
         self._setup_hydra(model, train_dataset, id_column, hessian=hessian, storage_dir=hydra_storage_dir,
                           parameters=hydra_parameters, mask_context=None, mode=hydra_mode)

@@ -20,6 +20,16 @@ from .errors import MissingExampleIdsError
 from .targets import is_causal_lm
 
 
+def default_collator(model: nn.Module, tokenizer: Any = None) -> Any:
+    """The collator a trainer uses when given none: causal-LM rows for a causal LM, padding with a tokenizer, else
+    transformers' default."""
+    if is_causal_lm(model):
+        return CausalLMCollator(tokenizer)
+    if tokenizer is not None and hasattr(tokenizer, "pad"):
+        return DataCollatorWithPadding(tokenizer)
+    return default_data_collator
+
+
 class TurnoverTrainer(Trainer):
     """Trainer for a model patched with turn-over dropout.
 
@@ -44,13 +54,7 @@ class TurnoverTrainer(Trainer):
             check_id_column(train_dataset, self.id_column)
             state.config.num_train_examples = len(train_dataset)
         if data_collator is None:
-            tokenizer = kwargs.get("processing_class") or kwargs.get("tokenizer")
-            if is_causal_lm(model):
-                data_collator = CausalLMCollator(tokenizer)
-            elif tokenizer is not None and hasattr(tokenizer, "pad"):
-                data_collator = DataCollatorWithPadding(tokenizer)
-            else:
-                data_collator = default_data_collator
+            data_collator = default_collator(model, kwargs.get("processing_class") or kwargs.get("tokenizer"))
         data_collator = InstanceIdCollator(data_collator, self.id_column)
         super().__init__(model, args, data_collator, *pos, **kwargs)
 
