@@ -1,3 +1,4 @@
+import logging
 import os
 import subprocess
 import sys
@@ -47,7 +48,11 @@ def test_matrix_self_and_mean_influence_match_the_definition(setup):
 
 def test_call_returns_proponents_and_opponents_with_rows(setup, caplog):
     model, tokenizer, train = setup
-    pipe = th.InfluencePipeline(model, tokenizer, train_dataset=train, top_k=3)
+    with caplog.at_level(logging.WARNING, logger="turnover_hf.pipeline"):
+        pipe = th.InfluencePipeline(model, tokenizer, train_dataset=train, top_k=3)
+    # one model: its rankings are mostly mask noise, and the warning names both remedies
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "single turn-over model" in warned and "train_ensemble" in warned and "estimator='influence'" in warned
     text = train[3]["text"]
     out = pipe(text)
     assert out["label_source"] == "predicted"

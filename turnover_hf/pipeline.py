@@ -154,7 +154,8 @@ class InfluencePipeline:
                     "scoring with a single turn-over model: its scores are dominated by the difference between two "
                     "random half-networks (two mask seeds' rankings agree at Spearman ~0 in benchmarks/fidelity.py). "
                     "Average an ensemble of models trained with different mask seeds for rankings you can trust: "
-                    "turnover_hf.train_ensemble(...), then InfluencePipeline(<its output_dir>, ...)."
+                    "turnover_hf.train_ensemble(...), then InfluencePipeline(<its output_dir>, ...); or, for a "
+                    "classifier, score this model with estimator='influence' (a Gauss-Newton influence function)."
                 )
         elif estimator == "influence":
             self.id_column, expected = self._influence_setup(model, path, influence_dir, influence_options)
