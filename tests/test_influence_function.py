@@ -134,6 +134,25 @@ def test_woodbury_and_direct_solvers_agree():
     assert _relative_gap(results["woodbury"], results["direct"]) < 1e-5
 
 
+def test_kept_curvature_rows_give_the_scores_of_rows_built_per_block(monkeypatch):
+    from turnover_hf import influence_function
+
+    model = _frozen_bert(num_labels=3)
+    train = th.add_example_ids(_labelled(token_task(12, seed=6), 3))
+    batch = batch_of(_labelled(token_task(4, seed=8), 3))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    results = {}
+    for budget in (influence_function.ROWS_CACHE_BYTES, 0):  # rows kept once / rebuilt block by block
+        monkeypatch.setattr(influence_function, "ROWS_CACHE_BYTES", budget)
+        monkeypatch.setattr(influence_function, "BLOCK_BYTES", 8 * 24 * 100)  # several column blocks
+        scorer = InfluenceFunctionScorer(model, train, solver="woodbury", show_progress=False)
+        results[budget] = (scorer.scores(inputs, batch["labels"], torch.arange(12)),
+                           scorer.self_scores(inputs, batch["labels"], torch.arange(4)))
+        assert (scorer.factors._kept_rows is not None) == (budget > 0)
+    kept, built = results.values()
+    assert _relative_gap(kept[0], built[0]) < 1e-10 and _relative_gap(kept[1], built[1]) < 1e-10
+
+
 def test_agrees_with_the_in_house_gauss_newton_influence_on_a_binary_head():
     from turnover_hf.evaluation import HeadRecipe, TurnoverHead, patched_classifier
     from turnover_hf.evaluation.peers import gauss_newton_influence, margin_factors
