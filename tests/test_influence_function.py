@@ -361,3 +361,26 @@ def test_pipeline_refuses_causal_language_models_for_the_influence_estimator():
     train = th.add_example_ids(token_task(8).remove_columns(["labels"]))
     with pytest.raises(TurnoverError, match="classifiers"):
         th.InfluencePipeline(lm, train_dataset=train, estimator="influence")
+
+
+def test_a_loaded_checkpoint_differentiates_what_the_turn_over_model_trained(tmp_path, bert_bottleneck):
+    model = bert_bottleneck  # patched with freeze_leaking: only the masked adapter and head train
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert 0 < len(trained) < len(list(model.parameters()))
+    train = th.add_example_ids(token_task(10, seed=4))
+    targets = batch_of(token_task(2, seed=9))
+    inputs = {k: v for k, v in targets.items() if k != "labels"}
+    in_memory = InfluenceFunctionScorer(model, train, show_progress=False)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = th.load_influence_ready(tmp_path / "ckpt")
+    # from_pretrained marks every parameter trainable; the checkpoint's record restores what training updated
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == trained
+    scorer = InfluenceFunctionScorer(loaded, train, show_progress=False)
+    assert [s.name for s in scorer.specs] == trained == [s.name for s in in_memory.specs]
+    ids = torch.tensor(train["example_id"])
+    assert torch.allclose(scorer.scores(inputs, targets["labels"], ids), in_memory.scores(inputs, targets["labels"], ids),
+                          rtol=1e-4, atol=1e-7)
+    in_memory.fit().save(tmp_path / "fit")  # a fit of the in-memory model serves the loaded one (same weights, masks)
+    reloaded = InfluenceFunctionScorer.load(loaded, tmp_path / "fit")
+    assert torch.allclose(reloaded.scores(inputs, targets["labels"], ids), in_memory.scores(inputs, targets["labels"], ids),
+                          rtol=1e-5, atol=1e-8)

@@ -12,6 +12,7 @@ A patched PEFT model saves PEFT's own adapter files (``adapter_config.json``, ``
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from .config import CONFIG_NAME, TurnoverConfig
 from .errors import ConfigMismatchError
 from .files import atomic_write_text, umask
 from .patcher import patch_model
+from .targets import inner_model
 
 CARD_START = "<!-- turnover-hf:start -->"
 CARD_END = "<!-- turnover-hf:end -->"
@@ -114,7 +116,9 @@ def save_influence_ready(
             os.replace(source, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    model.turnover_config.save_pretrained(save_directory)
+    saved = copy.deepcopy(model.turnover_config)  # the live config keeps deciding the masks, untouched
+    saved.trainable_parameters = [n for n, p in inner_model(model).named_parameters() if p.requires_grad]
+    saved.save_pretrained(save_directory)
     repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory))) if push_to_hub else None
     write_model_card(save_directory, model.turnover_config, repo_id)
     if push_to_hub:
@@ -309,7 +313,7 @@ def load_influence_ready(
     if adapters:
         base = _base_model(base_model, adapters[0][1], model_class, hub_kwargs, dict(from_pretrained_kwargs))
         model = _load_peft(adapters, base).eval()
-        return patch_model(model, saved, warn_leaking=False)
+        return _restore_trainable(patch_model(model, saved, warn_leaking=False), saved)
     if base_model is not None:
         raise ConfigMismatchError(f"base_model is for PEFT adapters, but {folder!r} holds a whole model; leave it out.")
     model_class = model_class or model_class_of(folder)
@@ -323,5 +327,22 @@ def load_influence_ready(
     if getattr(model.config, "adapters", None) and model.config.adapters.get("adapters"):
         _restore_adapters(model, folder, saved)
     model.eval()
-    # Loaded for scoring: which parameters were trainable during training is the training script's business.
-    return patch_model(model, saved, warn_leaking=False)
+    return _restore_trainable(patch_model(model, saved, warn_leaking=False), saved)
+
+
+def _restore_trainable(model: nn.Module, config: TurnoverConfig) -> nn.Module:
+    """``requires_grad`` as it was when the checkpoint was saved (``from_pretrained`` marks every parameter
+    trainable), so gradient-based estimators and further training see what training updated."""
+    if config.trainable_parameters is None:  # written before the field existed: leave from_pretrained's state
+        return model
+    trainable = set(config.trainable_parameters)
+    named = dict(inner_model(model).named_parameters())
+    missing = sorted(trainable - set(named))
+    if missing:
+        raise ConfigMismatchError(
+            f"{CONFIG_NAME} lists trainable parameters the loaded model lacks: {missing[:5]}. Load the checkpoint into "
+            "the architecture (and adapters) it was saved from."
+        )
+    for name, param in named.items():
+        param.requires_grad_(name in trainable)
+    return model

@@ -67,6 +67,12 @@ class TurnoverConfig(PushToHubMixin):
     num_train_examples: Optional[int] = field(
         default=None, metadata={"help": "Filled by TurnoverTrainer: size of the training set the masks were trained on."}
     )
+    trainable_parameters: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Filled by save_pretrained: the parameters that required grad (named as in the transformers "
+                          "model), i.e. what training updated; load_influence_ready restores them, and gradient-based "
+                          "estimators differentiate them."},
+    )
     library_version: str = field(default=__version__, metadata={"help": "turnover-hf version that wrote this config."})
 
     def __post_init__(self) -> None:

@@ -65,6 +65,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import default_data_collator
 
+from .config import MASK_FIELDS
 from .context import instance_masks, state_of
 from .data import BATCH_KEY, InstanceIdCollator, check_id_column
 from .errors import ConfigMismatchError, MissingExampleIdsError, TurnoverError
@@ -516,7 +517,10 @@ class InfluenceFunctionScorer:
 
     # -- files ------------------------------------------------------------------------------------------------
     def _turnover_config(self) -> Optional[dict[str, Any]]:
-        return state_of(self.model).config.to_dict() if self.patched else None
+        if not self.patched:
+            return None
+        config = state_of(self.model).config.to_dict()
+        return {name: config[name] for name in MASK_FIELDS}  # what decides the training masks
 
     def _weights_fingerprint(self) -> str:
         return fingerprint({n: p.detach() for n, p in self.model.named_parameters()})

@@ -44,6 +44,11 @@ def _load_model(path: str, estimator: str) -> nn.Module:
     return model_class_of(path).from_pretrained(path, use_safetensors=True)
 
 
+def _masks_key(config: Any) -> dict[str, Any]:
+    """What of a turn-over config decides the scores (for resumable results): all but the recorded trainable set."""
+    return {k: v for k, v in config.to_dict().items() if k != "trainable_parameters"}
+
+
 def _members(model: Any) -> tuple[list[Any], Optional[str]]:
     """The models (or paths) behind ``model``: one model or path, a list of them, or an ensemble folder."""
     if isinstance(model, (list, tuple)):
@@ -146,10 +151,10 @@ class InfluencePipeline:
             self.id_column, expected = config.id_column, config.num_train_examples
             if len(self.models) > 1:
                 self.scorer = EnsembleScorer(self.models, batch_size=batch_size, fast=fast)
-                self._estimator_key = [c.to_dict() for c in self.scorer.configs]
+                self._estimator_key = [_masks_key(c) for c in self.scorer.configs]
             else:
                 self.scorer = TurnoverScorer(model, batch_size=batch_size, fast=fast)
-                self._estimator_key = config.to_dict()
+                self._estimator_key = _masks_key(config)
                 logger.warning(
                     "scoring with a single turn-over model: its scores are dominated by the difference between two "
                     "random half-networks (two mask seeds' rankings agree at Spearman ~0 in benchmarks/fidelity.py). "
