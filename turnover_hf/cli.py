@@ -22,7 +22,7 @@ from typing import Any, Callable, Literal, Optional
 from . import __version__
 from .errors import TurnoverError
 from .files import atomic_path, atomic_write_text
-from .influence_function import INFLUENCE_DIR, META_NAME as INFLUENCE_META
+from .influence_function import INFLUENCE_DIR, META_NAME as INFLUENCE_META, InfluenceFunctionScorer
 
 PROG = "turnover-hf"
 TRACEBACK_ENV = "TURNOVER_HF_TRACEBACK"
@@ -519,10 +519,8 @@ def _pipeline(options: ScoringOptions) -> Any:
     estimator_options: dict[str, Any] = {}
     if options.estimator == "influence":
         folder = estimator_options["influence_dir"] = os.path.join(options.model, INFLUENCE_DIR)
-        saved = os.path.join(folder, INFLUENCE_META)
-        if os.path.isfile(saved):  # a fit from an earlier command: reuse it if it is the one asked for
-            with open(saved, encoding="utf-8") as handle:
-                kept = json.load(handle).get("projection_dim")
+        if os.path.isfile(os.path.join(folder, INFLUENCE_META)):  # a fit from an earlier command: reuse it if asked for
+            kept = InfluenceFunctionScorer.read_meta(folder)["projection_dim"]
             if options.projection_dim is not None and options.projection_dim != kept:
                 raise TurnoverError(
                     f"{folder} holds an influence function fitted with projection_dim={kept}; remove that folder "
