@@ -74,6 +74,18 @@ def test_loading_with_a_mismatched_config_refuses(tmp_path):
         th.load_influence_ready(tmp_path / "ckpt")
 
 
+def test_a_recorded_trainable_parameter_the_model_lacks_is_refused(tmp_path):
+    model = th.patch_model(with_bottleneck(tiny_bert()), th.TurnoverConfig(seed=4), freeze_leaking=True)
+    model.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / th.CONFIG_NAME
+    data = json.loads(path.read_text())
+    assert data["trainable_parameters"] == [n for n, p in model.named_parameters() if p.requires_grad]
+    data["trainable_parameters"].append("bert.no_such.weight")
+    path.write_text(json.dumps(data))
+    with pytest.raises(th.ConfigMismatchError, match="lacks: \\['bert.no_such.weight'\\]"):
+        th.load_influence_ready(tmp_path / "ckpt")
+
+
 def test_plain_checkpoints_are_refused_clearly(tmp_path):
     tiny_bert().save_pretrained(tmp_path / "plain")
     with pytest.raises(th.ConfigMismatchError, match="not an influence-ready checkpoint"):

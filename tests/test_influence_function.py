@@ -320,6 +320,21 @@ def test_unknown_ids_and_too_large_fits_are_refused():
         scorer.scores({"input_ids": targets["input_ids"]}, targets["labels"], torch.tensor([99]))
 
 
+def test_missing_ids_and_bad_pipeline_options_are_refused(tmp_path):
+    model = _frozen_bert(num_labels=2)
+    train = _labelled(token_task(6, seed=12), 2)
+    batches = [{k: v for k, v in batch_of(train).items() if k != "example_ids"}]
+    with pytest.raises(th.MissingExampleIdsError, match="add_example_ids"):
+        InfluenceFunctionScorer(model, batches, show_progress=False).fit()
+    train = th.add_example_ids(train)
+    with pytest.raises(TurnoverError, match="not options of the influence estimator"):
+        th.InfluencePipeline(model, train_dataset=train, estimator="influence", influence_options={"dampng": 1.0})
+    InfluenceFunctionScorer(model, train, show_progress=False).fit().save(tmp_path / "fit")
+    with pytest.raises(TurnoverError, match="holds a fitted influence function"):
+        th.InfluencePipeline(model, train_dataset=train, estimator="influence", influence_dir=tmp_path / "fit",
+                             influence_options={"projection_dim": 64})
+
+
 def test_causal_language_models_are_refused():
     with pytest.raises(TurnoverError, match="classifiers.*(turn-over|HYDRA)"):
         InfluenceFunctionScorer(tiny_gpt2_lm())
