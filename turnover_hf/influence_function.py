@@ -301,7 +301,7 @@ class InfluenceFunctionScorer:
         projection_seed: seed of the sketch.
         max_memory_gb: largest fit kept without a projection; beyond it the scorer asks for ``projection_dim``.
             Scoring also keeps the float64 curvature rows when they take at most :data:`ROWS_CACHE_BYTES` (1 GiB),
-            which halves the time of each target set.
+            which halves the time of every target set after the first (``benchmarks/influence_scoring.py``).
         solver: ``"auto"`` (the smaller space), ``"woodbury"`` (``N (C-1)``-space) or ``"direct"`` (parameters).
         batch_size: examples per gradient batch.
         id_column: the dataset's id column (default: the turn-over config's, else ``"example_id"``).
