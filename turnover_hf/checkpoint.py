@@ -24,12 +24,14 @@ from typing import Any, Optional, Union
 import torch
 import transformers
 from huggingface_hub import ModelCard, ModelCardData
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from .config import CONFIG_NAME, TurnoverConfig
 from .errors import ConfigMismatchError
 from .files import atomic_write_text, umask
+from .layers import CHANNEL_BIAS, CHANNEL_WEIGHT
 from .patcher import patch_model
 from .targets import inner_model
 
@@ -172,7 +174,8 @@ def _local_folder(path: Union[str, os.PathLike], hub_kwargs: dict[str, Any]) -> 
     return snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.md", "*.txt", "*.model"], **hub_kwargs)
 
 
-def _read_safetensors(folder: str) -> dict[str, torch.Tensor]:
+def _read_safetensors(folder: str, names: Optional[set[str]] = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (only ``names`` if given), from ``model.safetensors`` or its shards."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as handle:
@@ -186,7 +189,11 @@ def _read_safetensors(folder: str) -> dict[str, torch.Tensor]:
         )
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
-        tensors.update(load_file(os.path.join(folder, name)))
+        if names is None:
+            tensors.update(load_file(os.path.join(folder, name)))
+            continue
+        with safe_open(os.path.join(folder, name), framework="pt") as handle:
+            tensors.update({key: handle.get_tensor(key) for key in handle.keys() if key in names})
     return tensors
 
 
@@ -327,7 +334,28 @@ def load_influence_ready(
     if getattr(model.config, "adapters", None) and model.config.adapters.get("adapters"):
         _restore_adapters(model, folder, saved)
     model.eval()
-    return _restore_trainable(patch_model(model, saved, warn_leaking=False), saved)
+    model = patch_model(model, saved, warn_leaking=False)
+    _restore_channels(model, folder)
+    return _restore_trainable(model, saved)
+
+
+def _restore_channels(model: nn.Module, folder: str) -> None:
+    """Load the extra mask-channel copies (``from_pretrained`` skips them: the unpatched model has no such
+    parameters) from the checkpoint's safetensors."""
+    wanted = {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in (CHANNEL_WEIGHT, CHANNEL_BIAS)}
+    if not wanted:
+        return
+    tensors = _read_safetensors(folder, wanted)
+    missing = sorted(wanted - set(tensors))
+    if missing:
+        raise ConfigMismatchError(
+            f"{CONFIG_NAME} in {folder!r} records mask channels but the weights lack {missing[:4]}; the checkpoint was "
+            "not saved by the patched model (save it with model.save_pretrained(folder) after patch_model)."
+        )
+    try:
+        model.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:
+        raise ConfigMismatchError(f"the mask channels in {folder!r} do not fit the model: {err}") from None
 
 
 def _restore_trainable(model: nn.Module, config: TurnoverConfig) -> nn.Module:

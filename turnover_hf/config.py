@@ -42,6 +42,11 @@ class TurnoverConfig(PushToHubMixin):
     scheme: str = field(default="independent", metadata={"help": "'independent' per-example bits, or 'hashed' codebook composition (paper App. D)."})
     codebook_size: int = field(default=64, metadata={"help": "Rows of the virtual codebook (scheme='hashed')."})
     codebook_picks: int = field(default=4, metadata={"help": "Rows ANDed per example (scheme='hashed')."})
+    channels: int = field(
+        default=1,
+        metadata={"help": "Parallel masked copies of every input-masked Linear (the default for one-layer heads), "
+                          "outputs averaged: K mask samples per example in one model, for less noisy scores."},
+    )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={"help": "Module names (exact or .suffix), or one regex (fullmatch). None = head + adapters defaults."},
@@ -58,7 +63,7 @@ class TurnoverConfig(PushToHubMixin):
     )
     mask_sites: Optional[dict[str, dict[str, Any]]] = field(
         default=None,
-        metadata={"help": "Filled by patch_model: every masked module -> {'side', 'units'}. Loading checks it exactly."},
+        metadata={"help": "Filled by patch_model: every masked module -> {'side', 'units'[, 'channels']}. Loading checks it exactly."},
     )
     active_adapters: Optional[list[str]] = field(
         default=None, metadata={"help": "Filled by patch_model: the adapters (library `adapters`) active when patched."}
@@ -87,10 +92,15 @@ class TurnoverConfig(PushToHubMixin):
             raise ValueError(
                 f"TurnoverConfig: need 1 <= codebook_picks <= codebook_size, got {self.codebook_picks} and {self.codebook_size}."
             )
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
+            raise ValueError(f"TurnoverConfig: channels must be an integer >= 1 (e.g. 16), got {self.channels!r}.")
         if isinstance(self.target_module_types, str):
             self.target_module_types = [self.target_module_types]
         for name, site in (self.mask_sites or {}).items():
-            if site.get("side") not in MASK_SIDES or int(site.get("units", 0)) < 1:
+            channels = site.get("channels", 1)
+            if site.get("side") not in MASK_SIDES or int(site.get("units", 0)) < 1 or not (
+                isinstance(channels, int) and channels >= 1 and (channels == 1 or site["side"] == "input")
+            ):
                 raise ValueError(f"TurnoverConfig: mask site {name!r} is malformed: {site!r}.")
 
     @property

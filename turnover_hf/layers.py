@@ -1,8 +1,18 @@
-"""The one place a mask touches activations: hooks on targeted modules and the masked LoRA forward.
+"""The one place a mask touches activations: hooks on targeted modules, the masked LoRA forward and mask channels.
 
 Hooks and an in-place class swap (for the ``adapters`` library's LoRA) keep every parameter where it was, so a
 patched model's ``state_dict`` keys are those of the unpatched model: influence-ready checkpoints are ordinary
 Hugging Face weights plus ``turnover_config.json``.
+
+Mask channels (``TurnoverConfig(channels=K)``) are the one exception: an input-masked ``nn.Linear`` becomes ``K``
+parallel copies of itself, each reading the features under its own mask of every example, outputs averaged:
+``y = (1/K) sum_c W_c (m_c(z) * x) + b_c``. Copy 0 is the module's own ``weight``/``bias``; copies 1..K-1 are the
+extra parameters ``turnover_channel_weight`` ``(K-1, out, in)`` and ``turnover_channel_bias`` ``(K-1, out)``, saved
+with the weights. The masks of all channels are one mask of ``K x in`` units under the module's layer key (channel
+``c`` is columns ``c*in .. (c+1)*in``), so channel 0 has exactly the single-channel mask. Every column of every
+copy is kept from the flipped sub-network as before (the biases are shared by all examples, as without channels),
+while the score averages ``K`` independent half-networks: the noise of the difference between two random
+half-networks, which dominates a single model's scores, shrinks about like ``1/sqrt(K)``.
 """
 
 from __future__ import annotations
@@ -24,27 +34,37 @@ class MaskSite:
     name: str
     side: str  # "output": output units; "input": input features; "rank": LoRA rank units
     units: int
+    channels: int = 1  # > 1: parallel masked copies of an input-masked nn.Linear (see the module docstring)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"side": self.side, "units": self.units}
+        # "channels" only when used, so configs written before channels existed compare equal.
+        spec: dict[str, Any] = {"side": self.side, "units": self.units}
+        if self.channels > 1:
+            spec["channels"] = self.channels
+        return spec
 
 
-def apply_mask(site: MaskSite, state: MaskState, x: torch.Tensor, module_training: bool) -> torch.Tensor:
-    """``x`` times the batch's masks for ``site``, broadcast over every dimension between batch and units."""
+def _batch_mask(site: MaskSite, state: MaskState, x: torch.Tensor, module_training: bool) -> Optional[torch.Tensor]:
+    """The open context's masks of ``site`` for the batch ``x``, ``(rows, channels * units)``; None = full network."""
     if x.shape[-1] != site.units:
         raise ConfigMismatchError(
             f"mask of {site.name!r} covers {site.units} units but the layer gave {x.shape[-1]}; the model does not "
             "match the turn-over config it was patched with (masks wider or narrower than the layer)."
         )
-    mask = state.mask(site.name, site.units, x, module_training)
+    mask = state.mask(site.name, site.channels * site.units, x, module_training)
+    if mask is not None and x.shape[0] != mask.shape[0] and not (state.broadcast_batch and x.shape[0] == 1):
+        raise ExampleIdError(
+            f"{site.name!r} got a batch of {x.shape[0]} rows but {mask.shape[0]} example_ids; pass one id per row."
+        )
+    return mask
+
+
+def apply_mask(site: MaskSite, state: MaskState, x: torch.Tensor, module_training: bool) -> torch.Tensor:
+    """``x`` times the batch's masks for ``site``, broadcast over every dimension between batch and units."""
+    mask = _batch_mask(site, state, x, module_training)
     if mask is None:
         return x
-    rows = mask.shape[0]
-    if x.shape[0] != rows and not (state.broadcast_batch and x.shape[0] == 1):
-        raise ExampleIdError(
-            f"{site.name!r} got a batch of {x.shape[0]} rows but {rows} example_ids; pass one id per row."
-        )
-    return x * mask.view(rows, *([1] * (x.dim() - 2)), site.units)
+    return x * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), site.units)
 
 
 class OutputMaskHook:
@@ -98,3 +118,71 @@ def masked_lora_class(cls: type) -> type:
     if cls not in _MASKED_CLASSES:
         _MASKED_CLASSES[cls] = type(f"TurnoverMasked{cls.__name__}", (cls,), {"forward": _masked_lora_forward})
     return _MASKED_CLASSES[cls]
+
+
+# -- mask channels ----------------------------------------------------------------------------------------------------
+CHANNEL_WEIGHT = "turnover_channel_weight"
+CHANNEL_BIAS = "turnover_channel_bias"
+_CHANNEL_CLASSES: dict[type, type] = {}
+
+
+def channel_stack(module: nn.Linear) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """All copies of a channel Linear: weights ``(K, out, in)`` and biases ``(K, out)`` (or None), copy 0 first."""
+    weight = torch.cat([module.weight.unsqueeze(0), getattr(module, CHANNEL_WEIGHT)])
+    if module.bias is None:
+        return weight, None
+    return weight, torch.cat([module.bias.unsqueeze(0), getattr(module, CHANNEL_BIAS)])
+
+
+def channel_logits(module: nn.Linear, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``(1/K) sum_c W_c (m_c * x) + b_c`` for ``x`` ``(B, ..., in)`` and masks ``(B or 1, K * in)``, one GEMM."""
+    weight, bias = channel_stack(module)
+    k, out_features, in_features = weight.shape
+    masked = x.unsqueeze(-2) * masks.view(masks.shape[0], *([1] * (x.dim() - 2)), k, in_features)
+    # sum over (channel, input) pairs at once: (..., K*in) @ (K*in, out)
+    stacked = weight.transpose(1, 2).reshape(k * in_features, out_features)
+    y = masked.flatten(-2) @ stacked / k
+    return y if bias is None else y + bias.mean(0)
+
+
+def _channel_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    mask = _batch_mask(self.turnover_site, self.turnover_state, x, self.training)
+    if mask is None:  # the full network: the mean of the copies
+        weight, bias = channel_stack(self)
+        return nn.functional.linear(x, weight.mean(0), None if bias is None else bias.mean(0))
+    return channel_logits(self, x, mask)
+
+
+def masked_channel_class(cls: type) -> type:
+    """A subclass of an ``nn.Linear`` class whose forward runs its mask channels (cached, like LoRA's)."""
+    if cls not in _CHANNEL_CLASSES:
+        _CHANNEL_CLASSES[cls] = type(f"TurnoverChannel{cls.__name__}", (cls,), {"forward": _channel_linear_forward})
+    return _CHANNEL_CLASSES[cls]
+
+
+def add_channels(module: nn.Linear, site: MaskSite, state: MaskState) -> None:
+    """Give ``module`` its ``site.channels - 1`` extra copies (initialised to its own weights, so the full network
+    is unchanged) and the channel forward."""
+    extra = site.channels - 1
+    with torch.no_grad():
+        weight = nn.Parameter(module.weight.detach().unsqueeze(0).repeat(extra, 1, 1),
+                              requires_grad=module.weight.requires_grad)
+        module.register_parameter(CHANNEL_WEIGHT, weight)
+        if module.bias is not None:
+            bias = nn.Parameter(module.bias.detach().unsqueeze(0).repeat(extra, 1), requires_grad=module.bias.requires_grad)
+            module.register_parameter(CHANNEL_BIAS, bias)
+    module.turnover_site, module.turnover_state = site, state
+    module.turnover_original_class = type(module)
+    module.__class__ = masked_channel_class(type(module))
+
+
+def fold_channels(module: nn.Linear) -> None:
+    """Undo :func:`add_channels`: the module's weights become the mean of its copies (the same full network)."""
+    weight, bias = channel_stack(module)
+    with torch.no_grad():
+        module.weight.copy_(weight.mean(0))
+        if bias is not None:
+            module.bias.copy_(bias.mean(0))
+    for name in (CHANNEL_WEIGHT, CHANNEL_BIAS):
+        if name in module._parameters:
+            del module._parameters[name]

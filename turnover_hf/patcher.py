@@ -12,7 +12,7 @@ from torch import nn
 from .config import TurnoverConfig
 from .context import MaskState, state_of
 from .errors import ConfigMismatchError, NotPatchedError, TurnoverError
-from .layers import InputMaskHook, OutputMaskHook, is_adapters_lora, masked_lora_class
+from .layers import InputMaskHook, OutputMaskHook, add_channels, fold_channels, is_adapters_lora, masked_lora_class
 from .targets import covered_parameters, inner_model, resolve_sites, units_of
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,9 @@ def patch_model(
     handles = []
     for site in sites:
         module = modules[site.name]
-        if site.side == "output":
+        if site.channels > 1:
+            add_channels(module, site, state)
+        elif site.side == "output":
             handles.append(module.register_forward_hook(OutputMaskHook(site, state)))
         elif site.side == "input":
             handles.append(module.register_forward_pre_hook(InputMaskHook(site, state)))
@@ -142,13 +144,18 @@ def freeze_leaking_parameters(model: nn.Module) -> list[str]:
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Remove turn-over dropout from a patched model (in place; returns it)."""
+    """Remove turn-over dropout from a patched model (in place; returns it).
+
+    Mask channels are folded into their module (its weights become the mean of the copies), so the unpatched
+    model computes the patched model's full network."""
     state = state_of(model)
     target = _unwrap(model)
     for handle in state.handles:
         handle.remove()
     for module in target.modules():
         original = module.__dict__.pop("turnover_original_class", None)
+        if original is not None and module.turnover_site.channels > 1:
+            fold_channels(module)
         if original is not None:
             module.__class__ = original
             del module.turnover_site, module.turnover_state

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .context import instance_masks, state_of
+from .layers import CHANNEL_WEIGHT, channel_stack
 from .targets import head_linears, inner_model
 
 
@@ -154,9 +155,16 @@ def head_features(model: nn.Module, head_name: str, inputs: dict[str, torch.Tens
 
 
 def head_logits(head: nn.Linear, features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Logits of every (mask, target) pair, shape (N, T, C): ``(masks[n] * features[t]) @ W.T + b`` as one GEMM."""
-    weight = head.weight  # (C, d)
-    per_target = features[:, :, None] * weight.T[None, :, :]  # (T, d, C)
-    logits = masks @ per_target.permute(1, 0, 2).reshape(features.shape[1], -1)  # (N, T*C)
-    logits = logits.view(masks.shape[0], features.shape[0], weight.shape[0])
-    return logits + head.bias if head.bias is not None else logits
+    """Logits of every (mask, target) pair, shape (N, T, C): ``(masks[n] * features[t]) @ W.T + b`` as one GEMM.
+
+    A head with ``K`` mask channels takes masks of ``K x d`` units: ``(1/K) sum_c (m_c * f) @ W_c.T + b_c``."""
+    if hasattr(head, CHANNEL_WEIGHT):
+        weight, bias = channel_stack(head)  # (K, C, d), (K, C)
+    else:
+        weight, bias = head.weight.unsqueeze(0), None if head.bias is None else head.bias.unsqueeze(0)
+    k, classes, width = weight.shape
+    # (T, K, d, C) -> rows (channel, feature), columns (target, class)
+    per_target = features[:, None, :, None] * weight.transpose(1, 2)[None]
+    logits = masks @ per_target.permute(1, 2, 0, 3).reshape(k * width, -1) / k  # (N, T*C)
+    logits = logits.view(masks.shape[0], features.shape[0], classes)
+    return logits + bias.mean(0) if bias is not None else logits

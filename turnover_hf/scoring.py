@@ -26,6 +26,7 @@ from torch import nn
 
 from .context import instance_masks, state_of
 from .errors import ExampleIdError, TurnoverError
+from .layers import channel_logits
 from .masks import check_example_ids, mask_for, scale_of
 from .targets import inner_model, is_causal_lm
 
@@ -299,14 +300,16 @@ class TurnoverScorer:
 
     def _masks(self, example_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         site = self.state.sites[0]
-        return mask_for(example_ids, site.name, site.units, dtype=dtype, **self.state.config.mask_kwargs)
+        return mask_for(example_ids, site.name, site.channels * site.units, dtype=dtype, **self.state.config.mask_kwargs)
 
     def _closed_form_losses(self, features, masks, labels) -> torch.Tensor:
         """Per-row self-influence on the closed-form path: rows pair features[r] with masks[r]."""
         head = dict(self._inner.named_modules())[self._head]
         scale = scale_of(self.state.config.p)
-        mask_logits = head(features * masks)
-        flip_logits = head(features * (scale - masks))
+        if self.state.sites[0].channels > 1:
+            mask_logits, flip_logits = channel_logits(head, features, masks), channel_logits(head, features, scale - masks)
+        else:
+            mask_logits, flip_logits = head(features * masks), head(features * (scale - masks))
         return per_example_loss(flip_logits, labels) - per_example_loss(mask_logits, labels)
 
     def _closed_form_scores(self, inputs, labels, example_ids) -> torch.Tensor:

@@ -13,6 +13,7 @@ Names are read on the transformers model inside a PEFT ``PeftModel`` (:func:`inn
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Optional, Union
 
@@ -205,7 +206,7 @@ def resolve_sites(model: nn.Module, config: TurnoverConfig) -> list[MaskSite]:
             peft_lora = _peft_lora_of(modules, name) if spec["side"] == "rank" else None
             if peft_lora is not None:
                 _check_peft_lora(name, peft_lora[0], peft_lora[1])
-            sites.append(MaskSite(name, spec["side"], int(spec["units"])))
+            sites.append(MaskSite(name, spec["side"], int(spec["units"]), int(spec.get("channels", 1))))
         return sites
 
     if config.target_modules is None and not config.target_module_types:
@@ -250,7 +251,34 @@ def resolve_sites(model: nn.Module, config: TurnoverConfig) -> list[MaskSite]:
             f"no module matched target_modules={config.target_modules!r}, target_module_types="
             f"{config.target_module_types!r} in {type(model).__name__}. Linear modules it has (last 12): {shown}"
         )
-    return sites
+    return _with_channels(modules, sites, config.channels) if config.channels > 1 else sites
+
+
+def _with_channels(modules: dict[str, nn.Module], sites: list[MaskSite], channels: int) -> list[MaskSite]:
+    """``channels`` on every input-masked ``nn.Linear`` site; refuse when none can carry them."""
+    if any(_is_peft(module) for module in modules.values()):
+        raise NoTargetMatchedError(
+            f"channels={channels} is not supported on PEFT models (PEFT saves only its own adapter weights, not the "
+            "extra mask channels); use channels=1 there, or an ensemble of mask seeds."
+        )
+    out = []
+    for site in sites:
+        if site.side == "input" and isinstance(modules[site.name], Conv1D):
+            raise NoTargetMatchedError(
+                f"channels={channels}: {site.name!r} is a Conv1D; mask channels are implemented for nn.Linear inputs "
+                "only. Use channels=1, or exclude that module."
+            )
+        if site.side == "input" and isinstance(modules[site.name], nn.Linear):
+            site = dataclasses.replace(site, channels=channels)
+        out.append(site)
+    if all(site.channels == 1 for site in out):
+        listed = ", ".join(f"{s.name} ({s.side})" for s in sites)
+        raise NoTargetMatchedError(
+            f"channels={channels} applies to Linear modules whose inputs are masked (a one-layer classification head "
+            f"by default), but no masked site is one: {listed}. Mask a Linear's inputs with "
+            "TurnoverConfig(mask_inputs_of=[...]), or use channels=1."
+        )
+    return out
 
 
 def covered_parameters(model: nn.Module, sites: list[MaskSite]) -> set[str]:
@@ -275,7 +303,8 @@ def covered_parameters(model: nn.Module, sites: list[MaskSite]) -> set[str]:
                 add(site.name, module, ("weight", "bias"))
                 add(peft_lora[2], modules[peft_lora[2]], ("weight",))
         elif site.side == "input":
-            add(site.name, module, ("weight",))  # the bias is shared by every example: it leaks
+            # the biases are shared by every example: they leak
+            add(site.name, module, ("weight", "turnover_channel_weight"))
         elif isinstance(module, LINEAR_TYPES):
             add(site.name, module, ("weight", "bias"))
         elif isinstance(module, nn.Sequential):
