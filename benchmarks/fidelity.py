@@ -42,7 +42,8 @@ reference instead of the example's own mask; (f) K parallel masked channels in o
 model: gradient dot product, TracIn over checkpoints (in-house and Captum's ``TracInCP`` / ``TracInCPFast`` over
 Trainer-style checkpoints), an exact damped Gauss-Newton influence function (in-house, and the library's
 ``turnover_hf.InfluenceFunctionScorer`` on the patched model, exact and with CountSketch projections), Kronfluence's
-EK-FAC, and the training loss for mislabels. The adapter setting runs (a), (b), (c) and (g). Captum and Kronfluence rows appear
+EK-FAC, and the training loss for mislabels. The adapter setting runs (a), (b), (c), (f) (the library's
+``TurnoverConfig(channels=K)`` on the classifier) and (g). Captum and Kronfluence rows appear
 when the packages are installed (``pip install turnover-hf[bench]``).
 
 Run from the repository root:
@@ -74,6 +75,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+Variant = int | tuple[int, int]  # adapter setting: a reduction factor, or (reduction factor, classifier channels)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -1172,6 +1175,7 @@ class AdapterSettings(CommonSettings):
     reduction_factor: int = 8  # 384 / 8 = 48 bottleneck units, the demo's adapter
     wide_reduction_factors: tuple[int, ...] = (1,)  # 384 bottleneck units
     ensembles: tuple[int, ...] = (4, 16, 32, 64)
+    channels: tuple[int, ...] = (16, 64)  # mask channels of the classifier (TurnoverConfig(channels=K))
     epochs: int = 5
     batch_size: int = 32
     lr: float = 3e-3
@@ -1188,6 +1192,7 @@ QUICK_ADAPTERS = AdapterSettings(
     n_subsets=10,
     ensembles=(4,),
     wide_reduction_factors=(1,),
+    channels=(4,),
     n_loo=10,
     loo_seeds=2,
     cleansing_seeds=2,
@@ -1203,20 +1208,24 @@ class AdapterData:
     flipped: np.ndarray
     targets: TopInputs
     test: TopInputs
-    build_model: Callable[[int], nn.Module]  # reduction factor -> patched full model (adapter in the top layer)
+    # (reduction factor, classifier mask channels) -> patched full model (adapter in the top layer)
+    build_model: Callable[[int, int], nn.Module]
     train_batches: list[dict[str, torch.Tensor]] = field(default_factory=list)  # tokenized, for library timing
     target_batch: dict[str, torch.Tensor] | None = None  # tokenized first targets, for the exactness check
-    _models: dict[int, tuple[nn.Module, TopModel]] = field(default_factory=dict)
+    _models: dict[tuple[int, int], tuple[nn.Module, TopModel]] = field(default_factory=dict)
 
-    def model_and_top(self, reduction_factor: int) -> tuple[nn.Module, TopModel]:
-        if reduction_factor not in self._models:
-            model = self.build_model(reduction_factor)
-            self._models[reduction_factor] = (model, TopModel(model))
-        return self._models[reduction_factor]
+    def model_and_top(self, variant: Variant) -> tuple[nn.Module, TopModel]:
+        """The model of a variant: a reduction factor, or (reduction factor, classifier mask channels)."""
+        key = variant if isinstance(variant, tuple) else (variant, 1)
+        if key not in self._models:
+            model = self.build_model(*key)
+            self._models[key] = (model, TopModel(model))
+        return self._models[key]
 
 
-def build_adapter_model(reduction_factor: int, seed: int = 0) -> nn.Module:
-    """all-MiniLM-L6-v2 with a fresh 2-way head and a bottleneck adapter in its top layer, patched (demo recipe)."""
+def build_adapter_model(reduction_factor: int, channels: int = 1, seed: int = 0) -> nn.Module:
+    """all-MiniLM-L6-v2 with a fresh 2-way head and a bottleneck adapter in its top layer, patched (demo recipe;
+    ``channels`` > 1: that many mask channels on the classifier)."""
     import adapters
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -1233,7 +1242,7 @@ def build_adapter_model(reduction_factor: int, seed: int = 0) -> nn.Module:
         config=adapters.SeqBnConfig(reduction_factor=reduction_factor, leave_out=list(range(layers - 1))),
     )
     model.train_adapter(ADAPTER_NAME)
-    return th.patch_model(model, th.TurnoverConfig(seed=0), freeze_leaking=True).eval()
+    return th.patch_model(model, th.TurnoverConfig(seed=0, channels=channels), freeze_leaking=True).eval()
 
 
 def _top_cache(model: nn.Module, rows: list[tuple[int, str, int]], tokenizer: Any, max_length: int, batch_size: int = 64) -> TopInputs:
@@ -1321,7 +1330,7 @@ def load_adapter_data(settings: AdapterSettings, full_cache: bool, cache_dir: Pa
         train, noisy, flipped, split("validation"), split("test"), build_adapter_model, train_batches,
         tokenized("validation", range(min(3, len(data["validation"])))),
     )
-    out._models[settings.reduction_factor] = (model, TopModel(model))
+    out._models[(settings.reduction_factor, 1)] = (model, TopModel(model))
     return out
 
 
@@ -1330,10 +1339,10 @@ class TopPool:
 
     def __init__(self, data: AdapterData) -> None:
         self.data = data
-        self._models: dict[tuple[int, TopRecipe, bool, int], TrainedTop] = {}
+        self._models: dict[tuple[Variant, TopRecipe, bool, int], TrainedTop] = {}
 
     def get(
-        self, reduction: int, recipe: TopRecipe, seed: int, *, noisy: bool = False, checkpoint_epochs: Sequence[int] = ()
+        self, reduction: Variant, recipe: TopRecipe, seed: int, *, noisy: bool = False, checkpoint_epochs: Sequence[int] = ()
     ) -> TrainedTop:
         key = (reduction, recipe, noisy, seed)
         if key not in self._models:
@@ -1344,13 +1353,13 @@ class TopPool:
             )
         return self._models[key]
 
-    def many(self, reduction: int, recipe: TopRecipe, seeds: Sequence[int], *, noisy: bool = False) -> list[TrainedTop]:
+    def many(self, reduction: Variant, recipe: TopRecipe, seeds: Sequence[int], *, noisy: bool = False) -> list[TrainedTop]:
         return [self.get(reduction, recipe, s, noisy=noisy) for s in seeds]
 
-    def accuracy(self, reduction: int, trained: TrainedTop) -> float:
+    def accuracy(self, reduction: Variant, trained: TrainedTop) -> float:
         return top_accuracy(self.data.model_and_top(reduction)[1], trained, self.data.test)
 
-    def accuracy_cost(self, reduction: int, recipe: TopRecipe, seeds: Sequence[int], masked_accuracy: float) -> float:
+    def accuracy_cost(self, reduction: Variant, recipe: TopRecipe, seeds: Sequence[int], masked_accuracy: float) -> float:
         dropout = replace(recipe, masking="dropout")
         plain = float(np.mean([self.accuracy(reduction, self.get(reduction, dropout, s)) for s in seeds]))
         return 100.0 * (plain - masked_accuracy)
@@ -1408,7 +1417,7 @@ def adapter_judge(data: AdapterData, settings: AdapterSettings, log: Callable[[s
     return build_judge(len(train), subsets, subset_fn, loo_fn, cleansing_fn, settings, data.flipped, log)
 
 
-def check_top_exact(data: AdapterData, reduction: int, trained: TrainedTop, n_ids: int = 4) -> float:
+def check_top_exact(data: AdapterData, reduction: Variant, trained: TrainedTop, n_ids: int = 4) -> float:
     """Largest gap between the cached top's scores and ``turnover_hf.TurnoverScorer`` (batched) on the full model."""
     if data.target_batch is None:
         return float("nan")
@@ -1535,6 +1544,28 @@ def run_adapter_fidelity(
         row.accuracy, row.train_seconds = pool.accuracy(wide_rf, wide_a), wide_a.seconds
         row.accuracy_cost = pool.accuracy_cost(wide_rf, base, [0], row.accuracy)
         rows.append(mislabels(row, self_w).finish())
+
+    # (f) mask channels on the classifier (the library's TurnoverConfig(channels=K)), adapter masks as in (a).
+    for k in settings.channels:
+        variant = (rf, k)
+        channel_top = data.model_and_top(variant)[1]
+        log(f"(f) classifier with {k} mask channels ...")
+        ch_a, ch_b = pool.get(variant, base, 0), pool.get(variant, base, 1)
+        ch_noisy = pool.get(variant, base, 0, noisy=True)
+        row = fidelity(
+            Row(f"(f) turn-over, {k} mask channels on the classifier, adapter {units} units"),
+            top_turnover_scores(channel_top, ch_a, train.example_ids, targets),
+            top_turnover_scores(channel_top, ch_b, train.example_ids, targets),
+        )
+        self_c, row.self_seconds = timed(top_self_scores, channel_top, ch_noisy, noisy_train)
+        _, row.target_seconds = timed(top_turnover_scores, channel_top, ch_a, train.example_ids, one_target)
+        row.accuracy, row.train_seconds = pool.accuracy(variant, ch_a), ch_a.seconds
+        row.accuracy_cost = pool.accuracy_cost(variant, base, [0], row.accuracy)
+        gap = check_top_exact(data, variant, ch_a)
+        if gap > 1e-4:
+            raise RuntimeError(f"cached top-layer scores with channels disagree with TurnoverScorer by {gap:.3g}.")
+        row.extra["cached_top_gap_vs_turnover_scorer"] = gap
+        rows.append(mislabels(row, self_c).finish())
 
     # (g) peers on the same adapter and head as (a).
     def factors(model: TrainedTop, checkpoint: Any, part: TopInputs, masked: bool) -> MarginFactors:
@@ -1802,7 +1833,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--subsets", type=int, help="number of ground-truth subsets (default 50)")
     parser.add_argument("--epochs", type=int, help="training epochs of every model")
     parser.add_argument("--ensembles", type=int, nargs="+", help="seed-ensemble sizes")
-    parser.add_argument("--channels", type=int, nargs="+", help="masked-channel counts (head setting)")
+    parser.add_argument(
+        "--channels", type=int, nargs="+",
+        help="masked-channel counts (head setting: hidden-layer channels; adapters: classifier channels)",
+    )
     parser.add_argument("--loo", type=int, help="examples left out one at a time (default 40)")
     parser.add_argument("--cleansing-seeds", type=int, help="retrain seeds of the cleansing test (default 5)")
     parser.add_argument(
@@ -1830,7 +1864,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ("n_subsets", args.subsets),
             ("epochs", args.epochs),
             ("ensembles", tuple(args.ensembles) if args.ensembles else None),
-            ("channels", tuple(args.channels) if args.channels and head else None),
+            ("channels", tuple(args.channels) if args.channels else None),
             ("n_loo", args.loo),
             ("cleansing_seeds", args.cleansing_seeds),
         )

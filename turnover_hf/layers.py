@@ -135,13 +135,17 @@ def channel_stack(module: nn.Linear) -> tuple[torch.Tensor, Optional[torch.Tenso
 
 
 def channel_logits(module: nn.Linear, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """``(1/K) sum_c W_c (m_c * x) + b_c`` for ``x`` ``(B, ..., in)`` and masks ``(B or 1, K * in)``, one GEMM."""
+    """``(1/K) sum_c W_c (m_c * x) + b_c`` for ``x`` ``(B or 1, ..., in)`` and masks ``(B, K * in)``.
+
+    Each row's masks fold into one effective weight ``(1/K) sum_c m_c * W_c`` (``(B, out, in)``), so positions and
+    targets that share a row (a sequence, or targets on the position axis) cost one product, never ``K`` copies
+    of the input."""
     weight, bias = channel_stack(module)
     k, out_features, in_features = weight.shape
-    masked = x.unsqueeze(-2) * masks.view(masks.shape[0], *([1] * (x.dim() - 2)), k, in_features)
-    # sum over (channel, input) pairs at once: (..., K*in) @ (K*in, out)
-    stacked = weight.transpose(1, 2).reshape(k * in_features, out_features)
-    y = masked.flatten(-2) @ stacked / k
+    rows = masks.shape[0]
+    effective = torch.einsum("bki,koi->boi", masks.view(rows, k, in_features), weight) / k
+    flat = x.reshape(x.shape[0], -1, in_features)  # (B or 1, positions, in)
+    y = torch.matmul(flat, effective.transpose(1, 2)).reshape(rows, *x.shape[1:-1], out_features)
     return y if bias is None else y + bias.mean(0)
 
 

@@ -210,8 +210,8 @@ def init_trainable(top: TopModel, seed: int) -> None:
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, param in sorted(top.trainable().items()):
-            if param.dim() > 1:
+        for name, param in sorted(top.trainable().items()):
+            if param.dim() > 1 and not name.endswith("bias"):  # mask-channel biases are (K-1, out): vectors too
                 param.copy_(torch.randn(param.shape, generator=generator) * top.initializer_range)
             else:
                 param.zero_()
