@@ -145,7 +145,7 @@ def test_kept_curvature_rows_give_the_scores_of_rows_built_per_block(monkeypatch
     for budget in (influence_function.ROWS_CACHE_BYTES, 0):  # rows kept once / rebuilt block by block
         monkeypatch.setattr(influence_function, "ROWS_CACHE_BYTES", budget)
         monkeypatch.setattr(influence_function, "BLOCK_BYTES", 8 * 24 * 100)  # several column blocks
-        scorer = InfluenceFunctionScorer(model, train, solver="woodbury", show_progress=False)
+        scorer = InfluenceFunctionScorer(model, train, solver="woodbury", factorised=False, show_progress=False)
         results[budget] = (scorer.scores(inputs, batch["labels"], torch.arange(12)),
                            scorer.self_scores(inputs, batch["labels"], torch.arange(4)))
         assert (scorer.factors._kept_rows is not None) == (budget > 0)
@@ -267,7 +267,7 @@ def test_count_sketch_is_deterministic_and_close_to_exact_when_wide():
     tx, ty = torch.randn(5, 12, generator=g), torch.randint(0, 3, (5,), generator=g)
     batches = [{"features": x, "labels": y, "example_ids": torch.arange(30)}]
     ids = torch.arange(30)
-    exact = InfluenceFunctionScorer(model, batches, show_progress=False)
+    exact = InfluenceFunctionScorer(model, batches, factorised=False, show_progress=False)  # float32 gradients, as sketched
     first, second = CountSketch(exact.specs, 512, seed=4), CountSketch(exact.specs, 512, seed=4)
     assert torch.equal(first.buckets, second.buckets) and torch.equal(first.signs, second.signs)
     assert not torch.equal(first.buckets, CountSketch(exact.specs, 512, seed=5).buckets)

@@ -53,12 +53,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -78,7 +80,7 @@ from .store import fingerprint
 from .targets import is_causal_lm
 
 FORMAT = "turnover-hf/influence-function"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds "method" (and the factorised layout); version-1 folders (materialised) still load
 META_NAME = "influence.json"
 FACTORS_NAME = "influence_factors.safetensors"
 INFLUENCE_DIR = "influence"  # beside a saved model: where InfluencePipeline looks for fitted factors
@@ -88,6 +90,9 @@ BLOCK_BYTES = 128 * 2**20  # float64 working blocks of the solve (bounded tempor
 # they are kept when at most this large (rebuilding costs more than the products with them).
 ROWS_CACHE_BYTES = 2**30
 _SIGN_SALT = 0x5BD1E995
+METHODS = ("factorised", "materialised")
+
+logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 TrainData = Union[Dataset, Iterable[Mapping[str, Any]]]
@@ -157,7 +162,8 @@ def _label_coefficients(probs: torch.Tensor, classes: torch.Tensor, labels: torc
 
 @dataclass
 class _Factors:
-    """What a fit produces: the training examples' kept-class gradients and the factor of the damped system."""
+    """What a materialised fit produces: the training examples' kept-class gradients and the factor of the damped
+    system."""
 
     example_ids: torch.Tensor  # (N,) int64
     labels: torch.Tensor  # (N,) int64
@@ -168,6 +174,7 @@ class _Factors:
     solver: str
     damping: float
     trace: float
+    method = "materialised"
 
     def __post_init__(self) -> None:
         self._order = torch.argsort(self.example_ids)
@@ -257,6 +264,158 @@ def _precondition(factors: _Factors, target_grads: torch.Tensor) -> torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The factorised fit: tracked nn.Linear layers that see one row per example
+# ---------------------------------------------------------------------------------------------------------------
+class _NotFactorisable(Exception):
+    """A batch in which a tracked Linear does not see one row per example (the reason is the message)."""
+
+
+@dataclass
+class _Layer:
+    """A tracked ``nn.Linear``: its module name and which of its parameters are tracked."""
+
+    name: str
+    weight: bool = False
+    bias: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "weight": self.weight, "bias": self.bias}
+
+
+def _linear_layers(model: nn.Module, specs: Sequence[ParamSpec]) -> tuple[list[_Layer], Optional[str]]:
+    """The tracked Linear layers, or ``[]`` and the reason (naming a parameter) the factorised path does not apply."""
+    modules = dict(model.named_modules())
+    named = dict(model.named_parameters())
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                holders[id(p)] = holders.get(id(p), 0) + 1
+    layers: dict[str, _Layer] = {}
+    for spec in specs:
+        owner, _, leaf = spec.name.rpartition(".")
+        module = modules.get(owner)
+        if type(module) is not nn.Linear or leaf not in ("weight", "bias"):
+            return [], (f"{spec.name!r} is not the weight or bias of a torch.nn.Linear (its module is "
+                        f"{type(module).__name__})")
+        if holders.get(id(named[spec.name]), 0) != 1:
+            return [], f"{spec.name!r} is shared by several modules"
+        setattr(layers.setdefault(owner, _Layer(owner)), leaf, True)
+    return list(layers.values()), None
+
+
+def _one_row_each(tensor: Any, n: int) -> Optional[torch.Tensor]:
+    """``(n, features)`` from ``(n, features)`` or ``(n, 1, features)``; None for anything else."""
+    if not isinstance(tensor, torch.Tensor):
+        return None
+    if tensor.dim() == 2 and tensor.shape[0] == n:
+        return tensor
+    if tensor.dim() == 3 and tensor.shape[0] == n and tensor.shape[1] == 1:
+        return tensor[:, 0]
+    return None
+
+
+def _factor_kernel(a_deltas: Sequence[torch.Tensor], a_inputs: Sequence[torch.Tensor], b_deltas: Sequence[torch.Tensor],
+                   b_inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Inner products of factorised gradients, float64 ``(na, ca, nb, cb)``.
+
+    Side ``a`` holds, per layer, output gradients ``(na, ca, out)`` and inputs ``(na, in')``: its gradient ``(i, j)``
+    is ``sum_l delta_{l,i,j} a_{l,i}^T``, so ``<g_a, g_b> = sum_l (delta_a . delta_b) (a_a . a_b)``; rows of ``a``
+    are taken in blocks whose float64 temporaries fit :data:`BLOCK_BYTES`.
+    """
+    na, ca = a_deltas[0].shape[:2]
+    nb, cb = b_deltas[0].shape[:2]
+    out = torch.zeros(na, ca, nb, cb, dtype=torch.float64)
+    b = [(d.double().reshape(nb * cb, -1), x.double()) for d, x in zip(b_deltas, b_inputs)]
+    step = max(1, BLOCK_BYTES // (8 * 2 * ca * nb * cb))
+    for start in range(0, na, step):
+        rows = slice(start, start + step)
+        for delta, x, (other_delta, other_x) in zip(a_deltas, a_inputs, b):
+            d = delta[rows].double()
+            products = (d.reshape(-1, d.shape[2]) @ other_delta.T).view(d.shape[0], ca, nb, cb)
+            out[rows] += products * (x[rows].double() @ other_x.T)[:, None, :, None]
+    return out
+
+
+@dataclass
+class _FactorisedFit:
+    """A fit on tracked Linear layers kept as factors: per layer, the output gradients of the ``C - 1`` kept classes
+    ``(N, C-1, out)`` and the inputs ``(N, in')`` (a column of ones when the bias is tracked), float32; and the
+    Cholesky factor of ``S = lambda I + U U^T``, float64 ``(m, m)``, ``m = N (C - 1)``."""
+
+    example_ids: torch.Tensor  # (N,) int64
+    labels: torch.Tensor  # (N,) int64
+    probabilities: torch.Tensor  # (N, C) float64
+    classes: torch.Tensor  # (N, C-1) int64
+    layers: list[_Layer]
+    deltas: list[torch.Tensor]  # per layer (N, C-1, out) float32: d CE(pseudo-label) / d raw layer output
+    inputs: list[torch.Tensor]  # per layer (N, in') float32: the layer input as the layer saw it
+    factor: torch.Tensor  # lower Cholesky factor of S, float64 (m, m)
+    damping: float
+    trace: float
+    solver: str = "woodbury"
+    method: str = "factorised"
+
+    def __post_init__(self) -> None:
+        self._order = torch.argsort(self.example_ids)
+        self._sorted = self.example_ids[self._order]
+        self.roots = torch.linalg.cholesky(_curvature_blocks(self.probabilities, self.classes))  # R R^T = A
+        self.coefficients = _label_coefficients(self.probabilities, self.classes, self.labels)
+        self._train_side: Optional[torch.Tensor] = None  # S^-1 U g_z of every training example, (m, N)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.example_ids)
+
+    def rows_of(self, example_ids: torch.Tensor) -> torch.Tensor:
+        return _rows_of(self._sorted, self._order, example_ids)
+
+    def class_kernel(self) -> torch.Tensor:
+        """``<g'_{z,j}, g'_{z',k}>`` of every pair of kept-class gradients, float64 ``(N, C-1, N, C-1)``."""
+        return _factor_kernel(self.deltas, self.inputs, self.deltas, self.inputs)
+
+    def curvature_products(self, kernel: torch.Tensor) -> torch.Tensor:
+        """``U x`` for the gradients ``x`` whose kernel with the kept-class gradients is ``kernel`` ``(N, C-1, T)``:
+        rows ``R_z^T G'_z / sqrt(N)``, float64 ``(m, T)``."""
+        return torch.einsum("njk,njt->nkt", self.roots, kernel).reshape(-1, kernel.shape[2]) / math.sqrt(self.num_examples)
+
+    def system(self, kernel: torch.Tensor) -> torch.Tensor:
+        """``U U^T`` from the class kernel, float64 ``(m, m)``."""
+        n, c = self.classes.shape
+        gram = torch.einsum("njk,njmi,mil->nkml", self.roots, kernel, self.roots) / n
+        return gram.reshape(n * c, n * c)
+
+    def train_side(self, kernel: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``S^-1 U g_z`` of every training example, float64 ``(m, N)``; built once (from ``kernel`` if given)."""
+        if self._train_side is None:
+            kernel = self.class_kernel() if kernel is None else kernel
+            own = torch.einsum("njmi,mi->njm", kernel, self.coefficients)  # <g'_{z,j}, g_{z'}>
+            self._train_side = torch.cholesky_solve(self.curvature_products(own), self.factor)
+        return self._train_side
+
+    def influence(self, cross: torch.Tensor, projected: torch.Tensor, rows: torch.Tensor,
+                  paired: bool = False) -> torch.Tensor:
+        """Scores of training ``rows`` from ``cross = <g'_{z,j}, g_t>`` ``(N, C-1, T)`` and ``projected = U g_t``:
+        ``(g_z . g_t - (U g_z)^T S^-1 (U g_t)) / (lambda N)``, float64 ``(n, T)`` (``(n,)`` row-aligned if paired)."""
+        side = self.train_side()[:, rows]  # (m, n)
+        if paired:
+            targets = torch.arange(len(rows))
+            direct = torch.einsum("nj,nj->n", self.coefficients[rows], cross[rows, :, targets])
+            correction = (side * projected).sum(0)
+        else:
+            direct = torch.einsum("nj,njt->nt", self.coefficients[rows], cross[rows])
+            correction = side.T @ projected
+        return (direct - correction) / (self.damping * self.num_examples)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"example_ids": self.example_ids, "labels": self.labels, "probabilities": self.probabilities,
+               "classes": self.classes, "factor": self.factor}
+        for i, (delta, x) in enumerate(zip(self.deltas, self.inputs)):
+            out[f"deltas.{i}"], out[f"inputs.{i}"] = delta, x
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The scorer
 # ---------------------------------------------------------------------------------------------------------------
 def _check_classifier_logits(logits: torch.Tensor) -> None:
@@ -285,10 +444,12 @@ class InfluenceFunctionScorer:
     """Damped Gauss-Newton influence of (training id, target) pairs, with ``TurnoverScorer``'s interface.
 
     ``scores[i, j] = g_j^T (G + lambda I)^-1 g_i / N`` (see the module docstring): positive = training example ``i``
-    lowers target ``j``'s loss. The fit (one pass over the training set: ``N (C - 1)`` per-example gradients, then
-    one factorisation) runs once, on the first call or in :meth:`fit`, with a progress bar; it belongs to the
-    weights the model has then. :meth:`save` / :meth:`load` keep it (safetensors + JSON; loading refuses other
-    weights).
+    lowers target ``j``'s loss. The fit (one pass over the training set, then one factorisation) runs once, on the
+    first call or in :meth:`fit`, with a progress bar; it belongs to the weights the model has then. When every
+    tracked parameter belongs to a ``torch.nn.Linear`` that sees one row per example (a head on pooled features),
+    the fit is factorised (``method == "factorised"``: layer inputs and output gradients, ``N x N`` kernels, the
+    same scores); otherwise it keeps ``N (C - 1)`` per-example gradients (``"materialised"``). :meth:`save` /
+    :meth:`load` keep it (safetensors + JSON; loading refuses other weights).
 
     Args:
         model: a trained classifier (patched with turn-over dropout or not).
@@ -302,7 +463,12 @@ class InfluenceFunctionScorer:
         max_memory_gb: largest fit kept without a projection; beyond it the scorer asks for ``projection_dim``.
             Scoring also keeps the float64 curvature rows when they take at most :data:`ROWS_CACHE_BYTES` (1 GiB),
             which halves the time of every target set after the first (``benchmarks/influence_scoring.py``).
-        solver: ``"auto"`` (the smaller space), ``"woodbury"`` (``N (C-1)``-space) or ``"direct"`` (parameters).
+        solver: ``"auto"`` (the smaller space), ``"woodbury"`` (``N (C-1)``-space) or ``"direct"`` (parameters;
+            materialised only).
+        factorised: ``None`` (automatic: factorised when the model allows it, no projection, ``solver`` is not
+            ``"direct"``, and, for ``solver="auto"`` with a known N, ``N (C - 1) <= D`` and its size fits
+            ``max_memory_gb``), ``True`` (required: an ineligible model raises) or ``False`` (per-example
+            gradients).
         batch_size: examples per gradient batch.
         id_column: the dataset's id column (default: the turn-over config's, else ``"example_id"``).
         show_progress: a tqdm bar while fitting.
@@ -327,6 +493,7 @@ class InfluenceFunctionScorer:
         projection_seed: int = 0,
         max_memory_gb: float = 4.0,
         solver: str = "auto",
+        factorised: Optional[bool] = None,
         batch_size: int = 64,
         id_column: Optional[str] = None,
         show_progress: bool = True,
@@ -341,6 +508,8 @@ class InfluenceFunctionScorer:
             raise TurnoverError(f"solver must be one of {SOLVERS}, got {solver!r}.")
         if not float(damping_factor) > 0:
             raise TurnoverError(f"damping_factor must be positive (0.1 is the default), got {damping_factor!r}.")
+        if factorised not in (None, True, False):
+            raise TurnoverError(f"factorised must be None (automatic), True or False, got {factorised!r}.")
         self.model = model
         self.specs = _specs_for(model, parameters)
         self.num_parameters = self.specs[-1].offset + self.specs[-1].numel
@@ -353,12 +522,24 @@ class InfluenceFunctionScorer:
         self.projection_seed = int(projection_seed)
         self.max_memory_gb = float(max_memory_gb)
         self.solver = solver
+        self.factorised = factorised
+        self._layers, self._ineligible = _linear_layers(model, self.specs)
+        if factorised:
+            reason = self._ineligible or ("it sketches gradients (projection_dim)" if self.sketch is not None else None)
+            reason = reason or ("solver='direct' works in parameter space" if solver == "direct" else None)
+            if reason:
+                raise TurnoverError(
+                    "factorised=True needs every tracked parameter to be the weight or bias of a torch.nn.Linear "
+                    f"that sees one row per example, no projection and solver 'auto' or 'woodbury'; here {reason}. "
+                    "Pass factorised=None (automatic) or False (per-example gradients)."
+                )
         self.batch_size = max(1, int(batch_size))
         self.train_data = train_data
         self.data_collator = data_collator
         self.show_progress = show_progress
-        self.factors: Optional[_Factors] = None
-        self._preconditioned: Optional[tuple[str, torch.Tensor]] = None  # the last target set's (G + lambda I)^-1 g_t
+        self.factors: Optional[Union[_Factors, _FactorisedFit]] = None
+        # the last target set's (G + lambda I)^-1 g_t (materialised) or its kernels with the training factors
+        self._preconditioned: Optional[tuple[str, Any]] = None
 
     # -- fitting ----------------------------------------------------------------------------------------------
     @property
@@ -369,6 +550,12 @@ class InfluenceFunctionScorer:
     def width(self) -> int:
         """Coordinates of every stored gradient: ``D``, or the sketch's dimension."""
         return self.sketch.dim if self.sketch is not None else self.num_parameters
+
+    @property
+    def method(self) -> Optional[str]:
+        """How the fit is kept: ``"factorised"`` (layer inputs and output gradients) or ``"materialised"``
+        (per-example gradients); None before fitting."""
+        return None if self.factors is None else self.factors.method
 
     def _batches(self, data: TrainData) -> tuple[Iterable[Mapping[str, Any]], Optional[int], Optional[int]]:
         """Collated training batches, the number of examples (if known) and the number of batches (if known)."""
@@ -399,8 +586,30 @@ class InfluenceFunctionScorer:
                 "parameters=[...], or raise max_memory_gb."
             )
 
+    @staticmethod
+    def _factorised_gb(examples: int, kept_classes: int, per_example: int) -> float:
+        """Memory of a factorised fit: float32 factors, the float64 class kernel, ``S`` and its factor, ``S^-1 U G``."""
+        rows = examples * kept_classes
+        return (examples * per_example * 4 + (3 * rows * rows + rows * examples) * 8) / 2**30
+
+    def _check_factorised_budget(self, examples: int, kept_classes: int, per_example: int) -> None:
+        needed = self._factorised_gb(examples, kept_classes, per_example)
+        if needed > self.max_memory_gb:
+            rows = examples * kept_classes
+            raise TurnoverError(
+                f"fitting the influence function (factorised) needs about {needed:.1f} GB ({examples} examples x "
+                f"{per_example} layer inputs and output gradients as float32, plus {rows} x {rows} float64 kernels), "
+                f"above max_memory_gb={self.max_memory_gb:g}. Pass factorised=False (per-example gradients, solved "
+                "in parameter space when that is smaller), projection_dim=4096 (a CountSketch: an approximation), or "
+                "raise max_memory_gb."
+            )
+
     def fit(self, train_data: Optional[TrainData] = None) -> "InfluenceFunctionScorer":
-        """One pass over the training set (per-example gradients under the training masks), then the factor.
+        """One pass over the training set (gradients under the training masks), then the factor.
+
+        Factorised when the model allows it (see the class docstring); a batch that breaks the factorisation
+        (a tracked Linear that sees several rows per example, or runs twice) sends an automatic fit back to
+        per-example gradients (re-reading the data) or, with ``factorised=True`` or one-pass data, raises.
 
         Example:
             >>> scorer = InfluenceFunctionScorer(model, projection_dim=4096).fit(train_batches)
@@ -411,9 +620,30 @@ class InfluenceFunctionScorer:
                 "the influence function is fitted on the training set: pass train_data=... (a datasets.Dataset with "
                 f"model inputs, labels and the {self.id_column!r} column, or collated batches with example_ids)."
             )
+        factors: Optional[Union[_Factors, _FactorisedFit]] = None
+        if self._factorisable():
+            try:
+                factors = self._fit_factorised(data)
+            except _NotFactorisable as err:
+                if self.factorised or not isinstance(data, (Dataset, Sequence)):
+                    raise TurnoverError(
+                        f"the factorised influence fit does not apply to this model: {err}. Fit with "
+                        "factorised=False (per-example gradients)."
+                    ) from None
+                logger.info("influence function: %s; fitting with per-example gradients instead.", err)
+        if factors is None:
+            factors = self._fit_materialised(data)
+        self.factors = factors
+        self._preconditioned = None
+        return self
+
+    def _factorisable(self) -> bool:
+        return (self.factorised is not False and self._ineligible is None and self.sketch is None
+                and self.solver != "direct")
+
+    def _training_batches(self, data: TrainData) -> Iterator[tuple[Mapping[str, Any], torch.Tensor, torch.Tensor, Optional[int]]]:
+        """``(batch, example ids, labels, N if known)`` of every training batch, with a progress bar."""
         batches, expected, total = self._batches(data)
-        ids, labels, probs, classes, grads = [], [], [], [], []
-        trace, seen = 0.0, 0
         for batch in tqdm(batches, total=total, desc="influence function: training gradients", unit="batch",
                           disable=not self.show_progress):
             if batch.get(BATCH_KEY) is None:
@@ -421,8 +651,13 @@ class InfluenceFunctionScorer:
                     "a training batch has no example_ids: fit on a dataset with its id column "
                     "(turnover_hf.add_example_ids) or on batches collated by turnover_hf.InstanceIdCollator."
                 )
-            batch_ids = torch.as_tensor(batch[BATCH_KEY]).to(torch.int64).cpu()
-            batch_labels = _class_labels(batch)
+            yield batch, torch.as_tensor(batch[BATCH_KEY]).to(torch.int64).cpu(), _class_labels(batch), expected
+
+    def _fit_materialised(self, data: TrainData) -> _Factors:
+        """Per-example gradients of every kept class (``N (C - 1) x D'``), then the factor."""
+        ids, labels, probs, classes, grads = [], [], [], [], []
+        trace, seen = 0.0, 0
+        for batch, batch_ids, batch_labels, expected in self._training_batches(data):
             inputs = model_inputs(batch, self.device)
             with torch.no_grad(), _eval_mode(self.model), self._training_masks(batch_ids):
                 logits = _logits(self.model(**inputs))
@@ -460,17 +695,161 @@ class InfluenceFunctionScorer:
         solver = self.solver if self.solver != "auto" else ("woodbury" if rows <= self.width else "direct")
         factors = _Factors(example_ids, torch.cat(labels), torch.cat(probs), torch.cat(classes), torch.cat(grads),
                            torch.empty(0), solver, self.damping_factor * trace / self.num_parameters, trace)
-        if not factors.damping > 0:
+        self._check_damping(factors.damping)
+        factors.factor = _solve_system(factors)
+        return factors
+
+    @staticmethod
+    def _check_damping(damping: float) -> None:
+        if not damping > 0:
             raise TurnoverError(
                 "the Gauss-Newton matrix is zero (every training gradient vanished): nothing to invert. Check that "
                 "the tracked parameters are the ones training changed."
             )
-        factors.factor = _solve_system(factors)
-        self.factors = factors
-        self._preconditioned = None
-        return self
 
-    def _fitted(self) -> _Factors:
+    def _linear_forward(self, inputs: Mapping[str, torch.Tensor], context: ContextManager
+                        ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Logits (with their graph), each tracked Linear's raw output and its input rows ``(B, in)``, from one
+        forward in eval mode under ``context``. The hooks run before any output-mask hook (``prepend``), so an
+        output mask enters the gradient through the chain rule; an input mask (a pre-hook) is in the input."""
+        modules = dict(self.model.named_modules())
+        calls: list[list[tuple[Any, torch.Tensor]]] = [[] for _ in self._layers]
+
+        def keeper(i: int) -> Callable:
+            def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> Optional[torch.Tensor]:
+                x = args[0] if args else kwargs.get("input")
+                if isinstance(output, torch.Tensor) and not output.requires_grad:
+                    output = output.detach().requires_grad_()  # nothing upstream is differentiated
+                    calls[i].append((x, output))
+                    return output
+                calls[i].append((x, output))
+                return None
+
+            return hook
+
+        handles = [modules[layer.name].register_forward_hook(keeper(i), prepend=True, with_kwargs=True)
+                   for i, layer in enumerate(self._layers)]
+        try:
+            with torch.enable_grad(), _eval_mode(self.model), context:
+                logits = _logits(self.model(**inputs))
+        finally:
+            for handle in handles:
+                handle.remove()
+        _check_classifier_logits(logits)
+        n = logits.shape[0]
+        outputs, rows = [], []
+        for layer, seen in zip(self._layers, calls):
+            if len(seen) != 1:
+                raise _NotFactorisable(f"the Linear {layer.name!r} ran {len(seen)} time(s) in one forward (not once)")
+            x, out = seen[0]
+            x_rows, out_rows = _one_row_each(x, n), _one_row_each(out, n)
+            if x_rows is None or out_rows is None:
+                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise _NotFactorisable(
+                    f"the Linear {layer.name!r} sees an input of shape {shape} for a batch of {n}: the factorised "
+                    "gradients need one row per example (batch, features)"
+                )
+            outputs.append(out)
+            rows.append(x_rows.detach())
+        return logits, outputs, rows
+
+    def _layer_inputs(self, rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each layer's ``a``: its input rows if the weight is tracked, then a column of ones if the bias is, float32."""
+        out = []
+        for layer, x in zip(self._layers, rows):
+            parts = [x.float()] if layer.weight else []
+            if layer.bias:
+                parts.append(torch.ones(len(x), 1, dtype=torch.float32, device=x.device))
+            out.append(torch.cat(parts, 1).cpu())
+        return out
+
+    def _output_gradients(self, logits: torch.Tensor, outputs: Sequence[torch.Tensor], rows: Sequence[torch.Tensor],
+                          classes: torch.Tensor, check: bool) -> list[torch.Tensor]:
+        """``d CE(logits, classes[:, k]) / d output`` of each row and layer, float32 ``(B, K, out)`` per layer.
+
+        With ``check``, the summed parameter gradient of the first class column is compared with the factorised
+        one (``sum_b delta_b a_b^T``): a weight also used outside its Linear would break the factorisation."""
+        n, k = classes.shape
+        per_layer: list[list[torch.Tensor]] = [[] for _ in outputs]
+        classes = classes.to(logits.device)
+        for j in range(k):
+            loss = F.cross_entropy(logits.float(), classes[:, j], reduction="sum")
+            grads = torch.autograd.grad(loss, list(outputs), retain_graph=True, allow_unused=True)
+            for i, (g, out) in enumerate(zip(grads, outputs)):
+                per_layer[i].append(_one_row_each(torch.zeros_like(out) if g is None else g, n).detach().float())
+        if check:
+            named = dict(self.model.named_parameters())
+            tracked = [(i, leaf, f"{layer.name}.{leaf}") for i, layer in enumerate(self._layers)
+                       for leaf in ("weight", "bias") if getattr(layer, leaf) and named[f"{layer.name}.{leaf}"].requires_grad]
+            if tracked:
+                loss = F.cross_entropy(logits.float(), classes[:, 0], reduction="sum")
+                actual = torch.autograd.grad(loss, [named[name] for _, _, name in tracked], retain_graph=True,
+                                             allow_unused=True)
+                for (i, leaf, name), g in zip(tracked, actual):
+                    delta = per_layer[i][0].double()
+                    expected = delta.T @ rows[i].double() if leaf == "weight" else delta.sum(0)
+                    g = torch.zeros_like(expected) if g is None else g.double()
+                    if not torch.allclose(expected, g, rtol=1e-3, atol=1e-5 * float(g.abs().max()) + 1e-30):
+                        raise _NotFactorisable(
+                            f"the gradient of {name!r} is not the product of its Linear's input and output gradients "
+                            "(is the parameter also used outside that module?)"
+                        )
+        return [torch.stack(parts, 1).cpu() for parts in per_layer]
+
+    def _fit_factorised(self, data: TrainData) -> Optional[_FactorisedFit]:
+        """Layer inputs and output gradients of every kept class, then the class kernel and the factor of ``S``.
+
+        Returns None when an automatic fit is better kept materialised (decided on the first batch, with N known)."""
+        ids, labels, probs, classes = [], [], [], []
+        deltas: list[list[torch.Tensor]] = [[] for _ in self._layers]
+        inputs: list[list[torch.Tensor]] = [[] for _ in self._layers]
+        trace, seen = 0.0, 0
+        for batch, batch_ids, batch_labels, expected in self._training_batches(data):
+            logits, outputs, rows = self._linear_forward(model_inputs(batch, self.device), self._training_masks(batch_ids))
+            p = torch.softmax(logits.detach().double(), -1).cpu()
+            n, c = p.shape
+            a = self._layer_inputs(rows)
+            per_example = sum(x.shape[1] for x in a) + (c - 1) * sum(out.shape[-1] for out in outputs)
+            first = seen == 0
+            if first and self.factorised is None and expected is not None:
+                smaller = self.solver != "auto" or expected * (c - 1) <= self.num_parameters
+                if not smaller or self._factorised_gb(expected, c - 1, per_example) > self.max_memory_gb:
+                    return None
+            if first:
+                self._check_factorised_budget(expected or n, c - 1, per_example)
+            seen += n
+            self._check_factorised_budget(seen, c - 1, per_example)
+            everything = torch.arange(c).expand(n, c)
+            kept = everything[everything != p.argmax(1, keepdim=True)].view(n, c - 1)  # all but the predicted class
+            d = self._output_gradients(logits, outputs, rows, kept, check=first)
+            del logits, outputs
+            gram = sum(torch.einsum("njo,nko->njk", dl.double(), dl.double()) * (xl.double() ** 2).sum(1)[:, None, None]
+                       for dl, xl in zip(d, a))
+            trace += float((_curvature_blocks(p, kept) * gram).sum())
+            ids.append(batch_ids)
+            labels.append(batch_labels.cpu())
+            probs.append(p)
+            classes.append(kept)
+            for i in range(len(self._layers)):
+                deltas[i].append(d[i])
+                inputs[i].append(a[i])
+        if not ids:
+            raise TurnoverError("the training data is empty: nothing to fit the influence function on.")
+        example_ids = check_ids_known(torch.cat(ids), None)
+        trace /= len(example_ids)
+        damping = self.damping_factor * trace / self.num_parameters
+        self._check_damping(damping)
+        fit = _FactorisedFit(example_ids, torch.cat(labels), torch.cat(probs), torch.cat(classes), list(self._layers),
+                             [torch.cat(x) for x in deltas], [torch.cat(x) for x in inputs], torch.empty(0), damping, trace)
+        kernel = fit.class_kernel()
+        system = fit.system(kernel)
+        system.diagonal().add_(damping)
+        fit.factor = torch.linalg.cholesky(system)
+        del system
+        fit.train_side(kernel)
+        return fit
+
+    def _fitted(self) -> Union[_Factors, _FactorisedFit]:
         if self.factors is None:
             self.fit()
         return self.factors
@@ -483,15 +862,45 @@ class InfluenceFunctionScorer:
 
     def target_grads(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """Gradient of each target's loss (eval mode, full network), sketched if projecting, float32 ``(T, D')``."""
-        labels = torch.as_tensor(labels)
-        if labels.dim() != 1 or labels.is_floating_point():
-            raise TurnoverError(f"targets need one integer class label each, got labels of shape {tuple(labels.shape)}.")
+        labels = _target_labels(labels)
         g = _target_gradients(self.grads, targets, labels, self.batch_size)
         return (self.sketch(g) if self.sketch is not None else g).cpu()
 
+    def _target_factors(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor
+                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per layer, the targets' output gradients ``(T, 1, out)`` and inputs ``(T, in')`` (eval, full network)."""
+        labels = _target_labels(labels)
+        inputs = model_inputs(targets, self.device)
+        deltas: list[list[torch.Tensor]] = [[] for _ in self._layers]
+        rows: list[list[torch.Tensor]] = [[] for _ in self._layers]
+        for start in range(0, len(labels), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            try:
+                logits, outputs, x = self._linear_forward({k: v[part] for k, v in inputs.items()}, contextlib.nullcontext())
+            except _NotFactorisable as err:
+                raise TurnoverError(
+                    f"these targets cannot be scored with the factorised fit: {err}. Fit with factorised=False."
+                ) from None
+            d = self._output_gradients(logits, outputs, x, labels[part, None], check=False)
+            for i, (dl, al) in enumerate(zip(d, self._layer_inputs(x))):
+                deltas[i].append(dl)
+                rows[i].append(al)
+        return [torch.cat(x) for x in deltas], [torch.cat(x) for x in rows]
+
+    def _cross(self, factors: _FactorisedFit, targets: Mapping[str, torch.Tensor], labels: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``<g'_{z,j}, g_t>`` ``(N, C-1, T)`` and ``U g_t`` ``(m, T)`` of the targets, float64."""
+        target_deltas, target_inputs = self._target_factors(targets, labels)
+        cross = _factor_kernel(factors.deltas, factors.inputs, target_deltas, target_inputs)[:, :, :, 0]
+        return cross, factors.curvature_products(cross)
+
     def preconditioned(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """``(G + lambda I)^-1 g_t`` of every target, float64 ``(D', T)``; the last target set's is kept."""
+        """``(G + lambda I)^-1 g_t`` of every target, float64 ``(D', T)``; the last target set's is kept
+        (materialised fits only)."""
         factors = self._fitted()
+        if factors.method == "factorised":
+            raise TurnoverError("a factorised fit never forms parameter-space vectors; use scores(...), or fit with "
+                                "factorised=False for preconditioned(...).")
         key = fingerprint({k: v for k, v in targets.items() if isinstance(v, torch.Tensor)}, torch.as_tensor(labels))
         if self._preconditioned is None or self._preconditioned[0] != key:
             self._preconditioned = (key, _precondition(factors, self.target_grads(targets, labels)))
@@ -505,6 +914,12 @@ class InfluenceFunctionScorer:
         """Influence of each id on each target, float32 ``(n_ids, n_targets)`` on the CPU (positive = helped)."""
         rows = self._rows(example_ids)
         factors = self._fitted()
+        if factors.method == "factorised":
+            key = fingerprint({k: v for k, v in targets.items() if isinstance(v, torch.Tensor)}, torch.as_tensor(labels))
+            if self._preconditioned is None or self._preconditioned[0] != key:
+                self._preconditioned = (key, self._cross(factors, targets, labels))
+            cross, projected = self._preconditioned[1]
+            return factors.influence(cross, projected, rows).float()
         v = self.preconditioned(targets, labels)
         return (factors.train_gradients(rows) @ v / factors.num_examples).float()
 
@@ -512,6 +927,9 @@ class InfluenceFunctionScorer:
         """Self-influence ``g_z(full network)^T (G + lambda I)^-1 g_z / N`` of each training row, float32 ``(n,)``."""
         rows = self._rows(example_ids)
         factors = self._fitted()
+        if factors.method == "factorised":
+            cross, projected = self._cross(factors, batch, labels)
+            return factors.influence(cross, projected, rows, paired=True).float()
         v = _precondition(factors, self.target_grads(batch, labels))  # (D', n)
         return ((factors.train_gradients(rows) * v.T).sum(1) / factors.num_examples).float()
 
@@ -541,6 +959,7 @@ class InfluenceFunctionScorer:
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "score": "g_t^T (G + lambda I)^-1 g_z / N, G the Gauss-Newton matrix of the training loss",
+            "method": factors.method,
             "parameters": [{"name": s.name, "shape": list(s.shape)} for s in self.specs],
             "num_parameters": self.num_parameters,
             "projection_dim": self.projection_dim,
@@ -555,23 +974,44 @@ class InfluenceFunctionScorer:
             "turnover_config": self._turnover_config(),
             "weights_fingerprint": self._weights_fingerprint(),
         }
+        if factors.method == "factorised":
+            meta["layers"] = [layer.as_dict() for layer in factors.layers]
         atomic_write_text(os.path.join(folder, META_NAME), json.dumps(meta, indent=2) + "\n")
 
     @staticmethod
     def read_meta(folder: PathLike) -> dict[str, Any]:
-        """The metadata of a saved fit (``influence.json``), checked to be this format."""
-        return _read_meta(folder, META_NAME, FORMAT, FORMAT_VERSION, "fitted influence function")
+        """The metadata of a saved fit (``influence.json``), checked to be this format (version 2, or 1: a
+        materialised fit written before ``method`` existed)."""
+        try:
+            return _read_meta(folder, META_NAME, FORMAT, FORMAT_VERSION, "fitted influence function")
+        except ConfigMismatchError as err:
+            try:
+                meta = _read_meta(folder, META_NAME, FORMAT, 1, "fitted influence function")
+            except ConfigMismatchError:
+                raise err from None
+            return {**meta, "method": "materialised"}
 
     @classmethod
     def load(cls, model: nn.Module, folder: PathLike, **kwargs: Any) -> "InfluenceFunctionScorer":
         """A scorer with the fit saved in ``folder``; refuses a model whose weights (or masks) differ from the fit's.
 
-        ``kwargs`` are runtime options (``batch_size``, ``show_progress``, ``train_data``, ``data_collator``).
+        ``kwargs`` are runtime options (``batch_size``, ``show_progress``, ``train_data``, ``data_collator``); a
+        ``factorised`` that contradicts the saved fit's method is refused.
 
         Example:
             >>> scorer = InfluenceFunctionScorer.load(model, "out/influence")
         """
         meta = cls.read_meta(folder)
+        method = meta["method"]
+        if method not in METHODS:
+            raise ConfigMismatchError(f"{os.fspath(folder)!r} holds an influence fit of unknown method {method!r}.")
+        factorised = method == "factorised"
+        wanted = kwargs.pop("factorised", None)
+        if wanted is not None and bool(wanted) != factorised:
+            raise ConfigMismatchError(
+                f"{os.fspath(folder)!r} holds a {method} influence fit, and factorised={wanted} asks for the other "
+                "method. Drop factorised=..., or fit again in another folder."
+            )
         names = [p["name"] for p in meta["parameters"]]
         named = dict(model.named_parameters())
         bad = [p["name"] for p in meta["parameters"] if p["name"] not in named or list(named[p["name"]].shape) != p["shape"]]
@@ -581,8 +1021,8 @@ class InfluenceFunctionScorer:
                 "load it with the model it was fitted on."
             )
         scorer = cls(model, parameters=names, damping_factor=meta["damping_factor"], projection_dim=meta["projection_dim"],
-                     projection_seed=meta["projection_seed"], solver=meta["solver"], id_column=meta["id_column"],
-                     max_memory_gb=math.inf, **kwargs)
+                     projection_seed=meta["projection_seed"], solver=meta["solver"], factorised=factorised,
+                     id_column=meta["id_column"], max_memory_gb=math.inf, **kwargs)
         if scorer._turnover_config() != meta.get("turnover_config"):
             raise ConfigMismatchError(
                 f"the influence function in {os.fspath(folder)!r} was fitted on a model with turn-over config "
@@ -596,6 +1036,9 @@ class InfluenceFunctionScorer:
                 "train_data).fit().save(folder) (in another folder)."
             )
         tensors = load_file(os.path.join(os.fspath(folder), FACTORS_NAME))
+        if factorised:
+            scorer.factors = scorer._loaded_factorised(meta, tensors)
+            return scorer
         scorer.factors = _Factors(
             tensors["example_ids"], tensors["labels"], tensors["probabilities"], tensors["classes"],
             tensors["class_gradients"], tensors["factor"], meta["solver"], float(meta["damping"]), float(meta["trace"]),
@@ -605,3 +1048,33 @@ class InfluenceFunctionScorer:
                 f"{FACTORS_NAME} holds gradients of {scorer.factors.width} coordinates, the metadata says {scorer.width}."
             )
         return scorer
+
+    def _loaded_factorised(self, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> _FactorisedFit:
+        """The factorised fit of a saved folder, checked against this model's tracked Linear layers."""
+        layers = [_Layer(**layer) for layer in meta.get("layers", [])]
+        if layers != self._layers:
+            raise ConfigMismatchError(
+                f"the saved factorised influence fit covers the Linear layers {[x.as_dict() for x in layers]}, this "
+                f"model tracks {[x.as_dict() for x in self._layers]}. Fit again with this model."
+            )
+        modules = dict(self.model.named_modules())
+        deltas = [tensors[f"deltas.{i}"] for i in range(len(layers))]
+        inputs = [tensors[f"inputs.{i}"] for i in range(len(layers))]
+        n = len(tensors["example_ids"])
+        for layer, delta, x in zip(layers, deltas, inputs):
+            module = modules[layer.name]
+            width = (module.in_features if layer.weight else 0) + int(layer.bias)
+            if delta.shape[0] != n or x.shape != (n, width) or delta.shape[2] != module.out_features:
+                raise ConfigMismatchError(
+                    f"{FACTORS_NAME} holds factors of shapes {tuple(delta.shape)} and {tuple(x.shape)} for "
+                    f"{layer.name!r}, which does not match the layer or the {n} examples."
+                )
+        return _FactorisedFit(tensors["example_ids"], tensors["labels"], tensors["probabilities"], tensors["classes"],
+                              layers, deltas, inputs, tensors["factor"], float(meta["damping"]), float(meta["trace"]))
+
+
+def _target_labels(labels: torch.Tensor) -> torch.Tensor:
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.is_floating_point():
+        raise TurnoverError(f"targets need one integer class label each, got labels of shape {tuple(labels.shape)}.")
+    return labels
