@@ -238,3 +238,19 @@ def test_the_influence_estimator_fits_once_and_is_reused(trained, capsys):
                       "--output", "influence_report.html") == 0
     page = (root / "influence_report.html").read_text()
     assert "Gauss-Newton influence function" in page and "One model:" not in page
+
+
+def test_train_with_mask_channels_and_explain_from_the_saved_model(trained, capsys):
+    root, _ = trained
+    assert in_process(root, "train", "--model", "base", "--train_file", "train.csv", "--text_column", "review",
+                      "--label_column", "sentiment", "--reduction_factor", "2", "--channels", "3",
+                      "--output_dir", "chan", "--max_steps", "2", "--use_cpu", "--save_strategy", "no",
+                      "--disable_tqdm", "true") == 0
+    config = th.TurnoverConfig.from_pretrained(root / "chan" / "model")
+    assert config.mask_sites["classifier"]["channels"] == 3
+    capsys.readouterr()
+    assert in_process(root, "explain", "--model", "chan/model", "--text", "w5 w6", "--output", "chan.json") == 0
+    assert len(json.loads((root / "chan.json").read_text())[0]["proponents"]) == 5
+    assert in_process(root, "train", "--model", "base", "--train_file", "train.csv", "--text_column", "review",
+                      "--label_column", "sentiment", "--channels", "0", "--output_dir", "chan0", "--use_cpu") == 1
+    assert "channels must be an integer" in capsys.readouterr().err

@@ -94,6 +94,12 @@ class TrainOptions:
     mask_seed: int = field(
         default=0, metadata={"help": "Seed of the masks (with an example id it fixes every mask bit)."}
     )
+    channels: int = field(
+        default=1,
+        metadata={"help": "Mask channels on an input-masked head (BERT-style one-layer classifiers): this many "
+                          "masked copies of the classifier in one model, outputs averaged (less noisy scores at "
+                          "almost no cost)."},
+    )
     num_members: int = field(
         default=1,
         metadata={"help": "Train this many models with mask seeds mask_seed, mask_seed+1, ... whose scores are "
@@ -371,7 +377,7 @@ def run_train(options: TrainOptions, training_args: Any) -> dict[str, Any]:
     folders = {name: os.path.join(out, name) for name in (MODEL_FOLDER, TRAIN_FOLDER, VALIDATION_FOLDER)}
     for folder in folders.values():
         _refuse_existing(folder, training_args.overwrite_output_dir, "--overwrite_output_dir")
-    config = TurnoverConfig(p=options.p, seed=options.mask_seed)  # validates p and the seed first
+    config = TurnoverConfig(p=options.p, seed=options.mask_seed, channels=options.channels)  # validates them first
 
     train = _standard_columns(_load_table(options.train_file, "--train_file", options.split), options.text_column,
                               options.label_column, "the training data", need_label=True)

@@ -206,7 +206,7 @@ def _config_section(config: dict[str, Any] | None, model: str | None, dataset_si
         sites = config.get("mask_sites") or {}
         summary = {
             "drop ratio p": config.get("p"), "mask seed": config.get("seed"), "scheme": config.get("scheme"),
-            "masked modules": len(sites), "masked units": sum(int(s.get("units", 0)) for s in sites.values()),
+            "masked modules": len(sites), "masked units": sum(int(s.get("units", 0)) * int(s.get("channels", 1)) for s in sites.values()),
             "training examples (masks)": config.get("num_train_examples"),
             "active adapters": ", ".join(config.get("active_adapters") or []) or "none",
             "turnover-hf version": config.get("library_version"),
