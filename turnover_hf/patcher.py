@@ -44,6 +44,11 @@ def patch_model(
     batches must carry ``example_ids`` (``TurnoverTrainer`` does this). Trainable parameters that the masks do not
     cover are listed in a warning (see :func:`leakage_report`); ``freeze_leaking=True`` freezes them.
 
+    ``TurnoverConfig(channels=K)`` turns every input-masked ``nn.Linear`` (by default a one-layer head such as
+    BERT's ``classifier``) into ``K`` masked copies whose outputs are averaged: ``K`` independent mask samples per
+    example in one model, for scores less dominated by the half-network noise. The copies start equal to the
+    layer, so the full network is unchanged; they are saved with the weights.
+
     A PEFT model (``peft.get_peft_model``) is patched as it is: masks go on the rank units of its LoRA layers and
     on heads in ``modules_to_save``, named as in the transformers model inside it; ``model.save_pretrained``
     then writes PEFT's adapter files plus ``turnover_config.json``.
