@@ -195,3 +195,32 @@ def test_channels_with_adapters_train_and_score(train_set):
     batch = batch_of(train_set, range(4))
     scores = th.influence(model, {**_inputs(batch), "labels": batch["labels"]}, torch.arange(10))
     assert scores.shape == (10, 4) and torch.isfinite(scores).all()
+
+
+def test_the_influence_estimator_differentiates_every_channel(train_set):
+    from test_influence_function import _relative_gap, dense_reference
+
+    model = _channel_model(seed=4)
+    with torch.no_grad():
+        model.classifier.turnover_channel_weight.normal_(std=0.5)
+    train = train_set.select(range(10))
+    targets = batch_of(train_set.select(range(40, 43)))
+    scorer = th.InfluenceFunctionScorer(model, train, show_progress=False)
+    assert scorer.width == sum(p.numel() for p in model.parameters() if p.requires_grad) == K * (2 * 32 + 2)
+    scores = scorer.scores(_inputs(targets), targets["labels"], torch.arange(10))
+    reference = dense_reference(model, batch_of(train), targets, masked=True)
+    assert _relative_gap(scores.double(), reference) < 1e-4
+
+
+def test_trainer_and_hydra_train_the_channels(train_set, tmp_path):
+    from transformers import TrainingArguments
+
+    model = _channel_model(seed=6)
+    before = model.classifier.turnover_channel_weight.detach().clone()
+    args = TrainingArguments(tmp_path, per_device_train_batch_size=4, num_train_epochs=1, learning_rate=1e-2,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = th.HydraTurnoverTrainer(model=model, args=args, train_dataset=train_set.select(range(12)))
+    trainer.train()
+    assert not torch.equal(model.classifier.turnover_channel_weight, before)  # the optimizer saw the copies
+    assert trainer.hydra.max_residual < 1e-3  # per-example gradients under each row's masks add up
+    assert any(spec.name.endswith("turnover_channel_weight") for spec in trainer.hydra.specs)
