@@ -399,3 +399,189 @@ def test_a_loaded_checkpoint_differentiates_what_the_turn_over_model_trained(tmp
     reloaded = InfluenceFunctionScorer.load(loaded, tmp_path / "fit")
     assert torch.allclose(reloaded.scores(inputs, targets["labels"], ids), in_memory.scores(inputs, targets["labels"], ids),
                           rtol=1e-5, atol=1e-8)
+
+
+# -- the factorised fit (tracked nn.Linear layers that see one row per example) -----------------------------------
+class MaskedHead(nn.Module):
+    """Frozen features -> hidden (output-masked, weight and bias tracked) -> mid (only the bias tracked) -> out
+    (input-masked, only the weight tracked): every case of the factorised gradients, under both kinds of mask."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.frozen, self.hidden = nn.Linear(6, 10), nn.Linear(10, 16)
+        self.mid, self.out = nn.Linear(16, 12), nn.Linear(12, classes)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.mul_(2.0)
+        for p in (*self.frozen.parameters(), self.mid.weight, self.out.bias):
+            p.requires_grad_(False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.hidden(torch.tanh(self.frozen(features))))
+        return self.out(torch.tanh(self.mid(h)))
+
+
+class SequenceHead(nn.Module):
+    """A tracked Linear over every token (B, T, in), mean-pooled, then a tracked Linear classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.token, self.out = nn.Linear(6, 8), nn.Linear(8, 2)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.token(features)).mean(1))
+
+
+class NormedHead(nn.Module):
+    """A tracked LayerNorm before a Linear classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.norm, self.out = nn.LayerNorm(6), nn.Linear(6, 3)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(features))
+
+
+class ReusedWeightHead(nn.Module):
+    """A Linear whose weight is also used outside the module (a second, functional product)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.hidden, self.out = nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.hidden(features))
+        return self.out(torch.tanh(F.linear(h, self.hidden.weight)))
+
+
+def _head_batches(n, d_in, classes, seed, *, sequence=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, sequence, d_in, generator=g) if sequence else torch.randn(n, d_in, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    ids = torch.arange(n) + 100
+    return x, y, ids, [{"features": x[s : s + 16], "labels": y[s : s + 16], "example_ids": ids[s : s + 16]}
+                       for s in range(0, n, 16)]
+
+
+def _both_paths(model, batches, x, y, ids, tx, ty):
+    out = {}
+    for factorised in (None, False):
+        scorer = InfluenceFunctionScorer(model, batches, factorised=factorised, show_progress=False).fit()
+        out[scorer.method] = (scorer.scores({"features": tx}, ty, ids), scorer.self_scores({"features": x}, y, ids))
+    return out
+
+
+def _max_gap(a, b):
+    return float((a - b).abs().max()) / float(b.abs().max())
+
+
+def test_factorised_scores_equal_the_materialised_ones_on_a_patched_three_class_model():
+    model = th.patch_model(MaskedHead(), th.TurnoverConfig(seed=1, target_modules=["hidden", "out"],
+                                                           mask_inputs_of=["out"]), warn_leaking=False).eval()
+    assert {k: v["side"] for k, v in model.turnover_config.mask_sites.items()} == {"hidden": "output", "out": "input"}
+    x, y, ids, batches = _head_batches(40, 6, 3, seed=1)
+    tx, ty = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    out = _both_paths(model, batches, x, y, ids, tx, ty)
+    assert set(out) == {"factorised", "materialised"}
+    (fact_scores, fact_self), (mat_scores, mat_self) = out["factorised"], out["materialised"]
+    assert fact_scores.shape == (40, 7) and fact_self.shape == (40,)
+    assert _max_gap(fact_scores, mat_scores) <= 1e-6 and _max_gap(fact_self, mat_self) <= 1e-6
+    # the masks matter: the same model scored without them gives other numbers
+    plain = MaskedHead()
+    unmasked = InfluenceFunctionScorer(plain, batches, show_progress=False).scores({"features": tx}, ty, ids)
+    assert _max_gap(unmasked, mat_scores) > 1e-2
+
+
+def test_factorised_scores_equal_the_materialised_ones_on_a_plain_binary_head():
+    model = TanhNet(d_in=12, hidden=48, classes=2).eval()
+    x, y, ids, batches = _head_batches(40, 12, 2, seed=2)
+    tx, ty = torch.randn(5, 12), torch.randint(0, 2, (5,))
+    out = _both_paths(model, batches, x, y, ids, tx, ty)
+    (fact_scores, fact_self), (mat_scores, mat_self) = out["factorised"], out["materialised"]
+    assert _max_gap(fact_scores, mat_scores) <= 1e-6 and _max_gap(fact_self, mat_self) <= 1e-6
+    # scores of a subset of ids are the rows of the full matrix, in the order asked
+    scorer = InfluenceFunctionScorer(model, batches, show_progress=False)
+    assert torch.equal(scorer.scores({"features": tx}, ty, ids[[7, 3]]), scorer.scores({"features": tx}, ty, ids)[[7, 3]])
+
+
+def test_the_factorised_path_is_chosen_only_where_it_is_exact(bert_bottleneck):
+    x, y, ids, batches = _head_batches(24, 12, 3, seed=3)
+    assert InfluenceFunctionScorer(TanhNet(), batches, show_progress=False).fit().method == "factorised"
+    # pooler and classifier of a frozen BERT see one row per example: factorised
+    train = th.add_example_ids(_labelled(token_task(8, seed=1), 3))
+    assert InfluenceFunctionScorer(_frozen_bert(), train, show_progress=False).fit().method == "factorised"
+    # not factorised: a sketch, the direct solver, or N (C - 1) > D (parameter space is smaller)
+    assert InfluenceFunctionScorer(TanhNet(), batches, projection_dim=64, show_progress=False).fit().method == "materialised"
+    assert InfluenceFunctionScorer(TanhNet(), batches, solver="direct", show_progress=False).fit().method == "materialised"
+    tiny = SoftmaxRegression(12, 3).float()  # D = 39 < 24 x 2 rows
+    assert InfluenceFunctionScorer(tiny, batches, show_progress=False).fit().method == "materialised"
+    assert InfluenceFunctionScorer(tiny, batches, solver="woodbury", show_progress=False).fit().method == "factorised"
+    # a Linear over token sequences, a tracked LayerNorm, a weight used outside its module, bottleneck adapters
+    sx, sy, sids, sequences = _head_batches(20, 6, 2, seed=4, sequence=5)
+    assert InfluenceFunctionScorer(SequenceHead(), sequences, show_progress=False).fit().method == "materialised"
+    nx, ny, nids, normed = _head_batches(20, 6, 3, seed=5)
+    assert InfluenceFunctionScorer(NormedHead(), normed, show_progress=False).fit().method == "materialised"
+    rx, ry, rids, reused = _head_batches(20, 6, 2, seed=6)
+    assert InfluenceFunctionScorer(ReusedWeightHead(), reused, show_progress=False).fit().method == "materialised"
+    adapters = InfluenceFunctionScorer(bert_bottleneck, th.add_example_ids(token_task(6, seed=4)), show_progress=False)
+    assert adapters.fit().method == "materialised"
+
+
+def test_forcing_the_factorised_path_on_an_ineligible_model_raises():
+    _, _, _, normed = _head_batches(20, 6, 3, seed=5)
+    with pytest.raises(TurnoverError, match="factorised=True.*'norm.weight'.*LayerNorm"):
+        InfluenceFunctionScorer(NormedHead(), normed, factorised=True)
+    with pytest.raises(TurnoverError, match="factorised=True.*projection_dim"):
+        InfluenceFunctionScorer(TanhNet(), normed, factorised=True, projection_dim=64)
+    _, _, _, sequences = _head_batches(20, 6, 2, seed=4, sequence=5)
+    with pytest.raises(TurnoverError, match="'token' sees an input of shape \\(16, 5, 6\\).*factorised=False"):
+        InfluenceFunctionScorer(SequenceHead(), sequences, factorised=True, show_progress=False).fit()
+    _, _, _, reused = _head_batches(20, 6, 2, seed=6)
+    with pytest.raises(TurnoverError, match="'hidden.weight' is not the product"):
+        InfluenceFunctionScorer(ReusedWeightHead(), reused, factorised=True, show_progress=False).fit()
+    # one-pass data cannot be read again for per-example gradients: an automatic fit raises instead of guessing
+    with pytest.raises(TurnoverError, match="factorised=False"):
+        InfluenceFunctionScorer(SequenceHead(), iter(sequences), show_progress=False).fit()
+
+
+def test_the_memory_budget_counts_the_factorised_size():
+    # N = 30, C = 3, D = 771: per-example gradients need ~2.0e-4 GB, the factorised fit ~1.1e-4 GB
+    x, y, ids, batches = _head_batches(30, 12, 3, seed=7)
+    scorer = InfluenceFunctionScorer(TanhNet(), batches, max_memory_gb=1.5e-4, show_progress=False).fit()
+    assert scorer.method == "factorised"
+    with pytest.raises(TurnoverError, match="projection_dim"):
+        InfluenceFunctionScorer(TanhNet(), batches, max_memory_gb=1.5e-4, factorised=False, show_progress=False).fit()
+    with pytest.raises(TurnoverError, match="factorised.*factorised=False"):
+        InfluenceFunctionScorer(TanhNet(), batches, max_memory_gb=5e-5, factorised=True, show_progress=False).fit()
+
+
+def test_a_factorised_fit_saves_and_loads_with_identical_scores(tmp_path):
+    import json
+
+    model = th.patch_model(MaskedHead(), th.TurnoverConfig(seed=1, target_modules=["hidden", "out"],
+                                                           mask_inputs_of=["out"]), warn_leaking=False).eval()
+    x, y, ids, batches = _head_batches(40, 6, 3, seed=8)
+    tx, ty = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    scorer = InfluenceFunctionScorer(model, batches, show_progress=False)
+    scores, own = scorer.scores({"features": tx}, ty, ids), scorer.self_scores({"features": x}, y, ids)
+    scorer.save(tmp_path / "fit")
+    meta = InfluenceFunctionScorer.read_meta(tmp_path / "fit")
+    assert meta["method"] == "factorised" and [layer["name"] for layer in meta["layers"]] == ["hidden", "mid", "out"]
+    loaded = InfluenceFunctionScorer.load(model, tmp_path / "fit", show_progress=False)
+    assert loaded.method == "factorised"
+    assert torch.equal(loaded.scores({"features": tx}, ty, ids), scores)
+    assert torch.equal(loaded.self_scores({"features": x}, y, ids), own)
+    with pytest.raises(ConfigMismatchError, match="factorised"):
+        InfluenceFunctionScorer.load(model, tmp_path / "fit", factorised=False)
+    # a version-1 folder (materialised, written before "method" existed) still loads
+    old = InfluenceFunctionScorer(model, batches, factorised=False, show_progress=False)
+    old.save(tmp_path / "v1")
+    written = json.loads((tmp_path / "v1" / "influence.json").read_text())
+    del written["method"]
+    (tmp_path / "v1" / "influence.json").write_text(json.dumps({**written, "version": 1}))
+    assert InfluenceFunctionScorer.load(model, tmp_path / "v1").method == "materialised"
