@@ -1,17 +1,25 @@
-"""Scoring time of the influence estimator: curvature rows kept once vs. rebuilt at every target set.
+"""Time of the influence estimator on a head: factorised vs. materialised fits, curvature rows kept vs. rebuilt.
 
-``turnover_hf.InfluenceFunctionScorer`` solves ``(G + lambda I)^-1 g_t`` through Woodbury's identity with the
-float64 curvature rows ``U`` (``G = U^T U``). It keeps ``U`` when it takes at most
-``influence_function.ROWS_CACHE_BYTES``; otherwise every target set rebuilds it block by block from the stored
-float32 gradients. This script fits one scorer on a head the size of the fidelity benchmark's (384 -> 128 -> 2 on
-random features, N training examples, D = 49,538 trainable parameters), then times, in the same run, the
-preconditioning of a set of targets with the rows kept and with them rebuilt (the budget set to 0), and the
-pipeline-style self-influence of every training example in batches of 64. Medians over repeats; the two settings
-alternate so drift favours neither. Scores are checked equal. Times are printed, never asserted.
+``turnover_hf.InfluenceFunctionScorer`` keeps one of two fits (the scores are the same):
+
+* factorised (``method == "factorised"``, automatic when every tracked parameter belongs to an ``nn.Linear`` that
+  sees one row per example): per layer the inputs and output gradients of every training example, ``N x N``
+  kernels, a Cholesky factor of Woodbury's ``N (C - 1)``-space system;
+* materialised (``factorised=False``): ``N (C - 1)`` per-example gradients of ``D`` floats, solved with the float64
+  curvature rows ``U`` (``G = U^T U``), kept when they take at most ``influence_function.ROWS_CACHE_BYTES`` and
+  otherwise rebuilt block by block from the float32 gradients at every target set.
+
+This script builds a head the size of the fidelity benchmark's (384 -> 128 -> 2 on random features, N training
+examples, D = 49,538 trainable parameters) and times, in the same run, for each of three settings (factorised;
+materialised with the rows kept; materialised with them rebuilt, the budget set to 0): the fit, the scores of all
+N against one set of targets, and the pipeline-style self-influence of every training example in batches of 64.
+End to end is their sum within a repeat. Medians over repeats; the settings rotate so drift favours none (the
+rebuilt setting reuses the latest materialised fit). The largest score differences between the settings are
+reported. Times are printed, never asserted.
 
 Run from the repository root:
 
-    PYTHONPATH=. python benchmarks/influence_scoring.py            # N = 2,000: about 2 minutes on 1 thread
+    PYTHONPATH=. python benchmarks/influence_scoring.py            # N = 2,000: about 15 minutes on 1 thread
     PYTHONPATH=. python benchmarks/influence_scoring.py --quick    # N = 400
 
 It prints a Markdown table and writes it to ``benchmarks/results/influence_scoring.{json,md}``.
@@ -24,6 +32,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -32,6 +41,8 @@ from turnover_hf import influence_function
 from turnover_hf.influence_function import InfluenceFunctionScorer
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SETTINGS = ("factorised", "materialised", "rebuilt")
+PARTS = ("fit", "targets", "self", "end_to_end")
 
 
 class Head(nn.Module):
@@ -49,6 +60,12 @@ def _timed(run) -> tuple[float, torch.Tensor]:
     start = time.perf_counter()
     out = run()
     return time.perf_counter() - start, out
+
+
+def _gap(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Largest absolute difference, and the same relative to the largest |score| of ``b``."""
+    diff = float((a - b).abs().max())
+    return diff, diff / float(b.abs().max())
 
 
 def main() -> None:
@@ -69,51 +86,83 @@ def main() -> None:
                     for s in range(0, n, 64)]  # as the pipeline's self-influence calls it
     targets = {"features": torch.randn(args.targets, 384)}
     target_labels = torch.randint(0, 2, (args.targets,))
-    scorer = InfluenceFunctionScorer(model, batches, solver="woodbury", show_progress=False)
-    fit_seconds, _ = _timed(scorer.fit)
-    factors = scorer.factors
     budget = influence_function.ROWS_CACHE_BYTES
-    times: dict[str, dict[str, list[float]]] = {"kept": {"targets": [], "self": []}, "rebuilt": {"targets": [], "self": []}}
+    times = {name: {part: [] for part in PARTS} for name in SETTINGS}
     outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    materialised: Optional[InfluenceFunctionScorer] = None
+    num_parameters = 0
     for repeat in range(args.repeats):
-        order = ("kept", "rebuilt") if repeat % 2 == 0 else ("rebuilt", "kept")
+        order = SETTINGS if repeat % 2 == 0 else SETTINGS[::-1]
         for name in order:
-            influence_function.ROWS_CACHE_BYTES = budget if name == "kept" else 0
-            factors._kept_rows = None
-            scorer._preconditioned = None
-            seconds, scores = _timed(lambda: scorer.scores(targets, target_labels, torch.arange(n)))
-            times[name]["targets"].append(seconds)
-            seconds, own = _timed(lambda: torch.cat([scorer.self_scores(b, b["labels"], b["example_ids"])
-                                                     for b in self_batches]))
-            times[name]["self"].append(seconds)
+            influence_function.ROWS_CACHE_BYTES = 0 if name == "rebuilt" else budget
+            if name == "rebuilt":
+                if materialised is None:
+                    continue
+                scorer, fit_seconds = materialised, None
+                scorer.factors._kept_rows = None
+                scorer._preconditioned = None
+            else:
+                if name == "materialised":
+                    materialised = None  # free the previous fit first
+                scorer = InfluenceFunctionScorer(model, batches, solver="woodbury", factorised=name == "factorised",
+                                                 show_progress=False)
+                fit_seconds, _ = _timed(scorer.fit)
+                if scorer.method != name:
+                    raise RuntimeError(f"asked for a {name} fit, got {scorer.method}")
+                if name == "materialised":
+                    materialised = scorer
+                times[name]["fit"].append(fit_seconds)
+            num_parameters = scorer.num_parameters
+            target_seconds, scores = _timed(lambda: scorer.scores(targets, target_labels, torch.arange(n)))
+            self_seconds, own = _timed(lambda: torch.cat([scorer.self_scores(b, b["labels"], b["example_ids"])
+                                                          for b in self_batches]))
+            times[name]["targets"].append(target_seconds)
+            times[name]["self"].append(self_seconds)
+            if fit_seconds is not None:
+                times[name]["end_to_end"].append(fit_seconds + target_seconds + self_seconds)
             outputs[name] = (scores, own)
-    influence_function.ROWS_CACHE_BYTES = budget
-    gap = max(float((outputs["kept"][k] - outputs["rebuilt"][k]).abs().max()) for k in (0, 1))
-    median = {name: {part: statistics.median(values) for part, values in parts.items()} for name, parts in times.items()}
+        influence_function.ROWS_CACHE_BYTES = budget
+    gaps = {
+        f"{a} vs {b}": {part: _gap(outputs[a][k], outputs[b][k]) for k, part in enumerate(("scores", "self"))}
+        for a, b in (("factorised", "materialised"), ("rebuilt", "materialised"))
+    }
+    median = {name: {part: statistics.median(values) for part, values in parts.items() if values}
+              for name, parts in times.items()}
     rows = [
+        ("fit (one pass over the training set, factorisation)", "fit"),
         ("scores of all N against one target set", "targets"),
         ("self-influence of all N (batches of 64)", "self"),
+        ("end to end (fit + one target set + self-influence)", "end_to_end"),
     ]
     lines = [
-        f"# Influence estimator: curvature rows kept vs. rebuilt (N = {n}, D = {scorer.num_parameters}, "
+        f"# Influence estimator on a head: factorised vs. materialised fit (N = {n}, D = {num_parameters}, "
         f"{args.targets} targets, {args.threads} thread(s))",
         "",
-        "| work | rows kept s | rows rebuilt s | speed-up |",
-        "|---|---:|---:|---:|",
+        "| work | factorised s | materialised s | materialised / factorised | materialised, rows rebuilt s |",
+        "|---|---:|---:|---:|---:|",
     ]
     for title, part in rows:
-        kept, rebuilt = median["kept"][part], median["rebuilt"][part]
-        lines.append(f"| {title} | {kept:.2f} | {rebuilt:.2f} | {rebuilt / kept:.2f}x |")
-    lines += ["", f"- Fit (once, shared by both): {fit_seconds:.1f} s. Largest score difference kept vs. rebuilt: "
-                  f"{gap:.1e}. Medians of {args.repeats} repeats, settings alternating."]
+        fact, mat = median["factorised"][part], median["materialised"][part]
+        rebuilt = median["rebuilt"].get(part)
+        lines.append(f"| {title} | {fact:.2f} | {mat:.2f} | {mat / fact:.1f}x | "
+                     f"{'(shares the fit)' if rebuilt is None else f'{rebuilt:.2f}'} |")
+    fm, rm = gaps["factorised vs materialised"], gaps["rebuilt vs materialised"]
+    lines += [
+        "",
+        f"- Largest score difference, factorised vs. materialised: {fm['scores'][0]:.1e} on the target set "
+        f"({fm['scores'][1]:.1e} of the largest |score|), {fm['self'][0]:.1e} on self-influence "
+        f"({fm['self'][1]:.1e}). Rows kept vs. rebuilt: {max(rm['scores'][0], rm['self'][0]):.1e}.",
+        f"- Medians of {args.repeats} repeats, settings rotating; the materialised fit keeps its float64 curvature "
+        "rows (they fit `ROWS_CACHE_BYTES`); the rebuilt column reuses the latest materialised fit.",
+    ]
     table = "\n".join(lines) + "\n"
     print(table)
     stem = RESULTS / ("influence_scoring_quick" if args.quick else "influence_scoring")
     stem.with_suffix(".md").write_text(table, encoding="utf-8")
-    stem.with_suffix(".json").write_text(json.dumps({"n": n, "num_parameters": scorer.num_parameters,
+    stem.with_suffix(".json").write_text(json.dumps({"n": n, "num_parameters": num_parameters,
                                                      "targets": args.targets, "threads": args.threads,
-                                                     "fit_seconds": fit_seconds, "times": times, "median": median,
-                                                     "max_abs_difference": gap}, indent=2) + "\n", encoding="utf-8")
+                                                     "times": times, "median": median,
+                                                     "max_abs_difference": gaps}, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
