@@ -24,18 +24,45 @@ matrix in place of the Hessian, as in Kronfluence).
 How it is computed. The ``C`` class gradients of an example satisfy ``sum_c p_{z,c} g_{z,c} = 0`` (the gradient of
 the expected cross-entropy under the model's own prediction vanishes), so ``C - 1`` of them carry ``G``: the
 predicted class is left out and the others are recombined into ``C - 1`` rows ``u_{z,k}`` with
-``G = sum_{z,k} u_{z,k} u_{z,k}^T`` (one row per example for a binary classifier). They come from the package's
-per-example gradients (:class:`~turnover_hf.hydra.PerExampleGrads`) with pseudo-labels; ``g_z`` itself is a
-combination of the same gradients, so fitting costs ``N (C - 1)`` per-example gradients. The damped system is
+``G = sum_{z,k} u_{z,k} u_{z,k}^T`` (one row per example for a binary classifier); ``g_z`` itself is a combination
+of the same class gradients. In the materialised fit (``method == "materialised"``) they are the package's
+per-example gradients (:class:`~turnover_hf.hydra.PerExampleGrads`) with pseudo-labels, so fitting costs
+``N (C - 1)`` per-example gradients of ``D`` floats each. The damped system is
 solved once, in float64, in the smaller of two spaces: Woodbury's identity in the ``N (C - 1)``-space
 (``solver="woodbury"``, a Cholesky factor of ``lambda I + U U^T``) or directly in parameter space
 (``solver="direct"``, a Cholesky factor of ``G + lambda I``). Scoring a target set costs one gradient per target
 and one solve, then a matrix product per chunk of training ids.
 
-Scale. The fit keeps ``N x (C - 1) x D`` float32 gradients. When that (plus the factor) exceeds ``max_memory_gb``
-the scorer refuses and asks for ``projection_dim=d``: every gradient is then sketched with a fixed, seeded
-CountSketch (each parameter coordinate hashed to one of ``d`` buckets with a random sign, from the package's
-integer hash of ``(projection_seed, parameter name, index)``: ``O(D)`` memory, identical on every device). The
+Factorised fit (``method == "factorised"``). When every tracked parameter is the weight or bias of a module of type
+exactly ``torch.nn.Linear`` that sees one row per example (``(B, in)`` or ``(B, 1, in)``: a head on pooled
+features), a per-example gradient is, per layer, the outer product ``delta a^T``: ``delta`` the loss gradient at the
+layer's raw output (taken by a forward hook that runs before any output-mask hook, so the mask enters through the
+chain rule), ``a`` its input as the layer saw it (after any input mask), with a 1 appended when the bias is
+tracked. Two gradients then have the inner product ``sum_layers (delta_1 . delta_2) (a_1 . a_2)``. The fit keeps
+``delta`` of the ``C - 1`` kept classes and ``a`` of every example, builds ``S = lambda I + U U^T`` from ``N x N``
+kernels (``N^2 sum(in + out)`` operations instead of ``N^2 sum(in x out)``) and keeps its Cholesky factor and
+``S^-1 U g_z`` of every training example; a target set costs one forward and backward per target batch and its
+kernel with the training factors:
+
+    score(z, t) = (g_z . g_t - (U g_z)^T S^-1 (U g_t)) / (lambda N)
+
+The numbers are those of the materialised fit (to float32 rounding; on a 384 -> 128 -> 2 head with N = 2,000, one
+thread: fit, one 64-target set and self-influence of all N in 2.6 s instead of 112 s, scores within 2e-7 of the
+largest, ``benchmarks/results/influence_scoring.md``). The choice is made at fit time: forward hooks
+check every batch, and the first batch's summed parameter gradient is compared with the factorised one. A tracked
+Linear that sees several rows per example (token sequences) or runs twice, a weight also used outside its Linear,
+any other tracked parameter (LayerNorm, embeddings, Conv1D, Linear subclasses), a projection or ``solver="direct"``
+mean per-example gradients (``method == "materialised"``), as does ``solver="auto"`` with ``N (C - 1) > D`` when
+``N`` is known (parameter space is then smaller). ``factorised=True`` raises instead of falling back;
+``factorised=False`` never factorises.
+
+Scale. The materialised fit keeps ``N x (C - 1) x D`` float32 gradients; the factorised one keeps
+``N x (sum(in') + (C - 1) sum(out))`` float32 factors and float64 ``N (C - 1)``-square matrices (the class kernel,
+``S`` and its factor) and ``S^-1 U G`` (``N (C - 1) x N``). When the fit's size exceeds ``max_memory_gb`` the
+scorer refuses and asks for ``projection_dim=d`` (or, factorised, ``factorised=False``); with a projection every
+gradient is sketched with a fixed, seeded CountSketch (each parameter coordinate hashed to one of ``d`` buckets
+with a random sign, from the package's integer hash of ``(projection_seed, parameter name, index)``: ``O(D)``
+memory, identical on every device). The
 sketch preserves inner products in expectation (variance ``~ |a|^2 |b|^2 / d``), so scores approach the exact ones
 as ``d`` grows past the rank of the gradients; it is an approximation (``benchmarks/results/fidelity*.md`` measures
 how close it stays). ``lambda`` is computed from the exact gradients in both modes.
@@ -460,9 +487,10 @@ class InfluenceFunctionScorer:
         damping_factor: ``lambda = damping_factor x trace(G) / D``.
         projection_dim: sketch every gradient to this many coordinates with a CountSketch (None: exact).
         projection_seed: seed of the sketch.
-        max_memory_gb: largest fit kept without a projection; beyond it the scorer asks for ``projection_dim``.
-            Scoring also keeps the float64 curvature rows when they take at most :data:`ROWS_CACHE_BYTES` (1 GiB),
-            which halves the time of every target set after the first (``benchmarks/influence_scoring.py``).
+        max_memory_gb: largest fit kept without a projection (a factorised fit counts its own, smaller size);
+            beyond it the scorer asks for ``projection_dim``. Materialised scoring also keeps the float64 curvature
+            rows when they take at most :data:`ROWS_CACHE_BYTES` (1 GiB), which halves the time of every target set
+            after the first (``benchmarks/influence_scoring.py``).
         solver: ``"auto"`` (the smaller space), ``"woodbury"`` (``N (C-1)``-space) or ``"direct"`` (parameters;
             materialised only).
         factorised: ``None`` (automatic: factorised when the model allows it, no projection, ``solver`` is not
@@ -1021,8 +1049,8 @@ class InfluenceFunctionScorer:
                 "load it with the model it was fitted on."
             )
         scorer = cls(model, parameters=names, damping_factor=meta["damping_factor"], projection_dim=meta["projection_dim"],
-                     projection_seed=meta["projection_seed"], solver=meta["solver"], factorised=factorised,
-                     id_column=meta["id_column"], max_memory_gb=math.inf, **kwargs)
+                     projection_seed=meta["projection_seed"], solver=meta["solver"], id_column=meta["id_column"],
+                     max_memory_gb=math.inf, **kwargs)
         if scorer._turnover_config() != meta.get("turnover_config"):
             raise ConfigMismatchError(
                 f"the influence function in {os.fspath(folder)!r} was fitted on a model with turn-over config "
@@ -1053,9 +1081,10 @@ class InfluenceFunctionScorer:
         """The factorised fit of a saved folder, checked against this model's tracked Linear layers."""
         layers = [_Layer(**layer) for layer in meta.get("layers", [])]
         if layers != self._layers:
+            here = self._ineligible or f"it tracks {[x.as_dict() for x in self._layers]}"
             raise ConfigMismatchError(
-                f"the saved factorised influence fit covers the Linear layers {[x.as_dict() for x in layers]}, this "
-                f"model tracks {[x.as_dict() for x in self._layers]}. Fit again with this model."
+                f"the saved factorised influence fit covers the Linear layers {[x.as_dict() for x in layers]}; in this "
+                f"model {here}. Fit again with this model."
             )
         modules = dict(self.model.named_modules())
         deltas = [tensors[f"deltas.{i}"] for i in range(len(layers))]
