@@ -459,6 +459,13 @@ class ReusedWeightHead(nn.Module):
         return self.out(torch.tanh(F.linear(h, self.hidden.weight)))
 
 
+class OneTokenHead(TanhNet):
+    """The same head on inputs of shape (B, 1, in): every Linear sees one row per example."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return super().forward(features).squeeze(1)
+
+
 def _head_batches(n, d_in, classes, seed, *, sequence=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, sequence, d_in, generator=g) if sequence else torch.randn(n, d_in, generator=g)
@@ -504,6 +511,11 @@ def test_factorised_scores_equal_the_materialised_ones_on_a_plain_binary_head():
     out = _both_paths(model, batches, x, y, ids, tx, ty)
     (fact_scores, fact_self), (mat_scores, mat_self) = out["factorised"], out["materialised"]
     assert _max_gap(fact_scores, mat_scores) <= 1e-6 and _max_gap(fact_self, mat_self) <= 1e-6
+    # the same on inputs of shape (B, 1, in)
+    x1, _, _, one_token = _head_batches(40, 12, 2, seed=2, sequence=1)
+    out = _both_paths(OneTokenHead(d_in=12, hidden=48, classes=2).eval(), one_token, x1, y, ids, tx[:, None], ty)
+    assert _max_gap(out["factorised"][0], out["materialised"][0]) <= 1e-6
+    assert _max_gap(out["factorised"][1], out["materialised"][1]) <= 1e-6
     # scores of a subset of ids are the rows of the full matrix, in the order asked
     scorer = InfluenceFunctionScorer(model, batches, show_progress=False)
     assert torch.equal(scorer.scores({"features": tx}, ty, ids[[7, 3]]), scorer.scores({"features": tx}, ty, ids)[[7, 3]])
