@@ -597,3 +597,16 @@ def test_a_factorised_fit_saves_and_loads_with_identical_scores(tmp_path):
     del written["method"]
     (tmp_path / "v1" / "influence.json").write_text(json.dumps({**written, "version": 1}))
     assert InfluenceFunctionScorer.load(model, tmp_path / "v1").method == "materialised"
+
+
+def test_the_pipeline_passes_the_factorised_choice_through(tmp_path):
+    model = th.patch_model(_frozen_bert(num_labels=2), th.TurnoverConfig(seed=3), freeze_leaking=True)
+    train = th.add_example_ids(token_task(12, seed=1))
+    options = {"show_progress": False, "factorised": True}
+    pipe = th.InfluencePipeline(model, train_dataset=train, estimator="influence", influence_dir=tmp_path / "fit",
+                                influence_options=options)
+    pipe.scores(train.select(range(2)))
+    assert pipe.scorer.method == "factorised"
+    with pytest.raises(th.TurnoverError, match="factorised"):  # the kept fit is factorised: forcing the other path
+        th.InfluencePipeline(model, train_dataset=train, estimator="influence", influence_dir=tmp_path / "fit",
+                             influence_options={"factorised": False})

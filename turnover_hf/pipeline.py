@@ -198,7 +198,7 @@ class InfluencePipeline:
 
         options = dict(options or {})
         allowed = {"damping_factor", "projection_dim", "projection_seed", "parameters", "max_memory_gb", "solver",
-                   "show_progress", "id_column"}
+                   "show_progress", "id_column", "factorised"}
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise TurnoverError(f"influence_options {unknown} are not options of the influence estimator; use {sorted(allowed)}.")
@@ -206,7 +206,7 @@ class InfluencePipeline:
             folder = os.path.join(path, INFLUENCE_DIR)
         self._influence_dir = None if folder is None else os.fspath(folder)
         if self._influence_dir is not None and os.path.isfile(os.path.join(self._influence_dir, META_NAME)):
-            runtime = {k: options.pop(k) for k in ("show_progress",) if k in options}
+            runtime = {k: options.pop(k) for k in ("show_progress", "factorised") if k in options}
             if options:
                 raise TurnoverError(
                     f"{self._influence_dir!r} holds a fitted influence function; influence_options {sorted(options)} "
