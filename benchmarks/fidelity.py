@@ -1528,44 +1528,34 @@ def run_adapter_fidelity(
         row.train_seconds = float(sum(m.seconds for m in first))
         rows.append(mislabels(row, self_ens).finish())
 
-    for wide_rf in settings.wide_reduction_factors:
-        wide_top = data.model_and_top(wide_rf)[1]
-        wide_units = adapter_units(wide_top)
-        log(f"(c) adapter of {wide_units} units ...")
-        wide_a, wide_b = pool.get(wide_rf, base, 0), pool.get(wide_rf, base, 1)
-        wide_noisy = pool.get(wide_rf, base, 0, noisy=True)
+    def one_model_row(variant: Variant, name: str) -> Row:
+        """A single turn-over model of another variant (wider adapter, classifier channels), scored like (a)."""
+        variant_top = data.model_and_top(variant)[1]
+        v_a, v_b, v_noisy = pool.get(variant, base, 0), pool.get(variant, base, 1), pool.get(variant, base, 0, noisy=True)
         row = fidelity(
-            Row(f"(c) turn-over, wider adapter {wide_units} units"),
-            top_turnover_scores(wide_top, wide_a, train.example_ids, targets),
-            top_turnover_scores(wide_top, wide_b, train.example_ids, targets),
+            Row(name),
+            top_turnover_scores(variant_top, v_a, train.example_ids, targets),
+            top_turnover_scores(variant_top, v_b, train.example_ids, targets),
         )
-        self_w, row.self_seconds = timed(top_self_scores, wide_top, wide_noisy, noisy_train)
-        _, row.target_seconds = timed(top_turnover_scores, wide_top, wide_a, train.example_ids, one_target)
-        row.accuracy, row.train_seconds = pool.accuracy(wide_rf, wide_a), wide_a.seconds
-        row.accuracy_cost = pool.accuracy_cost(wide_rf, base, [0], row.accuracy)
-        rows.append(mislabels(row, self_w).finish())
+        self_v, row.self_seconds = timed(top_self_scores, variant_top, v_noisy, noisy_train)
+        _, row.target_seconds = timed(top_turnover_scores, variant_top, v_a, train.example_ids, one_target)
+        row.accuracy, row.train_seconds = pool.accuracy(variant, v_a), v_a.seconds
+        row.accuracy_cost = pool.accuracy_cost(variant, base, [0], row.accuracy)
+        gap = check_top_exact(data, variant, v_a)
+        if gap > 1e-4:
+            raise RuntimeError(f"cached top-layer scores of {name!r} disagree with TurnoverScorer by {gap:.3g}.")
+        row.extra["cached_top_gap_vs_turnover_scorer"] = gap
+        return mislabels(row, self_v).finish()
+
+    for wide_rf in settings.wide_reduction_factors:
+        wide_units = adapter_units(data.model_and_top(wide_rf)[1])
+        log(f"(c) adapter of {wide_units} units ...")
+        rows.append(one_model_row(wide_rf, f"(c) turn-over, wider adapter {wide_units} units"))
 
     # (f) mask channels on the classifier (the library's TurnoverConfig(channels=K)), adapter masks as in (a).
     for k in settings.channels:
-        variant = (rf, k)
-        channel_top = data.model_and_top(variant)[1]
         log(f"(f) classifier with {k} mask channels ...")
-        ch_a, ch_b = pool.get(variant, base, 0), pool.get(variant, base, 1)
-        ch_noisy = pool.get(variant, base, 0, noisy=True)
-        row = fidelity(
-            Row(f"(f) turn-over, {k} mask channels on the classifier, adapter {units} units"),
-            top_turnover_scores(channel_top, ch_a, train.example_ids, targets),
-            top_turnover_scores(channel_top, ch_b, train.example_ids, targets),
-        )
-        self_c, row.self_seconds = timed(top_self_scores, channel_top, ch_noisy, noisy_train)
-        _, row.target_seconds = timed(top_turnover_scores, channel_top, ch_a, train.example_ids, one_target)
-        row.accuracy, row.train_seconds = pool.accuracy(variant, ch_a), ch_a.seconds
-        row.accuracy_cost = pool.accuracy_cost(variant, base, [0], row.accuracy)
-        gap = check_top_exact(data, variant, ch_a)
-        if gap > 1e-4:
-            raise RuntimeError(f"cached top-layer scores with channels disagree with TurnoverScorer by {gap:.3g}.")
-        row.extra["cached_top_gap_vs_turnover_scorer"] = gap
-        rows.append(mislabels(row, self_c).finish())
+        rows.append(one_model_row((rf, k), f"(f) turn-over, {k} mask channels on the classifier, adapter {units} units"))
 
     # (g) peers on the same adapter and head as (a).
     def factors(model: TrainedTop, checkpoint: Any, part: TopInputs, masked: bool) -> MarginFactors:
