@@ -41,8 +41,9 @@ chain rule), ``a`` its input as the layer saw it (after any input mask), with a 
 tracked. Two gradients then have the inner product ``sum_layers (delta_1 . delta_2) (a_1 . a_2)``. The fit keeps
 ``delta`` of the ``C - 1`` kept classes and ``a`` of every example, builds ``S = lambda I + U U^T`` from ``N x N``
 kernels (``N^2 sum(in + out)`` operations instead of ``N^2 sum(in x out)``) and keeps its Cholesky factor and
-``S^-1 U g_z`` of every training example; a target set costs one forward and backward per target batch and its
-kernel with the training factors:
+``U g_z`` of every training example; a target set costs one forward and backward per target batch, its kernel
+with the training factors and one Cholesky solve (``O(N^2)`` per target, so a one-target explanation never pays
+the ``O(N^3)`` that self-influence of all N does):
 
     score(z, t) = (g_z . g_t - (U g_z)^T S^-1 (U g_t)) / (lambda N)
 
@@ -388,7 +389,7 @@ class _FactorisedFit:
         self._sorted = self.example_ids[self._order]
         self.roots = torch.linalg.cholesky(_curvature_blocks(self.probabilities, self.classes))  # R R^T = A
         self.coefficients = _label_coefficients(self.probabilities, self.classes, self.labels)
-        self._train_side: Optional[torch.Tensor] = None  # S^-1 U g_z of every training example, (m, N)
+        self._train_products: Optional[torch.Tensor] = None  # U g_z of every training example, (m, N)
 
     @property
     def num_examples(self) -> int:
@@ -412,26 +413,31 @@ class _FactorisedFit:
         gram = torch.einsum("njk,njmi,mil->nkml", self.roots, kernel, self.roots) / n
         return gram.reshape(n * c, n * c)
 
-    def train_side(self, kernel: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``S^-1 U g_z`` of every training example, float64 ``(m, N)``; built once (from ``kernel`` if given)."""
-        if self._train_side is None:
+    def train_products(self, kernel: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``U g_z`` of every training example, float64 ``(m, N)``; built once (from ``kernel`` if given)."""
+        if self._train_products is None:
             kernel = self.class_kernel() if kernel is None else kernel
             own = torch.einsum("njmi,mi->njm", kernel, self.coefficients)  # <g'_{z,j}, g_{z'}>
-            self._train_side = torch.cholesky_solve(self.curvature_products(own), self.factor)
-        return self._train_side
+            self._train_products = self.curvature_products(own)
+        return self._train_products
 
-    def influence(self, cross: torch.Tensor, projected: torch.Tensor, rows: torch.Tensor,
+    def solve(self, projected: torch.Tensor) -> torch.Tensor:
+        """``S^-1 x`` for the columns of ``projected`` ``(m, T)``, float64: one Cholesky solve per target set, so
+        a few targets cost ``O(m^2)`` and no ``O(m^3)`` product over all training examples is ever formed."""
+        return torch.cholesky_solve(projected, self.factor)
+
+    def influence(self, cross: torch.Tensor, solved: torch.Tensor, rows: torch.Tensor,
                   paired: bool = False) -> torch.Tensor:
-        """Scores of training ``rows`` from ``cross = <g'_{z,j}, g_t>`` ``(N, C-1, T)`` and ``projected = U g_t``:
+        """Scores of training ``rows`` from ``cross = <g'_{z,j}, g_t>`` ``(N, C-1, T)`` and ``solved = S^-1 U g_t``:
         ``(g_z . g_t - (U g_z)^T S^-1 (U g_t)) / (lambda N)``, float64 ``(n, T)`` (``(n,)`` row-aligned if paired)."""
-        side = self.train_side()[:, rows]  # (m, n)
+        products = self.train_products()[:, rows]  # (m, n)
         if paired:
             targets = torch.arange(len(rows))
             direct = torch.einsum("nj,nj->n", self.coefficients[rows], cross[rows, :, targets])
-            correction = (side * projected).sum(0)
+            correction = (products * solved).sum(0)
         else:
             direct = torch.einsum("nj,njt->nt", self.coefficients[rows], cross[rows])
-            correction = side.T @ projected
+            correction = products.T @ solved
         return (direct - correction) / (self.damping * self.num_examples)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -616,7 +622,7 @@ class InfluenceFunctionScorer:
 
     @staticmethod
     def _factorised_gb(examples: int, kept_classes: int, per_example: int) -> float:
-        """Memory of a factorised fit: float32 factors, the float64 class kernel, ``S`` and its factor, ``S^-1 U G``."""
+        """Memory of a factorised fit: float32 factors, the float64 class kernel, ``S`` and its factor, ``U G``."""
         rows = examples * kept_classes
         return (examples * per_example * 4 + (3 * rows * rows + rows * examples) * 8) / 2**30
 
@@ -874,7 +880,7 @@ class InfluenceFunctionScorer:
         system.diagonal().add_(damping)
         fit.factor = torch.linalg.cholesky(system)
         del system
-        fit.train_side(kernel)
+        fit.train_products(kernel)
         return fit
 
     def _fitted(self) -> Union[_Factors, _FactorisedFit]:
@@ -917,10 +923,10 @@ class InfluenceFunctionScorer:
 
     def _cross(self, factors: _FactorisedFit, targets: Mapping[str, torch.Tensor], labels: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``<g'_{z,j}, g_t>`` ``(N, C-1, T)`` and ``U g_t`` ``(m, T)`` of the targets, float64."""
+        """``<g'_{z,j}, g_t>`` ``(N, C-1, T)`` and ``S^-1 U g_t`` ``(m, T)`` of the targets, float64."""
         target_deltas, target_inputs = self._target_factors(targets, labels)
         cross = _factor_kernel(factors.deltas, factors.inputs, target_deltas, target_inputs)[:, :, :, 0]
-        return cross, factors.curvature_products(cross)
+        return cross, factors.solve(factors.curvature_products(cross))
 
     def preconditioned(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """``(G + lambda I)^-1 g_t`` of every target, float64 ``(D', T)``; the last target set's is kept
@@ -946,8 +952,8 @@ class InfluenceFunctionScorer:
             key = fingerprint({k: v for k, v in targets.items() if isinstance(v, torch.Tensor)}, torch.as_tensor(labels))
             if self._preconditioned is None or self._preconditioned[0] != key:
                 self._preconditioned = (key, self._cross(factors, targets, labels))
-            cross, projected = self._preconditioned[1]
-            return factors.influence(cross, projected, rows).float()
+            cross, solved = self._preconditioned[1]
+            return factors.influence(cross, solved, rows).float()
         v = self.preconditioned(targets, labels)
         return (factors.train_gradients(rows) @ v / factors.num_examples).float()
 
@@ -956,8 +962,8 @@ class InfluenceFunctionScorer:
         rows = self._rows(example_ids)
         factors = self._fitted()
         if factors.method == "factorised":
-            cross, projected = self._cross(factors, batch, labels)
-            return factors.influence(cross, projected, rows, paired=True).float()
+            cross, solved = self._cross(factors, batch, labels)
+            return factors.influence(cross, solved, rows, paired=True).float()
         v = _precondition(factors, self.target_grads(batch, labels))  # (D', n)
         return ((factors.train_gradients(rows) * v.T).sum(1) / factors.num_examples).float()
 
