@@ -42,8 +42,8 @@ tracked. Two gradients then have the inner product ``sum_layers (delta_1 . delta
 ``delta`` of the ``C - 1`` kept classes and ``a`` of every example, builds ``S = lambda I + U U^T`` from ``N x N``
 kernels (``N^2 sum(in + out)`` operations instead of ``N^2 sum(in x out)``) and keeps its Cholesky factor and
 ``U g_z`` of every training example; a target set costs one forward and backward per target batch, its kernel
-with the training factors and one Cholesky solve (``O(N^2)`` per target, so a one-target explanation never pays
-the ``O(N^3)`` that self-influence of all N does):
+with the training factors and one Cholesky solve (``O(N^2)`` per target: a one-target explanation never pays for
+``S^-1 U g_z`` of all N, an ``O(N^3)`` solve made once, on the first self-influence call):
 
     score(z, t) = (g_z . g_t - (U g_z)^T S^-1 (U g_t)) / (lambda N)
 
@@ -390,6 +390,7 @@ class _FactorisedFit:
         self.roots = torch.linalg.cholesky(_curvature_blocks(self.probabilities, self.classes))  # R R^T = A
         self.coefficients = _label_coefficients(self.probabilities, self.classes, self.labels)
         self._train_products: Optional[torch.Tensor] = None  # U g_z of every training example, (m, N)
+        self._train_side: Optional[torch.Tensor] = None  # S^-1 U g_z of every training example, (m, N)
 
     @property
     def num_examples(self) -> int:
@@ -421,23 +422,30 @@ class _FactorisedFit:
             self._train_products = self.curvature_products(own)
         return self._train_products
 
+    def train_side(self) -> torch.Tensor:
+        """``S^-1 U g_z`` of every training example, float64 ``(m, N)``: one ``O(m^2 N)`` solve, made on the first
+        self-influence call (each training row is then its own target, and one large solve beats one per batch)."""
+        if self._train_side is None:
+            self._train_side = self.solve(self.train_products())
+        return self._train_side
+
     def solve(self, projected: torch.Tensor) -> torch.Tensor:
         """``S^-1 x`` for the columns of ``projected`` ``(m, T)``, float64: one Cholesky solve per target set, so
         a few targets cost ``O(m^2)`` and no ``O(m^3)`` product over all training examples is ever formed."""
         return torch.cholesky_solve(projected, self.factor)
 
-    def influence(self, cross: torch.Tensor, solved: torch.Tensor, rows: torch.Tensor,
+    def influence(self, cross: torch.Tensor, vectors: torch.Tensor, rows: torch.Tensor,
                   paired: bool = False) -> torch.Tensor:
-        """Scores of training ``rows`` from ``cross = <g'_{z,j}, g_t>`` ``(N, C-1, T)`` and ``solved = S^-1 U g_t``:
-        ``(g_z . g_t - (U g_z)^T S^-1 (U g_t)) / (lambda N)``, float64 ``(n, T)`` (``(n,)`` row-aligned if paired)."""
-        products = self.train_products()[:, rows]  # (m, n)
+        """Scores of training ``rows``: ``(g_z . g_t - (U g_z)^T S^-1 (U g_t)) / (lambda N)``, float64 ``(n, T)``,
+        from ``cross = <g'_{z,j}, g_t>`` ``(N, C-1, T)`` and ``vectors = S^-1 U g_t`` (a target set), or, with
+        ``paired=True`` (row ``i`` against target ``i``, ``(n,)``), ``vectors = U g_t`` against :meth:`train_side`."""
         if paired:
             targets = torch.arange(len(rows))
             direct = torch.einsum("nj,nj->n", self.coefficients[rows], cross[rows, :, targets])
-            correction = (products * solved).sum(0)
+            correction = (self.train_side()[:, rows] * vectors).sum(0)
         else:
             direct = torch.einsum("nj,njt->nt", self.coefficients[rows], cross[rows])
-            correction = products.T @ solved
+            correction = self.train_products()[:, rows].T @ vectors
         return (direct - correction) / (self.damping * self.num_examples)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -622,9 +630,10 @@ class InfluenceFunctionScorer:
 
     @staticmethod
     def _factorised_gb(examples: int, kept_classes: int, per_example: int) -> float:
-        """Memory of a factorised fit: float32 factors, the float64 class kernel, ``S`` and its factor, ``U G``."""
+        """Memory of a factorised fit: float32 factors, the float64 class kernel, ``S`` and its factor, ``U G`` and
+        (for self-influence) ``S^-1 U G``."""
         rows = examples * kept_classes
-        return (examples * per_example * 4 + (3 * rows * rows + rows * examples) * 8) / 2**30
+        return (examples * per_example * 4 + (3 * rows * rows + 2 * rows * examples) * 8) / 2**30
 
     def _check_factorised_budget(self, examples: int, kept_classes: int, per_example: int) -> None:
         needed = self._factorised_gb(examples, kept_classes, per_example)
@@ -923,10 +932,10 @@ class InfluenceFunctionScorer:
 
     def _cross(self, factors: _FactorisedFit, targets: Mapping[str, torch.Tensor], labels: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``<g'_{z,j}, g_t>`` ``(N, C-1, T)`` and ``S^-1 U g_t`` ``(m, T)`` of the targets, float64."""
+        """``<g'_{z,j}, g_t>`` ``(N, C-1, T)`` and ``U g_t`` ``(m, T)`` of the targets, float64."""
         target_deltas, target_inputs = self._target_factors(targets, labels)
         cross = _factor_kernel(factors.deltas, factors.inputs, target_deltas, target_inputs)[:, :, :, 0]
-        return cross, factors.solve(factors.curvature_products(cross))
+        return cross, factors.curvature_products(cross)
 
     def preconditioned(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """``(G + lambda I)^-1 g_t`` of every target, float64 ``(D', T)``; the last target set's is kept
@@ -951,7 +960,8 @@ class InfluenceFunctionScorer:
         if factors.method == "factorised":
             key = fingerprint({k: v for k, v in targets.items() if isinstance(v, torch.Tensor)}, torch.as_tensor(labels))
             if self._preconditioned is None or self._preconditioned[0] != key:
-                self._preconditioned = (key, self._cross(factors, targets, labels))
+                cross, projected = self._cross(factors, targets, labels)
+                self._preconditioned = (key, (cross, factors.solve(projected)))
             cross, solved = self._preconditioned[1]
             return factors.influence(cross, solved, rows).float()
         v = self.preconditioned(targets, labels)
@@ -962,8 +972,8 @@ class InfluenceFunctionScorer:
         rows = self._rows(example_ids)
         factors = self._fitted()
         if factors.method == "factorised":
-            cross, solved = self._cross(factors, batch, labels)
-            return factors.influence(cross, solved, rows, paired=True).float()
+            cross, projected = self._cross(factors, batch, labels)
+            return factors.influence(cross, projected, rows, paired=True).float()
         v = _precondition(factors, self.target_grads(batch, labels))  # (D', n)
         return ((factors.train_gradients(rows) * v.T).sum(1) / factors.num_examples).float()
 
