@@ -179,6 +179,13 @@ def _curvature_blocks(probs: torch.Tensor, classes: torch.Tensor) -> torch.Tenso
     return torch.diag_embed(kept) + kept[:, :, None] * kept[:, None, :] / top[:, :, None]
 
 
+def _kept_classes(probs: torch.Tensor) -> torch.Tensor:
+    """The pseudo-labels whose gradients carry ``G``: every class but the predicted one, int64 ``(N, C-1)``."""
+    n, c = probs.shape
+    everything = torch.arange(c).expand(n, c)
+    return everything[everything != probs.argmax(1, keepdim=True)].view(n, c - 1)
+
+
 def _label_coefficients(probs: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``b`` with ``g_{z,y} = b^T G'_z``: the label's own row, or ``-p' / p_top`` when the label is the predicted
     class (the one left out), float64 ``(N, C-1)``."""
@@ -711,8 +718,7 @@ class InfluenceFunctionScorer:
                 self._check_budget(expected or n, c - 1)
             seen += n
             self._check_budget(seen, c - 1)
-            everything = torch.arange(c).expand(n, c)
-            kept = everything[everything != p.argmax(1, keepdim=True)].view(n, c - 1)  # all but the predicted class
+            kept = _kept_classes(p)
             repeated = {k: v.repeat_interleave(c - 1, 0) for k, v in inputs.items()}
 
             def row_context(k: int, ids: torch.Tensor = batch_ids, per: int = c - 1) -> ContextManager:
@@ -862,8 +868,7 @@ class InfluenceFunctionScorer:
                 self._check_factorised_budget(expected or n, c - 1, per_example)
             seen += n
             self._check_factorised_budget(seen, c - 1, per_example)
-            everything = torch.arange(c).expand(n, c)
-            kept = everything[everything != p.argmax(1, keepdim=True)].view(n, c - 1)  # all but the predicted class
+            kept = _kept_classes(p)
             d = self._output_gradients(logits, outputs, rows, kept, check=first)
             del logits, outputs
             gram = sum(torch.einsum("njo,nko->njk", dl.double(), dl.double()) * (xl.double() ** 2).sum(1)[:, None, None]
@@ -944,9 +949,13 @@ class InfluenceFunctionScorer:
         if factors.method == "factorised":
             raise TurnoverError("a factorised fit never forms parameter-space vectors; use scores(...), or fit with "
                                 "factorised=False for preconditioned(...).")
+        return self._per_target_set(targets, labels, lambda: _precondition(factors, self.target_grads(targets, labels)))
+
+    def _per_target_set(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor, build: Callable[[], Any]) -> Any:
+        """``build()`` for this target set, kept until another set comes (chunks of ids share one target set)."""
         key = fingerprint({k: v for k, v in targets.items() if isinstance(v, torch.Tensor)}, torch.as_tensor(labels))
         if self._preconditioned is None or self._preconditioned[0] != key:
-            self._preconditioned = (key, _precondition(factors, self.target_grads(targets, labels)))
+            self._preconditioned = (key, build())
         return self._preconditioned[1]
 
     def _rows(self, example_ids: torch.Tensor) -> torch.Tensor:
@@ -958,11 +967,11 @@ class InfluenceFunctionScorer:
         rows = self._rows(example_ids)
         factors = self._fitted()
         if factors.method == "factorised":
-            key = fingerprint({k: v for k, v in targets.items() if isinstance(v, torch.Tensor)}, torch.as_tensor(labels))
-            if self._preconditioned is None or self._preconditioned[0] != key:
+            def build() -> tuple[torch.Tensor, torch.Tensor]:
                 cross, projected = self._cross(factors, targets, labels)
-                self._preconditioned = (key, (cross, factors.solve(projected)))
-            cross, solved = self._preconditioned[1]
+                return cross, factors.solve(projected)
+
+            cross, solved = self._per_target_set(targets, labels, build)
             return factors.influence(cross, solved, rows).float()
         v = self.preconditioned(targets, labels)
         return (factors.train_gradients(rows) @ v / factors.num_examples).float()
