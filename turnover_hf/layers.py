@@ -127,11 +127,14 @@ _CHANNEL_CLASSES: dict[type, type] = {}
 
 
 def channel_stack(module: nn.Linear) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """All copies of a channel Linear: weights ``(K, out, in)`` and biases ``(K, out)`` (or None), copy 0 first."""
-    weight = torch.cat([module.weight.unsqueeze(0), getattr(module, CHANNEL_WEIGHT)])
+    """All copies of a Linear: weights ``(K, out, in)`` and biases ``(K, out)`` (or None), copy 0 first; ``K = 1``
+    for a Linear without mask channels."""
+    extra = getattr(module, CHANNEL_WEIGHT, None)
+    weight = module.weight.unsqueeze(0) if extra is None else torch.cat([module.weight.unsqueeze(0), extra])
     if module.bias is None:
         return weight, None
-    return weight, torch.cat([module.bias.unsqueeze(0), getattr(module, CHANNEL_BIAS)])
+    bias = module.bias.unsqueeze(0)
+    return weight, bias if extra is None else torch.cat([bias, getattr(module, CHANNEL_BIAS)])
 
 
 def channel_logits(module: nn.Linear, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .context import instance_masks, state_of
-from .layers import CHANNEL_WEIGHT, channel_stack
+from .layers import channel_stack
 from .targets import head_linears, inner_model
 
 
@@ -158,10 +158,7 @@ def head_logits(head: nn.Linear, features: torch.Tensor, masks: torch.Tensor) ->
     """Logits of every (mask, target) pair, shape (N, T, C): ``(masks[n] * features[t]) @ W.T + b`` as one GEMM.
 
     A head with ``K`` mask channels takes masks of ``K x d`` units: ``(1/K) sum_c (m_c * f) @ W_c.T + b_c``."""
-    if hasattr(head, CHANNEL_WEIGHT):
-        weight, bias = channel_stack(head)  # (K, C, d), (K, C)
-    else:
-        weight, bias = head.weight.unsqueeze(0), None if head.bias is None else head.bias.unsqueeze(0)
+    weight, bias = channel_stack(head)  # (K, C, d), (K, C)
     k, classes, width = weight.shape
     # (T, K, d, C) -> rows (channel, feature), columns (target, class)
     per_target = features[:, None, :, None] * weight.transpose(1, 2)[None]

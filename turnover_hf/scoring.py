@@ -306,10 +306,7 @@ class TurnoverScorer:
         """Per-row self-influence on the closed-form path: rows pair features[r] with masks[r]."""
         head = dict(self._inner.named_modules())[self._head]
         scale = scale_of(self.state.config.p)
-        if self.state.sites[0].channels > 1:
-            mask_logits, flip_logits = channel_logits(head, features, masks), channel_logits(head, features, scale - masks)
-        else:
-            mask_logits, flip_logits = head(features * masks), head(features * (scale - masks))
+        mask_logits, flip_logits = channel_logits(head, features, masks), channel_logits(head, features, scale - masks)
         return per_example_loss(flip_logits, labels) - per_example_loss(mask_logits, labels)
 
     def _closed_form_scores(self, inputs, labels, example_ids) -> torch.Tensor:
