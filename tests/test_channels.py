@@ -182,6 +182,10 @@ def test_channels_are_refused_where_they_cannot_apply():
         th.TurnoverConfig(channels=0)
     with pytest.raises(th.NoTargetMatchedError, match="inputs are masked"):
         th.patch_model(tiny_roberta(), th.TurnoverConfig(channels=K))  # head masks on its hidden layer's outputs
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS")
+    with pytest.raises(th.NoTargetMatchedError, match="not supported on PEFT models"):
+        th.patch_model(peft.get_peft_model(tiny_bert(), lora), th.TurnoverConfig(channels=K))
     with pytest.raises(th.NoTargetMatchedError, match="Conv1D|nn.Linear"):
         th.patch_model(tiny_gpt2(), th.TurnoverConfig(channels=K, target_module_types=["Conv1D"],
                                                       target_modules="score", mask_inputs_of=".*"))
