@@ -622,10 +622,33 @@ class InfluenceFunctionScorer:
         """The context each training example was trained under: its own mask, or nothing for a plain model."""
         return instance_masks(self.model, example_ids, mode="train") if self.patched else contextlib.nullcontext()
 
+    def fit_memory_gb(self, num_examples: int, num_classes: int) -> float:
+        """About how many GB fitting on ``num_examples`` examples of a ``num_classes``-way task keeps (the
+        factorised size when the model qualifies for it and it is smaller); compare with ``max_memory_gb``.
+
+        Example:
+            >>> scorer = InfluenceFunctionScorer(model)
+            >>> scorer.fit_memory_gb(len(train), model.config.num_labels) <= scorer.max_memory_gb
+            True
+        """
+        kept = max(1, int(num_classes) - 1)
+        needed = self._materialised_gb(num_examples, kept)
+        if self._factorisable() and (self.solver != "auto" or num_examples * kept <= self.num_parameters):
+            modules = dict(self.model.named_modules())
+            per_example = sum(modules[layer.name].in_features * layer.weight + layer.bias
+                              + kept * modules[layer.name].out_features for layer in self._layers)
+            needed = min(needed, self._factorised_gb(num_examples, kept, per_example))
+        return needed
+
+    def _materialised_gb(self, examples: int, kept_classes: int) -> float:
+        rows = examples * kept_classes
+        side = min(rows, self.width) if self.solver == "auto" else (rows if self.solver == "woodbury" else self.width)
+        return (rows * self.width * 4 + side * side * 8) / 2**30
+
     def _check_budget(self, examples: int, kept_classes: int) -> None:
         rows = examples * kept_classes
         side = min(rows, self.width) if self.solver == "auto" else (rows if self.solver == "woodbury" else self.width)
-        needed = (rows * self.width * 4 + side * side * 8) / 2**30
+        needed = self._materialised_gb(examples, kept_classes)
         if needed > self.max_memory_gb:
             what = f"{examples} examples x {kept_classes} class gradient(s) x {self.width} coordinates"
             raise TurnoverError(
