@@ -15,7 +15,7 @@ turn-over mask (Kobayashi et al., 2020) and tracks, at the same time, each revie
    validation accuracy at lr 0.1 / 0.3, against 0.65 for AdamW at 3e-3; 500 reviews, 3 epochs);
 3. saves model, tokenizer and hypergradients (``trainer.save_model`` writes ``<output-dir>/model`` and the
    hypergradients in ``<output-dir>/model/hydra``);
-4. opens the checkpoint twice, as ``InfluencePipeline(ckpt, train_dataset=train)`` (turn-over) and
+4. opens the checkpoint twice, as ``InfluencePipeline(ckpt, train_dataset=train, estimator="turnover")`` and
    ``InfluencePipeline(ckpt, train_dataset=train, estimator="hydra")``, scores every training review against
    ``--n-targets`` validation reviews with each, and prints how well they agree: Spearman correlation per target
    (mean, range; also among the reviews of the target's label only, which removes the label signal both share)

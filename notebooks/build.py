@@ -125,16 +125,21 @@ model.save_pretrained("runs/quickstart/model")
 tokenizer.save_pretrained("runs/quickstart/model")
 pipe = th.InfluencePipeline("runs/quickstart/model", train_dataset=data["train"])
 out = pipe("a gripping, beautifully shot film that never lets go", top_k=3)
-print("label", LABEL_NAMES[out["label"]], f"({out['label_source']})")
+print("estimator", pipe.estimator, "| label", LABEL_NAMES[out["label"]], f"({out['label_source']})")
 for kind in ("proponents", "opponents"):
     print(kind)
     for row in out[kind]:
         print(f"  {row['score']:+.4f}  {LABEL_NAMES[row['label']]:>6}  {row['text'][:90]}")"""),
     md("""
-**How far to trust this?** `out["agreement"]` is `None`: a single model cannot measure its own reliability, and
-measured on this data (`benchmarks/fidelity.py`) single-model rankings are close to noise. Train an ensemble of
-mask seeds (`th.train_ensemble`, see the mislabel-detection notebook) and every answer comes with its measured
-agreement."""),
+**How far to trust this?** For a single classifier the pipeline's default estimator (`estimator="auto"`) is the
+damped Gauss-Newton influence function on the adapter and the head: it is fitted once on the training set, on the
+first call, and in `benchmarks/fidelity.py` it predicts retraining best of every method measured. The model's own
+masks give forward-pass-only scores (`estimator="turnover"`), but a single model's turn-over rankings are close to
+noise there; an ensemble of mask seeds (`th.train_ensemble`, see the mislabel-detection notebook) makes them
+reproducible and every answer then comes with its measured agreement."""),
+    code("""
+turnover = th.InfluencePipeline("runs/quickstart/model", train_dataset=data["train"], estimator="turnover")
+print("top proponent by turn-over:", turnover("a gripping, beautifully shot film that never lets go", top_k=1)["proponents"][0]["text"][:90])"""),
 ]
 
 ERRORS = [
@@ -249,7 +254,7 @@ train = encode(noisy)
 th.train_ensemble(new_model, th.TurnoverConfig(seed=0), training_args("runs/mislabels"), train,
                   num_members=MEMBERS, freeze_leaking=True, processing_class=tokenizer)
 ensemble = th.InfluencePipeline("runs/mislabels", tokenizer, train_dataset=noisy)
-single = th.InfluencePipeline("runs/mislabels/member-0", tokenizer, train_dataset=noisy)
+single = th.InfluencePipeline("runs/mislabels/member-0", tokenizer, train_dataset=noisy, estimator="turnover")
 influence = th.InfluencePipeline("runs/mislabels/member-0", tokenizer, train_dataset=noisy, estimator="influence")
 own = {"one model": single.self_influence(), f"ensemble of {MEMBERS}": ensemble.self_influence(),
        "influence function": influence.self_influence()}"""),
@@ -295,7 +300,7 @@ trainer.hydra.save("runs/hydra/model/hydra")"""),
     code("""
 from turnover_hf.evaluation import spearman_columns
 
-turnover = th.InfluencePipeline("runs/hydra/model", train_dataset=data["train"])
+turnover = th.InfluencePipeline("runs/hydra/model", train_dataset=data["train"], estimator="turnover")
 hydra = th.InfluencePipeline("runs/hydra/model", train_dataset=data["train"], estimator="hydra")
 targets = data["validation"]
 a, b = turnover.scores(targets), hydra.scores(targets)

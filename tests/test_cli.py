@@ -133,6 +133,12 @@ def test_report_writes_a_page_with_three_plots(trained):
     assert page.count('src="data:image/png;base64,') == 3  # self-influence, flip sanity, influence by class
     assert page.count("<h3>Target ") == 2
     assert "Suspected mislabelled" in page and "target accuracy" in page
+    # the default estimator for a classifier is the influence function; the page says what its scores mean
+    assert "Gauss-Newton" in page and "One model:" not in page
+    done = turnover_hf("report", "--model", "out/model", "--output", "turnover.html", "--explain", "1",
+                       "--estimator", "turnover", cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    page = (root / "turnover.html").read_text(encoding="utf-8")
     assert "One model:" in page and "flipped mask" in page  # a single turn-over model's scores carry the caveat
 
 
@@ -223,13 +229,14 @@ def test_the_influence_estimator_fits_once_and_is_reused(trained, capsys):
     expected = th.InfluencePipeline(str(model), train_dataset=train, estimator="influence")(
         [{"text": t, "label": 1} for t in texts], top_k=3
     )
-    turnover = json.loads((root / "explained.json").read_text()) if (root / "explained.json").exists() else None
+    assert in_process(root, "explain", "--model", "out/model", "--text", *texts, "--label", "present",
+                      "--estimator", "turnover", "--top_k", "3", "--output", "turnover.json") == 0
+    turnover = json.loads((root / "turnover.json").read_text())
     for result, wanted in zip(written, expected):
         assert [r["example_id"] for r in result["proponents"]] == [r["example_id"] for r in wanted["proponents"]]
         assert [r["score"] for r in result["proponents"]] == pytest.approx([r["score"] for r in wanted["proponents"]],
                                                                            rel=1e-4, abs=1e-7)
-    if turnover is not None:  # another estimator, other scores
-        assert [r["score"] for r in written[0]["proponents"]] != [r["score"] for r in turnover[0]["proponents"]]
+    assert [r["score"] for r in written[0]["proponents"]] != [r["score"] for r in turnover[0]["proponents"]]  # another estimator
     capsys.readouterr()
     assert in_process(root, "explain", "--model", "out/model", "--text", texts[0], "--estimator", "influence",
                       "--projection_dim", "64") == 1  # a fit with other options is not silently reused

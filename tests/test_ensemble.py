@@ -29,7 +29,7 @@ def task(tmp_path):
 def test_ensemble_scores_are_the_mean_of_its_members(task):
     tokenizer, train = task
     members = [_member(seed, len(train), weights_seed=seed) for seed in (11, 12, 13, 14)]
-    singles = [th.InfluencePipeline(m, tokenizer, train_dataset=train) for m in members]
+    singles = [th.InfluencePipeline(m, tokenizer, train_dataset=train, estimator="turnover") for m in members]
     pipe = th.InfluencePipeline(members, tokenizer, train_dataset=train)
     assert pipe.num_members == 4
     targets = train.select([2, 9, 17])
@@ -51,7 +51,7 @@ def test_ensemble_scores_are_the_mean_of_its_members(task):
 
 def test_single_model_reports_no_agreement_and_refuses_to_measure_it(task):
     tokenizer, train = task
-    pipe = th.InfluencePipeline(_member(1, len(train)), tokenizer, train_dataset=train)
+    pipe = th.InfluencePipeline(_member(1, len(train)), tokenizer, train_dataset=train, estimator="turnover")
     out = pipe(train[0]["text"])
     assert out["members"] == 1 and out["agreement"] is None
     with pytest.raises(th.TurnoverError, match="train_ensemble"):

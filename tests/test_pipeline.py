@@ -32,7 +32,8 @@ def _encoded(tokenizer, texts, labels):
 
 def test_matrix_self_and_mean_influence_match_the_definition(setup):
     model, tokenizer, train = setup
-    pipe = th.InfluencePipeline(model, tokenizer, train_dataset=train, batch_size=16, chunk_size=16)
+    pipe = th.InfluencePipeline(model, tokenizer, train_dataset=train, batch_size=16, chunk_size=16,
+                                estimator="turnover")
     targets = [{"text": train[i]["text"], "label": train[i]["label"]} for i in (0, 5, 7)]
     ids = torch.tensor(train["example_id"])
     encoded = _encoded(tokenizer, [t["text"] for t in targets], [t["label"] for t in targets])
@@ -49,7 +50,7 @@ def test_matrix_self_and_mean_influence_match_the_definition(setup):
 def test_call_returns_proponents_and_opponents_with_rows(setup, caplog):
     model, tokenizer, train = setup
     with caplog.at_level(logging.WARNING, logger="turnover_hf.pipeline"):
-        pipe = th.InfluencePipeline(model, tokenizer, train_dataset=train, top_k=3)
+        pipe = th.InfluencePipeline(model, tokenizer, train_dataset=train, top_k=3, estimator="turnover")
     # one model: its rankings are mostly mask noise, and the warning names both remedies
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "single turn-over model" in warned and "train_ensemble" in warned and "estimator='influence'" in warned
@@ -105,7 +106,11 @@ def test_pipeline_loads_a_checkpoint_folder(setup, tmp_path):
     tokenizer.save_pretrained(tmp_path / "ckpt")
     pipe = th.InfluencePipeline(str(tmp_path / "ckpt"), train_dataset=train)
     direct = th.InfluencePipeline(model, tokenizer, train_dataset=train)
-    assert torch.equal(pipe.scores(train.select([0, 1])), direct.scores(train.select([0, 1])))
+    assert pipe.estimator == direct.estimator == "influence"  # the default for a classifier
+    assert torch.allclose(pipe.scores(train.select([0, 1])), direct.scores(train.select([0, 1])), atol=1e-6)
+    turnover = th.InfluencePipeline(str(tmp_path / "ckpt"), train_dataset=train, estimator="turnover")
+    direct = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="turnover")
+    assert torch.equal(turnover.scores(train.select([0, 1])), direct.scores(train.select([0, 1])))
 
 
 def test_bad_input_gets_clear_errors(setup):
@@ -121,9 +126,53 @@ def test_bad_input_gets_clear_errors(setup):
     with pytest.raises(th.TurnoverError, match="cannot use a target of type int"):
         pipe([3])
     with pytest.raises(th.NotPatchedError):
-        th.InfluencePipeline(tiny_bert(), tokenizer, train_dataset=train)
+        th.InfluencePipeline(tiny_bert(), tokenizer, train_dataset=train, estimator="turnover")
     with pytest.raises(th.MissingExampleIdsError):
         th.InfluencePipeline(model, tokenizer, train_dataset=train.remove_columns("example_id"))
+
+
+def test_auto_scores_with_the_most_faithful_estimator_the_model_allows(setup, tmp_path, caplog):
+    model, tokenizer, train = setup
+    targets = train.select([1, 2, 3])
+    auto = th.InfluencePipeline(model, tokenizer, train_dataset=train)
+    chosen = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence")
+    assert auto.estimator == "influence" and isinstance(auto.scorer, th.InfluenceFunctionScorer)
+    assert auto.scorer.projection_dim is None
+    assert torch.equal(auto.scores(targets), chosen.scores(targets))
+    # a plain (unpatched) classifier: the influence function needs no masks
+    plain = tiny_bert()
+    plain_pipe = th.InfluencePipeline(plain, tokenizer, train_dataset=train)
+    assert plain_pipe.estimator == "influence" and plain_pipe.scores(targets).shape == (40, 3)
+    # several models: their turn-over scores are averaged
+    other = th.patch_model(_top_layer_adapter(tiny_bert()), th.TurnoverConfig(seed=7), freeze_leaking=True).eval()
+    other.turnover_config.num_train_examples = len(train)
+    members = th.InfluencePipeline([model, other], tokenizer, train_dataset=train)
+    assert members.estimator == "turnover" and members.num_members == 2
+    with pytest.raises(th.TurnoverError, match="scores with 'turnover'.*Drop influence_options"):
+        th.InfluencePipeline([model, other], tokenizer, train_dataset=train, influence_options={"damping_factor": 1.0})
+
+
+def test_auto_sketches_gradients_when_an_exact_fit_exceeds_the_memory_budget(setup, caplog):
+    _, tokenizer, train = setup
+    model = tiny_bert()  # every parameter trainable: more of them than the sketch's width
+    exact = th.InfluenceFunctionScorer(model).fit_memory_gb(len(train), 2)
+    sketched = th.InfluenceFunctionScorer(model, projection_dim=th.pipeline.AUTO_PROJECTION_DIM).fit_memory_gb(len(train), 2)
+    assert sketched < exact
+    budget = {"max_memory_gb": (exact + sketched) / 2}
+    # the estimate is the fit's own: an exact fit on that budget is refused, naming the fix
+    refused = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence", influence_options=budget)
+    with pytest.raises(th.TurnoverError, match="above max_memory_gb.*projection_dim"):
+        refused.scores(train.select([1]))
+    with caplog.at_level(logging.WARNING, logger="turnover_hf.pipeline"):
+        auto = th.InfluencePipeline(model, tokenizer, train_dataset=train, influence_options=budget)
+    assert auto.estimator == "influence" and auto.scorer.projection_dim == th.pipeline.AUTO_PROJECTION_DIM
+    assert "sketching gradients" in caplog.text and "max_memory_gb" in caplog.text
+    sketch = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence",
+                                  influence_options={**budget, "projection_dim": th.pipeline.AUTO_PROJECTION_DIM})
+    assert torch.equal(auto.scores(train.select([1, 2])), sketch.scores(train.select([1, 2])))
+    roomy = th.InfluencePipeline(model, tokenizer, train_dataset=train, influence_options={"max_memory_gb": exact * 1.01})
+    assert roomy.scorer.projection_dim is None
+    roomy.scores(train.select([1]))  # the exact fit runs within the budget the estimate gave
 
 
 SHARDED = r"""
@@ -190,9 +239,11 @@ def test_both_estimators_behind_one_pipeline(tmp_path):
     tokenizer.save_pretrained(folder)
     trainer.hydra.save(folder / "hydra")
     targets = train.select([0, 1, 2])
-    turnover = th.InfluencePipeline(str(folder), train_dataset=train)
+    turnover = th.InfluencePipeline(str(folder), train_dataset=train, estimator="turnover")
     hydra = th.InfluencePipeline(str(folder), train_dataset=train, estimator="hydra")
     assert hydra.scorer.path == "hydra" and turnover.scorer.path == "prefix"
+    auto = th.InfluencePipeline(str(folder), train_dataset=train, hydra_dir=folder / "hydra")
+    assert auto.estimator == "hydra"  # hypergradients the user points to are used
     batch, labels, _ = hydra.prepare_targets(targets)
     direct = th.HydraScorer(hydra.model, str(folder / "hydra")).scores(batch, labels, torch.tensor(train["example_id"]))
     assert torch.allclose(hydra.scores(targets), direct, atol=1e-6)

@@ -128,12 +128,13 @@ class ScoringOptions:
     device: Optional[str] = field(
         default=None, metadata={"help": "Where to run the model, e.g. cpu or cuda:0 (default: where it loads)."}
     )
-    estimator: Literal["turnover", "influence", "hydra"] = field(
-        default="turnover",
-        metadata={"help": "turnover: turn-over dropout (forward passes; average an ensemble, see --num_members of "
-                          "train). influence: damped Gauss-Newton influence function on the trainable parameters "
+    estimator: Literal["auto", "turnover", "influence", "hydra"] = field(
+        default="auto",
+        metadata={"help": "auto: influence for a classifier, turnover for an ensemble or a language model. "
+                          "influence: damped Gauss-Newton influence function on the trainable parameters "
                           f"(classifiers; the most faithful in benchmarks/fidelity.py; fitted once and kept in "
-                          f"<model>/{INFLUENCE_DIR}/ for the next command). hydra: hypergradients saved in "
+                          f"<model>/{INFLUENCE_DIR}/ for the next command). turnover: turn-over dropout (forward "
+                          "passes; average an ensemble, see --num_members of train). hydra: hypergradients saved in "
                           "<model>/hydra by a HYDRA trainer."},
     )
     projection_dim: Optional[int] = field(
@@ -523,7 +524,7 @@ def _pipeline(options: ScoringOptions) -> Any:
     train = _standard_columns(load_from_disk(train_path), options.text_column, options.label_column,
                               f"the training set {train_path!r}", need_label=False)
     estimator_options: dict[str, Any] = {}
-    if options.estimator == "influence":
+    if options.estimator in ("influence", "auto"):
         folder = estimator_options["influence_dir"] = os.path.join(options.model, INFLUENCE_DIR)
         if os.path.isfile(os.path.join(folder, INFLUENCE_META)):  # a fit from an earlier command: reuse it if asked for
             kept = InfluenceFunctionScorer.read_meta(folder)["projection_dim"]
@@ -535,7 +536,7 @@ def _pipeline(options: ScoringOptions) -> Any:
         elif options.projection_dim is not None:
             estimator_options["influence_options"] = {"projection_dim": options.projection_dim}
     elif options.projection_dim is not None:
-        raise TurnoverError("--projection_dim is an option of --estimator influence.")
+        raise TurnoverError("--projection_dim is an option of --estimator influence (or auto).")
     pipe = InfluencePipeline(options.model, train_dataset=train, batch_size=options.batch_size,
                              max_length=options.max_length, device=options.device, estimator=options.estimator,
                              **estimator_options)
@@ -702,7 +703,7 @@ def _command_report(options: ScoringOptions, chosen: ReportOptions) -> int:
         chosen.output, overwrite=chosen.overwrite, title=chosen.title, config=config,
         model=os.path.abspath(options.model), dataset_sizes=sizes, metrics=metrics, explanations=explanations,
         suspects=self_influence, figures=figures, captions=captions, label_names=names, top_k=chosen.top_k,
-        max_suspects=chosen.suspects, estimator=options.estimator,
+        max_suspects=chosen.suspects, estimator=pipe.estimator,
     )
     print(f"wrote the report to {path}")
     return 0
@@ -721,18 +722,19 @@ class _Command:
 COMMANDS: dict[str, _Command] = {
     "explain": _Command(
         "which training examples helped and hurt given predictions",
-        "For each target text, the training examples whose flipped-mask sub-network does worst on it (they "
-        "helped: proponents) and best (they hurt: opponents), with their influence score, label and text. "
-        "Without --label the model's own prediction is explained.",
+        "For each target text, the training examples that lowered its loss most (proponents) and raised it most "
+        "(opponents), with their influence score, label and text. Without --label the model's own prediction is "
+        "explained. The default estimator (auto) is the influence function for a classifier (fitted once, kept "
+        "next to the model) and turn-over dropout for an ensemble; --estimator turnover uses forward passes only.",
         f"  {PROG} explain --model out/model --text \"a gripping film\" \"a dull, lifeless plot\"\n"
         f"  {PROG} explain --model out/model --targets questions.txt --top_k 10 --output out/explained.json\n"
-        f"  {PROG} explain --model out/model --text \"a gripping film\" --estimator influence   # most faithful",
+        f"  {PROG} explain --model out/model --text \"a gripping film\" --estimator turnover   # forward passes only",
         (ScoringOptions, ExplainOptions), _command_explain,
     ),
     "self-influence": _Command(
         "score every training example on itself (find mislabelled data)",
         "The influence of each training example on its own prediction, written highest first. High values are "
-        "examples only the sub-network that trained on them gets right: memorised, often mislabelled "
+        "examples the model had to memorise, unlike the rest of the data: often mislabelled "
         "(Kobayashi et al. 2020, App. E).",
         f"  {PROG} self-influence --model out/model --output out/self_influence.csv --top 20",
         (ScoringOptions, SelfInfluenceOptions), _command_self_influence,

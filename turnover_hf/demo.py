@@ -7,13 +7,16 @@
 2. trains it on Rotten Tomatoes reviews (:func:`turnover_hf.assets.rotten_tomatoes`) with ``TurnoverTrainer``,
    logging the flip-sanity losses of Kobayashi et al. (2020, Fig. 2) at each epoch's evaluation;
 3. saves it, reloads it with :func:`turnover_hf.load_influence_ready` and checks the reload predicts the same;
-4. lists the strongest proponents and opponents among the training reviews of its most confident validation errors;
+4. lists the strongest proponents and opponents among the training reviews of its most confident validation errors,
+   scored by :class:`turnover_hf.InfluencePipeline` with its default estimator (``--estimator``; for this
+   classifier the influence function, the most faithful in ``benchmarks/fidelity.py``; ``turnover`` scores with
+   the model's own masks, forward passes only);
 5. computes every training review's self-influence (the paper's App. E) and lists the extremes;
 6. scores a sample of validation reviews against a sample of training reviews, for the influence-by-class heatmap;
 7. writes ``report.html`` (self-contained, with the plots of :mod:`turnover_hf.plots`), ``report.md``,
    ``results.json`` and the plots as PNG files into ``--output-dir``.
 
-The default settings finish in under 6 minutes on 2 CPU cores; ``--quick`` is a smoke run of well under a minute.
+The default settings finish in under 8 minutes on 2 CPU cores; ``--quick`` is a smoke run of well under a minute.
 
 Example:
     $ python -m turnover_hf.demo --quick --output-dir runs/quick
@@ -81,6 +84,7 @@ class DemoSettings:
     heatmap_train: int = 128  # ... scored against this many training reviews (a random sample: the split is shuffled)
     evaluations_per_epoch: int = 2  # points of the flip-sanity curves (Fig. 2) per epoch
     seed: int = 0
+    estimator: str = "auto"  # InfluencePipeline's estimator for every score the demo shows
 
 
 QUICK = DemoSettings(
@@ -158,17 +162,6 @@ def predict(
     return logits
 
 
-def self_influence(
-    model: PreTrainedModel, rows: Sequence[dict[str, Any]], collator: Callable, batch_size: int = 128
-) -> torch.Tensor:
-    """Influence of each training example on itself: its loss under its flipped mask minus under its own mask."""
-    scorer = th.TurnoverScorer(model, batch_size=2 * batch_size)
-    scores = torch.empty(len(rows))
-    for indices, batch in length_sorted_batches(rows, collator, batch_size, "self-influence"):
-        scores[indices] = scorer.self_scores(batch, batch["labels"], batch["example_ids"])
-    return scores
-
-
 def shorten(text: str, width: int = 100) -> str:
     """``text`` on one line, cut to ``width`` characters with an ellipsis."""
     text = " ".join(text.split())
@@ -184,29 +177,27 @@ def review(raw: Dataset, row: int, **extra: Any) -> dict[str, Any]:
 
 
 def explain_errors(
-    model: PreTrainedModel,
+    pipe: th.InfluencePipeline,
     raw: DatasetDict,
     rows: dict[str, list[dict[str, Any]]],
-    collator: Callable,
     validation_logits: torch.Tensor,
     settings: DemoSettings,
 ) -> list[dict[str, Any]]:
-    """Top proponents and opponents (turn-over influence on the true label's loss) of the most confident errors.
+    """Top proponents and opponents (influence on the true label's loss) of the most confident errors.
 
     Each explanation also holds the mean influence of the training reviews that share the target's label and of
-    those that do not: the first should be the larger if the scores carry signal beyond the noise of the masks.
+    those that do not: the first should be the larger if the scores carry signal beyond their noise.
     """
     probabilities = validation_logits.softmax(-1)
     labels = torch.tensor(raw["validation"]["label"])
     wrong = (probabilities.argmax(-1) != labels).nonzero().flatten()
     confidence = probabilities[wrong].max(-1).values
     chosen = wrong[confidence.argsort(descending=True)][: settings.explained_errors].tolist()
-    train_ids = torch.tensor(raw["train"]["example_id"])
     train_labels = torch.tensor(raw["train"]["label"])
     explanations = []
-    for row in tqdm(chosen, desc="influence", unit="review"):
-        target = collator([rows["validation"][row]])
-        scores = th.influence(model, target, example_ids=train_ids, batch_size=256)[:, 0]
+    matrix = pipe.scores([rows["validation"][row] for row in chosen]) if chosen else None  # (n_train, errors)
+    for column, row in enumerate(chosen):
+        scores = matrix[:, column]
         ranked = scores.argsort(descending=True).tolist()
         k = settings.top_k
         same_label = train_labels == labels[row]
@@ -228,6 +219,21 @@ def print_review(prefix: str, item: dict[str, Any]) -> None:
     print(f"{prefix}{score}[{item['label']}] #{item['example_id']} {shorten(item['text'])}")
 
 
+# What the scores of each estimator the demo can show are worth (benchmarks/fidelity.py measures it).
+ESTIMATOR_NOTES = {
+    "influence": ("Scored by the damped Gauss-Newton influence function on the adapters and the classifier: in "
+                  "benchmarks/fidelity.py its rankings predict retraining best (LDS 0.41 on a MiniLM adapter) and two "
+                  "seeds agree (0.38)."),
+    "turnover": ("Scored by turn-over dropout on this one model: one score compares two halves of the masked units, so "
+                 "single scores are close to noise and the same reviews can top the lists of several targets."),
+}
+SELF_INFLUENCE_LOWEST = {
+    "influence": "Lowest: reviews the rest of the data already predicts (self-influence is never negative here).",
+    "turnover": ("Most negative: the sub-network that saw them does worse on them than the one that did not; "
+                 "ambiguous reviews, or labels the rest of the data contradicts."),
+}
+
+
 def render_report(results: dict[str, Any]) -> str:
     """The Markdown report of one demo run."""
     s, timing, si = results["settings"], results["seconds"], results["self_influence"]
@@ -240,6 +246,8 @@ def render_report(results: dict[str, Any]) -> str:
     table_head = "| score | label | id | review |\n|---|---|---|---|"
     lines = [
         "# turnover-hf demo: MiniLM + turn-over dropout on Rotten Tomatoes",
+        "",
+        f"Scores: `InfluencePipeline(estimator={s['estimator']!r})` scored with **{results['estimator']}**.",
         "",
         (f"all-MiniLM-L6-v2 with a bottleneck adapter (reduction factor {s['reduction_factor']}) in its top "
          f"{s['adapter_layers']} layers, instance masks (p = 0.5, seed {s['seed']}) on the adapters and the "
@@ -273,8 +281,7 @@ def render_report(results: dict[str, Any]) -> str:
         "",
         ("The model's most confident validation errors. Influence of a training review on the true label's loss: "
          "positive = it helped the right answer (proponent), negative = it pushed towards the wrong one (opponent). "
-         "One score compares two halves of the masked units, so single scores are noisy and the same reviews can "
-         "top the lists of several targets; the mean over each label shows whether the scores carry signal."),
+         f"{ESTIMATOR_NOTES[results['estimator']]} The mean over each label shows whether the scores carry signal."),
     ]
     if not results["errors"]:
         lines += ["", "No validation review was misclassified."]
@@ -306,13 +313,12 @@ def render_report(results: dict[str, Any]) -> str:
          f"positive for {si['fraction_positive']:.1%} of {s['n_train']} reviews (the paper's App. E finds it positive "
          "on average: training on an example helps the model on that example)."),
         "",
-        "Highest: memorised; only the sub-network that saw them gets them right. Possibly mislabelled or odd.",
+        "Highest: reviews the model had to memorise, unlike the rest of the data. Possibly mislabelled or odd.",
         "",
         table_head,
         *(item(x) for x in si["highest"]),
         "",
-        ("Most negative: the sub-network that saw them does worse on them than the one that did not; ambiguous "
-         "reviews, or labels the rest of the data contradicts."),
+        SELF_INFLUENCE_LOWEST[results["estimator"]],
         "",
         table_head,
         *(item(x) for x in si["lowest"]),
@@ -403,6 +409,7 @@ def write_html_report(
         dataset_sizes={"training reviews": s["n_train"], "validation reviews": results["accuracy"]["validation"][0]},
         explanations=[{**error, "members": 1} for error in results["errors"]], suspects=suspects,
         figures=figures, captions=captions, top_k=s["top_k"], max_suspects=s["report_suspects"],
+        estimator=results["estimator"],
     )
 
 
@@ -419,11 +426,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[DemoSettings, str]:
         "--output-dir", default=os.path.join("runs", "demo"), help="where the model and report go (default runs/demo)"
     )
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (64 reviews, 1 epoch)")
+    parser.add_argument("--estimator", choices=("auto", "influence", "turnover"),
+                        help="InfluencePipeline's estimator for every score shown (default auto: the influence "
+                             "function for this classifier; turnover: the model's own masks, forward passes only)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else DemoSettings()
     chosen = {
         "n_train": args.n_train, "epochs": args.epochs, "seed": args.seed, "max_length": args.max_length,
-        "adapter_layers": args.adapter_layers,
+        "adapter_layers": args.adapter_layers, "estimator": args.estimator,
     }
     return dataclasses.replace(settings, **{k: v for k, v in chosen.items() if v is not None}), args.output_dir
 
@@ -493,24 +503,26 @@ def run(settings: DemoSettings, output_dir: str) -> dict[str, Any]:
         split: (len(labels[split]), float((logits[split].argmax(-1) == labels[split]).float().mean()))
         for split in labels
     }
-    errors = explain_errors(reloaded, raw, rows, collator, logits["validation"], settings)
-    lap("influence")
+    pipe = th.InfluencePipeline(
+        reloaded, tokenizer, train_dataset=data["train"], batch_size=settings.batch_size, estimator=settings.estimator,
+        max_length=settings.max_length,
+    )
+    errors = explain_errors(pipe, raw, rows, logits["validation"], settings)
+    lap(f"influence ({pipe.estimator}, fit included)")
 
-    scores = self_influence(reloaded, rows["train"], collator)
+    scores = torch.tensor(pipe.self_influence()["self_influence"])
     ranked = scores.argsort(descending=True).tolist()
     n = settings.listed_self_influence
     lap("self-influence")
 
     heatmap_rows = [rows["validation"][i] for i in balanced_rows(raw["validation"]["label"], settings.heatmap_targets)]
     heatmap_train = min(settings.heatmap_train, len(raw["train"]))
-    class_scores = th.influence(
-        reloaded, collator(heatmap_rows), example_ids=torch.tensor(raw["train"]["example_id"][:heatmap_train]),
-        batch_size=256,
-    )
+    class_scores = pipe.scores(heatmap_rows, example_ids=raw["train"]["example_id"][:heatmap_train])
     lap("influence by class")
 
     results = {
         "settings": dataclasses.asdict(settings),
+        "estimator": pipe.estimator,
         "accuracy": accuracies,
         "reload_max_logit_diff": reload_diff,
         "flip_sanity": sanity.history,
@@ -549,16 +561,17 @@ def print_summary(results: dict[str, Any], output_dir: str) -> None:
             print(f"  {key}:")
             for entry in error[key]:
                 print_review("    ", entry)
-    if results["errors"]:
+    if results["errors"] and results["estimator"] == "turnover":
         print("\n  (one model: a single turn-over model's top-k lists are close to noise on thousands of examples;\n"
-              "   the class means above carry the signal. Average mask seeds with turnover_hf.train_ensemble\n"
-              "   before acting on a single example; see README, 'How trustworthy are the scores?')")
+              "   the class means above carry the signal. Average mask seeds with turnover_hf.train_ensemble,\n"
+              "   or use the default estimator; see README, 'How trustworthy are the scores?')")
+    print(f"\nscores by InfluencePipeline(estimator={results['settings']['estimator']!r}): {results['estimator']}")
     si = results["self_influence"]
     print(
         f"\nself-influence: mean {si['mean']:+.4f}, median {si['median']:+.4f}, "
         f"positive for {si['fraction_positive']:.1%}"
     )
-    for title, key in (("highest (memorised / possibly mislabelled)", "highest"), ("most negative", "lowest")):
+    for title, key in (("highest (memorised / possibly mislabelled)", "highest"), ("lowest", "lowest")):
         print(f"  {title}:")
         for entry in si[key]:
             print_review("    ", entry)

@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 # Causal LMs also take (prompt, completion) tuples: only the completion's tokens count.
 TargetsLike = Union[str, tuple[str, str], Sequence[Union[str, tuple[str, str]]], Mapping[str, Any], Sequence[Mapping[str, Any]], Dataset]
 LABEL_KEYS = ("labels", "label")
-ESTIMATORS = ("turnover", "hydra", "influence")
+ESTIMATORS = ("auto", "turnover", "hydra", "influence")
+# CountSketch width the automatic choice falls back to when an exact influence fit exceeds its memory budget
+AUTO_PROJECTION_DIM = 4096
 
 
 def _load_model(path: str, estimator: str) -> nn.Module:
@@ -42,6 +44,19 @@ def _load_model(path: str, estimator: str) -> nn.Module:
     if estimator == "turnover" or os.path.isfile(os.path.join(path, CONFIG_NAME)):
         return load_influence_ready(path)
     return model_class_of(path).from_pretrained(path, use_safetensors=True)
+
+
+def _resolve_estimator(models: Sequence[nn.Module], hydra_dir: Optional[Union[str, os.PathLike]]) -> tuple[str, str]:
+    """What ``estimator="auto"`` scores with, and why: the most faithful estimator the models allow
+    (``benchmarks/fidelity.py``: seed agreement 0.68 / 0.38 for the influence function, about 0 for one turn-over
+    model)."""
+    if hydra_dir is not None:
+        return "hydra", "hydra_dir was given"
+    if len(models) > 1:
+        return "turnover", "an ensemble of turn-over models averages their scores"
+    if is_causal_lm(models[0]):
+        return "turnover", "the influence function covers classifiers, and this is a causal language model"
+    return "influence", "the influence function is the most faithful estimator for a classifier"
 
 
 def _masks_key(config: Any) -> dict[str, Any]:
@@ -64,14 +79,15 @@ def _members(model: Any) -> tuple[list[Any], Optional[str]]:
 
 
 class InfluencePipeline:
-    """Score training examples against targets with turn-over dropout (or HYDRA, or an influence function), in
-    transformers' pipeline style.
+    """Score training examples against targets, in transformers' pipeline style: by default with the most
+    faithful estimator the model allows (an influence function for a classifier, turn-over dropout for an ensemble
+    or a language model; see ``estimator``).
 
     Args:
         model: a patched model, or the path / Hub id of an influence-ready checkpoint; or an ensemble: a list of
             those trained on the same data with different mask seeds, or the folder
-            :func:`~turnover_hf.train_ensemble` wrote (its ``member-*`` folders). An ensemble's scores are the mean
-            of its members' and come with a measured agreement; a single model's are close to noise.
+            :func:`~turnover_hf.train_ensemble` wrote (its ``member-*`` folders). An ensemble's turn-over scores are
+            the mean of its members' and come with a measured agreement; a single model's are close to noise.
         tokenizer: turns text targets (and a training set without ``input_ids``) into model inputs.
         train_dataset: the training set with its id column (the one the model was trained on); rows are returned
             beside their scores. Must have as many rows as the model was trained on.
@@ -80,13 +96,18 @@ class InfluencePipeline:
         max_length: truncation length for text.
         top_k: proponents and opponents returned per target.
         fast: use the exact fast paths (closed-form head, prefix reuse); ``False`` scores row by row.
-        estimator: ``"turnover"`` (turn-over dropout, forward passes only), ``"hydra"`` (hypergradients
-            tracked during training by :class:`~turnover_hf.hydra.HydraTrainer`, loaded from ``hydra_dir``, by
-            default ``<checkpoint>/hydra``) or ``"influence"`` (the damped Gauss-Newton influence function of
+        estimator: ``"auto"`` (the default: the most faithful estimator the model allows, see below),
+            ``"turnover"`` (turn-over dropout, forward passes only), ``"hydra"`` (hypergradients tracked during
+            training by :class:`~turnover_hf.hydra.HydraTrainer`, loaded from ``hydra_dir``, by default
+            ``<checkpoint>/hydra``) or ``"influence"`` (the damped Gauss-Newton influence function of
             :class:`~turnover_hf.influence_function.InfluenceFunctionScorer`, classifiers only). The influence
-            function is fitted on ``train_dataset`` once, on the first call (one pass of per-example gradients,
-            not sharded: every process fits it), unless ``influence_dir`` (by default ``<checkpoint>/influence``)
-            holds a fit of this model; scoring is then sharded like the other estimators.
+            function is fitted on ``train_dataset`` once, on the first call (one pass over the training set, not
+            sharded: every process fits it), unless ``influence_dir`` (by default ``<checkpoint>/influence``)
+            holds a fit of this model; scoring is then sharded like the other estimators. ``"auto"`` picks
+            ``"hydra"`` when ``hydra_dir`` is given, ``"turnover"`` for an ensemble or a causal language model, and
+            ``"influence"`` for any other classifier (patched or not; exact while the fit takes at most
+            ``max_memory_gb``, 4 by default, else with a CountSketch of :data:`AUTO_PROJECTION_DIM` coordinates and a
+            warning). ``pipe.estimator`` says which was chosen.
         influence_dir: where a fitted influence function is loaded from, or saved to after fitting.
         influence_options: options of :class:`~turnover_hf.influence_function.InfluenceFunctionScorer`
             (``damping_factor``, ``projection_dim``, ``projection_seed``, ``parameters``, ``max_memory_gb``,
@@ -117,7 +138,7 @@ class InfluencePipeline:
         fast: bool = True,
         chunk_size: int = 1024,
         device: Optional[Union[str, torch.device]] = None,
-        estimator: str = "turnover",
+        estimator: str = "auto",
         hydra_dir: Optional[Union[str, os.PathLike]] = None,
         influence_dir: Optional[Union[str, os.PathLike]] = None,
         influence_options: Optional[Mapping[str, Any]] = None,
@@ -125,7 +146,7 @@ class InfluencePipeline:
         if estimator not in ESTIMATORS:
             raise TurnoverError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}.")
         models, path = _members(model)
-        if len(models) > 1 and estimator != "turnover":
+        if len(models) > 1 and estimator not in ("turnover", "auto"):
             raise TurnoverError(f"ensembles (several models) are for estimator='turnover', not {estimator!r}.")
         for k, member in enumerate(models):
             if isinstance(member, (str, os.PathLike)):
@@ -139,6 +160,15 @@ class InfluencePipeline:
         self.model = self.models[0]
         model = self.model
         self.causal_lm = is_causal_lm(model)  # targets are token sequences: labels = their ids, scores per token
+        automatic = estimator == "auto"
+        if automatic:
+            estimator, reason = _resolve_estimator(self.models, hydra_dir)
+            logger.info("estimator='auto' scores with %r: %s.", estimator, reason)
+            if influence_options and estimator != "influence":
+                raise TurnoverError(
+                    f"influence_options were given, but estimator='auto' scores with {estimator!r} ({reason}). "
+                    "Drop influence_options, or pass estimator='influence' for a single classifier."
+                )
         self.estimator = estimator
         self.tokenizer = tokenizer
         self.text_column = text_column
@@ -163,7 +193,8 @@ class InfluencePipeline:
                     "classifier, score this model with estimator='influence' (a Gauss-Newton influence function)."
                 )
         elif estimator == "influence":
-            self.id_column, expected = self._influence_setup(model, path, influence_dir, influence_options)
+            self.id_column, expected = self._influence_setup(model, path, influence_dir, influence_options,
+                                                             len(train_dataset) if automatic else None)
         else:
             from .hydra import HydraScorer, SavedHypergradients
 
@@ -192,8 +223,12 @@ class InfluencePipeline:
             self.scorer.train_data, self.scorer.data_collator = self._train_features, self.collator
 
     def _influence_setup(self, model: nn.Module, path: Optional[str], folder: Optional[Union[str, os.PathLike]],
-                         options: Optional[Mapping[str, Any]]) -> tuple[str, Optional[int]]:
-        """The influence-function scorer: loaded from a saved fit, or fitted on the training set when first used."""
+                         options: Optional[Mapping[str, Any]], automatic_size: Optional[int] = None
+                         ) -> tuple[str, Optional[int]]:
+        """The influence-function scorer: loaded from a saved fit, or fitted on the training set when first used.
+
+        ``automatic_size`` (the training set's size, for ``estimator="auto"``): sketch the gradients when an exact
+        fit of that many examples would exceed the memory budget and no projection was asked for."""
         from .influence_function import INFLUENCE_DIR, META_NAME, InfluenceFunctionScorer
 
         options = dict(options or {})
@@ -215,6 +250,20 @@ class InfluencePipeline:
             self.scorer = InfluenceFunctionScorer.load(model, self._influence_dir, batch_size=self.batch_size, **runtime)
         else:
             self.scorer = InfluenceFunctionScorer(model, batch_size=self.batch_size, **options)
+            num_classes = int(getattr(getattr(model, "config", None), "num_labels", 2))
+            if automatic_size is not None and options.get("projection_dim") is None:
+                needed = self.scorer.fit_memory_gb(automatic_size, num_classes)
+                if needed > self.scorer.max_memory_gb:
+                    logger.warning(
+                        "an exact influence fit of %d examples x %d parameters would take about %.1f GB (above "
+                        "max_memory_gb=%g): sketching gradients to %d coordinates, an approximation (LDS about 0.3 "
+                        "in benchmarks/fidelity.py instead of 0.4-0.6). Raise influence_options['max_memory_gb'] "
+                        "or select fewer influence_options['parameters'] for exact scores.",
+                        automatic_size, self.scorer.num_parameters, needed, self.scorer.max_memory_gb,
+                        AUTO_PROJECTION_DIM,
+                    )
+                    options["projection_dim"] = AUTO_PROJECTION_DIM
+                    self.scorer = InfluenceFunctionScorer(model, batch_size=self.batch_size, **options)
         patched = self.scorer.patched
         expected = state_of(model).config.num_train_examples if patched else None
         if self.scorer.factors is not None:
@@ -285,7 +334,7 @@ class InfluencePipeline:
             elif isinstance(target, str):
                 rows.append({k: v[0] for k, v in self._tokenize([target]).items()})
             elif isinstance(target, Mapping):
-                row = dict(target)
+                row = {k: v for k, v in target.items() if k != self.id_column}  # a target is no training example
                 if "input_ids" not in row:
                     if self.text_column not in row:
                         raise TurnoverError(f"target {target!r} has neither input_ids nor {self.text_column!r}.")
