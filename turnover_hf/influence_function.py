@@ -39,13 +39,17 @@ features), a per-example gradient is, per layer, the outer product ``delta a^T``
 layer's raw output (taken by a forward hook that runs before any output-mask hook, so the mask enters through the
 chain rule), ``a`` its input as the layer saw it (after any input mask), with a 1 appended when the bias is
 tracked. Two gradients then have the inner product ``sum_layers (delta_1 . delta_2) (a_1 . a_2)``. The fit keeps
-``delta`` of the ``C - 1`` kept classes and ``a`` of every example, builds ``S = lambda I + U U^T`` from ``N x N``
-kernels (``N^2 sum(in + out)`` operations instead of ``N^2 sum(in x out)``) and keeps its Cholesky factor and
-``U g_z`` of every training example; a target set costs one forward and backward per target batch, its kernel
-with the training factors and one Cholesky solve (``O(N^2)`` per target: a one-target explanation never pays for
-``S^-1 U g_z`` of all N, an ``O(N^3)`` solve made once, on the first self-influence call):
+``delta`` of the ``C - 1`` kept classes and ``a`` of every example, builds the lower triangle of
+``S = lambda I + U U^T`` from ``N x N`` kernels (``N^2 sum(in + out) / 2`` operations instead of
+``N^2 sum(in x out)``) and keeps its Cholesky factor. Each training gradient is a combination of its own rows of
+``U``, ``g_z = U^T c_z``, so by Woodbury ``(G + lambda I)^-1 g_z = U^T S^-1 c_z`` and
 
-    score(z, t) = (g_z . g_t - (U g_z)^T S^-1 (U g_t)) / (lambda N)
+    score(z, t) = c_z^T (S^-1 U g_t)_z / N
+
+(``(.)_z``: the ``C - 1`` entries of ``z``'s rows). A target set costs one forward and backward per target batch,
+its kernel with the training factors (``U g_t``) and one Cholesky solve (``O(N^2)`` per target: a one-target
+explanation never pays an ``O(N^3)`` step beyond the factorisation); self-influence reads the rows of ``S^-1``,
+formed once from the factor on the first self-influence call (a third of the cost of solving for all N).
 
 The numbers are those of the materialised fit (to float32 rounding; on a 384 -> 128 -> 2 head with N = 2,000, one
 thread: fit, one 64-target set and self-influence of all N in 2.6 s instead of 112 s, scores within 2e-7 of the
@@ -58,9 +62,9 @@ mean per-example gradients (``method == "materialised"``), as does ``solver="aut
 ``factorised=False`` never factorises.
 
 Scale. The materialised fit keeps ``N x (C - 1) x D`` float32 gradients; the factorised one keeps
-``N x (sum(in') + (C - 1) sum(out))`` float32 factors and float64 ``N (C - 1)``-square matrices (the class kernel,
-``S`` and its factor) and ``S^-1 U G`` (``N (C - 1) x N``). When the fit's size exceeds ``max_memory_gb`` the
-scorer refuses and asks for ``projection_dim=d`` (or, factorised, ``factorised=False``); with a projection every
+``N x (sum(in') + (C - 1) sum(out))`` float32 factors (and a float64 copy) and float64 ``N (C - 1)``-square
+matrices (``S`` while it is factorised, its factor, and ``S^-1`` once self-influence is asked for). When the fit's
+size exceeds ``max_memory_gb`` the scorer refuses and asks for ``projection_dim=d`` (or, factorised, ``factorised=False``); with a projection every
 gradient is sketched with a fixed, seeded CountSketch (each parameter coordinate hashed to one of ``d`` buckets
 with a random sign, from the package's integer hash of ``(projection_seed, parameter name, index)``: ``O(D)``
 memory, identical on every device). The
@@ -350,33 +354,47 @@ def _one_row_each(tensor: Any, n: int) -> Optional[torch.Tensor]:
     return None
 
 
-def _factor_kernel(a_deltas: Sequence[torch.Tensor], a_inputs: Sequence[torch.Tensor], b_deltas: Sequence[torch.Tensor],
-                   b_inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Inner products of factorised gradients, float64 ``(na, ca, nb, cb)``.
+# Rows per block of the symmetric class kernel: the lower triangle is built block row by block row, so about half
+# of the products of a full Gram matrix are skipped (at least this many block rows, fewer rows if memory asks).
+TRIANGLE_BLOCKS = 8
 
-    Side ``a`` holds, per layer, output gradients ``(na, ca, out)`` and inputs ``(na, in')``: its gradient ``(i, j)``
-    is ``sum_l delta_{l,i,j} a_{l,i}^T``, so ``<g_a, g_b> = sum_l (delta_a . delta_b) (a_a . a_b)``; rows of ``a``
-    are taken in blocks whose float64 temporaries fit :data:`BLOCK_BYTES`.
+
+def _factor_kernel(left: Sequence[tuple[torch.Tensor, torch.Tensor]], right: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                   lower: bool = False) -> torch.Tensor:
+    """Inner products of factorised gradients, float64 ``(na ca, nb cb)`` (row ``(i, j)`` is ``i * ca + j``).
+
+    Each side holds, per layer, output gradients ``(n, c, out)`` and inputs ``(n, in')``, float64: its gradient
+    ``(i, j)`` is ``sum_l delta_{l,i,j} a_{l,i}^T``, so ``<g_a, g_b> = sum_l (delta_a . delta_b) (a_a . a_b)``. Rows
+    of ``left`` are taken in blocks whose temporaries fit :data:`BLOCK_BYTES`. ``lower=True`` (``left`` is
+    ``right``) fills only the blocks on and below the diagonal (the rest stays zero): what a Cholesky factorisation
+    reads, for about half the products.
     """
-    na, ca = a_deltas[0].shape[:2]
-    nb, cb = b_deltas[0].shape[:2]
-    out = torch.zeros(na, ca, nb, cb, dtype=torch.float64)
-    b = [(d.double().reshape(nb * cb, -1), x.double()) for d, x in zip(b_deltas, b_inputs)]
-    step = max(1, BLOCK_BYTES // (8 * 2 * ca * nb * cb))
+    na, ca = left[0][0].shape[:2]
+    nb, cb = right[0][0].shape[:2]
+    out = torch.zeros(na * ca, nb * cb, dtype=torch.float64)
+    step = max(1, min(BLOCK_BYTES // (8 * 2 * ca * nb * cb), -(-na // TRIANGLE_BLOCKS) if lower else na))
+    flat = [(delta.reshape(-1, delta.shape[2]), x) for delta, x in right]
     for start in range(0, na, step):
-        rows = slice(start, start + step)
-        for delta, x, (other_delta, other_x) in zip(a_deltas, a_inputs, b):
-            d = delta[rows].double()
-            products = (d.reshape(-1, d.shape[2]) @ other_delta.T).view(d.shape[0], ca, nb, cb)
-            out[rows] += products * (x[rows].double() @ other_x.T)[:, None, :, None]
+        stop = min(start + step, na)
+        width = stop if lower else nb  # examples of the right side this block pairs with
+        block = out[start * ca : stop * ca, : width * cb].view(stop - start, ca, width, cb)
+        for (delta, x), (other_delta, other_x) in zip(left, flat):
+            products = delta[start:stop].reshape(-1, delta.shape[2]) @ other_delta[: width * cb].T
+            products = products.view(stop - start, ca, width, cb).mul_((x[start:stop] @ other_x[:width].T)[:, None, :, None])
+            block.add_(products)
     return out
-
 
 @dataclass
 class _FactorisedFit:
     """A fit on tracked Linear layers kept as factors: per layer, the output gradients of the ``C - 1`` kept classes
     ``(N, C-1, out)`` and the inputs ``(N, in')`` (a column of ones when the bias is tracked), float32; and the
-    Cholesky factor of ``S = lambda I + U U^T``, float64 ``(m, m)``, ``m = N (C - 1)``."""
+    Cholesky factor of ``S = lambda I + U U^T``, float64 ``(m, m)``, ``m = N (C - 1)``.
+
+    A training gradient is a combination of ``U``'s rows: ``g_z = U^T c_z`` with ``c_z = sqrt(N) R_z^-1 b_z`` on
+    ``z``'s ``C - 1`` rows (zero elsewhere; ``R_z R_z^T = A_z``, ``g_z = G'_z^T b_z``). Woodbury then gives
+    ``(G + lambda I)^-1 g_z = U^T S^-1 c_z``, so ``score(z, t) = c_z^T (S^-1 U g_t)_z / N``: a target set costs its
+    kernel with the training factors (``U g_t``) and one Cholesky solve; self-influence reads ``S^-1``, formed once.
+    """
 
     example_ids: torch.Tensor  # (N,) int64
     labels: torch.Tensor  # (N,) int64
@@ -396,8 +414,11 @@ class _FactorisedFit:
         self._sorted = self.example_ids[self._order]
         self.roots = torch.linalg.cholesky(_curvature_blocks(self.probabilities, self.classes))  # R R^T = A
         self.coefficients = _label_coefficients(self.probabilities, self.classes, self.labels)
-        self._train_products: Optional[torch.Tensor] = None  # U g_z of every training example, (m, N)
-        self._train_side: Optional[torch.Tensor] = None  # S^-1 U g_z of every training example, (m, N)
+        # c_z: g_z = U^T c_z, float64 (N, C-1)
+        self.row_weights = math.sqrt(self.num_examples) * torch.linalg.solve_triangular(
+            self.roots, self.coefficients[:, :, None], upper=False)[:, :, 0]
+        self._rows: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None  # U's factors, float64
+        self._inverse: Optional[torch.Tensor] = None  # S^-1, float64 (m, m), formed on the first self-influence call
 
     @property
     def num_examples(self) -> int:
@@ -406,54 +427,53 @@ class _FactorisedFit:
     def rows_of(self, example_ids: torch.Tensor) -> torch.Tensor:
         return _rows_of(self._sorted, self._order, example_ids)
 
-    def class_kernel(self) -> torch.Tensor:
-        """``<g'_{z,j}, g'_{z',k}>`` of every pair of kept-class gradients, float64 ``(N, C-1, N, C-1)``."""
-        return _factor_kernel(self.deltas, self.inputs, self.deltas, self.inputs)
+    def curvature_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The factors of ``U``'s rows ``R_z^T G'_z / sqrt(N)``, per layer: output gradients
+        ``R_z^T delta_z / sqrt(N)`` ``(N, C-1, out)`` and inputs ``(N, in')``, float64; built once."""
+        if self._rows is None:
+            scale = 1.0 / math.sqrt(self.num_examples)
+            self._rows = [(torch.einsum("njk,njo->nko", self.roots, delta.double()).mul_(scale), x.double())
+                          for delta, x in zip(self.deltas, self.inputs)]
+        return self._rows
 
-    def curvature_products(self, kernel: torch.Tensor) -> torch.Tensor:
-        """``U x`` for the gradients ``x`` whose kernel with the kept-class gradients is ``kernel`` ``(N, C-1, T)``:
-        rows ``R_z^T G'_z / sqrt(N)``, float64 ``(m, T)``."""
-        return torch.einsum("njk,njt->nkt", self.roots, kernel).reshape(-1, kernel.shape[2]) / math.sqrt(self.num_examples)
+    def factorise(self) -> None:
+        """The Cholesky factor of ``S = lambda I + U U^T``, from the lower triangle of ``U U^T``."""
+        rows = self.curvature_factors()
+        system = _factor_kernel(rows, rows, lower=True)
+        system.diagonal().add_(self.damping)
+        self.factor = torch.linalg.cholesky(system)
 
-    def system(self, kernel: torch.Tensor) -> torch.Tensor:
-        """``U U^T`` from the class kernel, float64 ``(m, m)``."""
-        n, c = self.classes.shape
-        gram = torch.einsum("njk,njmi,mil->nkml", self.roots, kernel, self.roots) / n
-        return gram.reshape(n * c, n * c)
-
-    def train_products(self, kernel: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``U g_z`` of every training example, float64 ``(m, N)``; built once (from ``kernel`` if given)."""
-        if self._train_products is None:
-            kernel = self.class_kernel() if kernel is None else kernel
-            own = torch.einsum("njmi,mi->njm", kernel, self.coefficients)  # <g'_{z,j}, g_{z'}>
-            self._train_products = self.curvature_products(own)
-        return self._train_products
-
-    def train_side(self) -> torch.Tensor:
-        """``S^-1 U g_z`` of every training example, float64 ``(m, N)``: one ``O(m^2 N)`` solve, made on the first
-        self-influence call (each training row is then its own target, and one large solve beats one per batch)."""
-        if self._train_side is None:
-            self._train_side = self.solve(self.train_products())
-        return self._train_side
+    def curvature_products(self, deltas: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``U g_t`` of the gradients with, per layer, output gradients ``(T, 1, out)`` and inputs ``(T, in')``,
+        float64 ``(m, T)``."""
+        return _factor_kernel(self.curvature_factors(), [(d.double(), x.double()) for d, x in zip(deltas, inputs)])
 
     def solve(self, projected: torch.Tensor) -> torch.Tensor:
         """``S^-1 x`` for the columns of ``projected`` ``(m, T)``, float64: one Cholesky solve per target set, so
-        a few targets cost ``O(m^2)`` and no ``O(m^3)`` product over all training examples is ever formed."""
+        a few targets cost ``O(m^2)``."""
         return torch.cholesky_solve(projected, self.factor)
 
-    def influence(self, cross: torch.Tensor, vectors: torch.Tensor, rows: torch.Tensor,
-                  paired: bool = False) -> torch.Tensor:
-        """Scores of training ``rows``: ``(g_z . g_t - (U g_z)^T S^-1 (U g_t)) / (lambda N)``, float64 ``(n, T)``,
-        from ``cross = <g'_{z,j}, g_t>`` ``(N, C-1, T)`` and ``vectors = S^-1 U g_t`` (a target set), or, with
-        ``paired=True`` (row ``i`` against target ``i``, ``(n,)``), ``vectors = U g_t`` against :meth:`train_side`."""
-        if paired:
-            targets = torch.arange(len(rows))
-            direct = torch.einsum("nj,nj->n", self.coefficients[rows], cross[rows, :, targets])
-            correction = (self.train_side()[:, rows] * vectors).sum(0)
-        else:
-            direct = torch.einsum("nj,njt->nt", self.coefficients[rows], cross[rows])
-            correction = self.train_products()[:, rows].T @ vectors
-        return (direct - correction) / (self.damping * self.num_examples)
+    def inverse(self) -> torch.Tensor:
+        """``S^-1``, float64 ``(m, m)``: formed once from the factor, on the first self-influence call (each
+        training row is then its own target; one inverse costs a third of a solve against all N)."""
+        if self._inverse is None:
+            self._inverse = torch.cholesky_inverse(self.factor)
+        return self._inverse
+
+    def influence(self, solved: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Scores of training ``rows`` against a target set, ``c_z^T (S^-1 U g_t)_z / N``, float64 ``(n, T)``, from
+        ``solved = S^-1 U g_t`` ``(m, T)``."""
+        n, c = self.classes.shape
+        solved = solved.view(n, c, -1)[rows]  # (n_rows, C-1, T)
+        return torch.einsum("nj,njt->nt", self.row_weights[rows], solved) / n
+
+    def self_influence(self, projected: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Score of each training row ``rows[i]`` against target ``i``, float64 ``(n,)``, from ``projected = U g_t``
+        ``(m, n)``: row ``z``'s rows of ``S^-1`` against its target's column."""
+        n, c = self.classes.shape
+        own = self.inverse().view(n, c, -1)[rows]  # (n_rows, C-1, m)
+        per_class = torch.einsum("njm,mn->nj", own, projected)
+        return (self.row_weights[rows] * per_class).sum(1) / n
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"example_ids": self.example_ids, "labels": self.labels, "probabilities": self.probabilities,
@@ -660,8 +680,9 @@ class InfluenceFunctionScorer:
 
     @staticmethod
     def _factorised_gb(examples: int, kept_classes: int, per_example: int) -> float:
-        """Memory of a factorised fit: float32 factors, the float64 class kernel, ``S`` and its factor, ``U G`` and
-        (for self-influence) ``S^-1 U G``."""
+        """Memory budgeted for a factorised fit: float32 factors, three float64 ``m x m`` and two ``m x N`` matrices
+        (what the fit kept before it formed ``S^-1`` in place of ``U G`` and ``S^-1 U G``; it now keeps less once
+        ``m`` is more than a few times the factors' width)."""
         rows = examples * kept_classes
         return (examples * per_example * 4 + (3 * rows * rows + 2 * rows * examples) * 8) / 2**30
 
@@ -912,12 +933,7 @@ class InfluenceFunctionScorer:
         self._check_damping(damping)
         fit = _FactorisedFit(example_ids, torch.cat(labels), torch.cat(probs), torch.cat(classes), list(self._layers),
                              [torch.cat(x) for x in deltas], [torch.cat(x) for x in inputs], torch.empty(0), damping, trace)
-        kernel = fit.class_kernel()
-        system = fit.system(kernel)
-        system.diagonal().add_(damping)
-        fit.factor = torch.linalg.cholesky(system)
-        del system
-        fit.train_products(kernel)
+        fit.factorise()
         return fit
 
     def _fitted(self) -> Union[_Factors, _FactorisedFit]:
@@ -958,12 +974,10 @@ class InfluenceFunctionScorer:
                 rows[i].append(al)
         return [torch.cat(x) for x in deltas], [torch.cat(x) for x in rows]
 
-    def _cross(self, factors: _FactorisedFit, targets: Mapping[str, torch.Tensor], labels: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``<g'_{z,j}, g_t>`` ``(N, C-1, T)`` and ``U g_t`` ``(m, T)`` of the targets, float64."""
-        target_deltas, target_inputs = self._target_factors(targets, labels)
-        cross = _factor_kernel(factors.deltas, factors.inputs, target_deltas, target_inputs)[:, :, :, 0]
-        return cross, factors.curvature_products(cross)
+    def _projected(self, factors: _FactorisedFit, targets: Mapping[str, torch.Tensor], labels: torch.Tensor
+                   ) -> torch.Tensor:
+        """``U g_t`` of the targets, float64 ``(m, T)``."""
+        return factors.curvature_products(*self._target_factors(targets, labels))
 
     def preconditioned(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """``(G + lambda I)^-1 g_t`` of every target, float64 ``(D', T)``; the last target set's is kept
@@ -990,12 +1004,9 @@ class InfluenceFunctionScorer:
         rows = self._rows(example_ids)
         factors = self._fitted()
         if factors.method == "factorised":
-            def build() -> tuple[torch.Tensor, torch.Tensor]:
-                cross, projected = self._cross(factors, targets, labels)
-                return cross, factors.solve(projected)
-
-            cross, solved = self._per_target_set(targets, labels, build)
-            return factors.influence(cross, solved, rows).float()
+            solved = self._per_target_set(targets, labels,
+                                          lambda: factors.solve(self._projected(factors, targets, labels)))
+            return factors.influence(solved, rows).float()
         v = self.preconditioned(targets, labels)
         return (factors.train_gradients(rows) @ v / factors.num_examples).float()
 
@@ -1004,8 +1015,7 @@ class InfluenceFunctionScorer:
         rows = self._rows(example_ids)
         factors = self._fitted()
         if factors.method == "factorised":
-            cross, projected = self._cross(factors, batch, labels)
-            return factors.influence(cross, projected, rows, paired=True).float()
+            return factors.self_influence(self._projected(factors, batch, labels), rows).float()
         v = _precondition(factors, self.target_grads(batch, labels))  # (D', n)
         return ((factors.train_gradients(rows) * v.T).sum(1) / factors.num_examples).float()
 
