@@ -20,6 +20,7 @@ from torch.func import functional_call, jacrev
 
 import turnover_hf as th
 from turnover_hf.errors import ConfigMismatchError, TurnoverError
+from turnover_hf import influence_function
 from turnover_hf.influence_function import CountSketch, InfluenceFunctionScorer
 
 from conftest import batch_of, text_task, tiny_bert, tiny_gpt2_lm, token_task, word_tokenizer
@@ -588,8 +589,22 @@ def test_a_factorised_fit_saves_and_loads_with_identical_scores(tmp_path):
     assert loaded.method == "factorised"
     assert torch.equal(loaded.scores({"features": tx}, ty, ids), scores)
     assert torch.equal(loaded.self_scores({"features": x}, y, ids), own)
+    one = {"features": tx[:1]}  # a set this small is solved with the refined float32 factor: the same in both
+    assert torch.equal(loaded.scores(one, ty[:1], ids), scorer.scores(one, ty[:1], ids))
     with pytest.raises(ConfigMismatchError, match="factorised"):
         InfluenceFunctionScorer.load(model, tmp_path / "fit", factorised=False)
+    # a version-2 folder (the float64 Cholesky factor instead of S) still loads, with the same scores
+    from safetensors.torch import load_file, save_file
+
+    (tmp_path / "v2").mkdir()
+    tensors = load_file(tmp_path / "fit" / "influence_factors.safetensors")
+    tensors["factor"] = torch.linalg.cholesky(tensors.pop("system")).contiguous()
+    save_file(tensors, tmp_path / "v2" / "influence_factors.safetensors")
+    written = json.loads((tmp_path / "fit" / "influence.json").read_text())
+    (tmp_path / "v2" / "influence.json").write_text(json.dumps({**written, "version": 2}))
+    v2 = InfluenceFunctionScorer.load(model, tmp_path / "v2", show_progress=False)
+    assert _max_gap(v2.scores({"features": tx}, ty, ids), scores) <= 1e-6
+    assert _max_gap(v2.self_scores({"features": x}, y, ids), own) <= 1e-6
     # a version-1 folder (materialised, written before "method" existed) still loads
     old = InfluenceFunctionScorer(model, batches, factorised=False, show_progress=False)
     old.save(tmp_path / "v1")
@@ -610,3 +625,56 @@ def test_the_pipeline_passes_the_factorised_choice_through(tmp_path):
     with pytest.raises(th.TurnoverError, match="factorised"):  # the kept fit is factorised: forcing the other path
         th.InfluencePipeline(model, train_dataset=train, estimator="influence", influence_dir=tmp_path / "fit",
                              influence_options={"factorised": False})
+
+
+# -- the factorised fit's solves: float32 factor with float64 refinement, kept input Gram matrices -----------------
+def _masked_head_fit(n=60, **options):
+    model = th.patch_model(MaskedHead(), th.TurnoverConfig(seed=1, target_modules=["hidden", "out"],
+                                                           mask_inputs_of=["out"]), warn_leaking=False).eval()
+    x, y, ids, batches = _head_batches(n, 6, 3, seed=9)
+    return InfluenceFunctionScorer(model, batches, show_progress=False, **options).fit(), x, y, ids
+
+
+def test_a_small_target_set_is_solved_with_a_refined_float32_factor_to_float64_accuracy():
+    scorer, x, y, ids = _masked_head_fit()
+    fit = scorer.factors
+    tx, ty = torch.randn(2, 6), torch.randint(0, 3, (2,))  # 2 x REFINED_SOLVE_RATIO <= m = 120: the refined path
+    projected = scorer._projected(fit, {"features": tx}, ty)
+    refined = fit.solve(projected)
+    assert fit._factor32 is not None and fit.factor.numel() == 0  # no float64 factor was needed
+    exact = torch.cholesky_solve(projected, fit.float64_factor())
+    float32_only = torch.cholesky_solve(projected.float(), fit._factor32).double()
+    assert _max_gap(refined, exact) < 1e-11 < _max_gap(float32_only, exact)
+    # a large target set takes the float64 factor; scores agree either way
+    many = torch.randn(5 * 120, 6), torch.randint(0, 3, (5 * 120,))
+    assert _max_gap(scorer.scores({"features": many[0][:2]}, many[1][:2], ids),
+                    scorer.scores({"features": many[0]}, many[1], ids)[:, :2]) <= 1e-6
+
+
+def test_an_ill_conditioned_system_falls_back_to_the_float64_factor():
+    # N (C - 1) = 300 curvature rows for D = 224 parameters: S has eigenvalues lambda and up to ~1e12 lambda
+    scorer, x, y, ids = _masked_head_fit(150, damping_factor=1e-12, solver="woodbury", factorised=True)
+    fit = scorer.factors
+    tx, ty = torch.randn(1, 6), torch.randint(0, 3, (1,))
+    projected = scorer._projected(fit, {"features": tx}, ty)
+    assert fit._refined_solve(projected) is None  # float32 cannot reach float64 accuracy here
+    assert torch.equal(fit.solve(projected), torch.cholesky_solve(projected, fit.float64_factor()))
+
+
+def test_self_influence_reuses_the_input_grams_of_layers_no_mask_changes(monkeypatch):
+    (scorer, x, y, ids), (fresh, _, _, _) = _masked_head_fit(), _masked_head_fit()
+    monkeypatch.setattr(influence_function, "INPUT_GRAMS_BYTES", 0)  # the same fit without kept Gram matrices
+    computed, _, _, _ = _masked_head_fit()
+    assert all(g is None for g in computed.factors._input_grams)
+    assert all(g is not None for g in scorer.factors._input_grams)
+    # inputs other than the training ones (same ids): nothing is reused, and the Gram matrices of the layers whose
+    # inputs differ are dropped
+    shifted = x + 0.5
+    assert _max_gap(scorer.self_scores({"features": shifted}, y, ids),
+                    computed.self_scores({"features": shifted}, y, ids)) <= 1e-6
+    hidden, mid, out = scorer.factors._input_grams  # mid tracks only its bias: its inputs are ones
+    assert hidden is None and mid is not None and out is None
+    own = fresh.self_scores({"features": x[7:30]}, y[7:30], ids[7:30])
+    hidden, mid, out = fresh.factors._input_grams  # hidden sees unmasked features; out's inputs are masked
+    assert hidden is not None and mid is not None and out is None
+    assert _max_gap(own, computed.self_scores({"features": x[7:30]}, y[7:30], ids[7:30])) <= 1e-6

@@ -112,7 +112,8 @@ from .store import fingerprint
 from .targets import is_causal_lm
 
 FORMAT = "turnover-hf/influence-function"
-FORMAT_VERSION = 2  # 2: adds "method" (and the factorised layout); version-1 folders (materialised) still load
+FORMAT_VERSION = 3  # 2: adds "method" (and the factorised layout); 3: a factorised fit keeps S ("system"), not
+# its Cholesky factor. Version-2 folders (factorised: the factor) and version-1 folders (materialised) still load.
 META_NAME = "influence.json"
 FACTORS_NAME = "influence_factors.safetensors"
 INFLUENCE_DIR = "influence"  # beside a saved model: where InfluencePipeline looks for fitted factors
@@ -430,10 +431,12 @@ class _FactorisedFit:
     ``(G + lambda I)^-1 g_z = U^T S^-1 c_z``, so ``score(z, t) = c_z^T (S^-1 U g_t)_z / N``: a target set costs its
     kernel with the training factors (``U g_t``) and one solve; self-influence reads ``S^-1``, formed once.
 
-    A fresh fit keeps ``S`` and factorises it on first use: in float32 with float64 iterative refinement for a
-    small target set (the float32 factor costs half as much; the refined solution agrees with the float64 one to
-    float64 rounding, and a factor that does not contract the error is abandoned for the float64 one), in float64
-    for a large set, self-influence and saving (the float64 factor then replaces ``S``).
+    The fit keeps ``S`` (and saves it) and factorises it on first use: in float32 with float64 iterative
+    refinement for a small target set (the float32 factor costs half as much; the refined solution agrees with the
+    float64 one to float64 rounding; a factor that does not contract the error is abandoned for the float64 one),
+    in float64 for a large set and self-influence. Which solve a target set gets depends only on ``S`` and the
+    set's size, so a fit and its saved copy give identical scores. A version-2 folder holds only the float64
+    factor, which then serves every target set.
     """
 
     example_ids: torch.Tensor  # (N,) int64
@@ -443,9 +446,10 @@ class _FactorisedFit:
     layers: list[_Layer]
     deltas: list[torch.Tensor]  # per layer (N, C-1, out) float32: d CE(pseudo-label) / d raw layer output
     inputs: list[torch.Tensor]  # per layer (N, in') float32: the layer input as the layer saw it
-    factor: torch.Tensor  # lower Cholesky factor of S, float64 (m, m); empty until formed (see the class docstring)
+    factor: torch.Tensor  # lower Cholesky factor of S, float64 (m, m); empty until formed from S
     damping: float
     trace: float
+    system: Optional[torch.Tensor] = None  # S, float64 (m, m) (None in a version-2 folder's fit)
     solver: str = "woodbury"
     method: str = "factorised"
 
@@ -458,7 +462,6 @@ class _FactorisedFit:
         self.row_weights = math.sqrt(self.num_examples) * torch.linalg.solve_triangular(
             self.roots, self.coefficients[:, :, None], upper=False)[:, :, 0]
         self._rows: Optional[list[FactorPair]] = None  # U's factors, float64
-        self._system: Optional[torch.Tensor] = None  # S, float64 (m, m), until the float64 factor is formed
         self._factor32: Optional[torch.Tensor] = None  # float32 Cholesky factor of S (small target sets)
         self._inverse: Optional[torch.Tensor] = None  # S^-1, float64 (m, m), formed on the first self-influence call
         self._input_grams: list[Optional[torch.Tensor]] = []  # per layer: the inputs' Gram matrix (N, N), if kept
@@ -489,19 +492,18 @@ class _FactorisedFit:
         self._input_grams = [torch.zeros(n, n, dtype=torch.float64) if keep else None for _ in rows]
         system = _factor_kernel(rows, rows, lower=True, keep_grams=self._input_grams)
         system.diagonal().add_(self.damping)
-        self._system = _mirror_lower(system, c * _block_rows(n, c, n, c, True))
+        self.system = _mirror_lower(system, c * _block_rows(n, c, n, c, True))
 
     def float64_factor(self) -> torch.Tensor:
-        """The float64 Cholesky factor of ``S`` (formed from ``S`` on first use, which it then replaces)."""
+        """The float64 Cholesky factor of ``S``, formed on first use."""
         if self.factor.numel() == 0:
-            self.factor = torch.linalg.cholesky(self._system)
-            self._system = self._factor32 = None
+            self.factor = torch.linalg.cholesky(self.system)
         return self.factor
 
     def solve(self, projected: torch.Tensor) -> torch.Tensor:
         """``S^-1 x`` for the columns of ``projected`` ``(m, T)``, float64: one solve per target set, so a few
         targets cost ``O(m^2)`` beyond the factorisation."""
-        if self.factor.numel() == 0 and projected.shape[1] * REFINED_SOLVE_RATIO <= projected.shape[0]:
+        if self.system is not None and projected.shape[1] * REFINED_SOLVE_RATIO <= projected.shape[0]:
             solved = self._refined_solve(projected)
             if solved is not None:
                 return solved
@@ -511,14 +513,14 @@ class _FactorisedFit:
         """``S^-1 x`` from the float32 factor with float64 residuals; None when float32 cannot factorise ``S`` or
         the refinement does not converge (``S`` too ill-conditioned for float32)."""
         if self._factor32 is None:
-            factor, info = torch.linalg.cholesky_ex(self._system.float())
+            factor, info = torch.linalg.cholesky_ex(self.system.float())
             if int(info) != 0:
                 return None
             self._factor32 = factor
         solved = torch.cholesky_solve(projected.float(), self._factor32).double()
         previous = math.inf
         for _ in range(REFINEMENT_STEPS):
-            residual = torch.addmm(projected, self._system, solved, alpha=-1.0)
+            residual = torch.addmm(projected, self.system, solved, alpha=-1.0)
             update = torch.cholesky_solve(residual.float(), self._factor32).double()
             solved += update
             change = float(update.abs().max())
@@ -577,7 +579,11 @@ class _FactorisedFit:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"example_ids": self.example_ids, "labels": self.labels, "probabilities": self.probabilities,
-               "classes": self.classes, "factor": self.float64_factor()}
+               "classes": self.classes}
+        if self.system is not None:
+            out["system"] = self.system
+        else:
+            out["factor"] = self.factor
         for i, (delta, x) in enumerate(zip(self.deltas, self.inputs)):
             out[f"deltas.{i}"], out[f"inputs.{i}"] = delta, x
         return out
@@ -868,7 +874,8 @@ class InfluenceFunctionScorer:
             def row_context(k: int, ids: torch.Tensor = batch_ids, per: int = c - 1) -> ContextManager:
                 return instance_masks(self.model, ids[k // per : k // per + 1], mode="train")
 
-            g = self.grads(repeated, kept.reshape(-1).to(self.device), row_context if self.patched else None)
+            masks = self._training_masks(batch_ids.repeat_interleave(c - 1)) if self.patched else None
+            g = self.grads(repeated, kept.reshape(-1).to(self.device), row_context if self.patched else None, masks)
             g = g.view(n, c - 1, -1)
             gram = torch.einsum("ncd,ned->nce", g.double(), g.double()).cpu()
             trace += float((_curvature_blocks(p, kept) * gram).sum())
@@ -1169,16 +1176,18 @@ class InfluenceFunctionScorer:
 
     @staticmethod
     def read_meta(folder: PathLike) -> dict[str, Any]:
-        """The metadata of a saved fit (``influence.json``), checked to be this format (version 2, or 1: a
-        materialised fit written before ``method`` existed)."""
+        """The metadata of a saved fit (``influence.json``), checked to be this format (version 3; 2: a factorised
+        fit saved with its Cholesky factor; 1: a materialised fit written before ``method`` existed)."""
         try:
             return _read_meta(folder, META_NAME, FORMAT, FORMAT_VERSION, "fitted influence function")
         except ConfigMismatchError as err:
-            try:
-                meta = _read_meta(folder, META_NAME, FORMAT, 1, "fitted influence function")
-            except ConfigMismatchError:
-                raise err from None
-            return {**meta, "method": "materialised"}
+            for version in (2, 1):
+                try:
+                    meta = _read_meta(folder, META_NAME, FORMAT, version, "fitted influence function")
+                except ConfigMismatchError:
+                    continue
+                return meta if version == 2 else {**meta, "method": "materialised"}
+            raise err from None
 
     @classmethod
     def load(cls, model: nn.Module, folder: PathLike, **kwargs: Any) -> "InfluenceFunctionScorer":
@@ -1259,8 +1268,10 @@ class InfluenceFunctionScorer:
                     f"{FACTORS_NAME} holds factors of shapes {tuple(delta.shape)} and {tuple(x.shape)} for "
                     f"{layer.name!r}, which does not match the layer or the {n} examples."
                 )
+        # version 3 keeps S; a version-2 folder holds its factor instead
         return _FactorisedFit(tensors["example_ids"], tensors["labels"], tensors["probabilities"], tensors["classes"],
-                              layers, deltas, inputs, tensors["factor"], float(meta["damping"]), float(meta["trace"]))
+                              layers, deltas, inputs, tensors.get("factor", torch.empty(0)), float(meta["damping"]),
+                              float(meta["trace"]), system=tensors.get("system"))
 
 
 def _target_labels(labels: torch.Tensor) -> torch.Tensor:
