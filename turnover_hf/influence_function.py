@@ -39,9 +39,10 @@ features), a per-example gradient is, per layer, the outer product ``delta a^T``
 layer's raw output (taken by a forward hook that runs before any output-mask hook, so the mask enters through the
 chain rule), ``a`` its input as the layer saw it (after any input mask), with a 1 appended when the bias is
 tracked. Two gradients then have the inner product ``sum_layers (delta_1 . delta_2) (a_1 . a_2)``. The fit keeps
-``delta`` of the ``C - 1`` kept classes and ``a`` of every example, builds the lower triangle of
-``S = lambda I + U U^T`` from ``N x N`` kernels (``N^2 sum(in + out) / 2`` operations instead of
-``N^2 sum(in x out)``) and keeps its Cholesky factor. Each training gradient is a combination of its own rows of
+``delta`` of the ``C - 1`` kept classes and ``a`` of every example and builds ``S = lambda I + U U^T`` from
+the lower triangle of ``N x N`` kernels (``N^2 sum(in + out) / 2`` operations instead of ``N^2 sum(in x out)``),
+factorised on first use (in float32 with float64 iterative refinement for a small target set, in float64
+otherwise; both to float64 accuracy). Each training gradient is a combination of its own rows of
 ``U``, ``g_z = U^T c_z``, so by Woodbury ``(G + lambda I)^-1 g_z = U^T S^-1 c_z`` and
 
     score(z, t) = c_z^T (S^-1 U g_t)_z / N
@@ -49,7 +50,8 @@ tracked. Two gradients then have the inner product ``sum_layers (delta_1 . delta
 (``(.)_z``: the ``C - 1`` entries of ``z``'s rows). A target set costs one forward and backward per target batch,
 its kernel with the training factors (``U g_t``) and one Cholesky solve (``O(N^2)`` per target: a one-target
 explanation never pays an ``O(N^3)`` step beyond the factorisation); self-influence reads the rows of ``S^-1``,
-formed once from the factor on the first self-influence call (a third of the cost of solving for all N).
+formed once from the factor on the first self-influence call (a third of the cost of solving for all N), and
+reuses the fit's input Gram matrices of the layers whose inputs no mask changes.
 
 The numbers are those of the materialised fit (to float32 rounding; on a 384 -> 128 -> 2 head with N = 2,000, one
 thread: fit, one 64-target set and self-influence of all N in 2.6 s instead of 112 s, scores within 2e-7 of the
@@ -62,13 +64,13 @@ mean per-example gradients (``method == "materialised"``), as does ``solver="aut
 ``factorised=False`` never factorises.
 
 Scale. The materialised fit keeps ``N x (C - 1) x D`` float32 gradients; the factorised one keeps
-``N x (sum(in') + (C - 1) sum(out))`` float32 factors (and a float64 copy) and float64 ``N (C - 1)``-square
-matrices (``S`` while it is factorised, its factor, and ``S^-1`` once self-influence is asked for). When the fit's
-size exceeds ``max_memory_gb`` the scorer refuses and asks for ``projection_dim=d`` (or, factorised, ``factorised=False``); with a projection every
-gradient is sketched with a fixed, seeded CountSketch (each parameter coordinate hashed to one of ``d`` buckets
-with a random sign, from the package's integer hash of ``(projection_seed, parameter name, index)``: ``O(D)``
-memory, identical on every device). The
-sketch preserves inner products in expectation (variance ``~ |a|^2 |b|^2 / d``), so scores approach the exact ones
+``N x (sum(in') + (C - 1) sum(out))`` float32 factors (and a float64 copy), float64 ``N (C - 1)``-square
+matrices (``S``, its factors as they are needed, ``S^-1`` once self-influence is asked for) and, when they take at
+most :data:`INPUT_GRAMS_BYTES` together, the layers' ``N x N`` input Gram matrices. When the fit's size exceeds
+``max_memory_gb`` the scorer refuses and asks for ``projection_dim=d`` (or, factorised, ``factorised=False``); with
+a projection every gradient is sketched with a fixed, seeded CountSketch (each parameter coordinate hashed to one
+of ``d`` buckets with a random sign, from the package's integer hash of ``(projection_seed, parameter name,
+index)``: ``O(D)`` memory, identical on every device). The sketch preserves inner products in expectation (variance ``~ |a|^2 |b|^2 / d``), so scores approach the exact ones
 as ``d`` grows past the rank of the gradients; it is an approximation (``benchmarks/results/fidelity*.md`` measures
 how close it stays). ``lambda`` is computed from the exact gradients in both modes.
 
@@ -357,7 +359,7 @@ def _one_row_each(tensor: Any, n: int) -> Optional[torch.Tensor]:
 
 # Rows per block of a symmetric kernel: the lower triangle is built block row by block row, so about half of the
 # products of a full Gram matrix are skipped (at least this many block rows, fewer rows if memory asks).
-TRIANGLE_BLOCKS = 8
+TRIANGLE_BLOCKS = 16
 # The factorised fit keeps the float64 input Gram matrices of its layers (N x N each, a by-product of S) when they
 # take at most this much together; self-influence then reuses those of layers whose input no mask changes.
 INPUT_GRAMS_BYTES = 2**30
@@ -787,8 +789,8 @@ class InfluenceFunctionScorer:
     @staticmethod
     def _factorised_gb(examples: int, kept_classes: int, per_example: int) -> float:
         """Memory budgeted for a factorised fit: float32 factors, three float64 ``m x m`` and two ``m x N`` matrices
-        (what the fit kept before it formed ``S^-1`` in place of ``U G`` and ``S^-1 U G``; it now keeps less once
-        ``m`` is more than a few times the factors' width)."""
+        (the budget of the fit that kept ``U G`` and ``S^-1 U G``; the fit now keeps ``S``, its float32 and float64
+        factors and ``S^-1`` instead, and the input Gram matrices within :data:`INPUT_GRAMS_BYTES`)."""
         rows = examples * kept_classes
         return (examples * per_example * 4 + (3 * rows * rows + 2 * rows * examples) * 8) / 2**30
 
