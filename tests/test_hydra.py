@@ -641,3 +641,66 @@ def test_causal_lm_per_example_losses_are_the_shifted_next_token_losses(tmp_path
     targets = lm_targets()
     scores = HydraScorer(model, tracker).scores(targets, targets["labels"], torch.tensor(train["example_id"]))
     assert scores.shape == (len(lengths), 3) and torch.isfinite(scores).all() and scores.abs().max() > 0
+
+
+class _BatchCentred(nn.Module):
+    """A classifier whose rows interact (features centred over the batch): per-row gradients cannot be read off
+    one batched pass, and the check on the first call must notice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.out = nn.Linear(5, 7), nn.Linear(7, 2)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.proj(features))
+        return self.out(h - h.mean(0, keepdim=True))
+
+
+@pytest.mark.parametrize("name", ["bottleneck", "peft_lora"])
+def test_per_example_gradients_of_linear_layers_come_from_one_batched_pass(name, bert_bottleneck):
+    """Rows under their own masks in one forward and backward give the gradients of rows run one at a time."""
+    from turnover_hf.hydra import PerExampleGrads, _specs_for
+
+    if name == "bottleneck":
+        model = bert_bottleneck.eval()
+    else:
+        peft = pytest.importorskip("peft")
+        lora = peft.LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"])
+        model = th.patch_model(peft.get_peft_model(tiny_bert(), lora), th.TurnoverConfig(seed=3), freeze_leaking=True).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    specs = _specs_for(model, None)
+    ids = torch.arange(6) * 7
+    x = {"input_ids": torch.randint(1, 60, (6, 9)), "attention_mask": torch.ones(6, 9, dtype=torch.long)}
+    x["attention_mask"][2, 5:] = 0
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+
+    def row(k):
+        return th.instance_masks(model, ids[k : k + 1], mode="train")
+
+    batched = PerExampleGrads(model, specs)
+    fast = batched(x, y, row, th.instance_masks(model, ids, mode="train"))
+    one_by_one = PerExampleGrads(model, specs)
+    one_by_one.batched_ok = False  # the row-by-row path
+    slow = one_by_one(x, y, row)
+    assert batched.batched_ok is True
+    assert torch.allclose(fast, slow, atol=1e-5 * float(slow.abs().max()))
+    assert not torch.allclose(fast[0], fast[3])  # the rows differ (and their masks with them)
+
+
+def test_rows_that_interact_send_per_example_gradients_row_by_row(caplog):
+    from turnover_hf.hydra import PerExampleGrads, _specs_for
+
+    torch.manual_seed(0)
+    model = _BatchCentred().eval()
+    x, y = {"features": torch.randn(4, 5)}, torch.tensor([0, 1, 1, 0])
+    grads = PerExampleGrads(model, _specs_for(model, None))
+    with caplog.at_level("INFO", logger="turnover_hf.hydra"):
+        out = grads(x, y)
+    assert grads.batched_ok is False and "rows interact" in caplog.text
+    for k in range(4):  # each row alone, as the fallback computes it
+        model.zero_grad()
+        F.cross_entropy(model(x["features"][k : k + 1]), y[k : k + 1], reduction="sum").backward()
+        alone = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        assert torch.allclose(out[k], alone, atol=1e-6)

@@ -73,7 +73,7 @@ import os
 import random
 import shutil
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -174,13 +174,45 @@ def _target_gradients(grads: PerExampleGrads, targets: Mapping[str, torch.Tensor
     return torch.cat(out)
 
 
+class _NotBatchable(Exception):
+    """A forward in which the tracked Linear layers' per-row gradients cannot be read off one batched pass."""
+
+
+def _tracked_linears(model: nn.Module, specs: Sequence[ParamSpec]) -> Optional[dict[str, tuple[Optional[ParamSpec], Optional[ParamSpec]]]]:
+    """``{module name: (weight spec or None, bias spec or None)}`` when every tracked parameter is the weight or bias
+    of a ``torch.nn.Linear`` (exactly that class, each parameter held by that one module); else None."""
+    modules = dict(model.named_modules())
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                holders[id(p)] = holders.get(id(p), 0) + 1
+    named = dict(model.named_parameters())
+    layers: dict[str, list[Optional[ParamSpec]]] = {}
+    for spec in specs:
+        owner, _, leaf = spec.name.rpartition(".")
+        if type(modules.get(owner)) is not nn.Linear or leaf not in ("weight", "bias") or holders.get(id(named[spec.name])) != 1:
+            return None
+        layers.setdefault(owner, [None, None])[0 if leaf == "weight" else 1] = spec
+    return {name: (w, b) for name, (w, b) in layers.items()}
+
+
 class PerExampleGrads:
     """Flattened gradients of ``per_example_loss`` of each row w.r.t. the tracked parameters, ``(B, D)`` float32.
 
-    Tries ``vmap(grad)`` over rows (one traced forward for the batch); models whose forward has data-dependent
-    control flow (e.g. attention-mask shortcuts in BERT) cannot be vmapped, and then each row runs its own forward
-    and ``torch.autograd.grad`` (measured twice as fast as a ``torch.func.grad`` per row on BERT with LoRA). The
-    choice is made on the first call and kept. Runs in eval mode: gradients are those of the model without dropout.
+    Three ways, the first that applies (chosen on the first call and kept):
+
+    - **Linear layers, one batched pass**: when every tracked parameter is the weight or bias of a
+      ``torch.nn.Linear`` (heads, bottleneck adapters, LoRA's A and B), one forward and one backward of the summed
+      loss give each layer's inputs ``x`` and output gradients ``dy`` per row, and row ``b``'s weight gradient is
+      ``sum_t dy[b, t] x[b, t]^T`` over its positions (tokens). Rows run together, each under its own masks
+      (``batch_context``). The first call checks that the rows' gradients sum to the batch gradient (rows must not
+      interact, as in any model run in eval mode).
+    - ``vmap(grad)`` over rows (one traced forward for the batch), for rows without masks.
+    - Otherwise each row runs its own forward and ``torch.autograd.grad`` (under ``row_context(k)``): models whose
+      forward has data-dependent control flow (e.g. attention-mask shortcuts in BERT) cannot be vmapped.
+
+    Runs in eval mode: gradients are those of the model without dropout.
 
     Example:
         >>> grads = PerExampleGrads(model, _specs_for(model, None))
@@ -191,6 +223,8 @@ class PerExampleGrads:
         self.model = model
         self.specs = list(specs)
         self.vmap_ok: Optional[bool] = None
+        self.linears = _tracked_linears(model, self.specs)
+        self.batched_ok: Optional[bool] = None if self.linears else False
         self.shift = is_causal_lm(model)  # a causal LM's logits at position t predict token t + 1
 
     def params(self) -> dict[str, torch.Tensor]:
@@ -209,10 +243,21 @@ class PerExampleGrads:
         inputs: dict[str, torch.Tensor],
         labels: torch.Tensor,
         row_context: Optional[Callable[[int], ContextManager]] = None,
+        batch_context: Optional[ContextManager] = None,
     ) -> torch.Tensor:
+        """Per-row gradients; ``row_context(k)`` is the context row ``k`` runs under alone (e.g. its masks), and
+        ``batch_context`` the same for all rows at once (required with ``row_context`` for the batched pass)."""
         params = self.params()
         n = len(labels)
         with _eval_mode(self.model):
+            if self.batched_ok is not False and (row_context is None or batch_context is not None):
+                try:
+                    return self._batched_linear(inputs, labels, batch_context or contextlib.nullcontext(), row_context)
+                except _NotBatchable as err:
+                    if self.batched_ok:
+                        raise TurnoverError(f"per-example gradients of the tracked Linear layers: {err}") from None
+                    self.batched_ok = False
+                    logger.info("per-example gradients: %s; computing them row by row instead.", err)
             if row_context is None and self.vmap_ok is not False:
                 def one(p, x, y):
                     return self._loss_sum(p, {k: v.unsqueeze(0) for k, v in x.items()}, y.unsqueeze(0))
@@ -226,25 +271,99 @@ class PerExampleGrads:
                         raise
                     self.vmap_ok = False
                     logger.info("per-example gradients: vmap cannot trace this model (%s); one grad per row.", str(err)[:120])
-            named = dict(self.model.named_parameters())
-            tensors = [named[s.name] for s in self.specs]
-            flags = [t.requires_grad for t in tensors]
-            rows = []
-            try:
-                for t in tensors:  # a tracked subset may include frozen parameters
-                    t.requires_grad_(True)
-                with torch.enable_grad():
-                    for k in range(n):
-                        with row_context(k) if row_context is not None else contextlib.nullcontext():
-                            logits = _logits(self.model(**{key: v[k : k + 1] for key, v in inputs.items()}))
-                            loss = per_example_loss(logits, labels[k : k + 1], shift=self.shift).sum()
-                            g = torch.autograd.grad(loss, tensors, allow_unused=True)
-                        rows.append(self.flat({s.name: torch.zeros_like(t) if gi is None else gi
-                                               for s, t, gi in zip(self.specs, tensors, g)}, 1))
-            finally:
-                for t, flag in zip(tensors, flags):
-                    t.requires_grad_(flag)
-            return torch.cat(rows) if rows else torch.zeros(0, self.specs[-1].offset + self.specs[-1].numel)
+            return self._one_row_at_a_time(inputs, labels, row_context, range(n))
+
+    def _one_row_at_a_time(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+                           row_context: Optional[Callable[[int], ContextManager]], rows: Sequence[int]) -> torch.Tensor:
+        """The gradients of ``rows``, each from its own forward and backward (under ``row_context(k)``)."""
+        out = []
+        with _tracked_requiring_grad(self.model, self.specs) as tensors, torch.enable_grad():
+            for k in rows:
+                with row_context(k) if row_context is not None else contextlib.nullcontext():
+                    logits = _logits(self.model(**{key: v[k : k + 1] for key, v in inputs.items()}))
+                    loss = per_example_loss(logits, labels[k : k + 1], shift=self.shift).sum()
+                    g = torch.autograd.grad(loss, tensors, allow_unused=True)
+                out.append(self.flat({s.name: torch.zeros_like(t) if gi is None else gi
+                                      for s, t, gi in zip(self.specs, tensors, g)}, 1))
+        return torch.cat(out) if out else torch.zeros(0, self.specs[-1].offset + self.specs[-1].numel)
+
+    def _batched_linear(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, context: ContextManager,
+                        row_context: Optional[Callable[[int], ContextManager]]) -> torch.Tensor:
+        """One forward and backward of the batch; each row's gradient from the tracked Linears' inputs and output
+        gradients. The hooks run before any output-mask hook (``prepend``), so an output mask enters through the
+        chain rule and an input mask (a pre-hook) is in the input the hook sees. The first call checks that the
+        rows add up to the batch gradient (no use of a tracked weight escaped the hooks) and that the first row
+        equals that row run alone (rows do not interact)."""
+        n = len(labels)
+        modules = dict(self.model.named_modules())
+        calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in self.linears}
+
+        def keeper(name: str) -> Callable:
+            def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+                x = args[0] if args else kwargs.get("input")
+                calls[name].append((x, output))
+
+            return hook
+
+        handles = [modules[name].register_forward_hook(keeper(name), prepend=True, with_kwargs=True)
+                   for name in self.linears]
+        check = self.batched_ok is None
+        try:
+            with _tracked_requiring_grad(self.model, self.specs) as tensors, torch.enable_grad(), context:
+                logits = _logits(self.model(**inputs))
+                loss = per_example_loss(logits, labels, shift=self.shift).sum()
+                seen = [(name, x, out) for name, kept in calls.items() for x, out in kept]
+                for name, x, out in seen:
+                    if not isinstance(x, torch.Tensor) or x.shape[0] != n or out.shape[0] != n:
+                        raise _NotBatchable(f"the Linear {name!r} sees an input that is not split by rows of the batch")
+                wanted = [out for _, _, out in seen] + (list(tensors) if check else [])
+                found = torch.autograd.grad(loss, wanted, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        per_row: dict[str, torch.Tensor] = {}
+        for (name, x, _), dy in zip(seen, found):
+            if dy is None:
+                continue
+            weight, bias = self.linears[name]
+            x, dy = x.detach().reshape(n, -1, x.shape[-1]), dy.reshape(n, -1, dy.shape[-1])
+            if weight is not None:
+                g = torch.einsum("bto,bti->boi", dy, x.to(dy.dtype))
+                per_row[weight.name] = per_row[weight.name] + g if weight.name in per_row else g
+            if bias is not None:
+                g = dy.sum(1)
+                per_row[bias.name] = per_row[bias.name] + g if bias.name in per_row else g
+        named = dict(self.model.named_parameters())
+        out = self.flat({s.name: per_row.get(s.name, torch.zeros((n, *s.shape), dtype=named[s.name].dtype,
+                                                                  device=named[s.name].device))
+                         for s in self.specs}, n)
+        if check:
+            whole = torch.cat([(torch.zeros(s.numel, device=out.device) if g is None else g.reshape(-1).float())
+                               for s, g in zip(self.specs, found[len(seen):])])
+            gap = float((out.sum(0) - whole).abs().max())
+            if gap > 1e-4 * max(float(whole.abs().max()), 1e-12):
+                raise _NotBatchable(f"the rows' gradients do not add up to the batch gradient (gap {gap:.2e})")
+            alone = self._one_row_at_a_time(inputs, labels, row_context, [0])[0]
+            gap = float((out[0] - alone).abs().max())
+            if gap > 1e-4 * max(float(alone.abs().max()), 1e-12):
+                raise _NotBatchable(f"a row's gradient in the batch differs from the row alone (gap {gap:.2e}): rows interact")
+            self.batched_ok = True
+        return out
+
+
+@contextlib.contextmanager
+def _tracked_requiring_grad(model: nn.Module, specs: Sequence[ParamSpec]) -> Iterator[list[torch.Tensor]]:
+    """The tracked parameters, each requiring grad inside the block (a tracked subset may include frozen ones)."""
+    named = dict(model.named_parameters())
+    tensors = [named[s.name] for s in specs]
+    flags = [t.requires_grad for t in tensors]
+    try:
+        for t in tensors:
+            t.requires_grad_(True)
+        yield tensors
+    finally:
+        for t, flag in zip(tensors, flags):
+            t.requires_grad_(flag)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -712,11 +831,13 @@ class HydraTracker:
         labels = _labels_in(inputs).to(device)
         if len(labels) != len(example_ids):
             raise ExampleIdError(f"a batch has {len(labels)} rows but {len(example_ids)} example ids.")
-        row_context = None
+        row_context = batch_context = None
         if self.mask_context is not None:
             def row_context(k: int) -> ContextManager:
                 return self.mask_context(example_ids[k : k + 1])
-        G = self.grads(x, labels, row_context)  # (B, D)
+
+            batch_context = self.mask_context(example_ids)
+        G = self.grads(x, labels, row_context, batch_context)  # (B, D)
         if labels.dim() == 2 and not labels.is_floating_point():  # token labels: each row weighs its counted tokens
             counted = labels[:, 1:] if self.grads.shift else labels
             u = (counted != IGNORE_INDEX).sum(-1).float()
