@@ -395,7 +395,7 @@ def _factor_kernel(left: Sequence[FactorPair], right: Sequence[FactorPair], lowe
     Each side holds, per layer, output gradients ``(n, c, out)`` and inputs ``(n, in')``, float64: its gradient
     ``(i, j)`` is ``sum_l delta_{l,i,j} a_{l,i}^T``, so ``<g_a, g_b> = sum_l (delta_a . delta_b) (a_a . a_b)``. Rows
     of ``left`` are taken in blocks whose temporaries fit :data:`BLOCK_BYTES`. ``lower=True`` (``left`` is
-    ``right``) fills only the row blocks' parts on and left of the diagonal (the rest stays zero; see
+    ``right``) fills only the row blocks' parts on and left of the diagonal (the rest is left unset; see
     :func:`_mirror_lower`): what a Cholesky factorisation reads, for about half the products.
 
     ``input_grams``: per layer, None or the known Gram matrix ``(na, nb)`` of the two sides' inputs (not
@@ -404,7 +404,7 @@ def _factor_kernel(left: Sequence[FactorPair], right: Sequence[FactorPair], lowe
     """
     na, ca = left[0][0].shape[:2]
     nb, cb = right[0][0].shape[:2]
-    out = torch.zeros(na * ca, nb * cb, dtype=torch.float64)
+    out = torch.empty(na * ca, nb * cb, dtype=torch.float64)  # every block is written by its first layer
     step = _block_rows(na, ca, nb, cb, lower)
     flat = [(delta.reshape(-1, delta.shape[2]), x) for delta, x in right]
     known = list(input_grams) if input_grams is not None else [None] * len(left)
@@ -413,12 +413,16 @@ def _factor_kernel(left: Sequence[FactorPair], right: Sequence[FactorPair], lowe
         stop = min(start + step, na)
         width = stop if lower else nb  # examples of the right side this block pairs with
         block = out[start * ca : stop * ca, : width * cb].view(stop - start, ca, width, cb)
-        for (delta, x), (other_delta, other_x), gram, keep in zip(left, flat, known, kept):
+        for layer, ((delta, x), (other_delta, other_x), gram, keep) in enumerate(zip(left, flat, known, kept)):
             inputs = gram[start:stop, :width] if gram is not None else x[start:stop] @ other_x[:width].T
             if keep is not None:
                 keep[start:stop, :width] = inputs
             products = delta[start:stop].reshape(-1, delta.shape[2]) @ other_delta[: width * cb].T
-            block.addcmul_(products.view(stop - start, ca, width, cb), inputs[:, None, :, None])
+            products = products.view(stop - start, ca, width, cb)
+            if layer == 0:
+                torch.mul(products, inputs[:, None, :, None], out=block)
+            else:
+                block.addcmul_(products, inputs[:, None, :, None])
     return out
 
 
@@ -491,7 +495,7 @@ class _FactorisedFit:
         rows = self.curvature_factors()
         n, c = self.classes.shape
         keep = 8 * n * n * len(rows) <= INPUT_GRAMS_BYTES
-        self._input_grams = [torch.zeros(n, n, dtype=torch.float64) if keep else None for _ in rows]
+        self._input_grams = [torch.empty(n, n, dtype=torch.float64) if keep else None for _ in rows]
         system = _factor_kernel(rows, rows, lower=True, keep_grams=self._input_grams)
         system.diagonal().add_(self.damping)
         self.system = _mirror_lower(system, c * _block_rows(n, c, n, c, True))
