@@ -4,7 +4,8 @@
 
 * factorised (``method == "factorised"``, automatic when every tracked parameter belongs to an ``nn.Linear`` that
   sees one row per example): per layer the inputs and output gradients of every training example, ``N x N``
-  kernels, a Cholesky factor of Woodbury's ``N (C - 1)``-space system;
+  kernels, Woodbury's ``N (C - 1)``-space system, factorised at the first scoring (so the fit column holds less
+  and the scoring columns more of the work than for the materialised fit, which factorises while fitting);
 * materialised (``factorised=False``): ``N (C - 1)`` per-example gradients of ``D`` floats, solved with the float64
   curvature rows ``U`` (``G = U^T U``), kept when they take at most ``influence_function.ROWS_CACHE_BYTES`` and
   otherwise rebuilt block by block from the float32 gradients at every target set.
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 
 from turnover_hf import influence_function
+from turnover_hf.files import atomic_write_text
 from turnover_hf.influence_function import InfluenceFunctionScorer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -129,7 +131,7 @@ def main() -> None:
     median = {name: {part: statistics.median(values) for part, values in parts.items() if values}
               for name, parts in times.items()}
     rows = [
-        ("fit (one pass over the training set, factorisation)", "fit"),
+        ("fit (one pass over the training set; the materialised fit also factorises)", "fit"),
         ("scores of all N against one target set", "targets"),
         ("self-influence of all N (batches of 64)", "self"),
         ("end to end (fit + one target set + self-influence)", "end_to_end"),
@@ -158,11 +160,11 @@ def main() -> None:
     table = "\n".join(lines) + "\n"
     print(table)
     stem = RESULTS / ("influence_scoring_quick" if args.quick else "influence_scoring")
-    stem.with_suffix(".md").write_text(table, encoding="utf-8")
-    stem.with_suffix(".json").write_text(json.dumps({"n": n, "num_parameters": num_parameters,
-                                                     "targets": args.targets, "threads": args.threads,
-                                                     "times": times, "median": median,
-                                                     "max_abs_difference": gaps}, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(stem.with_suffix(".md"), table)
+    atomic_write_text(stem.with_suffix(".json"), json.dumps({"n": n, "num_parameters": num_parameters,
+                                                             "targets": args.targets, "threads": args.threads,
+                                                             "times": times, "median": median,
+                                                             "max_abs_difference": gaps}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

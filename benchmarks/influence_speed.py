@@ -1,14 +1,16 @@
 """Speed of the library's influence function against Kronfluence (EK-FAC), on the fidelity benchmark's models.
 
-For both settings of ``benchmarks/fidelity.py`` (``head``: a 384 -> 128 -> 2 head on frozen MiniLM features, the
-factorised fit; ``adapters``: a bottleneck adapter in MiniLM's top layer on cached lower-layer outputs), this script
-trains the single scored model once (run A of the fidelity benchmark, with its data, recipe and seed; everything
-is imported from ``benchmarks/fidelity.py``) and then times, in the same process and interleaved repeat by repeat:
+For both settings of ``benchmarks/fidelity.py`` (``head``: a 384 -> 128 -> 2 head on frozen MiniLM features;
+``adapters``: a bottleneck adapter in MiniLM's top layer on cached lower-layer outputs; both take the factorised
+fit, as the cached top layer sees one row per example), this script trains the single scored model once (run A of
+the fidelity benchmark, with its data, recipe and seed; everything is imported from ``benchmarks/fidelity.py``)
+and then times, in the same process and interleaved repeat by repeat:
 
-* library (``turnover_hf.InfluenceFunctionScorer``, exact): the fit; fit + the scores of all N training examples
-  against one target; fit + self-influence of all N (``self_scores`` over the training batches of 256, as the
-  fidelity benchmark calls it); end to end = fit + one target + self-influence on one scorer. The first two
-  columns use their own fresh fit each, so no work is shared between them;
+* library (``turnover_hf.InfluenceFunctionScorer``, exact): the fit (its factorisation comes with the first
+  scoring); fit + the scores of all N training examples against one target; fit + self-influence of all N
+  (``self_scores`` over the training batches of 256, as the fidelity benchmark calls it); end to end = fit + one
+  target + self-influence on one scorer. The one-target and self-influence columns use a fresh fit each, so no
+  work is shared between them;
 * Kronfluence (``turnover_hf.evaluation.peers.KronfluenceEKFAC``, as the fidelity benchmark runs it): the factors
   (the fit), fit + pairwise scores of all N against one target, fit + self-influence of all N, end to end = the
   fit once plus both scorings.
@@ -282,8 +284,10 @@ def markdown(results: dict[str, Any]) -> str:
         )
     if not results["kronfluence"]:
         lines.append("- Kronfluence is not installed (`pip install turnover-hf[bench]`): its rows are skipped.")
-    lines.append("- Library columns 2 and 3 each use a fresh fit; end to end fits once. Kronfluence fits its factors "
-                 "once per repeat (the setup, counted in every column).")
+    lines.append("- The library's one-target and self-influence columns use a fresh fit each; end to end fits once. "
+                 "Its fit column is the pass over the training set and the system S of the factorised fit; S is "
+                 "factorised at the first scoring, so that work is in the scoring columns. Kronfluence fits its "
+                 "factors once per repeat (the setup, counted in every column).")
     return "\n".join(lines) + "\n"
 
 
