@@ -429,8 +429,8 @@ def _factor_kernel(left: Sequence[FactorPair], right: Sequence[FactorPair], lowe
 @dataclass
 class _FactorisedFit:
     """A fit on tracked Linear layers kept as factors: per layer, the output gradients of the ``C - 1`` kept classes
-    ``(N, C-1, out)`` and the inputs ``(N, in')`` (a column of ones when the bias is tracked), float32; and the
-    Cholesky factor of ``S = lambda I + U U^T``, float64 ``(m, m)``, ``m = N (C - 1)``.
+    ``(N, C-1, out)`` and the inputs ``(N, in')`` (a column of ones when the bias is tracked), float32; and
+    ``S = lambda I + U U^T``, float64 ``(m, m)``, ``m = N (C - 1)``, with its Cholesky factors once formed.
 
     A training gradient is a combination of ``U``'s rows: ``g_z = U^T c_z`` with ``c_z = sqrt(N) R_z^-1 b_z`` on
     ``z``'s ``C - 1`` rows (zero elsewhere; ``R_z R_z^T = A_z``, ``g_z = G'_z^T b_z``). Woodbury then gives
