@@ -6,9 +6,9 @@
   sees one row per example): per layer the inputs and output gradients of every training example, ``N x N``
   kernels, Woodbury's ``N (C - 1)``-space system, factorised at the first scoring (so the fit column holds less
   and the scoring columns more of the work than for the materialised fit, which factorises while fitting);
-* materialised (``factorised=False``): ``N (C - 1)`` per-example gradients of ``D`` floats, solved with the float64
-  curvature rows ``U`` (``G = U^T U``), kept when they take at most ``influence_function.ROWS_CACHE_BYTES`` and
-  otherwise rebuilt block by block from the float32 gradients at every target set.
+* materialised (``factorised=False``): ``N (C - 1)`` per-example gradients of ``D`` floats, solved in float64 with
+  a float64 copy of them kept when it takes at most ``influence_function.ROWS_CACHE_BYTES`` and otherwise
+  converted block by block from the float32 gradients at every target set.
 
 This script builds a head the size of the fidelity benchmark's (384 -> 128 -> 2 on random features, N training
 examples, D = 49,538 trainable parameters) and times, in the same run, for each of three settings (factorised;
@@ -101,7 +101,7 @@ def main() -> None:
                 if materialised is None:
                     continue
                 scorer, fit_seconds = materialised, None
-                scorer.factors._kept_rows = None
+                scorer.factors._gradients64 = None
                 scorer._preconditioned = None
             else:
                 if name == "materialised":

@@ -135,7 +135,7 @@ def test_woodbury_and_direct_solvers_agree():
     assert _relative_gap(results["woodbury"], results["direct"]) < 1e-5
 
 
-def test_kept_curvature_rows_give_the_scores_of_rows_built_per_block(monkeypatch):
+def test_kept_float64_gradients_give_the_scores_of_blocks_converted_one_by_one(monkeypatch):
     from turnover_hf import influence_function
 
     model = _frozen_bert(num_labels=3)
@@ -143,13 +143,13 @@ def test_kept_curvature_rows_give_the_scores_of_rows_built_per_block(monkeypatch
     batch = batch_of(_labelled(token_task(4, seed=8), 3))
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     results = {}
-    for budget in (influence_function.ROWS_CACHE_BYTES, 0):  # rows kept once / rebuilt block by block
+    for budget in (influence_function.ROWS_CACHE_BYTES, 0):  # float64 copy kept once / blocks converted one by one
         monkeypatch.setattr(influence_function, "ROWS_CACHE_BYTES", budget)
         monkeypatch.setattr(influence_function, "BLOCK_BYTES", 8 * 24 * 100)  # several column blocks
         scorer = InfluenceFunctionScorer(model, train, solver="woodbury", factorised=False, show_progress=False)
         results[budget] = (scorer.scores(inputs, batch["labels"], torch.arange(12)),
                            scorer.self_scores(inputs, batch["labels"], torch.arange(4)))
-        assert (scorer.factors._kept_rows is not None) == (budget > 0)
+        assert (scorer.factors._gradients64 is not None) == (budget > 0)
     kept, built = results.values()
     assert _relative_gap(kept[0], built[0]) < 1e-10 and _relative_gap(kept[1], built[1]) < 1e-10
 
@@ -678,3 +678,24 @@ def test_self_influence_reuses_the_input_grams_of_layers_no_mask_changes(monkeyp
     hidden, mid, out = fresh.factors._input_grams  # hidden sees unmasked features; out's inputs are masked
     assert hidden is not None and mid is not None and out is None
     assert _max_gap(own, computed.self_scores({"features": x[7:30]}, y[7:30], ids[7:30])) <= 1e-6
+
+
+@pytest.mark.parametrize("factorised", [False, True])
+def test_self_influence_of_many_batches_at_once_equals_batch_by_batch(monkeypatch, factorised):
+    """``self_scores_many`` (what the pipeline calls) reads a materialised fit once per group of rows; the values
+    are those of ``self_scores`` on each batch, whatever the grouping."""
+    from turnover_hf import influence_function
+
+    model = _frozen_bert(num_labels=3)
+    train = th.add_example_ids(_labelled(token_task(12, seed=6), 3))
+    batches = []
+    for start in (0, 5, 9):
+        part = _labelled(token_task(12, seed=6), 3).select(range(start, {0: 5, 5: 9, 9: 12}[start]))
+        batch = batch_of(part)
+        batches.append(({k: v for k, v in batch.items() if k != "labels"}, batch["labels"], torch.arange(start, start + len(part))))
+    scorer = InfluenceFunctionScorer(model, train, factorised=factorised, show_progress=False)
+    one_by_one = torch.cat([scorer.self_scores(*item) for item in batches])
+    for group_bytes in (influence_function.SELF_INFLUENCE_GROUP_BYTES, 1):  # one group / a group per batch
+        monkeypatch.setattr(influence_function, "SELF_INFLUENCE_GROUP_BYTES", group_bytes)
+        assert _relative_gap(scorer.self_scores_many(batches), one_by_one) < 1e-6
+    assert (one_by_one > 0).all()  # g^T (G + lambda I)^-1 g of an example under its own gradient

@@ -124,6 +124,9 @@ BLOCK_BYTES = 128 * 2**20  # float64 working blocks of the solve (bounded tempor
 # The float64 curvature rows U are rebuilt from the float32 gradients at every preconditioning unless they are kept;
 # they are kept when at most this large (rebuilding costs more than the products with them).
 ROWS_CACHE_BYTES = 2**30
+# Materialised self-influence reads every stored gradient once per group of rows; a group holds at most this much
+# of its own gradients (float32 target and training gradients, and both side by side).
+SELF_INFLUENCE_GROUP_BYTES = 2**29
 _SIGN_SALT = 0x5BD1E995
 METHODS = ("factorised", "materialised")
 
@@ -223,7 +226,7 @@ class _Factors:
         self._sorted = self.example_ids[self._order]
         self.roots = torch.linalg.cholesky(_curvature_blocks(self.probabilities, self.classes))  # R R^T = A
         self.coefficients = _label_coefficients(self.probabilities, self.classes, self.labels)
-        self._kept_rows: Optional[torch.Tensor] = None  # all of U, float64, when it fits ROWS_CACHE_BYTES
+        self._gradients64: Optional[torch.Tensor] = None  # the stored gradients as float64, if they fit ROWS_CACHE_BYTES
 
     @property
     def num_examples(self) -> int:
@@ -244,25 +247,58 @@ class _Factors:
             yield slice(start, min(start + step, self.width))
 
     def curvature_rows(self, columns: slice = slice(None), examples: slice = slice(None)) -> torch.Tensor:
-        """``U[examples, columns]``, float64 ``(n (C-1), len)``: ``G = U^T U``, rows ``R_z^T G'_z / sqrt(N)``.
-
-        All of ``U`` is built once and kept when it fits :data:`ROWS_CACHE_BYTES`; otherwise each call builds
-        its block."""
-        n, c, width = self.class_gradients.shape
-        if examples == slice(None) and 8 * n * c * width <= ROWS_CACHE_BYTES:
-            if self._kept_rows is None:
-                self._kept_rows = self._build_rows(slice(None), slice(None))
-            return self._kept_rows[:, columns]
-        return self._build_rows(columns, examples)
-
-    def _build_rows(self, columns: slice, examples: slice) -> torch.Tensor:
+        """``U[examples, columns]``, float64 ``(n (C-1), len)``: ``G = U^T U``, rows ``R_z^T G'_z / sqrt(N)``."""
         block = self.class_gradients[examples, :, columns].double()
         rows = torch.einsum("nce,ncd->ned", self.roots[examples], block)
         return rows.reshape(-1, block.shape[2]) / math.sqrt(self.num_examples)
 
-    def train_gradients(self, rows: torch.Tensor) -> torch.Tensor:
-        """``g_z`` of the training rows ``rows``, float64 ``(n, D')``."""
-        return torch.einsum("nc,ncd->nd", self.coefficients[rows], self.class_gradients[rows].double())
+    def train_gradients(self, rows: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``g_z`` of the training rows ``rows``, ``(n, D')`` (float64 unless asked otherwise)."""
+        return torch.einsum("nc,ncd->nd", self.coefficients[rows].to(dtype), self.class_gradients[rows].to(dtype))
+
+    def _flat64(self, columns: slice) -> torch.Tensor:
+        """Columns of the stored gradients as float64 ``(N (C-1), len)``: from a float64 copy kept once when it fits
+        :data:`ROWS_CACHE_BYTES`, else converted block by block."""
+        n, c, width = self.class_gradients.shape
+        if 8 * n * c * width <= ROWS_CACHE_BYTES:
+            if self._gradients64 is None:
+                self._gradients64 = self.class_gradients.view(n * c, -1).double()
+            return self._gradients64[:, columns]
+        return self.class_gradients.view(n * c, -1)[:, columns].double()
+
+    def products(self, x: torch.Tensor) -> torch.Tensor:
+        """``U x`` for the columns of ``x`` ``(D', T)`` (any float dtype), float64 ``(m, T)``: the stored gradients
+        times ``x`` block by block in float64, then each example's rows mixed by its curvature root (so ``U``
+        itself is never built)."""
+        n, c, _ = self.class_gradients.shape
+        out = torch.zeros(n * c, x.shape[1], dtype=torch.float64)
+        for columns in self.columns():
+            out.addmm_(self._flat64(columns), x[columns].double())
+        return torch.einsum("nce,nct->net", self.roots, out.view(n, c, -1)).reshape(n * c, -1) / math.sqrt(n)
+
+    def transposed_products(self, y: torch.Tensor) -> torch.Tensor:
+        """``U^T y`` for ``y`` float64 ``(m, T)``: float64 ``(D', T)``."""
+        n, c, width = self.class_gradients.shape
+        mixed = torch.einsum("nce,net->nct", self.roots, y.view(n, c, -1)).reshape(n * c, -1) / math.sqrt(n)
+        out = torch.empty(y.shape[1], width, dtype=torch.float64)
+        for columns in self.columns():
+            out[:, columns] = mixed.T @ self._flat64(columns)  # (T, N) x (N, len): far faster than a transposed block
+        return out.T
+
+    def system(self) -> torch.Tensor:
+        """``U U^T``, float64 ``(m, m)``: the stored gradients' Gram matrix (block by block), mixed by the roots."""
+        n, c, _ = self.class_gradients.shape
+        m = n * c
+        step = -(-m // TRIANGLE_BLOCKS)
+        gram = torch.zeros(m, m, dtype=torch.float64)
+        for columns in self.columns():
+            block = self._flat64(columns)
+            for start in range(0, m, step):  # the lower triangle's row blocks only: about half the work
+                stop = min(start + step, m)
+                gram[start:stop, :stop].addmm_(block[start:stop], block[:stop].T)
+        gram = _mirror_lower(gram, step)
+        gram = torch.einsum("nce,ncmd,mdf->nemf", self.roots, gram.view(n, c, n, c), self.roots)
+        return gram.reshape(n * c, n * c) / n
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -273,12 +309,8 @@ class _Factors:
 
 def _solve_system(factors: _Factors) -> torch.Tensor:
     """The Cholesky factor of ``lambda I + U U^T`` (woodbury) or ``U^T U + lambda I`` (direct), float64."""
-    m = factors.class_gradients.shape[0] * factors.class_gradients.shape[1]
     if factors.solver == "woodbury":
-        system = torch.zeros(m, m, dtype=torch.float64)
-        for columns in factors.columns():
-            u = factors.curvature_rows(columns)
-            system.addmm_(u, u.T)
+        system = factors.system()
     else:
         system = torch.zeros(factors.width, factors.width, dtype=torch.float64)
         step = max(1, BLOCK_BYTES // (8 * factors.width * factors.class_gradients.shape[1]))
@@ -294,15 +326,25 @@ def _precondition(factors: _Factors, target_grads: torch.Tensor) -> torch.Tensor
     g = target_grads.double().T  # (D', T)
     if factors.solver == "direct":
         return torch.cholesky_solve(g, factors.factor)
-    m = factors.factor.shape[0]
-    projected = torch.zeros(m, g.shape[1], dtype=torch.float64)
+    solved = torch.cholesky_solve(factors.products(g), factors.factor)
+    return (g - factors.transposed_products(solved)) / factors.damping
+
+
+def _materialised_self_influence(factors: _Factors, target_grads: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``g_t(z)^T (G + lambda I)^-1 g_z / N`` of training rows ``rows`` whose target gradients are ``target_grads``
+    ``(n, D')``, float64 ``(n,)``. In the Woodbury form ``(g_t . g_z - (U g_t)^T S^-1 (U g_z)) / lambda``: one
+    pass over the stored gradients for both sides, never a ``(D', n)`` float64 matrix."""
+    train = factors.train_gradients(rows, torch.float32)
+    if factors.solver == "direct":
+        v = _precondition(factors, target_grads)
+        return (train.double() * v.T).sum(1) / factors.num_examples
+    n = len(rows)
+    projected = factors.products(torch.cat([target_grads.float(), train]).T)
+    solved = torch.cholesky_solve(projected[:, n:], factors.factor)
+    dots = torch.zeros(n, dtype=torch.float64)
     for columns in factors.columns():
-        projected.addmm_(factors.curvature_rows(columns), g[columns])
-    solved = torch.cholesky_solve(projected, factors.factor)
-    out = torch.empty_like(g)
-    for columns in factors.columns():
-        out[columns] = (g[columns] - factors.curvature_rows(columns).T @ solved) / factors.damping
-    return out
+        dots += (target_grads[:, columns].double() * train[:, columns].double()).sum(1)
+    return (dots - (projected[:, :n] * solved).sum(0)) / (factors.damping * factors.num_examples)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -641,9 +683,9 @@ class InfluenceFunctionScorer:
         projection_dim: sketch every gradient to this many coordinates with a CountSketch (None: exact).
         projection_seed: seed of the sketch.
         max_memory_gb: largest fit kept without a projection (a factorised fit counts its own, smaller size);
-            beyond it the scorer asks for ``projection_dim``. Materialised scoring also keeps the float64 curvature
-            rows when they take at most :data:`ROWS_CACHE_BYTES` (1 GiB), which halves the time of every target set
-            after the first (``benchmarks/influence_scoring.py``).
+            beyond it the scorer asks for ``projection_dim``. Materialised scoring also keeps a float64 copy of the
+            stored gradients when it takes at most :data:`ROWS_CACHE_BYTES` (1 GiB), which halves the time of every
+            target set after the first (``benchmarks/influence_scoring.py``).
         solver: ``"auto"`` (the smaller space), ``"woodbury"`` (``N (C-1)``-space) or ``"direct"`` (parameters;
             materialised only).
         factorised: ``None`` (automatic: factorised when the model allows it, no projection, ``solver`` is not
@@ -1132,8 +1174,29 @@ class InfluenceFunctionScorer:
         factors = self._fitted()
         if factors.method == "factorised":
             return factors.self_influence(self._projected(factors, batch, labels, rows), rows).float()
-        v = _precondition(factors, self.target_grads(batch, labels))  # (D', n)
-        return ((factors.train_gradients(rows) * v.T).sum(1) / factors.num_examples).float()
+        return _materialised_self_influence(factors, self.target_grads(batch, labels), rows).float()
+
+    def self_scores_many(self, batches: Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor, torch.Tensor]]
+                         ) -> torch.Tensor:
+        """:meth:`self_scores` of several ``(batch, labels, example_ids)`` at once, float32 ``(sum n,)``: gradients
+        are taken batch by batch and a materialised fit's stored gradients are read once for all of them (that
+        pass, not the rows, is what a call costs there).
+
+        Example:
+            >>> scorer.self_scores_many([(b, b["labels"], b["example_ids"]) for b in batches])
+        """
+        factors = self._fitted()
+        if factors.method == "factorised" or not batches:
+            return torch.cat([self.self_scores(*item) for item in batches]) if batches else torch.zeros(0)
+        out, grads, rows, held = [], [], [], 0
+        for k, (batch, labels, ids) in enumerate(batches):
+            grads.append(self.target_grads(batch, labels))
+            rows.append(self._rows(ids))
+            held += len(rows[-1])
+            if k == len(batches) - 1 or 12 * held * factors.width > SELF_INFLUENCE_GROUP_BYTES:
+                out.append(_materialised_self_influence(factors, torch.cat(grads), torch.cat(rows)).float())
+                grads, rows, held = [], [], 0
+        return torch.cat(out)
 
     # -- files ------------------------------------------------------------------------------------------------
     def _turnover_config(self) -> Optional[dict[str, Any]]:

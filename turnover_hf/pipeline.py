@@ -503,14 +503,13 @@ class InfluencePipeline:
 
         def compute(chunk: torch.Tensor) -> torch.Tensor:
             rows = self._train_features.select(self._positions(chunk))
-            out = []
-            for start in range(0, len(chunk), self.batch_size):
-                batch = self.collator([rows[i] for i in range(start, min(start + self.batch_size, len(chunk)))])
-                if k > 1:
-                    out.append(self.scorer.member_self_scores(batch, batch["labels"], batch["example_ids"]).T)
-                else:
-                    out.append(self.scorer.self_scores(batch, batch["labels"], batch["example_ids"])[:, None])
-            return torch.cat(out)
+            batches = [self.collator([rows[i] for i in range(start, min(start + self.batch_size, len(chunk)))])
+                       for start in range(0, len(chunk), self.batch_size)]
+            if self.estimator == "influence":  # the fit's stored gradients are read once for many batches
+                return self.scorer.self_scores_many([(b, b["labels"], b["example_ids"]) for b in batches])[:, None]
+            if k > 1:
+                return torch.cat([self.scorer.member_self_scores(b, b["labels"], b["example_ids"]).T for b in batches])
+            return torch.cat([self.scorer.self_scores(b, b["labels"], b["example_ids"])[:, None] for b in batches])
 
         values = self._run("self_influence", ids, k, compute, (), output_dir)
         agreement = self._agreement(values.T[:, :, None])
