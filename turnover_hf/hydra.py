@@ -178,9 +178,11 @@ class _NotBatchable(Exception):
     """A forward in which the tracked Linear layers' per-row gradients cannot be read off one batched pass."""
 
 
-def _tracked_linears(model: nn.Module, specs: Sequence[ParamSpec]) -> Optional[dict[str, tuple[Optional[ParamSpec], Optional[ParamSpec]]]]:
+def _tracked_linears(model: nn.Module, specs: Sequence[ParamSpec]
+                     ) -> tuple[dict[str, tuple[Optional[ParamSpec], Optional[ParamSpec]]], Optional[str]]:
     """``{module name: (weight spec or None, bias spec or None)}`` when every tracked parameter is the weight or bias
-    of a ``torch.nn.Linear`` (exactly that class, each parameter held by that one module); else None."""
+    of a ``torch.nn.Linear`` (exactly that class, each parameter held by that one module); else ``{}`` and the
+    reason, naming a parameter."""
     modules = dict(model.named_modules())
     holders: dict[int, int] = {}
     for module in model.modules():
@@ -191,10 +193,14 @@ def _tracked_linears(model: nn.Module, specs: Sequence[ParamSpec]) -> Optional[d
     layers: dict[str, list[Optional[ParamSpec]]] = {}
     for spec in specs:
         owner, _, leaf = spec.name.rpartition(".")
-        if type(modules.get(owner)) is not nn.Linear or leaf not in ("weight", "bias") or holders.get(id(named[spec.name])) != 1:
-            return None
+        module = modules.get(owner)
+        if type(module) is not nn.Linear or leaf not in ("weight", "bias"):
+            return {}, (f"{spec.name!r} is not the weight or bias of a torch.nn.Linear (its module is "
+                        f"{type(module).__name__})")
+        if holders.get(id(named[spec.name]), 0) != 1:
+            return {}, f"{spec.name!r} is shared by several modules"
         layers.setdefault(owner, [None, None])[0 if leaf == "weight" else 1] = spec
-    return {name: (w, b) for name, (w, b) in layers.items()}
+    return {name: (w, b) for name, (w, b) in layers.items()}, None
 
 
 class PerExampleGrads:
@@ -223,7 +229,7 @@ class PerExampleGrads:
         self.model = model
         self.specs = list(specs)
         self.vmap_ok: Optional[bool] = None
-        self.linears = _tracked_linears(model, self.specs)
+        self.linears, _ = _tracked_linears(model, self.specs)
         self.batched_ok: Optional[bool] = None if self.linears else False
         self.shift = is_causal_lm(model)  # a causal LM's logits at position t predict token t + 1
 

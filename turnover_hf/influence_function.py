@@ -106,7 +106,9 @@ from .context import instance_masks, state_of
 from .data import BATCH_KEY, InstanceIdCollator, check_id_column
 from .errors import ConfigMismatchError, MissingExampleIdsError, TurnoverError
 from .files import atomic_path, atomic_write_text
-from .hydra import ParamSpec, PerExampleGrads, _logits, _read_meta, _rows_of, _specs_for, _target_gradients
+from .hydra import (
+    ParamSpec, PerExampleGrads, _logits, _read_meta, _rows_of, _specs_for, _target_gradients, _tracked_linears,
+)
 from .masks import _example_hash, _fmix32, _layer_base
 from .patcher import is_patched
 from .scoring import _eval_mode, check_ids_known, model_inputs
@@ -368,24 +370,8 @@ class _Layer:
 
 def _linear_layers(model: nn.Module, specs: Sequence[ParamSpec]) -> tuple[list[_Layer], Optional[str]]:
     """The tracked Linear layers, or ``[]`` and the reason (naming a parameter) the factorised path does not apply."""
-    modules = dict(model.named_modules())
-    named = dict(model.named_parameters())
-    holders: dict[int, int] = {}
-    for module in model.modules():
-        for p in module._parameters.values():
-            if p is not None:
-                holders[id(p)] = holders.get(id(p), 0) + 1
-    layers: dict[str, _Layer] = {}
-    for spec in specs:
-        owner, _, leaf = spec.name.rpartition(".")
-        module = modules.get(owner)
-        if type(module) is not nn.Linear or leaf not in ("weight", "bias"):
-            return [], (f"{spec.name!r} is not the weight or bias of a torch.nn.Linear (its module is "
-                        f"{type(module).__name__})")
-        if holders.get(id(named[spec.name]), 0) != 1:
-            return [], f"{spec.name!r} is shared by several modules"
-        setattr(layers.setdefault(owner, _Layer(owner)), leaf, True)
-    return list(layers.values()), None
+    layers, reason = _tracked_linears(model, specs)
+    return [_Layer(name, weight is not None, bias is not None) for name, (weight, bias) in layers.items()], reason
 
 
 def _one_row_each(tensor: Any, n: int) -> Optional[torch.Tensor]:
