@@ -16,7 +16,9 @@
 7. writes ``report.html`` (self-contained, with the plots of :mod:`turnover_hf.plots`), ``report.md``,
    ``results.json`` and the plots as PNG files into ``--output-dir``.
 
-The default settings finish in under 8 minutes on 2 CPU cores; ``--quick`` is a smoke run of well under a minute.
+The default settings take about 12 minutes on one thread of a shared 2-core machine (training, fitting the
+influence function and the self-influence of every review take about a third each); ``--quick`` is a smoke run of
+well under a minute.
 
 Example:
     $ python -m turnover_hf.demo --quick --output-dir runs/quick
