@@ -704,3 +704,24 @@ def test_rows_that_interact_send_per_example_gradients_row_by_row(caplog):
         F.cross_entropy(model(x["features"][k : k + 1]), y[k : k + 1], reduction="sum").backward()
         alone = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         assert torch.allclose(out[k], alone, atol=1e-6)
+
+
+def test_gradients_of_several_label_sets_come_from_one_forward(bert_bottleneck):
+    """``pseudo_label_gradients``: one forward, a backward per label column; each column equals the per-example
+    gradients of that column's labels, and the logits are the forward's."""
+    from turnover_hf.hydra import PerExampleGrads, _specs_for
+
+    model = bert_bottleneck.eval()
+    specs = _specs_for(model, None)
+    ids = torch.arange(5) * 3
+    x = {"input_ids": torch.randint(1, 60, (5, 8)), "attention_mask": torch.ones(5, 8, dtype=torch.long)}
+    grads = PerExampleGrads(model, specs)
+    masks = th.instance_masks(model, ids, mode="train")
+    logits, both = grads.pseudo_label_gradients(x, lambda z: torch.stack([z.argmin(-1), z.argmax(-1)], 1),
+                                                lambda k: th.instance_masks(model, ids[k : k + 1], mode="train"), masks)
+    with torch.no_grad(), th.instance_masks(model, ids, mode="train"):
+        assert torch.allclose(logits, model(**x).logits, atol=1e-6)
+    for k, labels in enumerate((logits.argmin(-1), logits.argmax(-1))):
+        alone = grads(x, labels, None, th.instance_masks(model, ids, mode="train"))
+        assert torch.allclose(both[:, k], alone, atol=1e-6)
+    assert not torch.allclose(both[:, 0], both[:, 1])

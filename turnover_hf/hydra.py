@@ -258,7 +258,9 @@ class PerExampleGrads:
         with _eval_mode(self.model):
             if self.batched_ok is not False and (row_context is None or batch_context is not None):
                 try:
-                    return self._batched_linear(inputs, labels, batch_context or contextlib.nullcontext(), row_context)
+                    _, out = self._batched_linear(inputs, lambda _: labels.unsqueeze(1),
+                                                  batch_context or contextlib.nullcontext(), row_context)
+                    return out[:, 0]
                 except _NotBatchable as err:
                     if self.batched_ok:
                         raise TurnoverError(f"per-example gradients of the tracked Linear layers: {err}") from None
@@ -293,14 +295,42 @@ class PerExampleGrads:
                                       for s, t, gi in zip(self.specs, tensors, g)}, 1))
         return torch.cat(out) if out else torch.zeros(0, self.specs[-1].offset + self.specs[-1].numel)
 
-    def _batched_linear(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, context: ContextManager,
-                        row_context: Optional[Callable[[int], ContextManager]]) -> torch.Tensor:
-        """One forward and backward of the batch; each row's gradient from the tracked Linears' inputs and output
-        gradients. The hooks run before any output-mask hook (``prepend``), so an output mask enters through the
-        chain rule and an input mask (a pre-hook) is in the input the hook sees. The first call checks that the
-        rows add up to the batch gradient (no use of a tracked weight escaped the hooks) and that the first row
-        equals that row run alone (rows do not interact)."""
-        n = len(labels)
+    def pseudo_label_gradients(
+        self,
+        inputs: dict[str, torch.Tensor],
+        labels_of: Callable[[torch.Tensor], torch.Tensor],
+        row_context: Optional[Callable[[int], ContextManager]] = None,
+        batch_context: Optional[ContextManager] = None,
+    ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The logits of one forward and, for each column ``k`` of ``labels_of(logits)`` ``(B, K)``, every row's
+        gradient of its loss against that column's label: ``(logits, (B, K, D))`` from one forward and K backward
+        passes. None when the tracked parameters are not Linear layers read in one batched pass (then use
+        :meth:`__call__` once per label set).
+
+        Example:
+            >>> logits, grads = per_example_grads.pseudo_label_gradients(inputs, lambda z: z.argsort(-1)[:, :-1])
+        """
+        if self.batched_ok is False or (row_context is not None and batch_context is None):
+            return None
+        with _eval_mode(self.model):
+            try:
+                return self._batched_linear(inputs, labels_of, batch_context or contextlib.nullcontext(), row_context)
+            except _NotBatchable as err:
+                if self.batched_ok:
+                    raise TurnoverError(f"per-example gradients of the tracked Linear layers: {err}") from None
+                self.batched_ok = False
+                logger.info("per-example gradients: %s; computing them row by row instead.", err)
+                return None
+
+    def _batched_linear(self, inputs: dict[str, torch.Tensor], labels_of: Callable[[torch.Tensor], torch.Tensor],
+                        context: ContextManager, row_context: Optional[Callable[[int], ContextManager]]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward of the batch, then one backward per column of ``labels_of(logits)`` ``(B, K, ...)``; each
+        row's gradient from the tracked Linears' inputs and output gradients: ``(logits, (B, K, D))``. The hooks run
+        before any output-mask hook (``prepend``), so an output mask enters through the chain rule and an input mask
+        (a pre-hook) is in the input the hook sees. The first call checks that the rows add up to the batch
+        gradient (no use of a tracked weight escaped the hooks) and that the first row equals that row run alone
+        (rows do not interact)."""
         modules = dict(self.model.named_modules())
         calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in self.linears}
 
@@ -314,21 +344,48 @@ class PerExampleGrads:
         handles = [modules[name].register_forward_hook(keeper(name), prepend=True, with_kwargs=True)
                    for name in self.linears]
         check = self.batched_ok is None
+        columns: list[torch.Tensor] = []
         try:
             with _tracked_requiring_grad(self.model, self.specs) as tensors, torch.enable_grad(), context:
                 logits = _logits(self.model(**inputs))
-                loss = per_example_loss(logits, labels, shift=self.shift).sum()
+                labels = labels_of(logits.detach())
+                n = logits.shape[0]
                 seen = [(name, x, out) for name, kept in calls.items() for x, out in kept]
                 for name, x, out in seen:
                     if not isinstance(x, torch.Tensor) or x.shape[0] != n or out.shape[0] != n:
                         raise _NotBatchable(f"the Linear {name!r} sees an input that is not split by rows of the batch")
-                wanted = [out for _, _, out in seen] + (list(tensors) if check else [])
-                found = torch.autograd.grad(loss, wanted, allow_unused=True)
+                outputs = [out for _, _, out in seen]
+                for k in range(labels.shape[1]):
+                    loss = per_example_loss(logits, labels[:, k], shift=self.shift).sum()
+                    last = k == labels.shape[1] - 1
+                    found = torch.autograd.grad(loss, outputs + (list(tensors) if check and k == 0 else []),
+                                                allow_unused=True, retain_graph=not last)
+                    columns.append(self._rows_from(seen, found[: len(seen)], n))
+                    if check and k == 0:
+                        whole = found[len(seen):]
         finally:
             for handle in handles:
                 handle.remove()
+        if check:
+            first = columns[0]
+            total = torch.cat([(torch.zeros(s.numel, device=first.device) if g is None else g.reshape(-1).float())
+                               for s, g in zip(self.specs, whole)])
+            gap = float((first.sum(0) - total).abs().max())
+            if gap > 1e-4 * max(float(total.abs().max()), 1e-12):
+                raise _NotBatchable(f"the rows' gradients do not add up to the batch gradient (gap {gap:.2e})")
+            alone = self._one_row_at_a_time(inputs, labels[:, 0], row_context, [0])[0]
+            gap = float((first[0] - alone).abs().max())
+            if gap > 1e-4 * max(float(alone.abs().max()), 1e-12):
+                raise _NotBatchable(f"a row's gradient in the batch differs from the row alone (gap {gap:.2e}): rows interact")
+            self.batched_ok = True
+        return logits.detach(), torch.stack(columns, 1)
+
+    def _rows_from(self, seen: Sequence[tuple[str, torch.Tensor, torch.Tensor]], output_grads: Sequence[Optional[torch.Tensor]],
+                   n: int) -> torch.Tensor:
+        """``(n, D)``: each row's gradient from every tracked Linear call's input and output gradient (summed over
+        positions and over calls)."""
         per_row: dict[str, torch.Tensor] = {}
-        for (name, x, _), dy in zip(seen, found):
+        for (name, x, _), dy in zip(seen, output_grads):
             if dy is None:
                 continue
             weight, bias = self.linears[name]
@@ -340,21 +397,9 @@ class PerExampleGrads:
                 g = dy.sum(1)
                 per_row[bias.name] = per_row[bias.name] + g if bias.name in per_row else g
         named = dict(self.model.named_parameters())
-        out = self.flat({s.name: per_row.get(s.name, torch.zeros((n, *s.shape), dtype=named[s.name].dtype,
+        return self.flat({s.name: per_row.get(s.name, torch.zeros((n, *s.shape), dtype=named[s.name].dtype,
                                                                   device=named[s.name].device))
-                         for s in self.specs}, n)
-        if check:
-            whole = torch.cat([(torch.zeros(s.numel, device=out.device) if g is None else g.reshape(-1).float())
-                               for s, g in zip(self.specs, found[len(seen):])])
-            gap = float((out.sum(0) - whole).abs().max())
-            if gap > 1e-4 * max(float(whole.abs().max()), 1e-12):
-                raise _NotBatchable(f"the rows' gradients do not add up to the batch gradient (gap {gap:.2e})")
-            alone = self._one_row_at_a_time(inputs, labels, row_context, [0])[0]
-            gap = float((out[0] - alone).abs().max())
-            if gap > 1e-4 * max(float(alone.abs().max()), 1e-12):
-                raise _NotBatchable(f"a row's gradient in the batch differs from the row alone (gap {gap:.2e}): rows interact")
-            self.batched_ok = True
-        return out
+                          for s in self.specs}, n)
 
 
 @contextlib.contextmanager

@@ -893,23 +893,38 @@ class InfluenceFunctionScorer:
         trace, seen = 0.0, 0
         for batch, batch_ids, batch_labels, expected in self._training_batches(data):
             inputs = model_inputs(batch, self.device)
-            with torch.no_grad(), _eval_mode(self.model), self._training_masks(batch_ids):
-                logits = _logits(self.model(**inputs))
-            _check_classifier_logits(logits)
+            if seen == 0 and expected is not None:
+                self._check_budget(expected, max(1, getattr(getattr(self.model, "config", None), "num_labels", 2) - 1))
+            chosen: list[torch.Tensor] = []
+
+            def kept_of(logits: torch.Tensor) -> torch.Tensor:
+                _check_classifier_logits(logits)
+                chosen.append(_kept_classes(torch.softmax(logits.double(), -1).cpu()))
+                return chosen[-1].to(logits.device)
+
+            def row_context(k: int, ids: torch.Tensor = batch_ids) -> ContextManager:
+                return instance_masks(self.model, ids[k : k + 1], mode="train")
+
+            # one forward and a backward per kept class when the tracked Linears allow it; else a forward for the
+            # probabilities, then every (example, kept class) as a row of its own
+            both = self.grads.pseudo_label_gradients(inputs, kept_of, row_context if self.patched else None,
+                                                     self._training_masks(batch_ids) if self.patched else None)
+            if both is not None:
+                logits, g = both
+                kept = chosen[-1]
+            else:
+                with torch.no_grad(), _eval_mode(self.model), self._training_masks(batch_ids):
+                    logits = _logits(self.model(**inputs))
+                kept = kept_of(logits).cpu()
+                per = kept.shape[1]
+                repeated = {k: v.repeat_interleave(per, 0) for k, v in inputs.items()}
+                masks = self._training_masks(batch_ids.repeat_interleave(per)) if self.patched else None
+                g = self.grads(repeated, kept.reshape(-1).to(self.device),
+                               (lambda k: row_context(k // per)) if self.patched else None, masks)
             p = torch.softmax(logits.detach().double(), -1).cpu()
             n, c = p.shape
-            if seen == 0:
-                self._check_budget(expected or n, c - 1)
             seen += n
             self._check_budget(seen, c - 1)
-            kept = _kept_classes(p)
-            repeated = {k: v.repeat_interleave(c - 1, 0) for k, v in inputs.items()}
-
-            def row_context(k: int, ids: torch.Tensor = batch_ids, per: int = c - 1) -> ContextManager:
-                return instance_masks(self.model, ids[k // per : k // per + 1], mode="train")
-
-            masks = self._training_masks(batch_ids.repeat_interleave(c - 1)) if self.patched else None
-            g = self.grads(repeated, kept.reshape(-1).to(self.device), row_context if self.patched else None, masks)
             g = g.view(n, c - 1, -1)
             gram = torch.einsum("ncd,ned->nce", g.double(), g.double()).cpu()
             trace += float((_curvature_blocks(p, kept) * gram).sum())
