@@ -16,7 +16,7 @@
 7. writes ``report.html`` (self-contained, with the plots of :mod:`turnover_hf.plots`), ``report.md``,
    ``results.json`` and the plots as PNG files into ``--output-dir``.
 
-The default settings take about 12 minutes on one thread of a shared 2-core machine (training, fitting the
+The default settings take about 11 minutes on one thread of a shared 2-core machine (training, fitting the
 influence function and the self-influence of every review take about a third each); ``--quick`` is a smoke run of
 well under a minute.
 
