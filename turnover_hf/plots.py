@@ -148,7 +148,7 @@ def self_influence_histogram(
     ax.axvline(0.0, color=GREY, linewidth=1, linestyle=":")
     mean = float(values.mean())
     ax.axvline(mean, color="black", linewidth=1.2, linestyle="--", label=f"mean {mean:+.3g}")
-    ax.set_xlabel("self-influence  (loss with flipped mask - loss with own mask)")
+    ax.set_xlabel("self-influence  (the example's influence on its own loss)")
     ax.set_ylabel("training examples")
     ax.set_title(title or "Self-influence: high = memorised, often mislabelled")
     ax.legend(frameon=False)
