@@ -212,8 +212,8 @@ class PerExampleGrads:
       ``torch.nn.Linear`` (heads, bottleneck adapters, LoRA's A and B), one forward and one backward of the summed
       loss give each layer's inputs ``x`` and output gradients ``dy`` per row, and row ``b``'s weight gradient is
       ``sum_t dy[b, t] x[b, t]^T`` over its positions (tokens). Rows run together, each under its own masks
-      (``batch_context``). The first call checks that the rows' gradients sum to the batch gradient (rows must not
-      interact, as in any model run in eval mode).
+      (``batch_context``). The first call checks that the rows' gradients sum to the batch gradient and that the
+      first row's equals that row run alone (rows must not interact, as in any model run in eval mode).
     - ``vmap(grad)`` over rows (one traced forward for the batch), for rows without masks.
     - Otherwise each row runs its own forward and ``torch.autograd.grad`` (under ``row_context(k)``): models whose
       forward has data-dependent control flow (e.g. attention-mask shortcuts in BERT) cannot be vmapped.
@@ -253,19 +253,12 @@ class PerExampleGrads:
     ) -> torch.Tensor:
         """Per-row gradients; ``row_context(k)`` is the context row ``k`` runs under alone (e.g. its masks), and
         ``batch_context`` the same for all rows at once (required with ``row_context`` for the batched pass)."""
+        batched = self.pseudo_label_gradients(inputs, lambda _: labels.unsqueeze(1), row_context, batch_context)
+        if batched is not None:
+            return batched[1][:, 0]
         params = self.params()
         n = len(labels)
         with _eval_mode(self.model):
-            if self.batched_ok is not False and (row_context is None or batch_context is not None):
-                try:
-                    _, out = self._batched_linear(inputs, lambda _: labels.unsqueeze(1),
-                                                  batch_context or contextlib.nullcontext(), row_context)
-                    return out[:, 0]
-                except _NotBatchable as err:
-                    if self.batched_ok:
-                        raise TurnoverError(f"per-example gradients of the tracked Linear layers: {err}") from None
-                    self.batched_ok = False
-                    logger.info("per-example gradients: %s; computing them row by row instead.", err)
             if row_context is None and self.vmap_ok is not False:
                 def one(p, x, y):
                     return self._loss_sum(p, {k: v.unsqueeze(0) for k, v in x.items()}, y.unsqueeze(0))

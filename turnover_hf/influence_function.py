@@ -893,14 +893,14 @@ class InfluenceFunctionScorer:
         trace, seen = 0.0, 0
         for batch, batch_ids, batch_labels, expected in self._training_batches(data):
             inputs = model_inputs(batch, self.device)
-            if seen == 0 and expected is not None:
-                self._check_budget(expected, max(1, getattr(getattr(self.model, "config", None), "num_labels", 2) - 1))
-            chosen: list[torch.Tensor] = []
+            probabilities: list[torch.Tensor] = []  # under the training masks, from the forward that serves the grads
 
             def kept_of(logits: torch.Tensor) -> torch.Tensor:
                 _check_classifier_logits(logits)
-                chosen.append(_kept_classes(torch.softmax(logits.double(), -1).cpu()))
-                return chosen[-1].to(logits.device)
+                probabilities.append(torch.softmax(logits.double(), -1).cpu())
+                if seen == 0:
+                    self._check_budget(expected or len(logits), logits.shape[1] - 1)
+                return _kept_classes(probabilities[-1]).to(logits.device)
 
             def row_context(k: int, ids: torch.Tensor = batch_ids) -> ContextManager:
                 return instance_masks(self.model, ids[k : k + 1], mode="train")
@@ -910,18 +910,17 @@ class InfluenceFunctionScorer:
             both = self.grads.pseudo_label_gradients(inputs, kept_of, row_context if self.patched else None,
                                                      self._training_masks(batch_ids) if self.patched else None)
             if both is not None:
-                logits, g = both
-                kept = chosen[-1]
+                g = both[1]
             else:
                 with torch.no_grad(), _eval_mode(self.model), self._training_masks(batch_ids):
-                    logits = _logits(self.model(**inputs))
-                kept = kept_of(logits).cpu()
-                per = kept.shape[1]
+                    pseudo_labels = kept_of(_logits(self.model(**inputs)))
+                per = pseudo_labels.shape[1]
                 repeated = {k: v.repeat_interleave(per, 0) for k, v in inputs.items()}
                 masks = self._training_masks(batch_ids.repeat_interleave(per)) if self.patched else None
-                g = self.grads(repeated, kept.reshape(-1).to(self.device),
+                g = self.grads(repeated, pseudo_labels.reshape(-1),
                                (lambda k: row_context(k // per)) if self.patched else None, masks)
-            p = torch.softmax(logits.detach().double(), -1).cpu()
+            p = probabilities[-1]
+            kept = _kept_classes(p)
             n, c = p.shape
             seen += n
             self._check_budget(seen, c - 1)
