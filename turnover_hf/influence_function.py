@@ -242,15 +242,16 @@ class _Factors:
         return _rows_of(self._sorted, self._order, example_ids)
 
     def columns(self) -> Iterator[slice]:
-        """Column blocks of the gradients whose float64 rows ``U[:, block]`` fit in :data:`BLOCK_BYTES`."""
+        """Column blocks of the stored gradients whose float64 copy ``(N (C-1), block)`` fits in :data:`BLOCK_BYTES`."""
         rows = self.class_gradients.shape[0] * self.class_gradients.shape[1]
         step = max(1, BLOCK_BYTES // (8 * max(rows, 1)))
         for start in range(0, self.width, step):
             yield slice(start, min(start + step, self.width))
 
-    def curvature_rows(self, columns: slice = slice(None), examples: slice = slice(None)) -> torch.Tensor:
-        """``U[examples, columns]``, float64 ``(n (C-1), len)``: ``G = U^T U``, rows ``R_z^T G'_z / sqrt(N)``."""
-        block = self.class_gradients[examples, :, columns].double()
+    def curvature_rows(self, examples: slice) -> torch.Tensor:
+        """``U[examples]``, float64 ``(n (C-1), D')``: ``G = U^T U``, rows ``R_z^T G'_z / sqrt(N)`` (the direct
+        solver's blocks; the Woodbury path never builds ``U``, see :meth:`products`)."""
+        block = self.class_gradients[examples].double()
         rows = torch.einsum("nce,ncd->ned", self.roots[examples], block)
         return rows.reshape(-1, block.shape[2]) / math.sqrt(self.num_examples)
 
@@ -317,7 +318,7 @@ def _solve_system(factors: _Factors) -> torch.Tensor:
         system = torch.zeros(factors.width, factors.width, dtype=torch.float64)
         step = max(1, BLOCK_BYTES // (8 * factors.width * factors.class_gradients.shape[1]))
         for start in range(0, factors.num_examples, step):
-            u = factors.curvature_rows(examples=slice(start, start + step))
+            u = factors.curvature_rows(slice(start, start + step))
             system.addmm_(u.T, u)
     system.diagonal().add_(factors.damping)
     return torch.linalg.cholesky(system)
