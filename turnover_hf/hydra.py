@@ -319,46 +319,30 @@ class PerExampleGrads:
                         context: ContextManager, row_context: Optional[Callable[[int], ContextManager]]
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward of the batch, then one backward per column of ``labels_of(logits)`` ``(B, K, ...)``; each
-        row's gradient from the tracked Linears' inputs and output gradients: ``(logits, (B, K, D))``. The hooks run
-        before any output-mask hook (``prepend``), so an output mask enters through the chain rule and an input mask
-        (a pre-hook) is in the input the hook sees. The first call checks that the rows add up to the batch
+        row's gradient from the tracked Linears' inputs and output gradients (recorded by :func:`_linear_calls`):
+        ``(logits, (B, K, D))``. The first call checks that the rows add up to the batch
         gradient (no use of a tracked weight escaped the hooks) and that the first row equals that row run alone
         (rows do not interact)."""
-        modules = dict(self.model.named_modules())
-        calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in self.linears}
-
-        def keeper(name: str) -> Callable:
-            def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
-                x = args[0] if args else kwargs.get("input")
-                calls[name].append((x, output))
-
-            return hook
-
-        handles = [modules[name].register_forward_hook(keeper(name), prepend=True, with_kwargs=True)
-                   for name in self.linears]
         check = self.batched_ok is None
         columns: list[torch.Tensor] = []
-        try:
-            with _tracked_requiring_grad(self.model, self.specs) as tensors, torch.enable_grad(), context:
-                logits = _logits(self.model(**inputs))
-                labels = labels_of(logits.detach())
-                n = logits.shape[0]
-                seen = [(name, x, out) for name, kept in calls.items() for x, out in kept]
-                for name, x, out in seen:
-                    if not isinstance(x, torch.Tensor) or x.shape[0] != n or out.shape[0] != n:
-                        raise _NotBatchable(f"the Linear {name!r} sees an input that is not split by rows of the batch")
-                outputs = [out for _, _, out in seen]
-                for k in range(labels.shape[1]):
-                    loss = per_example_loss(logits, labels[:, k], shift=self.shift).sum()
-                    last = k == labels.shape[1] - 1
-                    found = torch.autograd.grad(loss, outputs + (list(tensors) if check and k == 0 else []),
-                                                allow_unused=True, retain_graph=not last)
-                    columns.append(self._rows_from(seen, found[: len(seen)], n))
-                    if check and k == 0:
-                        whole = found[len(seen):]
-        finally:
-            for handle in handles:
-                handle.remove()
+        with _tracked_requiring_grad(self.model, self.specs) as tensors, torch.enable_grad(), \
+                _linear_calls(self.model, list(self.linears)) as calls, context:
+            logits = _logits(self.model(**inputs))
+            labels = labels_of(logits.detach())
+            n = logits.shape[0]
+            seen = [(name, x, out) for name, kept in calls.items() for x, out in kept]
+            for name, x, out in seen:
+                if not isinstance(x, torch.Tensor) or x.shape[0] != n or out.shape[0] != n:
+                    raise _NotBatchable(f"the Linear {name!r} sees an input that is not split by rows of the batch")
+            outputs = [out for _, _, out in seen]
+            for k in range(labels.shape[1]):
+                loss = per_example_loss(logits, labels[:, k], shift=self.shift).sum()
+                last = k == labels.shape[1] - 1
+                found = torch.autograd.grad(loss, outputs + (list(tensors) if check and k == 0 else []),
+                                            allow_unused=True, retain_graph=not last)
+                columns.append(self._rows_from(seen, found[: len(seen)], n))
+                if check and k == 0:
+                    whole = found[len(seen):]
         if check:
             first = columns[0]
             total = torch.cat([(torch.zeros(s.numel, device=first.device) if g is None else g.reshape(-1).float())
@@ -393,6 +377,34 @@ class PerExampleGrads:
         return self.flat({s.name: per_row.get(s.name, torch.zeros((n, *s.shape), dtype=named[s.name].dtype,
                                                                   device=named[s.name].device))
                           for s in self.specs}, n)
+
+
+@contextlib.contextmanager
+def _linear_calls(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, list[tuple[Any, torch.Tensor]]]]:
+    """``{name: [(input, output), ...]}``: every call of the named modules inside the block. The hooks run before
+    any output-mask hook (``prepend``), so an output mask enters a gradient through the chain rule and an input mask
+    (a pre-hook) is in the recorded input. An output that does not require grad (nothing upstream is differentiated)
+    is replaced by a leaf that does, so gradients with respect to it can be asked for."""
+    modules = dict(model.named_modules())
+    calls: dict[str, list[tuple[Any, torch.Tensor]]] = {name: [] for name in names}
+
+    def keeper(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> Optional[torch.Tensor]:
+            x = args[0] if args else kwargs.get("input")
+            replaced = None
+            if isinstance(output, torch.Tensor) and not output.requires_grad and torch.is_grad_enabled():
+                output = replaced = output.detach().requires_grad_()
+            calls[name].append((x, output))
+            return replaced
+
+        return hook
+
+    handles = [modules[name].register_forward_hook(keeper(name), prepend=True, with_kwargs=True) for name in names]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager

@@ -107,7 +107,8 @@ from .data import BATCH_KEY, InstanceIdCollator, check_id_column
 from .errors import ConfigMismatchError, MissingExampleIdsError, TurnoverError
 from .files import atomic_path, atomic_write_text
 from .hydra import (
-    ParamSpec, PerExampleGrads, _logits, _read_meta, _rows_of, _specs_for, _target_gradients, _tracked_linears,
+    ParamSpec, PerExampleGrads, _linear_calls, _logits, _read_meta, _rows_of, _specs_for, _target_gradients,
+    _tracked_linears,
 )
 from .masks import _example_hash, _fmix32, _layer_base
 from .patcher import is_patched
@@ -959,31 +960,11 @@ class InfluenceFunctionScorer:
     def _linear_forward(self, inputs: Mapping[str, torch.Tensor], context: ContextManager
                         ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Logits (with their graph), each tracked Linear's raw output and its input rows ``(B, in)``, from one
-        forward in eval mode under ``context``. The hooks run before any output-mask hook (``prepend``), so an
-        output mask enters the gradient through the chain rule; an input mask (a pre-hook) is in the input."""
-        modules = dict(self.model.named_modules())
-        calls: list[list[tuple[Any, torch.Tensor]]] = [[] for _ in self._layers]
-
-        def keeper(i: int) -> Callable:
-            def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> Optional[torch.Tensor]:
-                x = args[0] if args else kwargs.get("input")
-                if isinstance(output, torch.Tensor) and not output.requires_grad:
-                    output = output.detach().requires_grad_()  # nothing upstream is differentiated
-                    calls[i].append((x, output))
-                    return output
-                calls[i].append((x, output))
-                return None
-
-            return hook
-
-        handles = [modules[layer.name].register_forward_hook(keeper(i), prepend=True, with_kwargs=True)
-                   for i, layer in enumerate(self._layers)]
-        try:
-            with torch.enable_grad(), _eval_mode(self.model), context:
-                logits = _logits(self.model(**inputs))
-        finally:
-            for handle in handles:
-                handle.remove()
+        forward in eval mode under ``context`` (calls recorded by :func:`~turnover_hf.hydra._linear_calls`)."""
+        names = [layer.name for layer in self._layers]
+        with torch.enable_grad(), _eval_mode(self.model), _linear_calls(self.model, names) as recorded, context:
+            logits = _logits(self.model(**inputs))
+        calls = [recorded[name] for name in names]
         _check_classifier_logits(logits)
         n = logits.shape[0]
         outputs, rows = [], []
