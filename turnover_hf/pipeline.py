@@ -27,6 +27,7 @@ from .ensemble import EnsembleScorer, member_dirs, split_half_agreement
 from .scoring import TurnoverScorer, check_ids_known, predicted_labels
 from .store import ScoreStore, fingerprint
 from .targets import is_causal_lm
+from .training_set import load_recorded_training_set, verify_training_set
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class InfluencePipeline:
                 if tokenizer is None and os.path.isfile(os.path.join(member_path, "tokenizer_config.json")):
                     tokenizer = AutoTokenizer.from_pretrained(member_path)
         if train_dataset is None:
-            raise TurnoverError("InfluencePipeline needs train_dataset: the training set, with its id column.")
+            train_dataset = load_recorded_training_set(models)
         self.models = [(m.to(device) if device is not None else m).eval() for m in models]
         self.model = self.models[0]
         model = self.model
@@ -212,7 +213,9 @@ class InfluencePipeline:
         self.collator = InstanceIdCollator(collator, self.id_column)
         self.train_dataset = train_dataset
         self.train_ids = check_id_column(train_dataset, self.id_column)
-        if expected is not None and expected != len(train_dataset):
+        recorded = verify_training_set(self.models, train_dataset,
+                                       require_all=estimator == "influence" and self.scorer.factors is None)
+        if not recorded and expected is not None and expected != len(train_dataset):
             raise ConfigMismatchError(
                 f"the model was trained on {expected} examples but train_dataset has {len(train_dataset)} rows. Pass "
                 "the full training set (with the same id column) and choose ids to score with example_ids=..."
