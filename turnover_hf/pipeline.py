@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase, default_data_collator
 
-from .checkpoint import load_influence_ready, model_class_of
+from .checkpoint import load_influence_ready, model_class_of, resolve_checkpoint
 from .config import CONFIG_NAME
 from .context import state_of
 from .data import CausalLMCollator, InstanceIdCollator, check_id_column, prompt_completion_features
@@ -28,6 +28,7 @@ from .scoring import TurnoverScorer, check_ids_known, predicted_labels
 from .store import ScoreStore, fingerprint
 from .targets import is_causal_lm
 from .training_set import load_recorded_training_set, verify_training_set
+from .validation import check_input_lengths, check_labels, model_max_length, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def _members(model: Any) -> tuple[list[Any], Optional[str]]:
             raise TurnoverError("InfluencePipeline got an empty list of models.")
         return list(model), None
     if isinstance(model, (str, os.PathLike)):
-        path = os.fspath(model)
+        path = resolve_checkpoint(model)  # a local folder, or the snapshot of a Hub repository
         if not os.path.isfile(os.path.join(path, CONFIG_NAME)) and member_dirs(path):
             return member_dirs(path), path
         return [path], path
@@ -94,7 +95,7 @@ class InfluencePipeline:
             beside their scores. Must have as many rows as the model was trained on.
         batch_size: (id, target, mask) rows per forward pass.
         text_column: the text column of datasets (training set and dataset targets).
-        max_length: truncation length for text.
+        max_length: truncation length for text (capped at what the model and tokenizer accept).
         top_k: proponents and opponents returned per target.
         fast: use the exact fast paths (closed-form head, prefix reuse); ``False`` scores row by row.
         estimator: ``"auto"`` (the default: the most faithful estimator the model allows, see below),
@@ -146,6 +147,11 @@ class InfluencePipeline:
     ) -> None:
         if estimator not in ESTIMATORS:
             raise TurnoverError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}.")
+        positive_int("batch_size", batch_size)
+        positive_int("chunk_size", chunk_size, " (training ids per saved chunk)")
+        positive_int("top_k", top_k)
+        if max_length is not None:
+            positive_int("max_length", max_length, " (tokens) or None")
         models, path = _members(model)
         if len(models) > 1 and estimator not in ("turnover", "auto"):
             raise TurnoverError(f"ensembles (several models) are for estimator='turnover', not {estimator!r}.")
@@ -173,7 +179,8 @@ class InfluencePipeline:
         self.estimator = estimator
         self.tokenizer = tokenizer
         self.text_column = text_column
-        self.max_length = max_length
+        limit = model_max_length(model, tokenizer)
+        self.max_length = limit if max_length is None else min(max_length, limit or max_length)
         self.top_k = top_k
         self.batch_size = batch_size
         self.chunk_size = chunk_size
@@ -352,6 +359,8 @@ class InfluencePipeline:
 
     def prepare_targets(self, targets: TargetsLike) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
         """Collated target inputs, their labels, and where each label came from ("given" or "predicted")."""
+        if targets is None:
+            raise TurnoverError("targets is None; give text, a dict of model inputs, a list of those, or a Dataset.")
         rows = self._target_rows(targets)
         if not rows:
             raise TurnoverError("no targets given.")
@@ -366,8 +375,13 @@ class InfluencePipeline:
             batch = self.collator([{k: v for k, v in row.items() if k != "labels"} for row in rows])
         except (ValueError, TypeError) as err:
             raise TurnoverError(f"the targets could not be collated into model inputs ({err}).") from err
+        check_input_lengths(batch, model_max_length(self.model, self.tokenizer))
         if all(labelled):
-            labels = torch.as_tensor([row["labels"] for row in rows])
+            try:
+                labels = torch.as_tensor([row["labels"] for row in rows])
+            except (TypeError, ValueError, RuntimeError):
+                raise TurnoverError(f"target labels must be class indices, got {[row['labels'] for row in rows][:5]}.") from None
+            check_labels(labels, getattr(getattr(self.model, "config", None), "num_labels", None))
             return batch, labels, ["given"] * len(rows)
         logger.info("some targets have no label: all are scored against the model's own predictions.")
         predicted = self.scorer.predict(batch) if isinstance(self.scorer, EnsembleScorer) else predicted_labels(self.model, batch)
@@ -376,6 +390,9 @@ class InfluencePipeline:
     def _ids(self, example_ids: Optional[Sequence[int]]) -> torch.Tensor:
         if example_ids is None:
             return self.train_ids.clone()
+        if not isinstance(example_ids, torch.Tensor) and not isinstance(example_ids, (str, bytes)) and len(example_ids) == 0 \
+                or isinstance(example_ids, torch.Tensor) and example_ids.numel() == 0:
+            raise TurnoverError("example_ids is empty; give at least one training id, or None for the whole training set.")
         return check_ids_known(torch.as_tensor(example_ids), self.train_ids)
 
     def _positions(self, example_ids: torch.Tensor) -> list[int]:
@@ -395,12 +412,13 @@ class InfluencePipeline:
         if output_dir is not None:
             key = fingerprint(kind, self.estimator, self._estimator_key, *[m.state_dict() for m in self.models],
                               example_ids, *key_parts)
-            store = ScoreStore(output_dir, key, example_ids, n_columns, f"{kind} of {len(example_ids)} ids")
+            store = ScoreStore(output_dir, key, example_ids, n_columns, f"{kind} of {len(example_ids)} ids", self.chunk_size)
             done = store.result()
             if done is not None:
                 return done
         self._fitted_influence()
-        chunks = list(range(0, len(example_ids), self.chunk_size))
+        chunk_size = store.chunk_size if store is not None else self.chunk_size  # a resumed run keeps its layout
+        chunks = list(range(0, len(example_ids), chunk_size))
         # A model on the CPU runs its processes on gloo; on accelerators accelerate picks the backend.
         state = PartialState(cpu=self.scorer.device.type == "cpu")
         results: list[tuple[int, torch.Tensor]] = []
@@ -409,7 +427,7 @@ class InfluencePipeline:
                 part = store.shard(index) if store is not None else None
                 if part is None:
                     start = chunks[index]
-                    part = compute(example_ids[start : start + self.chunk_size]).reshape(-1, n_columns).cpu()
+                    part = compute(example_ids[start : start + chunk_size]).reshape(-1, n_columns).cpu()
                     if store is not None:
                         store.write_shard(index, part)
                 results.append((index, part))
@@ -534,7 +552,7 @@ class InfluencePipeline:
         counted tokens) and each proponent / opponent ``token_scores`` (its influence on each of those tokens) and
         ``score_sum`` (their sum: the influence on the summed loss).
         """
-        top_k = top_k or self.top_k
+        top_k = self.top_k if top_k is None else positive_int("top_k", top_k)
         single = isinstance(targets, str) or (self.causal_lm and _is_prompt_completion(targets)) or (isinstance(targets, Mapping) and torch.as_tensor(targets.get("input_ids", [[0]])).dim() <= 1)
         batch, labels, sources = self.prepare_targets(targets)
         ids = self._ids(example_ids)

@@ -70,8 +70,9 @@ own fixed dropout mask, so the sub-network under the flipped mask never learned 
 
 ```python
 import turnover_hf
-pipe = turnover_hf.InfluencePipeline("{repo_or_path}")     # model, masks{", training data" if source else ""} and fit
-pipe("a sentence to explain", top_k=3)
+pipe = turnover_hf.InfluencePipeline("{repo_or_path}"{"" if source else ", train_dataset=train"})  # verifies the data
+pipe("a sentence to explain", top_k=3)          # proponents and opponents, with their training rows
+model = turnover_hf.load_influence_ready("{repo_or_path}")   # or just the model, with the same masks as in training
 ```
 
 Masks: p = {config.p}, seed = {config.seed}, scheme = `{config.scheme}`, on {len(sites)} module(s)
