@@ -172,6 +172,14 @@ def _detect_source(dataset: Dataset) -> Optional[DatasetSource]:
         return None
     if dataset._indices is not None:  # a select / shuffle / filter view of the saved rows
         return None
+    try:  # a map (tokenizing) keeps the rows; anything that changed their number is not this folder's data
+        with open(os.path.join(folder, "state.json"), encoding="utf-8") as handle:
+            saved = [os.path.join(folder, f["filename"]) for f in json.load(handle)["_data_files"]]
+        rows = sum(pa.ipc.open_stream(pa.memory_map(f)).read_all().num_rows for f in saved)
+    except (OSError, ValueError, KeyError, pa.ArrowInvalid):
+        return None
+    if rows != len(dataset):
+        return None
     parent = os.path.dirname(folder)
     if os.path.isfile(os.path.join(parent, "dataset_dict.json")):
         return DatasetSource(parent, split=os.path.basename(folder), from_disk=True)
