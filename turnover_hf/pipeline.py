@@ -22,7 +22,8 @@ from .checkpoint import load_influence_ready, model_class_of, resolve_checkpoint
 from .config import CONFIG_NAME
 from .context import state_of
 from .data import CausalLMCollator, InstanceIdCollator, check_id_column, prompt_completion_features
-from .errors import ConfigMismatchError, TurnoverError
+from .errors import ConfigMismatchError, ExampleIdError, TurnoverError
+from .masks import check_example_ids
 from .ensemble import EnsembleScorer, member_dirs, split_half_agreement
 from .scoring import TurnoverScorer, check_ids_known, predicted_labels
 from .store import ScoreStore, fingerprint
@@ -393,7 +394,11 @@ class InfluencePipeline:
         if not isinstance(example_ids, torch.Tensor) and not isinstance(example_ids, (str, bytes)) and len(example_ids) == 0 \
                 or isinstance(example_ids, torch.Tensor) and example_ids.numel() == 0:
             raise TurnoverError("example_ids is empty; give at least one training id, or None for the whole training set.")
-        return check_ids_known(torch.as_tensor(example_ids), self.train_ids)
+        try:
+            example_ids = check_example_ids(example_ids)
+        except ValueError as err:
+            raise ExampleIdError(str(err)) from None
+        return check_ids_known(example_ids, self.train_ids)
 
     def _positions(self, example_ids: torch.Tensor) -> list[int]:
         return self._order[torch.searchsorted(self.train_ids[self._order], example_ids)].tolist()
