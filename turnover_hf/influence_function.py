@@ -104,7 +104,7 @@ from transformers import default_data_collator
 from .config import MASK_FIELDS
 from .context import instance_masks, state_of
 from .data import BATCH_KEY, InstanceIdCollator, check_id_column
-from .errors import ConfigMismatchError, MissingExampleIdsError, TurnoverError
+from .errors import ConfigMismatchError, MissingExampleIdsError, StaleFitError, TurnoverError
 from .files import atomic_path, atomic_write_text
 from .hydra import (
     ParamSpec, PerExampleGrads, _linear_calls, _logits, _read_meta, _rows_of, _specs_for, _target_gradients,
@@ -871,7 +871,14 @@ class InfluenceFunctionScorer:
             factors = self._fit_materialised(data)
         self.factors = factors
         self._preconditioned = None
-        return self
+        self._fit_identity = self._identity()
+        return self._attached()
+
+    def _identity(self) -> dict[str, Optional[str]]:
+        """What the fit belongs to: these weights, and the training set recorded on the model (if any)."""
+        record = state_of(self.model).training_set if self.patched else None
+        return {"weights_fingerprint": self._weights_fingerprint(),
+                "training_set_fingerprint": None if record is None else record.fingerprint}
 
     def _factorisable(self) -> bool:
         return (self.factorised is not False and self._ineligible is None and self.sketch is None
@@ -1198,6 +1205,12 @@ class InfluenceFunctionScorer:
             >>> scorer.save("out/model/influence")     # InfluencePipeline("out/model", ..., estimator="influence")
         """
         factors = self._fitted()
+        identity = getattr(self, "_fit_identity", None) or self._identity()
+        if identity["weights_fingerprint"] != self._weights_fingerprint():
+            raise StaleFitError(
+                "the model's weights changed since this influence function was fitted (further training?); saving it "
+                "would label an old fit with the new weights. Fit again: scorer.fit(train_data), then save."
+            )
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
         with atomic_path(os.path.join(folder, FACTORS_NAME)) as tmp:
@@ -1219,7 +1232,7 @@ class InfluenceFunctionScorer:
             "num_classes": int(factors.probabilities.shape[1]),
             "id_column": self.id_column,
             "turnover_config": self._turnover_config(),
-            "weights_fingerprint": self._weights_fingerprint(),
+            **identity,
         }
         if factors.method == "factorised":
             meta["layers"] = [layer.as_dict() for layer in factors.layers]
@@ -1279,15 +1292,24 @@ class InfluenceFunctionScorer:
                 "depend on the masks. Fit again with this model."
             )
         if scorer._weights_fingerprint() != meta["weights_fingerprint"]:
-            raise ConfigMismatchError(
+            raise StaleFitError(
                 f"the model's weights differ from those the influence function in {os.fspath(folder)!r} was fitted "
                 "on; its factors would belong to another model. Fit again: InfluenceFunctionScorer(model, "
                 "train_data).fit().save(folder) (in another folder)."
             )
+        record = state_of(model).training_set if scorer.patched else None
+        fitted_on = meta.get("training_set_fingerprint")
+        if record is not None and fitted_on is not None and fitted_on != record.fingerprint:
+            raise StaleFitError(
+                f"the influence function in {os.fspath(folder)!r} was fitted on another training set (fingerprint "
+                f"{fitted_on[:12]}) than the model was trained on ({record.fingerprint[:12]}). Fit again on the "
+                "model's training set."
+            )
+        scorer._fit_identity = {"weights_fingerprint": meta["weights_fingerprint"], "training_set_fingerprint": fitted_on}
         tensors = load_file(os.path.join(os.fspath(folder), FACTORS_NAME))
         if factorised:
             scorer.factors = scorer._loaded_factorised(meta, tensors)
-            return scorer
+            return scorer._attached()
         scorer.factors = _Factors(
             tensors["example_ids"], tensors["labels"], tensors["probabilities"], tensors["classes"],
             tensors["class_gradients"], tensors["factor"], meta["solver"], float(meta["damping"]), float(meta["trace"]),
@@ -1296,7 +1318,13 @@ class InfluenceFunctionScorer:
             raise ConfigMismatchError(
                 f"{FACTORS_NAME} holds gradients of {scorer.factors.width} coordinates, the metadata says {scorer.width}."
             )
-        return scorer
+        return scorer._attached()
+
+    def _attached(self) -> "InfluenceFunctionScorer":
+        """This fit, recorded on the patched model so that its save_pretrained / push_to_hub carry it."""
+        if self.patched:
+            state_of(self.model).influence = self
+        return self
 
     def _loaded_factorised(self, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> _FactorisedFit:
         """The factorised fit of a saved folder, checked against this model's tracked Linear layers."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,10 +28,12 @@ from torch import nn
 
 from ..config import CONFIG_NAME, TurnoverConfig
 from ..context import state_of
-from ..errors import TurnoverError
+from ..errors import StaleFitError, TurnoverError
 from ..files import atomic_write_text, umask
 from ..targets import inner_model
 from ..training_set import TRAINING_SET_NAME
+
+logger = logging.getLogger(__name__)
 
 CARD_START = "<!-- turnover-hf:start -->"
 CARD_END = "<!-- turnover-hf:end -->"
@@ -236,7 +239,13 @@ def save_influence_ready(
             state.training_set.save(staging)
             saved.training_set = state.training_set.summary()
         if influence is not None:
-            influence.save(os.path.join(staging, INFLUENCE_DIR))
+            try:
+                influence.save(os.path.join(staging, INFLUENCE_DIR))
+            except StaleFitError as err:
+                logger.warning("the checkpoint is saved without its influence function: %s", err)
+                shutil.rmtree(os.path.join(staging, INFLUENCE_DIR), ignore_errors=True)
+                if state.influence is influence:
+                    state.influence = None
         saved.save_pretrained(staging)
         repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory))) if push_to_hub else None
         write_model_card(staging, saved, repo_id, previous=os.path.join(save_directory, "README.md"))
