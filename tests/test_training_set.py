@@ -14,7 +14,16 @@ import turnover_hf as th
 from turnover_hf.training_set import TRAINING_SET_NAME, DatasetSource, record_training_set
 
 from conftest import text_task, tiny_bert, word_tokenizer
-from test_scoring import _top_layer_adapter
+
+
+def _top_layer_adapter(model):
+    """A bottleneck adapter in the top layer only (the masks then sit above everything below it)."""
+    import adapters
+
+    adapters.init(model)
+    model.add_adapter("top", config=adapters.SeqBnConfig(reduction_factor=2, leave_out=[0]))
+    model.train_adapter("top")
+    return model
 
 
 def _train(folder, train, tokenizer, **trainer_kwargs):

@@ -22,7 +22,7 @@ from typing import Any, Callable, Literal, Optional
 from . import __version__
 from .errors import TurnoverError
 from .files import atomic_path, atomic_write_text
-from .influence_function import INFLUENCE_DIR, META_NAME as INFLUENCE_META, InfluenceFunctionScorer
+from .estimators import describe_estimators, estimator_names
 
 PROG = "turnover-hf"
 TRACEBACK_ENV = "TURNOVER_HF_TRACEBACK"
@@ -128,18 +128,15 @@ class ScoringOptions:
     device: Optional[str] = field(
         default=None, metadata={"help": "Where to run the model, e.g. cpu or cuda:0 (default: where it loads)."}
     )
-    estimator: Literal["auto", "turnover", "influence", "hydra"] = field(
+    estimator: str = field(
         default="auto",
-        metadata={"help": "auto: influence for a classifier, turnover for an ensemble or a language model. "
-                          "influence: damped Gauss-Newton influence function on the trainable parameters "
-                          f"(classifiers; the most faithful in benchmarks/fidelity.py; fitted once and kept in "
-                          f"<model>/{INFLUENCE_DIR}/ for the next command). turnover: turn-over dropout (forward "
-                          "passes; average an ensemble, see --num_members of train). hydra: hypergradients saved in "
-                          "<model>/hydra by a HYDRA trainer."},
+        metadata={"choices": estimator_names(),
+                  "help": "auto: the most faithful estimator the model allows (the influence function for a "
+                          "classifier, turnover for an ensemble or a language model). " + describe_estimators()},
     )
     projection_dim: Optional[int] = field(
         default=None,
-        metadata={"help": "--estimator influence: sketch gradients to this many dimensions (for many trainable "
+        metadata={"help": "The influence function (--estimator influence or auto): sketch gradients to this many dimensions (for many trainable "
                           "parameters; an approximation). Default: exact while it fits in memory."},
     )
 
@@ -433,7 +430,7 @@ def run_train(options: TrainOptions, training_args: Any) -> dict[str, Any]:
         if evaluations:
             metrics = {k: evaluations[-1][k] for k in ("eval_loss", "eval_accuracy")}
     else:
-        from .ensemble import train_ensemble
+        from .estimators.ensemble import train_ensemble
 
         args = copy.copy(training_args)
         args.output_dir = folders[MODEL_FOLDER]  # members go to out/model/member-k, which the pipeline loads
@@ -523,20 +520,10 @@ def _pipeline(options: ScoringOptions) -> Any:
         raise TurnoverError(f"--train {train_path!r} is not a save_to_disk folder.")
     train = _standard_columns(load_from_disk(train_path), options.text_column, options.label_column,
                               f"the training set {train_path!r}", need_label=False)
-    estimator_options: dict[str, Any] = {}
-    if options.estimator in ("influence", "auto"):
-        folder = estimator_options["influence_dir"] = os.path.join(options.model, INFLUENCE_DIR)
-        if os.path.isfile(os.path.join(folder, INFLUENCE_META)):  # a fit from an earlier command: reuse it if asked for
-            kept = InfluenceFunctionScorer.read_meta(folder)["projection_dim"]
-            if options.projection_dim is not None and options.projection_dim != kept:
-                raise TurnoverError(
-                    f"{folder} holds an influence function fitted with projection_dim={kept}; remove that folder "
-                    f"to fit again with --projection_dim {options.projection_dim}, or drop --projection_dim."
-                )
-        elif options.projection_dim is not None:
-            estimator_options["influence_options"] = {"projection_dim": options.projection_dim}
-    elif options.projection_dim is not None:
-        raise TurnoverError("--projection_dim is an option of --estimator influence (or auto).")
+    # a fit is kept next to the model and reused by the next command (with the same options)
+    estimator_options: dict[str, Any] = {"save_fit": True}
+    if options.projection_dim is not None:
+        estimator_options["influence_options"] = {"projection_dim": options.projection_dim}
     pipe = InfluencePipeline(options.model, train_dataset=train, batch_size=options.batch_size,
                              max_length=options.max_length, device=options.device, estimator=options.estimator,
                              **estimator_options)
@@ -655,7 +642,7 @@ def _command_cleanse(options: ScoringOptions, chosen: CleanseOptions) -> int:
 
 def _command_report(options: ScoringOptions, chosen: ReportOptions) -> int:
     from . import plots, report
-    from .scoring import predicted_labels
+    from .losses import predicted_labels
 
     _refuse_existing(chosen.output, chosen.overwrite)
     pipe = _pipeline(options)

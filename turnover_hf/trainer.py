@@ -12,23 +12,12 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
-from transformers import DataCollatorWithPadding, Trainer, default_data_collator
+from transformers import Trainer
 
 from .context import instance_masks, state_of
-from .data import BATCH_KEY, CausalLMCollator, InstanceIdCollator, check_id_column
+from .data import BATCH_KEY, InstanceIdCollator, check_id_column, default_collator
 from .errors import MissingExampleIdsError
-from .targets import is_causal_lm
 from .training_set import DatasetSource, record_training_set
-
-
-def default_collator(model: nn.Module, tokenizer: Any = None) -> Any:
-    """The collator a trainer uses when given none: causal-LM rows for a causal LM, padding with a tokenizer, else
-    transformers' default."""
-    if is_causal_lm(model):
-        return CausalLMCollator(tokenizer)
-    if tokenizer is not None and hasattr(tokenizer, "pad"):
-        return DataCollatorWithPadding(tokenizer)
-    return default_data_collator
 
 
 class TurnoverTrainer(Trainer):

@@ -29,7 +29,7 @@ from ..context import state_of
 from ..errors import ConfigMismatchError
 from ..layers import CHANNEL_BIAS, CHANNEL_WEIGHT
 from ..patcher import patch_model
-from ..targets import inner_model
+from ..sites import inner_model
 from ..training_set import TrainingSet
 from .save import finish_interrupted_save
 

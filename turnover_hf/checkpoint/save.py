@@ -30,7 +30,7 @@ from ..config import CONFIG_NAME, TurnoverConfig
 from ..context import state_of
 from ..errors import StaleFitError, TurnoverError
 from ..files import atomic_write_text, umask
-from ..targets import inner_model
+from ..sites import inner_model
 from ..training_set import TRAINING_SET_NAME
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 CARD_START = "<!-- turnover-hf:start -->"
 CARD_END = "<!-- turnover-hf:end -->"
 CARD_TAGS = ("turnover-hf", "influence-ready", "turn-over-dropout")
-INFLUENCE_DIR = "influence"  # the fitted influence function beside the weights (see turnover_hf.influence_function)
+INFLUENCE_DIR = "influence"  # the fitted influence function beside the weights (see turnover_hf.estimators.influence)
 JOURNAL = ".turnover-save.json"  # present only while a finished staging folder is being moved in
 # Files and folders that belong to one saved model; a save removes those of the previous model it does not rewrite.
 _MODEL_FILE = re.compile(
