@@ -27,7 +27,7 @@ from ..config import CONFIG_NAME, TurnoverConfig
 from ..context import state_of
 from ..errors import ConfigMismatchError, TurnoverError
 from ..losses import eval_mode, model_inputs
-from . import Estimator
+from .registry import Estimator
 from .turnover import TurnoverScorer, masks_key
 
 logger = logging.getLogger(__name__)

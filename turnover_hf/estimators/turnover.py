@@ -40,7 +40,7 @@ from ..losses import (
 )
 from ..masks import mask_for, scale_of
 from ..sites import inner_model
-from . import BuiltEstimator, Estimator, EstimatorContext, register_estimator
+from .registry import BuiltEstimator, Estimator, EstimatorContext, register_estimator
 
 logger = logging.getLogger(__name__)
 

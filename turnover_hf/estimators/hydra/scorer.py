@@ -11,7 +11,7 @@ from torch import nn
 from ...data import check_ids_known
 from ...errors import ConfigMismatchError, TurnoverError
 from ...files import PathLike
-from .. import BuiltEstimator, Estimator, EstimatorContext, register_estimator
+from ..registry import BuiltEstimator, Estimator, EstimatorContext, register_estimator
 from ..gradients import PerExampleGrads, target_gradients
 from .files import HYDRA_DIR, weights_fingerprint
 from .table import SavedHypergradients

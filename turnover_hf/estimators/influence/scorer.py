@@ -21,7 +21,7 @@ from ...files import PathLike
 from ...losses import eval_mode, find_labels, is_causal_lm, logits_of, model_inputs
 from ...patcher import is_patched
 from ...store import fingerprint
-from .. import Estimator
+from ..registry import Estimator
 from ..gradients import PerExampleGrads, linear_calls, param_specs, target_gradients
 from .curvature import curvature_blocks, kept_classes
 from .factorised import FactorisedFit, NotFactorisable, linear_layers, one_row_each
