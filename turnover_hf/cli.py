@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
-from . import __version__
 from .errors import TurnoverError
-from .files import atomic_path, atomic_write_text
 from .estimators import describe_estimators, estimator_names
+from .files import atomic_path, atomic_write_text
+from .version import __version__
 
 PROG = "turnover-hf"
 TRACEBACK_ENV = "TURNOVER_HF_TRACEBACK"

@@ -26,7 +26,7 @@ from .registry import (
 )
 
 # The built-in estimators register themselves when imported, in this order (the order "auto" breaks ties in).
-from . import turnover, influence, hydra  # noqa: E402,F401  isort: skip
+from . import ensemble, influence, hydra  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "AUTO", "BuiltEstimator", "Estimator", "EstimatorContext", "EstimatorSpec", "describe_estimators",
