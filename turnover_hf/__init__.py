@@ -6,7 +6,7 @@ Example:
     >>> trainer = turnover_hf.TurnoverTrainer(model=model, args=args, train_dataset=turnover_hf.add_example_ids(train))
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from .config import CONFIG_NAME, TurnoverConfig
 from .context import instance_masks

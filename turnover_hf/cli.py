@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
-from . import __version__
 from .errors import TurnoverError
-from .files import atomic_path, atomic_write_text
 from .estimators import describe_estimators, estimator_names
+from .files import atomic_path, atomic_write_text
+from .version import __version__
 
 PROG = "turnover-hf"
 TRACEBACK_ENV = "TURNOVER_HF_TRACEBACK"
@@ -130,9 +130,8 @@ class ScoringOptions:
     )
     estimator: str = field(
         default="auto",
-        metadata={"choices": estimator_names(),
-                  "help": "auto: the most faithful estimator the model allows (the influence function for a "
-                          "classifier, turnover for an ensemble or a language model). " + describe_estimators()},
+        metadata={"help": "auto: the most faithful estimator the model allows (the influence function for a "
+                          "classifier, turnover for an ensemble or a language model)."},
     )
     projection_dim: Optional[int] = field(
         default=None,
@@ -766,11 +765,16 @@ def _command_parser(name: str) -> Any:
     from transformers import HfArgumentParser
 
     command = COMMANDS[name]
-    return HfArgumentParser(
+    parser = HfArgumentParser(
         command.options, prog=f"{PROG} {name}", description=_paragraphs(command.description),
         formatter_class=_HelpFormatter,
         epilog="Examples:\n" + command.examples,
     )
+    for action in parser._actions:  # the registered estimators, as they are when the command runs
+        if action.dest == "estimator":
+            action.choices = estimator_names()
+            action.help = f"{action.help} {describe_estimators()}"
+    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -20,7 +20,38 @@ from .errors import MissingExampleIdsError
 from .training_set import DatasetSource, record_training_set
 
 
-class TurnoverTrainer(Trainer):
+class ExampleIdTrainer(Trainer):
+    """A ``transformers.Trainer`` whose batches carry example ids: the training set's id column is checked up front
+    (present, integer, non-negative, unique) and survives ``remove_unused_columns``; the data collator is wrapped
+    in :class:`InstanceIdCollator`; evaluation and prediction drop the ids. The base of :class:`TurnoverTrainer`
+    and the HYDRA trainers.
+
+    Example:
+        >>> trainer = ExampleIdTrainer(model=model, args=args, train_dataset=add_example_ids(train), id_column="example_id")
+        >>> batch = next(iter(trainer.get_train_dataloader()))    # batch["example_ids"]: the rows' ids
+    """
+
+    def __init__(self, model: Optional[nn.Module] = None, args: Any = None, data_collator: Any = None, *pos: Any,
+                 id_column: str = "example_id", **kwargs: Any) -> None:
+        self.id_column = id_column
+        train_dataset = kwargs.get("train_dataset", pos[0] if pos else None)
+        if train_dataset is not None:
+            check_id_column(train_dataset, self.id_column)
+        if data_collator is None:
+            data_collator = default_collator(model, kwargs.get("processing_class") or kwargs.get("tokenizer"))
+        super().__init__(model, args, InstanceIdCollator(data_collator, self.id_column), *pos, **kwargs)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self.id_column not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, self.id_column]
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Optional[list[str]] = None):
+        inputs = {k: v for k, v in inputs.items() if k != BATCH_KEY}  # evaluation uses the full network
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+
+class TurnoverTrainer(ExampleIdTrainer):
     """Trainer for a model patched with turn-over dropout.
 
     Differences from ``Trainer``: the data collator is wrapped in :class:`InstanceIdCollator`; the id column
@@ -42,23 +73,13 @@ class TurnoverTrainer(Trainer):
     def __init__(self, model: Optional[nn.Module] = None, args: Any = None, data_collator: Any = None, *pos: Any,
                  train_dataset_source: Optional[Union[DatasetSource, dict[str, Any], str]] = None, **kwargs: Any) -> None:
         state = state_of(model)
-        self.id_column = state.config.id_column
         train_dataset = kwargs.get("train_dataset", pos[0] if pos else None)
+        super().__init__(model, args, data_collator, *pos, id_column=state.config.id_column, **kwargs)
         if train_dataset is not None:
-            check_id_column(train_dataset, self.id_column)
             state.config.num_train_examples = len(train_dataset)
             # the checkpoint will name these rows: the pipeline refuses any other training set
             state.training_set = record_training_set(train_dataset, self.id_column, source=train_dataset_source)
             state.config.training_set = state.training_set.summary()
-        if data_collator is None:
-            data_collator = default_collator(model, kwargs.get("processing_class") or kwargs.get("tokenizer"))
-        data_collator = InstanceIdCollator(data_collator, self.id_column)
-        super().__init__(model, args, data_collator, *pos, **kwargs)
-
-    def _set_signature_columns_if_needed(self) -> None:
-        super()._set_signature_columns_if_needed()
-        if self.id_column not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, self.id_column]
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         example_ids = inputs.pop(BATCH_KEY, None)
@@ -77,7 +98,3 @@ class TurnoverTrainer(Trainer):
             with instance_masks(model, example_ids, mode="train"):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Optional[list[str]] = None):
-        inputs = {k: v for k, v in inputs.items() if k != BATCH_KEY}  # evaluation uses the full network
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)

@@ -26,8 +26,8 @@ from torch import nn
 from ..config import CONFIG_NAME, TurnoverConfig
 from ..context import state_of
 from ..errors import ConfigMismatchError, TurnoverError
-from ..losses import eval_mode, model_inputs
-from . import Estimator
+from ..losses import eval_mode, is_causal_lm, model_inputs
+from .registry import BuiltEstimator, Estimator, EstimatorContext, register_estimator
 from .turnover import TurnoverScorer, masks_key
 
 logger = logging.getLogger(__name__)
@@ -221,3 +221,51 @@ def _check_resumable(saved: TurnoverConfig, wanted: TurnoverConfig, folder: str,
             f"{folder} already holds a member trained with another config ({'; '.join(diffs)}); give another "
             "output_dir, or remove that folder to retrain it."
         )
+
+
+# -- turn-over dropout as a registered estimator: one patched model, or an ensemble of them -------------------
+def _is_ensemble(context: EstimatorContext) -> Optional[str]:
+    return "an ensemble of turn-over models averages their scores" if len(context.models) > 1 else None
+
+
+def _is_language_model(context: EstimatorContext) -> Optional[str]:
+    if is_causal_lm(context.model):
+        return "the influence function covers classifiers, and this is a causal language model"
+    return None
+
+
+SINGLE_MODEL_WARNING = (
+    "scoring with a single turn-over model: its scores are dominated by the difference between two random "
+    "half-networks (two mask seeds' rankings agree at Spearman ~0 in benchmarks/fidelity.py). Average an ensemble "
+    "of models trained with different mask seeds for rankings you can trust: turnover_hf.train_ensemble(...), then "
+    "InfluencePipeline(<its output_dir>, ...); or, for a classifier, score this model with estimator='influence' "
+    "(a Gauss-Newton influence function)."
+)
+
+
+@register_estimator(
+    "turnover",
+    description="turn-over dropout: forward passes under each example's mask and its flipped mask (average an "
+                "ensemble of mask seeds, see --num_members of train).",
+    definition="the target's loss under the example's flipped mask (a sub-network that never trained on it) minus "
+               "its loss under the example's own mask.",
+    auto=lambda context: _is_ensemble(context) or _is_language_model(context),
+    auto_priority=20,
+    worth="Scored by turn-over dropout on this one model: one score compares two halves of the masked units, so "
+          "single scores are close to noise and the same reviews can top the lists of several targets.",
+    low_self_influence="Most negative: the sub-network that saw them does worse on them than the one that did not; "
+                       "ambiguous reviews, or labels the rest of the data contradicts.",
+    one_model_caveat="a single model's rankings are close to noise on large training sets; average an ensemble of "
+                     "mask seeds (<code>turnover_hf.train_ensemble</code>) before acting on individual rows.",
+    multi_model=True,
+    needs_masks=True,
+)
+def _build(context: EstimatorContext) -> BuiltEstimator:
+    """One patched model, or an ensemble of them (their mean score, with a measured agreement)."""
+    config = state_of(context.model).config
+    if len(context.models) > 1:
+        scorer: Estimator = EnsembleScorer(context.models, batch_size=context.batch_size, fast=context.fast)
+    else:
+        scorer = TurnoverScorer(context.model, batch_size=context.batch_size, fast=context.fast)
+        logger.warning(SINGLE_MODEL_WARNING)
+    return BuiltEstimator(scorer, config.id_column, config.num_train_examples)

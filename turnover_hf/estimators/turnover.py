@@ -40,7 +40,7 @@ from ..losses import (
 )
 from ..masks import mask_for, scale_of
 from ..sites import inner_model
-from . import BuiltEstimator, Estimator, EstimatorContext, register_estimator
+from .registry import Estimator
 
 logger = logging.getLogger(__name__)
 
@@ -309,52 +309,3 @@ def influence(
 def masks_key(config: Any) -> dict[str, Any]:
     """What of a turn-over config decides the scores (for resumable results): all but the recorded trainable set."""
     return {k: v for k, v in config.to_dict().items() if k != "trainable_parameters"}
-
-
-def _is_ensemble(context: EstimatorContext) -> Optional[str]:
-    return "an ensemble of turn-over models averages their scores" if len(context.models) > 1 else None
-
-
-def _is_language_model(context: EstimatorContext) -> Optional[str]:
-    if is_causal_lm(context.model):
-        return "the influence function covers classifiers, and this is a causal language model"
-    return None
-
-
-SINGLE_MODEL_WARNING = (
-    "scoring with a single turn-over model: its scores are dominated by the difference between two random "
-    "half-networks (two mask seeds' rankings agree at Spearman ~0 in benchmarks/fidelity.py). Average an ensemble "
-    "of models trained with different mask seeds for rankings you can trust: turnover_hf.train_ensemble(...), then "
-    "InfluencePipeline(<its output_dir>, ...); or, for a classifier, score this model with estimator='influence' "
-    "(a Gauss-Newton influence function)."
-)
-
-
-@register_estimator(
-    "turnover",
-    description="turn-over dropout: forward passes under each example's mask and its flipped mask (average an "
-                "ensemble of mask seeds, see --num_members of train).",
-    definition="the target's loss under the example's flipped mask (a sub-network that never trained on it) minus "
-               "its loss under the example's own mask.",
-    auto=lambda context: _is_ensemble(context) or _is_language_model(context),
-    auto_priority=20,
-    worth="Scored by turn-over dropout on this one model: one score compares two halves of the masked units, so "
-          "single scores are close to noise and the same reviews can top the lists of several targets.",
-    low_self_influence="Most negative: the sub-network that saw them does worse on them than the one that did not; "
-                       "ambiguous reviews, or labels the rest of the data contradicts.",
-    one_model_caveat="a single model's rankings are close to noise on large training sets; average an ensemble of "
-                     "mask seeds (<code>turnover_hf.train_ensemble</code>) before acting on individual rows.",
-    multi_model=True,
-    needs_masks=True,
-)
-def _build(context: EstimatorContext) -> BuiltEstimator:
-    """One patched model, or an ensemble of them (their mean score, with a measured agreement)."""
-    config = state_of(context.model).config
-    if len(context.models) > 1:
-        from .ensemble import EnsembleScorer
-
-        scorer: Estimator = EnsembleScorer(context.models, batch_size=context.batch_size, fast=context.fast)
-    else:
-        scorer = TurnoverScorer(context.model, batch_size=context.batch_size, fast=context.fast)
-        logger.warning(SINGLE_MODEL_WARNING)
-    return BuiltEstimator(scorer, config.id_column, config.num_train_examples)

@@ -11,8 +11,8 @@ from torch import nn
 from ...data import check_ids_known
 from ...errors import ConfigMismatchError, TurnoverError
 from ...files import PathLike
-from .. import BuiltEstimator, Estimator, EstimatorContext, register_estimator
 from ..gradients import PerExampleGrads, target_gradients
+from ..registry import BuiltEstimator, Estimator, EstimatorContext, register_estimator
 from .files import HYDRA_DIR, weights_fingerprint
 from .table import SavedHypergradients
 from .tracker import HydraTracker, check_seen

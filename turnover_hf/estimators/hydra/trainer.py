@@ -16,10 +16,10 @@ from datasets import Dataset
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from ...data import BATCH_KEY, InstanceIdCollator, check_id_column, check_ids_known, default_collator
+from ...data import BATCH_KEY, check_id_column, check_ids_known
 from ...errors import MissingExampleIdsError, TurnoverError
 from ...files import PathLike
-from ...trainer import TurnoverTrainer
+from ...trainer import ExampleIdTrainer, TurnoverTrainer
 from ..gradients import PerExampleGrads, labels_in, param_specs, target_gradients
 from .files import HYDRA_DIR, HYDRA_MODES
 from .tracker import HydraTracker, LeanTracker, check_lean_optimizer, check_seen
@@ -388,7 +388,7 @@ class HydraTrainingMixin:
         return (-tracker.table.read(rows)).float()
 
 
-class HydraTrainer(HydraTrainingMixin, Trainer):
+class HydraTrainer(HydraTrainingMixin, ExampleIdTrainer):
     """A ``transformers.Trainer`` that tracks HYDRA hypergradients of every training example while it trains.
 
     Differences from ``Trainer``: the training set needs an id column (``turnover_hf.add_example_ids``); the
@@ -411,22 +411,10 @@ class HydraTrainer(HydraTrainingMixin, Trainer):
                  hessian: bool = False, hydra_storage_dir: Optional[PathLike] = None,
                  hydra_parameters: Optional[Sequence[str]] = None, hydra_mode: str = "full",
                  id_column: str = "example_id", **kwargs: Any) -> None:
-        self.id_column = id_column
+        super().__init__(model, args, data_collator, *pos, id_column=id_column, **kwargs)
         train_dataset = kwargs.get("train_dataset", pos[0] if pos else None)
-        if data_collator is None:
-            data_collator = default_collator(model, kwargs.get("processing_class") or kwargs.get("tokenizer"))
-        super().__init__(model, args, InstanceIdCollator(data_collator, id_column), *pos, **kwargs)
         self._setup_hydra(model, train_dataset, id_column, hessian=hessian, storage_dir=hydra_storage_dir,
                           parameters=hydra_parameters, mask_context=None, mode=hydra_mode)
-
-    def _set_signature_columns_if_needed(self) -> None:
-        super()._set_signature_columns_if_needed()
-        if self.id_column not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, self.id_column]
-
-    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Optional[list[str]] = None):
-        inputs = {k: v for k, v in inputs.items() if k != BATCH_KEY}
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
 
 class HydraTurnoverTrainer(HydraTrainingMixin, TurnoverTrainer):

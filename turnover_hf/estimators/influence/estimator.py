@@ -11,7 +11,7 @@ from typing import Optional
 
 from ...context import state_of
 from ...errors import TurnoverError
-from .. import BuiltEstimator, EstimatorContext, register_estimator
+from ..registry import BuiltEstimator, EstimatorContext, register_estimator
 from .files import INFLUENCE_DIR, META_NAME
 from .scorer import InfluenceFunctionScorer
 
@@ -90,8 +90,9 @@ def build(context: EstimatorContext) -> BuiltEstimator:
         changed = sorted(k for k, v in given.items() if saved.get(k, v) != v or k not in saved)
         if changed:
             raise TurnoverError(
-                f"{folder!r} holds a fitted influence function; influence_options {changed} would change it. "
-                "Drop them, or choose another influence_dir to fit again."
+                f"{folder!r} holds a fitted influence function; influence_options {changed} would change it "
+                f"(it was fitted with {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}). Drop them, or remove "
+                "that folder (or choose another influence_dir) to fit again."
             )
         scorer = InfluenceFunctionScorer.load(model, folder, batch_size=context.batch_size, **runtime)
     else:

@@ -21,8 +21,9 @@ from ...files import PathLike
 from ...losses import eval_mode, find_labels, is_causal_lm, logits_of, model_inputs
 from ...patcher import is_patched
 from ...store import fingerprint
-from .. import Estimator
 from ..gradients import PerExampleGrads, linear_calls, param_specs, target_gradients
+from ..registry import Estimator
+from .budget import check_factorised_budget, check_materialised_budget, factorised_gb, materialised_gb
 from .curvature import curvature_blocks, kept_classes
 from .factorised import FactorisedFit, NotFactorisable, linear_layers, one_row_each
 from .files import load_fit, read_fit_meta, save_fit
@@ -218,51 +219,13 @@ class InfluenceFunctionScorer(Estimator):
             True
         """
         kept = max(1, int(num_classes) - 1)
-        needed = self._materialised_gb(num_examples, kept)
+        needed = materialised_gb(num_examples, kept, self.width, self.solver)
         if self._factorisable() and (self.solver != "auto" or num_examples * kept <= self.num_parameters):
             modules = dict(self.model.named_modules())
             per_example = sum(modules[layer.name].in_features * layer.weight + layer.bias
                               + kept * modules[layer.name].out_features for layer in self._layers)
-            needed = min(needed, self._factorised_gb(num_examples, kept, per_example))
+            needed = min(needed, factorised_gb(num_examples, kept, per_example))
         return needed
-
-    def _materialised_gb(self, examples: int, kept_classes: int) -> float:
-        rows = examples * kept_classes
-        side = min(rows, self.width) if self.solver == "auto" else (rows if self.solver == "woodbury" else self.width)
-        return (rows * self.width * 4 + side * side * 8) / 2**30
-
-    def _check_budget(self, examples: int, kept_classes: int) -> None:
-        rows = examples * kept_classes
-        side = min(rows, self.width) if self.solver == "auto" else (rows if self.solver == "woodbury" else self.width)
-        needed = self._materialised_gb(examples, kept_classes)
-        if needed > self.max_memory_gb:
-            what = f"{examples} examples x {kept_classes} class gradient(s) x {self.width} coordinates"
-            raise TurnoverError(
-                f"fitting the influence function needs about {needed:.1f} GB ({what} as float32, plus a "
-                f"{side} x {side} factor), above max_memory_gb={self.max_memory_gb:g}. Pass projection_dim=4096 (a "
-                "CountSketch of every gradient: an approximation whose error shrinks as it grows), select fewer "
-                "parameters=[...], or raise max_memory_gb."
-            )
-
-    @staticmethod
-    def _factorised_gb(examples: int, kept_classes: int, per_example: int) -> float:
-        """Memory budgeted for a factorised fit: float32 factors, three float64 ``m x m`` and two ``m x N`` matrices
-        (the budget of the fit that kept ``U G`` and ``S^-1 U G``; the fit now keeps ``S``, its float32 and float64
-        factors and ``S^-1`` instead, and the input Gram matrices within :data:`INPUT_GRAMS_BYTES`)."""
-        rows = examples * kept_classes
-        return (examples * per_example * 4 + (3 * rows * rows + 2 * rows * examples) * 8) / 2**30
-
-    def _check_factorised_budget(self, examples: int, kept_classes: int, per_example: int) -> None:
-        needed = self._factorised_gb(examples, kept_classes, per_example)
-        if needed > self.max_memory_gb:
-            rows = examples * kept_classes
-            raise TurnoverError(
-                f"fitting the influence function (factorised) needs about {needed:.1f} GB ({examples} examples x "
-                f"{per_example} layer inputs and output gradients as float32, plus {rows} x {rows} float64 kernels), "
-                f"above max_memory_gb={self.max_memory_gb:g}. Pass factorised=False (per-example gradients, solved "
-                "in parameter space when that is smaller), projection_dim=4096 (a CountSketch: an approximation), or "
-                "raise max_memory_gb."
-            )
 
     def fit(self, train_data: Optional[TrainData] = None) -> "InfluenceFunctionScorer":
         """One pass over the training set (gradients under the training masks), then the factor.
@@ -338,7 +301,7 @@ class InfluenceFunctionScorer(Estimator):
                 _check_classifier_logits(logits)
                 probabilities.append(torch.softmax(logits.double(), -1).cpu())
                 if seen == 0:
-                    self._check_budget(expected or len(logits), logits.shape[1] - 1)
+                    check_materialised_budget(expected or len(logits), logits.shape[1] - 1, self.width, self.solver, self.max_memory_gb)
                 return kept_classes(probabilities[-1]).to(logits.device)
 
             def row_context(k: int, ids: torch.Tensor = batch_ids) -> ContextManager:
@@ -362,7 +325,7 @@ class InfluenceFunctionScorer(Estimator):
             kept = kept_classes(p)
             n, c = p.shape
             seen += n
-            self._check_budget(seen, c - 1)
+            check_materialised_budget(seen, c - 1, self.width, self.solver, self.max_memory_gb)
             g = g.view(n, c - 1, -1)
             gram = torch.einsum("ncd,ned->nce", g.double(), g.double()).cpu()
             trace += float((curvature_blocks(p, kept) * gram).sum())
@@ -480,12 +443,12 @@ class InfluenceFunctionScorer(Estimator):
             first = seen == 0
             if first and self.factorised is None and expected is not None:
                 smaller = self.solver != "auto" or expected * (c - 1) <= self.num_parameters
-                if not smaller or self._factorised_gb(expected, c - 1, per_example) > self.max_memory_gb:
+                if not smaller or factorised_gb(expected, c - 1, per_example) > self.max_memory_gb:
                     return None
             if first:
-                self._check_factorised_budget(expected or n, c - 1, per_example)
+                check_factorised_budget(expected or n, c - 1, per_example, self.max_memory_gb)
             seen += n
-            self._check_factorised_budget(seen, c - 1, per_example)
+            check_factorised_budget(seen, c - 1, per_example, self.max_memory_gb)
             kept = kept_classes(p)
             d = self._output_gradients(logits, outputs, rows, kept, check=first)
             del logits, outputs
