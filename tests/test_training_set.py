@@ -69,7 +69,7 @@ def test_the_record_accepts_the_set_and_its_subsets_and_names_what_differs():
         record.verify(text_task(30, seed=5))  # another data set of the same size
     with pytest.raises(th.ConfigMismatchError, match=r"2 of 31 rows whose ids the model never trained on \(e\.g\. \[30, 31\]"):
         record.verify(text_task(32).select(range(1, 32)))
-    with pytest.raises(th.ConfigMismatchError, match="has 3 of the 30 training examples"):
+    with pytest.raises(th.ConfigMismatchError, match="trained on 30 examples but train_dataset has 3 of them"):
         record.verify(train.select(range(3)), require_all=True)
     with pytest.raises(th.ConfigMismatchError, match="shares no data column"):
         record.verify(train.remove_columns(["text", "label"]).add_column("other", [0] * 30))

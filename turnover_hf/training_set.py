@@ -294,8 +294,9 @@ class TrainingSet:
             )
         if require_all and len(ids) != self.num_examples:
             raise ConfigMismatchError(
-                f"{what} has {len(ids)} of the {self.num_examples} training examples, and this step needs all of them. "
-                "Pass the whole training set; choose the ids to score with example_ids=..."
+                f"the model was trained on {self.num_examples} examples but {what} has {len(ids)} of them, and this "
+                "estimator fits on the whole training set first. Pass the whole training set; choose the ids to score "
+                "with example_ids=..."
             )
         unchecked = sorted(set(self.hashes) - set(common))
         if unchecked and common == ["labels"]:
