@@ -248,7 +248,8 @@ def save_influence_ready(
                     state.influence = None
         saved.save_pretrained(staging)
         repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory))) if push_to_hub else None
-        write_model_card(staging, saved, repo_id, previous=os.path.join(save_directory, "README.md"))
+        previous = os.path.join(save_directory, "README.md")  # the user's card, else the one the save wrote (PEFT)
+        write_model_card(staging, saved, repo_id, previous=previous if os.path.isfile(previous) else None)
         _commit(staging, save_directory)
         committed = True
     finally:
