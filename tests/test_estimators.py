@@ -77,7 +77,7 @@ def test_unknown_names_and_misplaced_options_are_refused():
     train = th.add_example_ids(token_task(8, seed=0))
     with pytest.raises(TurnoverError, match="takes no options"):
         th.InfluencePipeline(tiny_bert(), train_dataset=train, estimator="same-label", options={"x": 1})
-    with pytest.raises(TurnoverError, match="influence_options were given"):
+    with pytest.raises(TurnoverError, match="options of the .influence. estimator were given"):
         th.InfluencePipeline(tiny_bert(), train_dataset=train, estimator="same-label", influence_options={"solver": "direct"})
 
 
@@ -89,3 +89,15 @@ def test_auto_asks_the_registered_rules_in_priority_order():
     assert spec.name == "turnover" and "ensemble" in reason
     spec, _ = resolve_estimator("auto", EstimatorContext([model], None, 8, state_dirs={"hydra": "somewhere"}))
     assert spec.name == "hydra"
+
+
+def test_an_options_dataclass_picks_its_estimator_and_the_cli_makes_flags_of_it(trained, capsys):  # noqa: F811
+    train = th.add_example_ids(token_task(8, seed=0))
+    with pytest.raises(TurnoverError, match="options of the 'influence' estimator were given.*'turnover'"):
+        th.InfluencePipeline([tiny_bert(), tiny_bert(seed=1)], train_dataset=train, options=th.InfluenceOptions(solver="direct"))
+    pipe = th.InfluencePipeline(tiny_bert(), train_dataset=train, options=th.InfluenceOptions(projection_dim=16))
+    assert pipe.estimator == "influence" and pipe.scorer.projection_dim == 16
+    root, _ = trained
+    assert in_process(root, "explain", "--model", "out/model", "--text", "w5 w6", "--estimator", "turnover",
+                      "--damping_factor", "0.5") == 1
+    assert "options of the 'influence' estimator" in capsys.readouterr().err

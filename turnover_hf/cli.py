@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
 from .errors import TurnoverError
-from .estimators import describe_estimators, estimator_names
+from .estimators import describe_estimators, estimator_names, options_classes
 from .files import atomic_path, atomic_write_text
 from .version import __version__
 
@@ -133,11 +133,8 @@ class ScoringOptions:
         metadata={"help": "auto: the most faithful estimator the model allows (the influence function for a "
                           "classifier, turnover for an ensemble or a language model)."},
     )
-    projection_dim: Optional[int] = field(
-        default=None,
-        metadata={"help": "The influence function (--estimator influence or auto): sketch gradients to this many dimensions (for many trainable "
-                          "parameters; an approximation). Default: exact while it fits in memory."},
-    )
+    # the options dataclasses of the registered estimators, parsed from their own flags (e.g. --projection_dim)
+    estimator_options: list = field(default_factory=list, init=False)
 
 
 @dataclass
@@ -521,8 +518,12 @@ def _pipeline(options: ScoringOptions) -> Any:
                               f"the training set {train_path!r}", need_label=False)
     # a fit is kept next to the model and reused by the next command (with the same options)
     estimator_options: dict[str, Any] = {"save_fit": True}
-    if options.projection_dim is not None:
-        estimator_options["influence_options"] = {"projection_dim": options.projection_dim}
+    given = [chosen for chosen in options.estimator_options if chosen != type(chosen)()]
+    if len(given) > 1:
+        raise TurnoverError(f"options of several estimators were given ({[type(g).__name__ for g in given]}); "
+                            "give those of the one --estimator names.")
+    if given:
+        estimator_options["options"] = given[0]
     pipe = InfluencePipeline(options.model, train_dataset=train, batch_size=options.batch_size,
                              max_length=options.max_length, device=options.device, estimator=options.estimator,
                              **estimator_options)
@@ -765,8 +766,9 @@ def _command_parser(name: str) -> Any:
     from transformers import HfArgumentParser
 
     command = COMMANDS[name]
+    extra = tuple(options_classes()) if ScoringOptions in command.options else ()
     parser = HfArgumentParser(
-        command.options, prog=f"{PROG} {name}", description=_paragraphs(command.description),
+        (*command.options, *extra), prog=f"{PROG} {name}", description=_paragraphs(command.description),
         formatter_class=_HelpFormatter,
         epilog="Examples:\n" + command.examples,
     )
@@ -795,6 +797,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if name == "train":
             return _command_train(rest)
         values = _command_parser(name).parse_args_into_dataclasses(rest)
+        extra = [v for v in values if type(v) in options_classes()]
+        values = [v for v in values if type(v) not in options_classes()]
+        for value in values:
+            if isinstance(value, ScoringOptions):
+                value.estimator_options = extra
         return COMMANDS[name].run(*values)
     except KeyboardInterrupt:
         print(f"{PROG} {name}: interrupted", file=sys.stderr)

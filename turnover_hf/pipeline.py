@@ -22,7 +22,7 @@ from .checkpoint import load_influence_ready, model_class_of
 from .config import CONFIG_NAME
 from .data import InstanceIdCollator, check_id_column, check_ids_known, default_collator, prompt_completion_features
 from .errors import ConfigMismatchError, TurnoverError
-from .estimators import AUTO, EstimatorContext, get_estimator, resolve_estimator
+from .estimators import AUTO, EstimatorContext, get_estimator, options_owner, resolve_estimator
 from .estimators.ensemble import member_dirs, split_half_agreement
 from .estimators.influence import AUTO_PROJECTION_DIM  # noqa: F401 - kept importable from here
 from .losses import is_causal_lm
@@ -154,11 +154,14 @@ class InfluencePipeline:
         if reason is not None:
             logger.info("estimator='auto' scores with %r: %s.", self.spec.name, reason)
         named_options = {OPTIONS_ARGUMENTS[k]: v for k, v in {"influence_options": influence_options}.items() if v}
+        if options is not None and not isinstance(options, Mapping):  # an options dataclass names its estimator
+            named_options[options_owner(options).name], options = options, None
         for owner in named_options:
             if owner != self.spec.name:
                 raise TurnoverError(
-                    f"{owner}_options were given, but estimator={estimator!r} scores with {self.spec.name!r}"
-                    + (f" ({reason})" if reason else "") + f". Drop {owner}_options, or pass estimator={owner!r}."
+                    f"options of the {owner!r} estimator were given, but estimator={estimator!r} scores with "
+                    f"{self.spec.name!r}" + (f" ({reason})" if reason else "") + f". Drop them, or pass "
+                    f"estimator={owner!r}."
                 )
         context.options = self.spec.options(named_options.get(self.spec.name, options))
         built = self.spec.build(context)
