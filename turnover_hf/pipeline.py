@@ -80,20 +80,21 @@ class InfluencePipeline:
         fast: use the exact fast paths (closed-form head, prefix reuse); ``False`` scores row by row.
         estimator: ``"auto"`` (the default: the most faithful estimator the model allows, see below),
             ``"turnover"`` (turn-over dropout, forward passes only), ``"hydra"`` (hypergradients tracked during
-            training by :class:`~turnover_hf.hydra.HydraTrainer`, loaded from ``hydra_dir``, by default
+            training by :class:`~turnover_hf.HydraTrainer`, loaded from ``hydra_dir``, by default
             ``<checkpoint>/hydra``) or ``"influence"`` (the damped Gauss-Newton influence function of
-            :class:`~turnover_hf.influence_function.InfluenceFunctionScorer`, classifiers only). The influence
+            :class:`~turnover_hf.InfluenceFunctionScorer`, classifiers only). The influence
             function is fitted on ``train_dataset`` once, on the first call (one pass over the training set, not
             sharded: every process fits it), unless ``influence_dir`` (by default ``<checkpoint>/influence``)
             holds a fit of this model; scoring is then sharded like the other estimators. ``"auto"`` picks
             ``"hydra"`` when ``hydra_dir`` is given, ``"turnover"`` for an ensemble or a causal language model, and
             ``"influence"`` for any other classifier (patched or not; exact while the fit takes at most
             ``max_memory_gb``, 4 by default, else with a CountSketch of :data:`AUTO_PROJECTION_DIM` coordinates and a
-            warning). ``pipe.estimator`` says which was chosen.
+            warning). ``pipe.estimator`` says which was chosen. Any estimator registered with
+            :func:`turnover_hf.register_estimator` is accepted by its name.
         influence_dir: where a fitted influence function is loaded from, or saved to after fitting.
-        influence_options: options of :class:`~turnover_hf.influence_function.InfluenceFunctionScorer`
-            (``damping_factor``, ``projection_dim``, ``projection_seed``, ``parameters``, ``max_memory_gb``,
-            ``solver``, ``show_progress``).
+        influence_options: options of the influence function: an :class:`~turnover_hf.InfluenceOptions` or a
+            dict of its fields (``damping_factor``, ``projection_dim``, ``projection_seed``, ``parameters``,
+            ``max_memory_gb``, ``solver``, ``factorised``, ``show_progress``).
         options: the chosen estimator's options (its options dataclass, e.g.
             :class:`~turnover_hf.estimators.influence.InfluenceOptions`, or a dict of its fields).
         save_fit: keep what the estimator fits on first use (the influence function's fit) beside the checkpoint
@@ -367,7 +368,7 @@ class InfluencePipeline:
                   output_dir: Optional[str] = None) -> list[float]:
         """How reproducible each target's ranking is: the estimated Spearman agreement of this ensemble's scores
         with another ensemble of the same size and other seeds (split-half, Spearman-Brown; see
-        :func:`~turnover_hf.ensemble.split_half_agreement`). Needs an ensemble; ~0 means the ranking is noise.
+        :func:`~turnover_hf.split_half_agreement`). Needs an ensemble; ~0 means the ranking is noise.
 
         Example:
             >>> pipe.agreement(valid.select(range(20)))          # one value per target
