@@ -81,7 +81,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 import torch
 from fidelity_runner import RESULTS_DIR, SETTINGS, environment, markdown, notes, render, run
 from fidelity_runner.adapter import AdapterData, AdapterSetting, AdapterSettings
-from fidelity_runner.core import with_flipped_labels
+from fidelity_runner.data import with_flipped_labels
 from fidelity_runner.head import (
     FidelityData,
     HeadSetting,

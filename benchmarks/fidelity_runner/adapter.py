@@ -20,31 +20,10 @@ import torch
 from torch import nn
 
 import turnover_hf as th
-from turnover_hf.evaluation.cached import (
-    TopInputs,
-    TopModel,
-    TopRecipe,
-    TrainedTop,
-    cache_top_inputs,
-    top_accuracy,
-    top_losses,
-    top_self_scores,
-    top_turnover_scores,
-    train_top,
-)
-from turnover_hf.evaluation.peers import MarginFactors, margin_factors
-from turnover_hf.files import atomic_path
+from turnover_hf import evaluation as ev
 
-from .core import (
-    CACHE_DIR,
-    QUICK_SIZES,
-    CommonSettings,
-    Setting,
-    register_setting,
-    texts_fingerprint,
-    timed,
-    with_flipped_labels,
-)
+from .core import QUICK_SIZES, CommonSettings, Setting, Training, register_setting, timed
+from .data import CACHE_DIR, corpus, load_cache, save_cache, with_flipped_labels
 from .peers import library_batches
 
 Variant = int | tuple[int, int]  # adapter setting: a reduction factor, or (reduction factor, classifier channels)
@@ -67,8 +46,8 @@ class AdapterSettings(CommonSettings):
     lr: float = 3e-3
     library_timing: bool = True  # also time turnover_hf.TurnoverScorer on the full model (single model)
 
-    def recipe(self, **changes: Any) -> TopRecipe:
-        return replace(TopRecipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr), **changes)
+    def recipe(self, **changes: Any) -> ev.TopRecipe:
+        return replace(ev.TopRecipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr), **changes)
 
 
 QUICK_ADAPTERS = AdapterSettings(**QUICK_SIZES, wide_reduction_factors=(1,), channels=(4,))
@@ -78,23 +57,23 @@ QUICK_ADAPTERS = AdapterSettings(**QUICK_SIZES, wide_reduction_factors=(1,), cha
 class AdapterData:
     """Cached cut inputs of every split, and how to get a patched model (and its top) for an adapter size."""
 
-    train: TopInputs
+    train: ev.TopInputs
     noisy_labels: torch.Tensor
     flipped: np.ndarray
-    targets: TopInputs
-    test: TopInputs
+    targets: ev.TopInputs
+    test: ev.TopInputs
     # (reduction factor, classifier mask channels) -> patched full model (adapter in the top layer)
     build_model: Callable[[int, int], nn.Module]
     train_batches: list[dict[str, torch.Tensor]] = field(default_factory=list)  # tokenized, for library timing
     target_batch: dict[str, torch.Tensor] | None = None  # tokenized first targets, for the exactness check
-    _models: dict[tuple[int, int], tuple[nn.Module, TopModel]] = field(default_factory=dict)
+    _models: dict[tuple[int, int], tuple[nn.Module, ev.TopModel]] = field(default_factory=dict)
 
-    def model_and_top(self, variant: Variant) -> tuple[nn.Module, TopModel]:
+    def model_and_top(self, variant: Variant) -> tuple[nn.Module, ev.TopModel]:
         """The model of a variant: a reduction factor, or (reduction factor, classifier mask channels)."""
         key = variant if isinstance(variant, tuple) else (variant, 1)
         if key not in self._models:
             model = self.build_model(*key)
-            self._models[key] = (model, TopModel(model))
+            self._models[key] = (model, ev.TopModel(model))
         return self._models[key]
 
 
@@ -120,7 +99,7 @@ def build_adapter_model(reduction_factor: int, channels: int = 1, seed: int = 0)
     return th.patch_model(model, th.TurnoverConfig(seed=0, channels=channels), freeze_leaking=True).eval()
 
 
-def _top_cache(model: nn.Module, rows: list[tuple[int, str, int]], tokenizer: Any, max_length: int, batch_size: int = 64) -> TopInputs:
+def _top_cache(model: nn.Module, rows: list[tuple[int, str, int]], tokenizer: Any, max_length: int, batch_size: int = 64) -> ev.TopInputs:
     """Cut inputs of (example_id, text, label) rows, computed in length-sorted batches and returned in row order."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][1]))
 
@@ -134,7 +113,7 @@ def _top_cache(model: nn.Module, rows: list[tuple[int, str, int]], tokenizer: An
             batch["example_ids"] = torch.tensor([i for i, _, _ in chosen])
             yield batch
 
-    cache = cache_top_inputs(model, batches())
+    cache = ev.cache_top_inputs(model, batches())
     inverse = torch.empty(len(order), dtype=torch.int64)
     inverse[torch.tensor(order)] = torch.arange(len(order))
     return cache.select(inverse)
@@ -142,8 +121,6 @@ def _top_cache(model: nn.Module, rows: list[tuple[int, str, int]], tokenizer: An
 
 def load_adapter_data(settings: AdapterSettings, full_cache: bool, cache_dir: Path = CACHE_DIR) -> AdapterData:
     """Rotten Tomatoes through frozen MiniLM up to the top layer's adapter, cached on disk for the whole corpus."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 
     data = th.assets.rotten_tomatoes(
@@ -151,40 +128,26 @@ def load_adapter_data(settings: AdapterSettings, full_cache: bool, cache_dir: Pa
     )
     tokenizer = AutoTokenizer.from_pretrained(th.assets.minilm_path())
     model = build_adapter_model(settings.reduction_factor)
-    everything = th.assets.rotten_tomatoes()
-    corpus = sorted(
-        (int(i), t, int(y)) for split in everything.values() for i, t, y in zip(split["example_id"], split["text"], split["label"])
-    )
-    fingerprint = texts_fingerprint([i for i, _, _ in corpus], [t for _, t, _ in corpus])
+    everything, fingerprint = corpus()
     path = cache_dir / TOP_CACHE_FILE.format(max_length=settings.max_length)
-    by_id: dict[int, int] | None = None
-    cache: TopInputs | None = None
-    if path.exists():
-        with safe_open(str(path), framework="pt") as handle:
-            valid = (handle.metadata() or {}).get("texts_sha256") == fingerprint
-        if valid:
-            stored = load_file(str(path))
-            cache = TopInputs(stored["hidden"], stored["residual"], stored["labels"], stored["example_ids"])
-    if cache is None:
+    stored = load_cache(path, fingerprint)
+    if stored is not None:
+        cache = ev.TopInputs(stored["hidden"], stored["residual"], stored["labels"], stored["example_ids"])
+    else:
         needed = {int(i) for split in data.values() for i in split["example_id"]}
-        rows = corpus if full_cache else [r for r in corpus if r[0] in needed]
+        rows = everything if full_cache else [r for r in everything if r[0] in needed]
         cache = _top_cache(model, rows, tokenizer, settings.max_length)
         if full_cache:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                save_file(
-                    {
-                        "hidden": cache.hidden.contiguous(),
-                        "residual": cache.residual.contiguous(),
-                        "labels": cache.labels,
-                        "example_ids": cache.example_ids,
-                    },
-                    tmp,
-                    metadata={"texts_sha256": fingerprint, "model": "all-MiniLM-L6-v2", "cut": "top layer output adapter"},
-                )
+            tensors = {
+                "hidden": cache.hidden.contiguous(),
+                "residual": cache.residual.contiguous(),
+                "labels": cache.labels,
+                "example_ids": cache.example_ids,
+            }
+            save_cache(path, tensors, fingerprint, model="all-MiniLM-L6-v2", cut="top layer output adapter")
     by_id = {int(i): r for r, i in enumerate(cache.example_ids.tolist())}
 
-    def split(name: str) -> TopInputs:
+    def split(name: str) -> ev.TopInputs:
         return cache.select([by_id[int(i)] for i in data[name]["example_id"]])
 
     train = split("train")
@@ -205,21 +168,21 @@ def load_adapter_data(settings: AdapterSettings, full_cache: bool, cache_dir: Pa
         train, noisy, flipped, split("validation"), split("test"), build_adapter_model, train_batches,
         tokenized("validation", range(min(3, len(data["validation"])))),
     )
-    out._models[(settings.reduction_factor, 1)] = (model, TopModel(model))
+    out._models[(settings.reduction_factor, 1)] = (model, ev.TopModel(model))
     return out
 
 
-def adapter_units(top: TopModel) -> int:
+def adapter_units(top: ev.TopModel) -> int:
     """Bottleneck width of the top layer's adapter."""
     return next(m.out_features for name, m in top.named_modules() if name.endswith("adapter_down.0"))
 
 
-def top_layer_names(top: TopModel) -> list[str]:
+def top_layer_names(top: ev.TopModel) -> list[str]:
     """Names of the Linear modules holding the trainable parameters (adapter down / up, classifier)."""
     return sorted({name.rpartition(".")[0] for name in top.trainable()})
 
 
-def top_factors(top: TopModel, part: TopInputs, masked: bool) -> MarginFactors:
+def top_factors(top: ev.TopModel, part: ev.TopInputs, masked: bool) -> ev.MarginFactors:
     """Margin-gradient factors of every row on the trainable parameters (own masks, or the full network)."""
     modules = dict(top.named_modules())
     layers = [modules[name] for name in top_layer_names(top)]
@@ -228,16 +191,16 @@ def top_factors(top: TopModel, part: TopInputs, masked: bool) -> MarginFactors:
         ids = part.example_ids[rows] if masked else None
         return top(part.hidden[rows], part.residual[rows], ids)
 
-    return margin_factors(forward, len(part), layers, part.labels.long())
+    return ev.margin_factors(forward, len(part), layers, part.labels.long())
 
 
-def top_rows(part: TopInputs, masked: bool) -> torch.utils.data.Dataset:
+def top_rows(part: ev.TopInputs, masked: bool) -> torch.utils.data.Dataset:
     """``(hidden, residual, example_ids, label)`` rows; ids of -1 run the full network (targets)."""
     ids = part.example_ids if masked else torch.full((len(part),), -1, dtype=torch.int64)
     return torch.utils.data.TensorDataset(part.hidden, part.residual, ids, part.labels.long())
 
 
-def check_top_exact(data: AdapterData, reduction: Variant, trained: TrainedTop, n_ids: int = 4) -> float:
+def check_top_exact(data: AdapterData, reduction: Variant, trained: ev.TrainedTop, n_ids: int = 4) -> float:
     """Largest gap between the cached top's scores and ``turnover_hf.TurnoverScorer`` (batched) on the full model."""
     if data.target_batch is None:
         return float("nan")
@@ -245,14 +208,14 @@ def check_top_exact(data: AdapterData, reduction: Variant, trained: TrainedTop, 
     batch = data.target_batch
     n_targets = len(batch["labels"])
     ids = data.train.example_ids[:n_ids]
-    fast = top_turnover_scores(top, trained, ids, data.targets.select(range(n_targets)))
+    fast = ev.top_turnover_scores(top, trained, ids, data.targets.select(range(n_targets)))
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_ids")}
     with trained.active(top):
         reference = th.TurnoverScorer(model, fast=False).scores(inputs, batch["labels"], ids)
     return float((fast - reference).abs().max())
 
 
-def library_times(data: AdapterData, reduction: int, trained: TrainedTop) -> dict[str, Any]:
+def library_times(data: AdapterData, reduction: int, trained: ev.TrainedTop) -> dict[str, Any]:
     """Seconds of ``turnover_hf.TurnoverScorer`` on the full model: one target vs all N, self-influence of all N."""
     model, top = data.model_and_top(reduction)
     batch = data.target_batch
@@ -306,7 +269,7 @@ class AdapterSetting(Setting):
             f"cached lower layers, {s['epochs']} epochs of Adam (lr {s['lr']:g}, batch {s['batch_size']}). "
         )
 
-    def top(self, variant: Variant) -> TopModel:
+    def top(self, variant: Variant) -> ev.TopModel:
         return self.data.model_and_top(variant)[1]
 
     def label(self, variant: Variant) -> str:
@@ -318,55 +281,45 @@ class AdapterSetting(Setting):
 
     def channel_rows(self) -> list[tuple[Variant, str, str]]:
         rf, name = self.settings.reduction_factor, self.label(self.base)
-        return [
-            ((rf, k), f"(f) turn-over, {k} mask channels on the classifier, {name}", "mask") for k in self.settings.channels
-        ]
+        label = "(f) turn-over, {k} mask channels on the classifier, " + name
+        return [((rf, k), label.format(k=k), "mask") for k in self.settings.channels]
 
-    def train(
-        self,
-        variant: Variant,
-        seed: int,
-        *,
-        noisy: bool = False,
-        plain: bool = False,
-        rows: np.ndarray | None = None,
-        exclude: Sequence[int] | None = None,
-        checkpoint_epochs: Sequence[int] = (),
-    ) -> TrainedTop:
-        train = self.noisy_train if noisy else self.data.train
-        return train_top(
-            self.top(variant), train if rows is None else train.select(rows),
-            replace(self.recipe, masking="dropout") if plain else self.recipe, init_seed=seed, mask_seed=seed,
-            exclude=None if exclude is None else [int(i) for i in exclude], checkpoint_epochs=checkpoint_epochs,
+    def train(self, variant: Variant, seed: int, how: Training) -> ev.TrainedTop:
+        train = self.noisy_train if how.noisy else self.data.train
+        return ev.train_top(
+            self.top(variant), train if how.rows is None else train.select(how.rows),
+            replace(self.recipe, masking="dropout") if how.plain else self.recipe, init_seed=seed, mask_seed=seed,
+            exclude=None if how.exclude is None else [int(i) for i in how.exclude],
+            checkpoint_epochs=how.checkpoint_epochs,
         )
 
-    def scores(self, variant: Variant, model: TrainedTop, part: TopInputs, how: str = "mask") -> torch.Tensor:
-        return top_turnover_scores(self.top(variant), model, self.train_ids, part)
+    def scores(self, variant: Variant, model: ev.TrainedTop, part: ev.TopInputs, how: str = "mask") -> torch.Tensor:
+        return ev.top_turnover_scores(self.top(variant), model, self.train_ids, part)
 
-    def self_scores(self, variant: Variant, model: TrainedTop, how: str = "mask") -> torch.Tensor:
-        return top_self_scores(self.top(variant), model, self.noisy_train)
+    def self_scores(self, variant: Variant, model: ev.TrainedTop, how: str = "mask") -> torch.Tensor:
+        return ev.top_self_scores(self.top(variant), model, self.noisy_train)
 
-    def check(self, variant: Variant, model: TrainedTop) -> float:
+    def check(self, variant: Variant, model: ev.TrainedTop) -> float:
         return check_top_exact(self.data, variant, model)
 
-    def accuracy(self, variant: Variant, model: TrainedTop) -> float:
-        return top_accuracy(self.top(variant), model, self.data.test)
+    def accuracy(self, variant: Variant, model: ev.TrainedTop) -> float:
+        return ev.top_accuracy(self.top(variant), model, self.data.test)
 
-    def target_losses(self, model: TrainedTop) -> np.ndarray:
-        return top_losses(self.top(self.base), model, self.targets).numpy()
+    def target_losses(self, model: ev.TrainedTop) -> np.ndarray:
+        return ev.top_losses(self.top(self.base), model, self.targets).numpy()
 
-    def training_losses(self, model: TrainedTop) -> torch.Tensor:
-        return top_losses(self.top(self.base), model, self.noisy_train)
+    def training_losses(self, model: ev.TrainedTop) -> torch.Tensor:
+        return ev.top_losses(self.top(self.base), model, self.noisy_train)
 
-    def single_model_extra(self, model: TrainedTop) -> dict[str, Any]:
+    def single_model_extra(self, model: ev.TrainedTop) -> dict[str, Any]:
         if not (self.settings.library_timing and self.data.train_batches):
             return {}
         return {"library_turnover_scorer": library_times(self.data, self.base, model)}
 
-    def peer_hooks(self, model_a: TrainedTop) -> dict[str, Any]:
+    def peer_hooks(self, model_a: ev.TrainedTop) -> dict[str, Any]:
         train, noisy_train, top = self.data.train, self.noisy_train, self.top(self.base)
 
-        def factors(model: TrainedTop, checkpoint: Any, part: TopInputs, masked: bool) -> MarginFactors:
+        def factors(model: ev.TrainedTop, checkpoint: Any, part: ev.TopInputs, masked: bool) -> ev.MarginFactors:
             with model.active(top, None if checkpoint is None else checkpoint.state_dict):
                 return top_factors(top, part, masked)
 

@@ -7,11 +7,9 @@ scored, and how the peers see it; the rows and the way they are judged are writt
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -30,8 +28,6 @@ from turnover_hf.evaluation import (
     subset_losses,
 )
 
-RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
-CACHE_DIR = RESULTS_DIR / "cache"
 # Seeds: scored models use seeds below 10,000; every ground truth draws from its own range above.
 GROUND_TRUTH_SEED = 10_000
 REPLICATE_SEED = 20_000
@@ -72,26 +68,6 @@ QUICK_SIZES: dict[str, Any] = {
 def checkpoint_epochs(epochs: int, checkpoints: int) -> list[int]:
     """Epochs after which the TracIn checkpoints are kept: ``checkpoints`` evenly spread over training."""
     return sorted({max(1, round(epochs * (i + 1) / checkpoints)) for i in range(checkpoints)})
-
-
-# -- data helpers -------------------------------------------------------------------------------------------------
-def texts_fingerprint(example_ids: Sequence[int], texts: Sequence[str]) -> str:
-    digest = hashlib.sha256()
-    for example_id, text in zip(example_ids, texts):
-        digest.update(f"{example_id}\t{text}\n".encode())
-    return digest.hexdigest()
-
-
-def with_flipped_labels(
-    labels: torch.Tensor, fraction: float, seed: int, num_labels: int = 2
-) -> tuple[torch.Tensor, np.ndarray]:
-    """``labels`` with a random ``fraction`` of rows moved to another class, and the boolean mask of those rows."""
-    rng = np.random.default_rng(seed)
-    flipped = np.zeros(len(labels), dtype=bool)
-    flipped[rng.permutation(len(labels))[: round(fraction * len(labels))]] = True
-    shift = torch.as_tensor(rng.integers(1, num_labels, size=len(labels)))
-    noisy = torch.where(torch.as_tensor(flipped), (labels + shift) % num_labels, labels)
-    return noisy, flipped
 
 
 # -- rows and how they are judged ---------------------------------------------------------------------------------
@@ -209,15 +185,15 @@ def ground_truth(setting: Setting, log: Callable[[str], None]) -> Judge:
     subsets = random_subsets(n_train, settings.n_subsets, seed=settings.data_seed + 7)
 
     def subset_fn(rows: np.ndarray, seed: int) -> np.ndarray:
-        return setting.target_losses(setting.train(base, seed, rows=rows))
+        return setting.target_losses(setting.train(base, seed, Training(rows=rows)))
 
     def loo_fn(row: int | None, seed: int) -> np.ndarray:
-        return setting.target_losses(setting.train(base, seed, exclude=None if row is None else [row]))
+        return setting.target_losses(setting.train(base, seed, Training(exclude=None if row is None else [row])))
 
     def cleansing_fn(keep: np.ndarray, seed: int) -> float:
         # exclude: the batch order is drawn for all N rows, so the kept examples meet the same batches in every
         # condition and the comparison is paired (as for leave-one-out)
-        return setting.accuracy(base, setting.train(base, seed, plain=True, exclude=np.flatnonzero(~keep)))
+        return setting.accuracy(base, setting.train(base, seed, Training(plain=True, exclude=np.flatnonzero(~keep))))
 
     seconds: dict[str, float] = {}
     log(f"ground truth: {len(subsets)} subsets x 2 retrainings ...")
@@ -254,6 +230,17 @@ def ground_truth(setting: Setting, log: Callable[[str], None]) -> Judge:
 
 
 # -- the setting protocol -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Training:
+    """How :meth:`Setting.train` trains a model, beside its variant and seed."""
+
+    noisy: bool = False  # on the flipped labels
+    plain: bool = False  # ordinary dropout at the same p on the same units, instead of turn-over masks
+    rows: np.ndarray | None = None  # on these training rows only (a ground-truth subset)
+    exclude: Sequence[int] | None = None  # without these row positions; the batch order is still drawn for all rows
+    checkpoint_epochs: Sequence[int] = ()  # keep snapshots after these epochs (TracIn-style peers)
+
+
 Variant = Hashable  # what a setting varies between rows (head: a HeadRecipe; adapters: (reduction, channels))
 Model = Any  # a trained model of a setting (TrainedHead, TrainedTop, ...)
 Part = Any  # a split of a setting's data (the targets, one target, ...)
@@ -314,20 +301,8 @@ class Setting:
         """Row (f): (variant with K mask channels, row label, how to score it)."""
         return []
 
-    def train(
-        self,
-        variant: Variant,
-        seed: int,
-        *,
-        noisy: bool = False,
-        plain: bool = False,
-        rows: np.ndarray | None = None,
-        exclude: Sequence[int] | None = None,
-        checkpoint_epochs: Sequence[int] = (),
-    ) -> Model:
-        """A model of ``variant`` trained with init / order / mask seed ``seed`` (``noisy``: flipped labels; ``plain``:
-        ordinary dropout instead of turn-over masks; ``rows``: on those rows only; ``exclude``: without those rows,
-        the batch order still drawn for all)."""
+    def train(self, variant: Variant, seed: int, how: Training) -> Model:
+        """A model of ``variant`` trained with init / order / mask seed ``seed``, as ``how`` says."""
         raise NotImplementedError
 
     def scores(self, variant: Variant, model: Model, part: Part, how: str = "mask") -> torch.Tensor:
@@ -402,9 +377,8 @@ class Pool:
     ) -> Model:
         key = (variant, plain, noisy, seed)
         if key not in self._models:
-            self._models[key] = self.setting.train(
-                variant, seed, noisy=noisy, plain=plain, checkpoint_epochs=checkpoint_epochs
-            )
+            how = Training(noisy=noisy, plain=plain, checkpoint_epochs=checkpoint_epochs)
+            self._models[key] = self.setting.train(variant, seed, how)
         return self._models[key]
 
     def many(self, variant: Variant, seeds: Sequence[int], *, noisy: bool = False) -> list[Model]:

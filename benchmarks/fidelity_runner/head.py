@@ -20,18 +20,10 @@ import torch.nn.functional as F
 import turnover_hf as th
 from turnover_hf.evaluation import HeadRecipe, TrainedHead, TurnoverHead, patched_classifier, train_head
 from turnover_hf.evaluation.peers import MarginFactors, margin_factors
-from turnover_hf.files import atomic_path
 from turnover_hf.masks import scale_of
 
-from .core import (
-    CACHE_DIR,
-    QUICK_SIZES,
-    CommonSettings,
-    Setting,
-    register_setting,
-    texts_fingerprint,
-    with_flipped_labels,
-)
+from .core import QUICK_SIZES, CommonSettings, Setting, Training, register_setting
+from .data import CACHE_DIR, corpus, load_cache, save_cache, with_flipped_labels
 from .peers import library_batches
 
 FEATURES_FILE = "minilm_mean_pooled.safetensors"
@@ -66,32 +58,19 @@ def corpus_features(needed: set[int] | None = None, cache_dir: Path = CACHE_DIR)
     Without a valid cache, ``needed=None`` embeds the whole corpus and writes the cache (about 3 minutes on
     2 cores); a set of ids embeds only those and leaves the cache alone (the quick run).
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    data = th.assets.rotten_tomatoes()
-    pairs = sorted((int(i), t) for split in data.values() for i, t in zip(split["example_id"], split["text"]))
-    fingerprint = texts_fingerprint([i for i, _ in pairs], [t for _, t in pairs])
+    rows, fingerprint = corpus()
     path = cache_dir / FEATURES_FILE
-    if path.exists():
-        with safe_open(str(path), framework="pt") as handle:
-            valid = (handle.metadata() or {}).get("texts_sha256") == fingerprint
-        if valid:
-            cached = load_file(str(path))
-            return dict(zip(cached["example_id"].tolist(), cached["features"]))
+    cached = load_cache(path, fingerprint)
+    if cached is not None:
+        return dict(zip(cached["example_id"].tolist(), cached["features"]))
     if needed is not None:
-        chosen = [(i, t) for i, t in pairs if i in needed]
+        chosen = [(i, t) for i, t, _ in rows if i in needed]
         return dict(zip([i for i, _ in chosen], embed_texts([t for _, t in chosen])))
-    features = embed_texts([t for _, t in pairs])
-    tensors = {"example_id": torch.tensor([i for i, _ in pairs], dtype=torch.int64), "features": features.contiguous()}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file(
-            tensors,
-            tmp,
-            metadata={"texts_sha256": fingerprint, "model": "all-MiniLM-L6-v2", "pooling": "mean", "normalized": "l2"},
-        )
-    return dict(zip(tensors["example_id"].tolist(), features))
+    features = embed_texts([t for _, t, _ in rows])
+    ids = torch.tensor([i for i, _, _ in rows], dtype=torch.int64)
+    tensors = {"example_id": ids, "features": features.contiguous()}
+    save_cache(path, tensors, fingerprint, model="all-MiniLM-L6-v2", pooling="mean", normalized="l2")
+    return dict(zip(ids.tolist(), features))
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -355,26 +334,16 @@ class HeadSetting(Setting):
             ]
         return rows
 
-    def train(
-        self,
-        variant: HeadRecipe,
-        seed: int,
-        *,
-        noisy: bool = False,
-        plain: bool = False,
-        rows: np.ndarray | None = None,
-        exclude: Sequence[int] | None = None,
-        checkpoint_epochs: Sequence[int] = (),
-    ) -> TrainedHead:
+    def train(self, variant: HeadRecipe, seed: int, how: Training) -> TrainedHead:
         train = self.data.train
-        features, labels, ids = train.features, self.data.noisy_labels if noisy else train.labels, train.ids
-        if rows is not None:
-            rows = torch.as_tensor(rows)
+        features, labels, ids = train.features, self.data.noisy_labels if how.noisy else train.labels, train.ids
+        if how.rows is not None:
+            rows = torch.as_tensor(how.rows)
             features, labels, ids = features[rows], labels[rows], ids[rows]
         return train_head(
-            features, labels, ids, variant.replace(masking="dropout") if plain else variant, init_seed=seed,
-            mask_seed=seed, checkpoint_epochs=checkpoint_epochs,
-            exclude=None if exclude is None else torch.as_tensor(np.asarray(exclude)),
+            features, labels, ids, variant.replace(masking="dropout") if how.plain else variant, init_seed=seed,
+            mask_seed=seed, checkpoint_epochs=how.checkpoint_epochs,
+            exclude=None if how.exclude is None else torch.as_tensor(np.asarray(how.exclude)),
         )
 
     def scores(self, variant: HeadRecipe, model: TrainedHead, part: Split, how: str = "mask") -> torch.Tensor:
