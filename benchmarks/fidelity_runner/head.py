@@ -18,8 +18,15 @@ import torch
 import torch.nn.functional as F
 
 import turnover_hf as th
-from turnover_hf.evaluation import HeadRecipe, TrainedHead, TurnoverHead, patched_classifier, train_head
-from turnover_hf.evaluation.peers import MarginFactors, margin_factors
+from turnover_hf.evaluation import (
+    HeadRecipe,
+    MarginFactors,
+    TrainedHead,
+    TurnoverHead,
+    margin_factors,
+    patched_classifier,
+    train_head,
+)
 from turnover_hf.masks import scale_of
 
 from .core import QUICK_SIZES, CommonSettings, Setting, Training, register_setting

@@ -18,17 +18,8 @@ from typing import Any
 import torch
 
 import turnover_hf as th
-from turnover_hf.evaluation import lds
-from turnover_hf.evaluation.peers import (
-    KronfluenceEKFAC,
-    MarginFactors,
-    captum_tracin,
-    captum_version,
-    gauss_newton_influence,
-    gradient_dot,
-    kronfluence_version,
-    save_trainer_checkpoint,
-)
+from turnover_hf import evaluation as ev
+from turnover_hf.evaluation.peers import captum_version, kronfluence_version  # not re-exported by the package
 
 from .core import Judge, Row, timed
 
@@ -47,7 +38,7 @@ def library_batches(
 def write_checkpoints(checkpoints: Sequence[Any], folder: str, steps_per_epoch: int) -> list[str]:
     """Trainer-style checkpoint folders (``checkpoint-{step}``) of in-memory snapshots, for Captum."""
     return [
-        save_trainer_checkpoint(
+        ev.save_trainer_checkpoint(
             folder, c.state_dict, step=steps_per_epoch * c.epoch, epoch=c.epoch, learning_rate=c.lr
         )
         for c in checkpoints
@@ -80,8 +71,8 @@ class PeerSetup:
     noisy: Any
     targets: Any
     one_target: Any
-    train_factors: Callable[[Any, Any, bool, bool], MarginFactors]
-    target_factors: Callable[[Any, Any, Any], MarginFactors]
+    train_factors: Callable[[Any, Any, bool, bool], ev.MarginFactors]
+    target_factors: Callable[[Any, Any, Any], ev.MarginFactors]
     module: Callable[[Any], Any]
     train_rows: Callable[[Any, bool], torch.utils.data.Dataset]
     target_rows: Callable[[Any], torch.utils.data.Dataset]
@@ -117,19 +108,21 @@ def gradient_peer_rows(
     """Gradient dot product, TracIn over the in-memory checkpoints, exact Gauss-Newton influence (in-house)."""
 
     def dot(model: Any, part: Any, checkpoint: Any = None) -> torch.Tensor:
-        return gradient_dot(p.train_factors(model, checkpoint, False, True), p.target_factors(model, checkpoint, part))
+        train, target = p.train_factors(model, checkpoint, False, True), p.target_factors(model, checkpoint, part)
+        return ev.gradient_dot(train, target)
 
     def dot_self(model: Any, checkpoint: Any = None) -> torch.Tensor:
         # each example's masked training gradient against its own full-network loss gradient
         masked, full = p.train_factors(model, checkpoint, True, True), p.train_factors(model, checkpoint, True, False)
-        return gradient_dot(masked, full, paired=True)
+        return ev.gradient_dot(masked, full, paired=True)
 
     def influence(model: Any, part: Any, factor: float = damping_factor) -> torch.Tensor:
-        return gauss_newton_influence(p.train_factors(model, None, False, True), p.target_factors(model, None, part), factor)
+        train, target = p.train_factors(model, None, False, True), p.target_factors(model, None, part)
+        return ev.gauss_newton_influence(train, target, factor)
 
     def influence_self(model: Any) -> torch.Tensor:
         masked, full = p.train_factors(model, None, True, True), p.train_factors(model, None, True, False)
-        return gauss_newton_influence(masked, full, damping_factor, paired=True)
+        return ev.gauss_newton_influence(masked, full, damping_factor, paired=True)
 
     epochs = ", ".join(str(c.epoch) for c in p.a.checkpoints)
     rows = [
@@ -143,7 +136,7 @@ def gradient_peer_rows(
     ]
     sweep = sorted(set(damping_factors) | {damping_factor})
     rows[-1].extra["lds_by_damping_factor"] = {
-        str(f): lds(influence(p.a, p.targets, f), p.judge.subsets, p.judge.gt) for f in sweep
+        str(f): ev.lds(influence(p.a, p.targets, f), p.judge.subsets, p.judge.gt) for f in sweep
     }
     return rows
 
@@ -156,7 +149,7 @@ def library_influence_rows(p: PeerSetup, damping_factor: float, projections: Seq
     in-house factorised Gauss-Newton influence (the same definition) and, when sketched, its per-target Pearson
     correlation with the exact library scores.
     """
-    in_house = gauss_newton_influence(
+    in_house = ev.gauss_newton_influence(
         p.train_factors(p.a, None, False, True), p.target_factors(p.a, None, p.targets), damping_factor
     )
     rows, exact = [], None
@@ -217,11 +210,12 @@ def captum_peer_rows(p: PeerSetup) -> list[Row]:
 
             def score(model: Any, part: Any, kw: dict = kwargs) -> torch.Tensor:
                 with p.module(model) as module:
-                    return captum_tracin(module, p.train_rows(model, False), paths[id(model)], p.target_rows(part), **kw)
+                    train, targets = p.train_rows(model, False), p.target_rows(part)
+                    return ev.captum_tracin(module, train, paths[id(model)], targets, **kw)
 
             def self_score(model: Any, kw: dict = kwargs) -> torch.Tensor:
                 with p.module(model) as module:
-                    return captum_tracin(module, p.train_rows(model, True), paths[id(model)], None, **kw)
+                    return ev.captum_tracin(module, p.train_rows(model, True), paths[id(model)], None, **kw)
 
             row = p.scored(f"(g) Captum {label}, {len(p.a.checkpoints)} Trainer checkpoints", score, self_score)
             row.train_seconds = (row.train_seconds or 0.0) + write_seconds  # a Trainer writes them while training
@@ -249,9 +243,9 @@ def kronfluence_peer_row(p: PeerSetup) -> Row:
 def _kronfluence_row(p: PeerSetup) -> Row:
     _, gc_seconds = timed(gc.collect)
 
-    def fit(model: Any, noisy: bool) -> KronfluenceEKFAC:
+    def fit(model: Any, noisy: bool) -> ev.KronfluenceEKFAC:
         with p.module(model) as module:
-            return KronfluenceEKFAC(module, p.train_rows(model, noisy), tracked=p.kronfluence_tracked)
+            return ev.KronfluenceEKFAC(module, p.train_rows(model, noisy), tracked=p.kronfluence_tracked)
 
     fitted_a, setup = timed(fit, p.a, False)
     fitted_b = fit(p.b, False)
