@@ -262,7 +262,7 @@ class Setting:
     settings_class: ClassVar[type[CommonSettings]]
     quick: ClassVar[CommonSettings]
     data_label: ClassVar[str] = "data"  # what the log says is ready after :meth:`load`
-    row_groups: ClassVar[tuple[str, ...]] = ("a", "b", "c", "f", "g", "loss")  # rows.py's ROW_GROUPS, in order
+    row_groups: ClassVar[tuple[str, ...]] = ("b", "c", "f", "g", "loss")  # rows.py's ROW_GROUPS, run after row (a)
     gap_key: ClassVar[str]  # the ``extra`` key of a turn-over row's largest gap to the library's scores
     grad_dot_label: str = "(g) gradient dot product (final model)"
     references: tuple[tuple[str, str], ...] = ()  # row (e): (reference, label) scored instead of "mask"

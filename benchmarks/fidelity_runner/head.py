@@ -294,7 +294,7 @@ class HeadSetting(Setting):
     settings_class = Settings
     quick = QUICK
     data_label = "features"
-    row_groups = ("a", "b", "c", "d", "e", "f", "g", "loss")
+    row_groups = ("b", "c", "d", "e", "f", "g", "loss")
     gap_key = "closed_form_gap_vs_patched_model"
     references = (("full", "L(flip) - L(full)"), ("mirror", "L(full) - L(mask)"))
 

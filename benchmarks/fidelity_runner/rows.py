@@ -1,9 +1,10 @@
 """The fidelity runner: one skeleton of rows (a)-(g) for every setting, judged against the same ground truths.
 
-Rows come in named groups (:data:`ROW_GROUPS`, filled with :func:`row_group`), run in the order a setting's
-``row_groups`` lists them after the single model (a), which every other row compares with or reuses. A new method
-is one function ``(run: Run) -> list[Row]`` registered under a new name and added to the settings that can run it;
-a new setting is a :class:`~fidelity_runner.core.Setting` subclass. Neither copies this skeleton.
+Row (a), the single model, always runs first: every other row compares with or reuses it. The other rows come in
+named groups (:data:`ROW_GROUPS`, filled with :func:`row_group`), run in the order a setting's ``row_groups``
+lists them. A new method (say a streaming influence estimator) is one function ``(run: Run) -> list[Row]``
+registered under a new name and added to the ``row_groups`` of the settings that can run it; a new setting (say a
+causal LM) is a :class:`~fidelity_runner.core.Setting` subclass. Neither copies this skeleton.
 """
 
 from __future__ import annotations
@@ -112,7 +113,6 @@ def row_group(name: str) -> Callable[[Callable[[Run], list[Row]]], Callable[[Run
     return register
 
 
-@row_group("a")
 def single_model(run: Run) -> list[Row]:
     """(a) single-model turn-over, and the check that its scores are the library's definition."""
     setting, pool, judge = run.setting, run.pool, run.judge
@@ -265,8 +265,8 @@ def run(setting: Setting, log: Callable[[str], None] = print) -> dict[str, Any]:
     settings = setting.settings
     epochs = checkpoint_epochs(settings.epochs, settings.tracin_checkpoints)
     current = Run(setting, ground_truth(setting, log), Pool(setting), epochs, log)
-    rows: list[Row] = []
-    for name in ("a", *(g for g in setting.row_groups if g != "a")):
+    rows = single_model(current)  # every other row compares with or reuses model (a)
+    for name in setting.row_groups:
         rows.extend(ROW_GROUPS[name](current))
     return {**results_dict(setting, current.judge, epochs, rows, started), **setting.results_extra()}
 
