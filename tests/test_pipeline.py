@@ -206,7 +206,7 @@ def test_auto_scores_with_the_most_faithful_estimator_the_model_allows(setup, tm
     other.turnover_config.num_train_examples = len(train)
     members = th.InfluencePipeline([model, other], tokenizer, train_dataset=train)
     assert members.estimator == "turnover" and members.num_members == 2
-    with pytest.raises(th.TurnoverError, match="scores with 'turnover'.*Drop influence_options"):
+    with pytest.raises(th.TurnoverError, match="scores with 'turnover'.*Drop them"):
         th.InfluencePipeline([model, other], tokenizer, train_dataset=train, influence_options={"damping_factor": 1.0})
 
 

@@ -22,7 +22,7 @@ from .checkpoint import load_influence_ready, model_class_of, resolve_checkpoint
 from .config import CONFIG_NAME
 from .data import InstanceIdCollator, check_id_column, check_ids_known, default_collator, prompt_completion_features
 from .errors import ConfigMismatchError, ExampleIdError, TurnoverError
-from .estimators import AUTO, Estimator, EstimatorContext, get_estimator, resolve_estimator
+from .estimators import AUTO, Estimator, EstimatorContext, get_estimator, options_owner, resolve_estimator
 from .estimators.ensemble import member_dirs, split_half_agreement
 from .estimators.influence import AUTO_PROJECTION_DIM  # noqa: F401 - kept importable from here
 from .losses import is_causal_lm
@@ -83,20 +83,21 @@ class InfluencePipeline:
         fast: use the exact fast paths (closed-form head, prefix reuse); ``False`` scores row by row.
         estimator: ``"auto"`` (the default: the most faithful estimator the model allows, see below),
             ``"turnover"`` (turn-over dropout, forward passes only), ``"hydra"`` (hypergradients tracked during
-            training by :class:`~turnover_hf.hydra.HydraTrainer`, loaded from ``hydra_dir``, by default
+            training by :class:`~turnover_hf.HydraTrainer`, loaded from ``hydra_dir``, by default
             ``<checkpoint>/hydra``) or ``"influence"`` (the damped Gauss-Newton influence function of
-            :class:`~turnover_hf.influence_function.InfluenceFunctionScorer`, classifiers only). The influence
+            :class:`~turnover_hf.InfluenceFunctionScorer`, classifiers only). The influence
             function is fitted on ``train_dataset`` once, on the first call (one pass over the training set, not
             sharded: every process fits it), unless ``influence_dir`` (by default ``<checkpoint>/influence``)
             holds a fit of this model; scoring is then sharded like the other estimators. ``"auto"`` picks
             ``"hydra"`` when ``hydra_dir`` is given, ``"turnover"`` for an ensemble or a causal language model, and
             ``"influence"`` for any other classifier (patched or not; exact while the fit takes at most
             ``max_memory_gb``, 4 by default, else with a CountSketch of :data:`AUTO_PROJECTION_DIM` coordinates and a
-            warning). ``pipe.estimator`` says which was chosen.
+            warning). ``pipe.estimator`` says which was chosen. Any estimator registered with
+            :func:`turnover_hf.register_estimator` is accepted by its name.
         influence_dir: where a fitted influence function is loaded from, or saved to after fitting.
-        influence_options: options of :class:`~turnover_hf.influence_function.InfluenceFunctionScorer`
-            (``damping_factor``, ``projection_dim``, ``projection_seed``, ``parameters``, ``max_memory_gb``,
-            ``solver``, ``show_progress``).
+        influence_options: options of the influence function: an :class:`~turnover_hf.InfluenceOptions` or a
+            dict of its fields (``damping_factor``, ``projection_dim``, ``projection_seed``, ``parameters``,
+            ``max_memory_gb``, ``solver``, ``factorised``, ``show_progress``).
         options: the chosen estimator's options (its options dataclass, e.g.
             :class:`~turnover_hf.estimators.influence.InfluenceOptions`, or a dict of its fields).
         save_fit: keep what the estimator fits on first use (the influence function's fit) beside the checkpoint
@@ -162,11 +163,14 @@ class InfluencePipeline:
         if reason is not None:
             logger.info("estimator='auto' scores with %r: %s.", self.spec.name, reason)
         named_options = {OPTIONS_ARGUMENTS[k]: v for k, v in {"influence_options": influence_options}.items() if v}
+        if options is not None and not isinstance(options, Mapping):  # an options dataclass names its estimator
+            named_options[options_owner(options).name], options = options, None
         for owner in named_options:
             if owner != self.spec.name:
                 raise TurnoverError(
-                    f"{owner}_options were given, but estimator={estimator!r} scores with {self.spec.name!r}"
-                    + (f" ({reason})" if reason else "") + f". Drop {owner}_options, or pass estimator={owner!r}."
+                    f"options of the {owner!r} estimator were given, but estimator={estimator!r} scores with "
+                    f"{self.spec.name!r}" + (f" ({reason})" if reason else "") + f". Drop them, or pass "
+                    f"estimator={owner!r}."
                 )
         context.options = self.spec.options(named_options.get(self.spec.name, options))
         built = self.spec.build(context)
@@ -391,7 +395,7 @@ class InfluencePipeline:
                   output_dir: Optional[str] = None) -> list[float]:
         """How reproducible each target's ranking is: the estimated Spearman agreement of this ensemble's scores
         with another ensemble of the same size and other seeds (split-half, Spearman-Brown; see
-        :func:`~turnover_hf.ensemble.split_half_agreement`). Needs an ensemble; ~0 means the ranking is noise.
+        :func:`~turnover_hf.split_half_agreement`). Needs an ensemble; ~0 means the ranking is noise.
 
         Example:
             >>> pipe.agreement(valid.select(range(20)))          # one value per target

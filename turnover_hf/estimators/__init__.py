@@ -20,6 +20,8 @@ from .registry import (
     describe_estimators,
     estimator_names,
     get_estimator,
+    options_classes,
+    options_owner,
     register_estimator,
     resolve_estimator,
     unregister_estimator,
@@ -30,6 +32,7 @@ from . import ensemble, influence, hydra  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "AUTO", "BuiltEstimator", "Estimator", "EstimatorContext", "EstimatorSpec", "describe_estimators",
-    "estimator_names", "get_estimator", "register_estimator", "resolve_estimator",
+    "estimator_names", "get_estimator", "options_classes", "options_owner",
+    "register_estimator", "resolve_estimator",
     "unregister_estimator",
 ]

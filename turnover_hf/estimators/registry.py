@@ -223,6 +223,19 @@ def resolve_estimator(name: str, context: EstimatorContext) -> tuple[EstimatorSp
     raise TurnoverError("estimator='auto' found no estimator for these models; name one with estimator=...")
 
 
+def options_owner(options: Any) -> EstimatorSpec:
+    """The registered estimator whose options dataclass ``options`` is an instance of."""
+    for spec in _REGISTRY.values():
+        if spec.options_class is not None and isinstance(options, spec.options_class):
+            return spec
+    raise TurnoverError(f"{type(options).__name__} are the options of no registered estimator.")
+
+
+def options_classes() -> list[type]:
+    """The options dataclasses of the registered estimators (the CLI makes flags of their fields)."""
+    return [spec.options_class for spec in _REGISTRY.values() if spec.options_class is not None]
+
+
 def describe_estimators() -> str:
     """One line per estimator (CLI help)."""
     return " ".join(f"{spec.name}: {spec.description}" for spec in _REGISTRY.values())

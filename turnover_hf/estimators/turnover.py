@@ -63,7 +63,7 @@ class TurnoverScorer(Estimator):
 
     Paths: ``"closed_form"`` (only the head's Linear is masked, on its inputs: all pairs from one matrix product),
     ``"prefix"`` (the layers below the lowest mask run once per target and are replayed for every mask; see
-    :mod:`turnover_hf.prefix`), ``"batched"`` (every (id, target, mask-or-flip) row a full forward). A fast path
+    :mod:`turnover_hf.estimators.prefix`), ``"batched"`` (every (id, target, mask-or-flip) row a full forward). A fast path
     is checked against the batched path on its first use and abandoned, with a warning, if they disagree.
 
     Causal LMs (PEFT-wrapped or not) score the shifted next-token loss of the counted tokens of each target; the

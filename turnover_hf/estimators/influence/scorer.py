@@ -360,7 +360,7 @@ class InfluenceFunctionScorer(Estimator):
     def _linear_forward(self, inputs: Mapping[str, torch.Tensor], context: ContextManager
                         ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Logits (with their graph), each tracked Linear's raw output and its input rows ``(B, in)``, from one
-        forward in eval mode under ``context`` (calls recorded by :func:`~turnover_hf.hydra.linear_calls`)."""
+        forward in eval mode under ``context`` (calls recorded by :func:`~turnover_hf.estimators.gradients.linear_calls`)."""
         names = [layer.name for layer in self._layers]
         with torch.enable_grad(), eval_mode(self.model), linear_calls(self.model, names) as recorded, context:
             logits = logits_of(self.model(**inputs))
