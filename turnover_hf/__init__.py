@@ -24,6 +24,7 @@ from .data import CausalLMCollator, InstanceIdCollator, add_example_ids, prompt_
 from .losses import per_example_loss, per_token_loss
 from .estimators.turnover import TurnoverScorer, influence
 from .trainer import TurnoverTrainer
+from .training_set import DatasetSource, record_training_set
 from .callbacks import FlipSanityCallback
 from . import assets
 from .checkpoint import load_influence_ready
@@ -38,6 +39,7 @@ __all__ = [
     "CONFIG_NAME",
     "CausalLMCollator",
     "ConfigMismatchError",
+    "DatasetSource",
     "EnsembleScorer",
     "ExampleIdError",
     "FlipSanityCallback",
@@ -71,6 +73,7 @@ __all__ = [
     "per_example_loss",
     "per_token_loss",
     "prompt_completion_features",
+    "record_training_set",
     "register_estimator",
     "unpatch_model",
 ]

@@ -325,13 +325,6 @@ def record_training_set(dataset: Dataset, id_column: str = "example_id", *,
     return TrainingSet(id_column, ids, hashes, source if source is not None else _detect_source(dataset))
 
 
-def training_set_of(model: Any) -> Optional[TrainingSet]:
-    """The training set recorded on a patched model (by ``TurnoverTrainer`` or :func:`load_influence_ready`), if any."""
-    from .context import state_of
-
-    return state_of(model).training_set
-
-
 def _recorded(models: Iterable[Any]) -> list[TrainingSet]:
     from .context import state_of
     from .errors import NotPatchedError
