@@ -233,6 +233,33 @@ def test_auto_sketches_gradients_when_an_exact_fit_exceeds_the_memory_budget(set
     roomy.scores(train.select([1]))  # the exact fit runs within the budget the estimate gave
 
 
+def test_auto_sketches_when_the_fit_that_applies_turns_out_larger_than_estimated(setup, caplog):
+    """Adapters inside the transformer see token sequences: the fit the static check expected (factorised) does not
+    apply, and the per-example one exceeds the budget. estimator='auto' then sketches instead of failing."""
+    _, tokenizer, train = setup
+    model = th.patch_model(with_bottleneck(tiny_bert(), reduction_factor=0.125), th.TurnoverConfig(seed=3),
+                           freeze_leaking=True)
+    model.turnover_config.num_train_examples = len(train)
+    dim = th.estimators.influence.AUTO_PROJECTION_DIM
+    scorer = th.InfluenceFunctionScorer(model)
+    estimated = scorer.fit_memory_gb(len(train), 2)  # the factorised size: the static check lets adapters through
+    materialised = len(train) * scorer.width * 4 / 2**30
+    sketched = len(train) * dim * 4 / 2**30
+    assert estimated < sketched < materialised
+    budget = {"max_memory_gb": (sketched + materialised) / 2}
+    named = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence", influence_options=budget)
+    with pytest.raises(th.TurnoverError, match="above max_memory_gb.*projection_dim"):
+        named.scores(train.select([1]))  # asked for by name: refused, naming the fixes
+    auto = th.InfluencePipeline(model, tokenizer, train_dataset=train, influence_options=budget)
+    assert auto.scorer.projection_dim is None  # the estimate fitted the budget
+    with caplog.at_level(logging.WARNING):
+        scores = auto.scores(train.select([1, 2]))
+    assert auto.scorer.projection_dim == dim and "Sketching gradients" in caplog.text
+    sketch = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence",
+                                  influence_options={**budget, "projection_dim": dim})
+    assert torch.equal(scores, sketch.scores(train.select([1, 2])))
+
+
 SHARDED = r"""
 import sys, torch
 sys.path.insert(0, {tests!r})
