@@ -103,3 +103,14 @@ def test_a_fit_made_stale_by_further_training_is_not_saved(published, tmp_path, 
     assert not (tmp_path / "later" / "influence").exists() and "weights changed since" in caplog.text
     with pytest.raises(StaleFitError, match="weights changed since"):
         pipe.scorer.save(tmp_path / "fit")
+
+
+def test_a_loaded_model_saved_elsewhere_keeps_its_fit_unless_trained_further(published, tmp_path):
+    root, _ = published
+    model = th.load_influence_ready(root / "published")
+    model.save_pretrained(tmp_path / "mine")  # e.g. before push_to_hub("me/...")
+    assert (tmp_path / "mine" / "influence" / "influence.json").exists()
+    with torch.no_grad():
+        model.classifier.weight.add_(0.01)
+    model.save_pretrained(tmp_path / "trained-further")
+    assert not (tmp_path / "trained-further" / "influence").exists()

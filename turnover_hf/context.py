@@ -41,6 +41,7 @@ class MaskState:
         self.handles: list[Any] = list(handles or [])  # torch hook handles (RemovableHandle)
         self.training_set = training_set  # recorded by TurnoverTrainer, or loaded with the checkpoint
         self.influence = influence  # a fitted influence scorer of these weights: saved with the model
+        self.checkpoint_dir: Optional[str] = None  # the folder the model was loaded from (its fits may come along)
         self.example_ids: Optional[torch.Tensor] = None
         self.flipped: Union[bool, torch.Tensor] = False
         self.mode: Optional[str] = None  # None: no context open

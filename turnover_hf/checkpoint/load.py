@@ -237,6 +237,7 @@ def load_influence_ready(
         model = _load_peft(adapters, base).eval()
         model = _restore_trainable(patch_model(model, saved, warn_leaking=False), saved)
         state_of(model).training_set = training_set
+        state_of(model).checkpoint_dir = folder
         return model
     if base_model is not None:
         raise ConfigMismatchError(f"base_model is for PEFT adapters, but {folder!r} holds a whole model; leave it out.")
@@ -257,6 +258,7 @@ def load_influence_ready(
     _restore_channels(model, folder)
     model = _restore_trainable(model, saved)
     state_of(model).training_set = training_set
+    state_of(model).checkpoint_dir = folder
     return model
 
 

@@ -31,6 +31,7 @@ from ..context import state_of
 from ..errors import StaleFitError, TurnoverError
 from ..files import atomic_write_text, umask
 from ..sites import inner_model
+from ..store import fingerprint
 from ..training_set import TRAINING_SET_NAME
 
 logger = logging.getLogger(__name__)
@@ -194,6 +195,21 @@ def _clean_stale_staging(folder: str) -> None:
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
+def _carried_fit(model: nn.Module, loaded_from: Optional[str]) -> Optional[str]:
+    """The fitted influence function of the checkpoint ``model`` was loaded from, if it fits these very weights (a
+    model loaded, then saved or pushed elsewhere, keeps its fit; one trained further does not)."""
+    if loaded_from is None:
+        return None
+    folder = os.path.join(loaded_from, INFLUENCE_DIR)
+    try:
+        with open(os.path.join(folder, "influence.json"), encoding="utf-8") as handle:
+            fitted_on = json.load(handle).get("weights_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    current = fingerprint({n: p.detach() for n, p in model.named_parameters()})
+    return folder if fitted_on == current else None
+
+
 def save_influence_ready(
     model: nn.Module,
     save_directory: Union[str, os.PathLike],
@@ -246,6 +262,8 @@ def save_influence_ready(
                 shutil.rmtree(os.path.join(staging, INFLUENCE_DIR), ignore_errors=True)
                 if state.influence is influence:
                     state.influence = None
+        elif _carried_fit(model, state.checkpoint_dir) is not None:
+            shutil.copytree(_carried_fit(model, state.checkpoint_dir), os.path.join(staging, INFLUENCE_DIR))
         saved.save_pretrained(staging)
         repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory))) if push_to_hub else None
         previous = os.path.join(save_directory, "README.md")  # the user's card, else the one the save wrote (PEFT)
