@@ -8,7 +8,7 @@ import torch
 
 import turnover_hf as th
 
-from conftest import free_port, text_task, tiny_bert, with_bottleneck, with_lora, word_tokenizer
+from conftest import free_port, text_task, tiny_bert, with_bottleneck, word_tokenizer
 from test_turnover import naive_influence, _top_layer_adapter
 
 
