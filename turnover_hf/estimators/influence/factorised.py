@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...data import rows_of_ids
@@ -49,6 +50,52 @@ def one_row_each(tensor: Any, n: int) -> Optional[torch.Tensor]:
     if tensor.dim() == 3 and tensor.shape[0] == n and tensor.shape[1] == 1:
         return tensor[:, 0]
     return None
+
+
+def layer_inputs(layers: Sequence[TrackedLayer], rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each layer's ``a``: its input rows if the weight is tracked, then a column of ones if the bias is, float32."""
+    out = []
+    for layer, x in zip(layers, rows):
+        parts = [x.float()] if layer.weight else []
+        if layer.bias:
+            parts.append(torch.ones(len(x), 1, dtype=torch.float32, device=x.device))
+        out.append(torch.cat(parts, 1).cpu())
+    return out
+
+
+def output_gradients(model: nn.Module, layers: Sequence[TrackedLayer], logits: torch.Tensor,
+                     outputs: Sequence[torch.Tensor], rows: Sequence[torch.Tensor], classes: torch.Tensor,
+                     check: bool) -> list[torch.Tensor]:
+    """``d CE(logits, classes[:, k]) / d output`` of each row and layer, float32 ``(B, K, out)`` per layer.
+
+    With ``check``, the summed parameter gradient of the first class column is compared with the factorised
+    one (``sum_b delta_b a_b^T``): a weight also used outside its Linear would break the factorisation."""
+    n, k = classes.shape
+    per_layer: list[list[torch.Tensor]] = [[] for _ in outputs]
+    classes = classes.to(logits.device)
+    for j in range(k):
+        loss = F.cross_entropy(logits.float(), classes[:, j], reduction="sum")
+        grads = torch.autograd.grad(loss, list(outputs), retain_graph=True, allow_unused=True)
+        for i, (g, out) in enumerate(zip(grads, outputs)):
+            per_layer[i].append(one_row_each(torch.zeros_like(out) if g is None else g, n).detach().float())
+    if check:
+        named = dict(model.named_parameters())
+        tracked = [(i, leaf, f"{layer.name}.{leaf}") for i, layer in enumerate(layers)
+                   for leaf in ("weight", "bias") if getattr(layer, leaf) and named[f"{layer.name}.{leaf}"].requires_grad]
+        if tracked:
+            loss = F.cross_entropy(logits.float(), classes[:, 0], reduction="sum")
+            actual = torch.autograd.grad(loss, [named[name] for _, _, name in tracked], retain_graph=True,
+                                         allow_unused=True)
+            for (i, leaf, name), g in zip(tracked, actual):
+                delta = per_layer[i][0].double()
+                expected = delta.T @ rows[i].double() if leaf == "weight" else delta.sum(0)
+                g = torch.zeros_like(expected) if g is None else g.double()
+                if not torch.allclose(expected, g, rtol=1e-3, atol=1e-5 * float(g.abs().max()) + 1e-30):
+                    raise NotFactorisable(
+                        f"the gradient of {name!r} is not the product of its Linear's input and output gradients "
+                        "(is the parameter also used outside that module?)"
+                    )
+    return [torch.stack(parts, 1).cpu() for parts in per_layer]
 
 
 # The factorised fit keeps the float64 input Gram matrices of its layers (N x N each, a by-product of S) when they

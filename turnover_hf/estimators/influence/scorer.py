@@ -7,7 +7,6 @@ import logging
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
@@ -25,7 +24,7 @@ from ..gradients import PerExampleGrads, linear_calls, param_specs, target_gradi
 from ..registry import Estimator
 from .budget import FitBudgetError, check_factorised_budget, check_materialised_budget, factorised_gb, materialised_gb
 from .curvature import curvature_blocks, kept_classes
-from .factorised import FactorisedFit, NotFactorisable, linear_layers, one_row_each
+from .factorised import FactorisedFit, NotFactorisable, layer_inputs, linear_layers, one_row_each, output_gradients
 from .files import load_fit, read_fit_meta, save_fit
 from .materialised import MaterialisedFit, materialised_self_influence, precondition, solve_system
 from .sketch import CountSketch
@@ -397,49 +396,6 @@ class InfluenceFunctionScorer(Estimator):
             rows.append(x_rows.detach())
         return logits, outputs, rows
 
-    def _layer_inputs(self, rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Each layer's ``a``: its input rows if the weight is tracked, then a column of ones if the bias is, float32."""
-        out = []
-        for layer, x in zip(self._layers, rows):
-            parts = [x.float()] if layer.weight else []
-            if layer.bias:
-                parts.append(torch.ones(len(x), 1, dtype=torch.float32, device=x.device))
-            out.append(torch.cat(parts, 1).cpu())
-        return out
-
-    def _output_gradients(self, logits: torch.Tensor, outputs: Sequence[torch.Tensor], rows: Sequence[torch.Tensor],
-                          classes: torch.Tensor, check: bool) -> list[torch.Tensor]:
-        """``d CE(logits, classes[:, k]) / d output`` of each row and layer, float32 ``(B, K, out)`` per layer.
-
-        With ``check``, the summed parameter gradient of the first class column is compared with the factorised
-        one (``sum_b delta_b a_b^T``): a weight also used outside its Linear would break the factorisation."""
-        n, k = classes.shape
-        per_layer: list[list[torch.Tensor]] = [[] for _ in outputs]
-        classes = classes.to(logits.device)
-        for j in range(k):
-            loss = F.cross_entropy(logits.float(), classes[:, j], reduction="sum")
-            grads = torch.autograd.grad(loss, list(outputs), retain_graph=True, allow_unused=True)
-            for i, (g, out) in enumerate(zip(grads, outputs)):
-                per_layer[i].append(one_row_each(torch.zeros_like(out) if g is None else g, n).detach().float())
-        if check:
-            named = dict(self.model.named_parameters())
-            tracked = [(i, leaf, f"{layer.name}.{leaf}") for i, layer in enumerate(self._layers)
-                       for leaf in ("weight", "bias") if getattr(layer, leaf) and named[f"{layer.name}.{leaf}"].requires_grad]
-            if tracked:
-                loss = F.cross_entropy(logits.float(), classes[:, 0], reduction="sum")
-                actual = torch.autograd.grad(loss, [named[name] for _, _, name in tracked], retain_graph=True,
-                                             allow_unused=True)
-                for (i, leaf, name), g in zip(tracked, actual):
-                    delta = per_layer[i][0].double()
-                    expected = delta.T @ rows[i].double() if leaf == "weight" else delta.sum(0)
-                    g = torch.zeros_like(expected) if g is None else g.double()
-                    if not torch.allclose(expected, g, rtol=1e-3, atol=1e-5 * float(g.abs().max()) + 1e-30):
-                        raise NotFactorisable(
-                            f"the gradient of {name!r} is not the product of its Linear's input and output gradients "
-                            "(is the parameter also used outside that module?)"
-                        )
-        return [torch.stack(parts, 1).cpu() for parts in per_layer]
-
     def _fit_factorised(self, data: TrainData) -> Optional[FactorisedFit]:
         """Layer inputs and output gradients of every kept class, then the class kernel and the factor of ``S``.
 
@@ -452,7 +408,7 @@ class InfluenceFunctionScorer(Estimator):
             logits, outputs, rows = self._linear_forward(model_inputs(batch, self.device), self._training_masks(batch_ids))
             p = torch.softmax(logits.detach().double(), -1).cpu()
             n, c = p.shape
-            a = self._layer_inputs(rows)
+            a = layer_inputs(self._layers, rows)
             per_example = sum(x.shape[1] for x in a) + (c - 1) * sum(out.shape[-1] for out in outputs)
             first = seen == 0
             if first and self.factorised is None and expected is not None:
@@ -464,7 +420,7 @@ class InfluenceFunctionScorer(Estimator):
             seen += n
             check_factorised_budget(seen, c - 1, per_example, self.max_memory_gb)
             kept = kept_classes(p)
-            d = self._output_gradients(logits, outputs, rows, kept, check=first)
+            d = output_gradients(self.model, self._layers, logits, outputs, rows, kept, check=first)
             del logits, outputs
             gram = sum(torch.einsum("njo,nko->njk", dl.double(), dl.double()) * (xl.double() ** 2).sum(1)[:, None, None]
                        for dl, xl in zip(d, a))
@@ -519,8 +475,8 @@ class InfluenceFunctionScorer(Estimator):
                 raise TurnoverError(
                     f"these targets cannot be scored with the factorised fit: {err}. Fit with factorised=False."
                 ) from None
-            d = self._output_gradients(logits, outputs, x, labels[part, None], check=False)
-            for i, (dl, al) in enumerate(zip(d, self._layer_inputs(x))):
+            d = output_gradients(self.model, self._layers, logits, outputs, x, labels[part, None], check=False)
+            for i, (dl, al) in enumerate(zip(d, layer_inputs(self._layers, x))):
                 deltas[i].append(dl)
                 rows[i].append(al)
         return [torch.cat(x) for x in deltas], [torch.cat(x) for x in rows]
