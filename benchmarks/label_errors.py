@@ -33,8 +33,10 @@ Rows (higher score = more suspicious), all from ONE turn-over training run unles
 Measured: AUC of the flipped rows, recall at the noise rate (share of flipped rows among the top ``#flipped``),
 precision in the top 100, and seconds (training included; the recording's extra forward is timed separately).
 Cleansing: retrain (turn-over recipe, full-network test accuracy, 5 seeds no scored model used) on clean labels, on
-noisy labels, without the examples the default method's ranking flags (``is_issue``), with those relabelled to the
-suggested label, and without as many random examples; mean and paired standard error over seeds.
+noisy labels, without the examples the default method's ranking flags (``is_issue``: its top rows, as many as
+cleanlab's confident-learning count on the suggested probabilities), with those relabelled to the suggested label,
+and without as many random examples; also without the ranking's top #wrong rows (the true count, an oracle budget)
+against as many random rows; mean and paired standard error over seeds.
 
 Run from the repository root (about 15 minutes on one thread, plus caching the texts the first time):
 
@@ -77,7 +79,8 @@ CLEANSING_SEEDS = tuple(range(100, 105))
 FOLDS = 5
 LIBRARY_METHODS = (
     "loss", "margin", "flip_loss", "flip_margin", "dynamics_loss", "aum", "dynamics_flip_loss", "flip_aum",
-    "cleanlab_flip", "cleanlab_dynamics_flip", "cleanlab_dynamics_flip_adjusted",
+    "cleanlab_flip", "cleanlab_dynamics_flip", "cleanlab_dynamics_flip_adjusted", "full_flip", "loss_classnorm",
+    "full_flip_classnorm",
 )
 DATASETS = {
     # name: (loader, number of classes, max_length, loader keyword arguments)
@@ -277,14 +280,11 @@ def run_setting(top: TopModel, train_data: TopInputs, test: TopInputs, texts: li
             seconds += recording.seconds
         elif method.startswith(("flip", "cleanlab_flip")):
             seconds += flip_seconds
+        elif method.startswith("full_flip"):
+            seconds += flip_seconds + full_seconds
         else:
             seconds += full_seconds
         rows[method] = judged(scores, flipped, seconds, trainings=1)
-    a, b = label_issue_scores(signals, "dynamics_flip_loss"), label_issue_scores(signals, "aum")
-    rank = lambda x: torch.as_tensor(np.argsort(np.argsort(x.numpy())), dtype=torch.float64)  # noqa: E731
-    rows["rank mean(dynamics_flip_loss, aum)"] = judged(
-        rank(a) + rank(b), flipped, train_seconds + recording.seconds, trainings=1
-    )
 
     ordinary, _ = train(top, train_data, labels, SCORED_SEED, masking="dropout")
     started = time.perf_counter()
@@ -319,8 +319,11 @@ def run_setting(top: TopModel, train_data: TopInputs, test: TopInputs, texts: li
     ranked = rank_label_issues(signals, DEFAULT_METHOD, texts=texts)
     flagged = torch.zeros(len(labels), dtype=torch.bool)
     position = {int(i): n for n, i in enumerate(train_data.example_ids.tolist())}
-    issue_rows = [position[i] for i, issue in zip(ranked["example_id"], ranked["is_issue"]) if issue]
+    ranked_rows = [position[i] for i in ranked["example_id"]]
+    issue_rows = [r for r, issue in zip(ranked_rows, ranked["is_issue"]) if issue]
     flagged[issue_rows] = True
+    top_noise = np.ones(len(labels), dtype=bool)
+    top_noise[ranked_rows[: int(flipped.sum())]] = False  # the default ranking's top #flipped (oracle count)
     suggested = {position[i]: s for i, s in zip(ranked["example_id"], ranked["suggested_label"])}
     out: dict[str, Any] = {
         "noise": noise, "n_train": len(labels), "n_flipped": int(flipped.sum()), "rows": rows,
@@ -335,7 +338,8 @@ def run_setting(top: TopModel, train_data: TopInputs, test: TopInputs, texts: li
     for r in issue_rows:
         relabelled[r] = suggested[r]
     rng = np.random.default_rng(7)
-    acc: dict[str, list[float]] = {k: [] for k in ("clean", "noisy", "cleansed", "relabelled", "random")}
+    acc: dict[str, list[float]] = {k: [] for k in ("clean", "noisy", "cleansed", "relabelled", "random",
+                                                    "top_noise_removed", "random_noise_count")}
     for seed in CLEANSING_SEEDS:
         keep_random = np.ones(len(labels), dtype=bool)
         keep_random[rng.permutation(len(labels))[: len(issue_rows)]] = False
@@ -344,12 +348,18 @@ def run_setting(top: TopModel, train_data: TopInputs, test: TopInputs, texts: li
         acc["cleansed"].append(accuracy(top, train(top, train_data, labels, seed, keep=~flagged.numpy())[0], test))
         acc["relabelled"].append(accuracy(top, train(top, train_data, relabelled, seed)[0], test))
         acc["random"].append(accuracy(top, train(top, train_data, labels, seed, keep=keep_random)[0], test))
+        acc["top_noise_removed"].append(accuracy(top, train(top, train_data, labels, seed, keep=top_noise)[0], test))
+        keep_random = np.ones(len(labels), dtype=bool)
+        keep_random[rng.permutation(len(labels))[: int(flipped.sum())]] = False
+        acc["random_noise_count"].append(accuracy(top, train(top, train_data, labels, seed, keep=keep_random)[0], test))
     out["cleansing"] = {k: mean_sem(v) for k, v in acc.items()}
     out["cleansing"]["cleansed_minus_random"] = mean_sem(list(np.subtract(acc["cleansed"], acc["random"])))
     out["cleansing"]["relabelled_minus_random"] = mean_sem(list(np.subtract(acc["relabelled"], acc["random"])))
+    out["cleansing"]["top_noise_minus_random"] = mean_sem(list(np.subtract(acc["top_noise_removed"], acc["random_noise_count"])))
     lost = np.mean(acc["clean"]) - np.mean(acc["noisy"])
     out["cleansing"]["recovered_share_cleansed"] = float((np.mean(acc["cleansed"]) - np.mean(acc["noisy"])) / lost) if lost > 0 else None
     out["cleansing"]["recovered_share_relabelled"] = float((np.mean(acc["relabelled"]) - np.mean(acc["noisy"])) / lost) if lost > 0 else None
+    out["cleansing"]["recovered_share_top_noise"] = float((np.mean(acc["top_noise_removed"]) - np.mean(acc["noisy"])) / lost) if lost > 0 else None
     out["cleansing"]["per_seed"] = acc
     c = out["cleansing"]
     log(f"  cleansing {noise}: clean {c['clean'][0]:.3f} noisy {c['noisy'][0]:.3f} cleansed {c['cleansed'][0]:.3f} "
@@ -387,7 +397,9 @@ def render(results: dict[str, Any]) -> str:
                     f"{fmt('relabelled')}, as many random removed {fmt('random')}; removed - random "
                     f"{fmt('cleansed_minus_random')}, relabelled - random {fmt('relabelled_minus_random')}; share of "
                     f"the lost accuracy recovered: removed {c['recovered_share_cleansed']}, relabelled "
-                    f"{c['recovered_share_relabelled']}.", ""]
+                    f"{c['recovered_share_relabelled']}. Removing the ranking's top #wrong ({s['n_flipped']}, the true "
+                    f"count): {fmt('top_noise_removed')} vs as many random {fmt('random_noise_count')} (difference "
+                    f"{fmt('top_noise_minus_random')}; recovered share {c['recovered_share_top_noise']}).", ""]
     if "trainer_overhead" in results:
         o = results["trainer_overhead"]
         lines += ["## Cost of recording on the full model (TurnoverTrainer)", "",

@@ -13,6 +13,10 @@ example, higher = more likely mislabelled:
   probabilities at the final weights; ``"cleanlab_dynamics_flip"``: of the flipped-mask probabilities averaged over
   epochs; ``"cleanlab_dynamics_flip_adjusted"``: the same with ``adjust_pred_probs=True`` (class thresholds
   subtracted: robust to class-conditional noise). Needs ``pip install turnover-hf[cleanlab]``.
+* ``"full_flip"``: the loss of the mean of the full network's and the flipped sub-network's logits at the final
+  weights (what the model says with and without the example's own half, in equal parts).
+* ``"loss_classnorm"`` / ``"full_flip_classnorm"``: those losses minus the mean loss of the examples given the same
+  label, so that a class the noise made large (class-conditional noise) does not hide its wrong members.
 * ``"self_influence"``: any estimator's self-influence, passed in.
 
 :func:`rank_label_issues` returns the ranked rows as a ``datasets.Dataset``. ``DEFAULT_METHOD`` is the one
@@ -27,7 +31,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +41,7 @@ from datasets import Dataset
 from .dynamics import TrainingDynamics, _loss, _margin
 from .errors import TurnoverError
 
-DEFAULT_METHOD = "dynamics_flip_loss"
+DEFAULT_METHOD = "loss_classnorm"
 
 
 @dataclass
@@ -99,6 +103,19 @@ def _nanmean(values: torch.Tensor) -> torch.Tensor:
     return values.nanmean(0)
 
 
+def _class_normalised(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``values`` minus the mean value of the rows with the same label."""
+    values = values.double()
+    sums = torch.zeros(int(labels.max()) + 1, dtype=torch.float64).index_add_(0, labels, values)
+    counts = torch.bincount(labels, minlength=len(sums)).clamp_min(1)
+    return values - (sums / counts)[labels]
+
+
+def _full_flip_logits(signals: LabelSignals, method: str) -> torch.Tensor:
+    full = signals.need("full_logits", method).float()
+    return (full + signals.need("flip_logits", method).float()) / 2
+
+
 def _cleanlab_quality(labels: torch.Tensor, probs: torch.Tensor, adjust: bool = False) -> np.ndarray:
     try:
         from cleanlab.rank import get_label_quality_scores
@@ -137,6 +154,9 @@ def _methods() -> dict[str, Callable[[LabelSignals, str], torch.Tensor]]:
         "cleanlab_dynamics_flip_adjusted": lambda s, m: torch.as_tensor(
             1 - _cleanlab_quality(s.labels, dyn(s, m).flip_probabilities(slice(None)), adjust=True)
         ),
+        "full_flip": lambda s, m: _loss(_full_flip_logits(s, m), s.labels),
+        "loss_classnorm": lambda s, m: _class_normalised(_loss(full(s, m), s.labels), s.labels),
+        "full_flip_classnorm": lambda s, m: _class_normalised(_loss(_full_flip_logits(s, m), s.labels), s.labels),
         "self_influence": lambda s, m: s.need("self_influence", m).float(),
     }
 
@@ -156,30 +176,29 @@ def label_issue_scores(signals: LabelSignals, method: str = DEFAULT_METHOD) -> t
     return methods[method](signals, method).double()
 
 
-def out_of_sample_probabilities(signals: LabelSignals) -> torch.Tensor:
-    """``(N, C)`` class probabilities of models that never trained on each example: the flipped sub-networks
-    averaged over the recorded epochs, else at the final weights, else (not out of sample) the full network."""
-    if signals.dynamics is not None:
-        return signals.dynamics.flip_probabilities(slice(None))
-    if signals.flip_logits is not None:
-        return F.softmax(signals.flip_logits.float(), -1)
-    return F.softmax(signals.need("full_logits", "suggested labels").float(), -1)
+def suggested_probabilities(signals: LabelSignals) -> torch.Tensor:
+    """``(N, C)`` class probabilities behind the suggested labels: the softmax of the mean of the full network's and
+    the flipped sub-network's final logits (the better predictor in ``benchmarks/label_errors.py``), else of
+    whichever of the two is given, else of the flipped sub-networks' last recorded epoch."""
+    if signals.full_logits is not None and signals.flip_logits is not None:
+        return F.softmax(_full_flip_logits(signals, "suggested labels"), -1)
+    for logits in (signals.full_logits, signals.flip_logits):
+        if logits is not None:
+            return F.softmax(logits.float(), -1)
+    return signals.need("dynamics", "suggested labels").flip_probabilities()
 
 
-def cleanlab_issues(signals: LabelSignals) -> np.ndarray:
-    """Boolean ``(N,)``: cleanlab's confident learning (``cleanlab.filter.find_label_issues``) on the
-    out-of-sample probabilities; its count is cleanlab's estimate of how many labels are wrong.
-
-    Example:
-        >>> int(cleanlab_issues(signals).sum())     # about the number of wrong labels
-    """
+def estimated_issue_count(signals: LabelSignals) -> int:
+    """How many labels look wrong: cleanlab's confident-learning estimate
+    (``cleanlab.filter.find_label_issues`` on :func:`suggested_probabilities`) when cleanlab is installed, else
+    the number of examples whose suggested label differs from the given one."""
+    probs = suggested_probabilities(signals).double().clamp_min(1e-12)
+    probs = probs / probs.sum(-1, keepdim=True)
     try:
         from cleanlab.filter import find_label_issues
     except ImportError:
-        raise TurnoverError("cleanlab_issues needs cleanlab: pip install 'turnover-hf[cleanlab]'.") from None
-    probs = out_of_sample_probabilities(signals).double().clamp_min(1e-12)
-    probs = probs / probs.sum(-1, keepdim=True)
-    return np.asarray(find_label_issues(signals.labels.numpy(), probs.numpy()), dtype=bool)
+        return int((probs.argmax(-1) != signals.labels).sum())
+    return int(np.asarray(find_label_issues(signals.labels.numpy(), probs.numpy())).sum())
 
 
 def rank_label_issues(
@@ -189,24 +208,24 @@ def rank_label_issues(
     texts: Optional[Sequence[str]] = None,
     label_names: Optional[Sequence[str]] = None,
     top_k: Optional[int] = None,
+    num_issues: Optional[int] = None,
 ) -> Dataset:
     """The training examples ranked from most to least suspicious label, as a ``datasets.Dataset``.
 
-    Columns: ``rank``, ``example_id``, ``given_label``, ``suggested_label`` (the out-of-sample prediction, see
-    :func:`out_of_sample_probabilities`), ``suggested_probability``, ``score`` (the method's suspicion),
-    ``is_issue`` (the suggested label differs from the given one and the out-of-sample model gives the given label
-    less than half its probability), plus ``text`` and label names when given. ``method`` is stored in
-    ``dataset.info.description``.
+    Columns: ``rank``, ``example_id``, ``given_label``, ``suggested_label`` (see :func:`suggested_probabilities`),
+    ``suggested_probability``, ``score`` (the method's suspicion), ``is_issue`` (True for the
+    :func:`estimated_issue_count` highest scores, or ``num_issues`` if given), plus ``text`` and label names when
+    given. ``method`` is stored in ``dataset.info.description``.
 
     Example:
         >>> ranked = rank_label_issues(signals, texts=train["text"], label_names=["neg", "pos"], top_k=20)
         >>> ranked.filter(lambda r: r["is_issue"])
     """
     scores = label_issue_scores(signals, method)
-    probs = out_of_sample_probabilities(signals)
+    probs = suggested_probabilities(signals)
     suggested = probs.argmax(-1)
-    given_prob = probs.gather(1, signals.labels[:, None]).squeeze(1)
     order = torch.as_tensor(np.argsort(-scores.numpy(), kind="stable"))
+    count = estimated_issue_count(signals) if num_issues is None else int(num_issues)
     if top_k is not None:
         order = order[:top_k]
     columns: dict[str, list] = {
@@ -216,7 +235,7 @@ def rank_label_issues(
         "suggested_label": suggested[order].tolist(),
         "suggested_probability": probs.max(-1).values[order].tolist(),
         "score": scores[order].tolist(),
-        "is_issue": ((suggested != signals.labels) & (given_prob < 0.5))[order].tolist(),
+        "is_issue": [rank <= count for rank in range(1, len(order) + 1)],
     }
     if label_names is not None:
         names = list(label_names)
@@ -228,4 +247,164 @@ def rank_label_issues(
         columns["text"] = [texts[i] for i in order.tolist()]
     out = Dataset.from_dict(columns)
     out.info.description = f"label issues ranked by {method!r}"
+    return out
+
+
+@torch.no_grad()
+def model_signals(
+    models: Sequence[torch.nn.Module],
+    rows: Dataset,
+    collator: Callable,
+    *,
+    batch_size: int = 64,
+    dynamics: Optional[TrainingDynamics] = None,
+) -> LabelSignals:
+    """:class:`LabelSignals` of a trained model (or the mean logits of an ensemble's members) on its training rows.
+
+    ``rows`` hold the model inputs, ``labels`` and the id column; ``collator`` is an
+    :class:`~turnover_hf.InstanceIdCollator`. Cost: two forwards per row and model (the full network, and each
+    row under its flipped mask; an unpatched model gets the full network only).
+
+    Example:
+        >>> signals = model_signals([model], train_features, InstanceIdCollator(DataCollatorWithPadding(tok)))
+    """
+    from .context import instance_masks, state_of
+    from .data import BATCH_KEY
+    from .errors import NotPatchedError
+
+    full, flip, ids, labels = [], [], [], []
+    patched = True
+    for model in models:
+        try:
+            state_of(model)
+        except NotPatchedError:
+            patched = False
+    for start in range(0, len(rows), batch_size):
+        batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+        example_ids = batch[BATCH_KEY]
+        ids.append(example_ids)
+        labels.append(batch["labels"])
+        parts: dict[str, list[torch.Tensor]] = {"full": [], "flip": []}
+        for model in models:
+            device = next(model.parameters()).device
+            inputs = {k: v.to(device) for k, v in batch.items()
+                      if isinstance(v, torch.Tensor) and k not in ("labels", BATCH_KEY)}
+            was_training = model.training
+            model.eval()
+            try:
+                parts["full"].append(model(**inputs).logits.float().cpu())
+                if patched:
+                    with instance_masks(model, example_ids.to(device), mode="flip"):
+                        parts["flip"].append(model(**inputs).logits.float().cpu())
+            finally:
+                model.train(was_training)
+        if parts["full"][0].dim() != 2:
+            raise TurnoverError("label issues are for sequence classifiers ((B, C) logits), not token-level models.")
+        full.append(torch.stack(parts["full"]).mean(0))
+        if patched:
+            flip.append(torch.stack(parts["flip"]).mean(0))
+    return LabelSignals(
+        torch.cat(labels), torch.cat(ids), full_logits=torch.cat(full),
+        flip_logits=torch.cat(flip) if patched else None, dynamics=dynamics,
+    )
+
+
+DYNAMICS_METHODS = frozenset(m for m in METHODS if "dynamics" in m or m in ("aum", "flip_aum"))
+
+
+def pipeline_label_issues(pipe: Any, method: Optional[str] = None, *, top_k: Optional[int] = None,
+                          num_issues: Optional[int] = None) -> Dataset:
+    """What :meth:`turnover_hf.InfluencePipeline.label_issues` returns (the pipeline's models and training set)."""
+    method = method or DEFAULT_METHOD
+    if method not in METHODS or method == "self_influence":
+        raise TurnoverError(
+            f"unknown label-issue method {method!r}; choose one of {sorted(set(METHODS) - {'self_influence'})} "
+            "(for self-influence use pipe.self_influence())."
+        )
+    dynamics = None
+    if method in DYNAMICS_METHODS:
+        folder = pipe.checkpoint_path
+        if folder is None or not TrainingDynamics.exists(folder):
+            raise TurnoverError(
+                f"method {method!r} reads training dynamics, and {folder or 'an in-memory model'} has none: train with "
+                "TurnoverTrainer(..., callbacks=[turnover_hf.TrainingDynamicsCallback()]) and load the saved folder."
+            )
+        dynamics = TrainingDynamics.load(folder)
+    if "labels" not in pipe._train_features.column_names:
+        raise TurnoverError("label issues need the training set's labels (a 'label' or 'labels' column).")
+    signals = model_signals(pipe.models, pipe._train_features, pipe.collator, batch_size=pipe.batch_size,
+                            dynamics=dynamics)
+    ranked = rank_label_issues(signals, method, top_k=top_k, num_issues=num_issues)
+    names = getattr(pipe.model.config, "id2label", None) or {}
+    positions = pipe._positions(torch.as_tensor(ranked["example_id"]))
+    extra: dict[str, list] = {"method": [method] * len(ranked)}
+    if names:
+        extra["given_label_name"] = [str(names.get(i, i)) for i in ranked["given_label"]]
+        extra["suggested_label_name"] = [str(names.get(i, i)) for i in ranked["suggested_label"]]
+    if pipe.text_column in pipe.train_dataset.column_names:
+        extra["text"] = pipe.train_dataset.select(positions)[pipe.text_column]
+    for name, values in extra.items():
+        ranked = ranked.add_column(name, values)
+    ranked.info.description = f"label issues ranked by {method!r}"
+    return ranked
+
+
+def cleansing_report(
+    train_and_evaluate: Callable[[Dataset, int], float],
+    train_dataset: Dataset,
+    ranked: Dataset,
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    relabel: bool = True,
+    label_column: str = "label",
+    id_column: str = "example_id",
+    random_seed: int = 0,
+) -> dict[str, Any]:
+    """Does fixing the flagged labels pay? Retrain and compare with removing as many random examples.
+
+    ``train_and_evaluate(dataset, seed)`` trains a model on ``dataset`` with ``seed`` and returns its held-out
+    accuracy (or any score, higher is better). For every seed it is called on the training set as it is
+    (``noisy``), without the rows ``ranked`` flags as issues (``removed``), with them relabelled to the suggested
+    label (``relabelled``, if ``relabel``), and without as many random rows (``random``, a new draw per seed). Each
+    condition comes back as ``{"mean", "sem", "values"}``, and so do the paired differences
+    ``removed_minus_random``, ``relabelled_minus_random`` and ``*_minus_noisy`` (the same seeds serve all).
+
+    Example:
+        >>> ranked = pipe.label_issues()
+        >>> report = cleansing_report(lambda data, seed: my_train_and_test(data, seed), train, ranked, seeds=range(5))
+        >>> report["removed_minus_random"]["mean"], report["removed_minus_random"]["sem"]
+    """
+    flagged = dict(zip(
+        [i for i, issue in zip(ranked["example_id"], ranked["is_issue"]) if issue],
+        [s for s, issue in zip(ranked["suggested_label"], ranked["is_issue"]) if issue],
+    ))
+    ids = train_dataset[id_column]
+    unknown = set(flagged) - set(ids)
+    if unknown:
+        raise TurnoverError(f"{len(unknown)} flagged ids (e.g. {sorted(unknown)[:5]}) are not in the training set.")
+    keep = [n for n, i in enumerate(ids) if i not in flagged]
+    rng = np.random.default_rng(random_seed)
+    conditions: dict[str, list[float]] = {"noisy": [], "removed": [], "random": []}
+    if relabel:
+        conditions["relabelled"] = []
+        fixed = train_dataset.map(lambda row: {label_column: flagged.get(row[id_column], row[label_column])})
+    for seed in seeds:
+        conditions["noisy"].append(float(train_and_evaluate(train_dataset, seed)))
+        conditions["removed"].append(float(train_and_evaluate(train_dataset.select(keep), seed)))
+        random_keep = np.sort(rng.permutation(len(ids))[: len(keep)])
+        conditions["random"].append(float(train_and_evaluate(train_dataset.select(random_keep), seed)))
+        if relabel:
+            conditions["relabelled"].append(float(train_and_evaluate(fixed, seed)))
+
+    def summary(values: Sequence[float]) -> dict[str, Any]:
+        a = np.asarray(values, dtype=np.float64)
+        sem = float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
+        return {"mean": float(a.mean()), "sem": sem, "values": a.tolist()}
+
+    out: dict[str, Any] = {"flagged": len(flagged), "seeds": list(seeds)}
+    out.update({name: summary(values) for name, values in conditions.items()})
+    for name in ("removed", "relabelled"):
+        if name in conditions:
+            out[f"{name}_minus_random"] = summary(np.subtract(conditions[name], conditions["random"]))
+            out[f"{name}_minus_noisy"] = summary(np.subtract(conditions[name], conditions["noisy"]))
     return out
