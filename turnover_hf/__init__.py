@@ -24,6 +24,8 @@ from .data import CausalLMCollator, InstanceIdCollator, add_example_ids, prompt_
 from .scoring import TurnoverScorer, influence, per_example_loss, per_token_loss
 from .trainer import TurnoverTrainer
 from .callbacks import FlipSanityCallback
+from .dynamics import TrainingDynamics, TrainingDynamicsCallback
+from .label_issues import LabelSignals, cleansing_report, rank_label_issues
 from . import assets
 from .checkpoint import load_influence_ready
 from .ensemble import EnsembleScorer, split_half_agreement, train_ensemble
@@ -52,6 +54,11 @@ __all__ = [
     "TurnoverError",
     "TurnoverScorer",
     "TurnoverTrainer",
+    "TrainingDynamics",
+    "TrainingDynamicsCallback",
+    "LabelSignals",
+    "cleansing_report",
+    "rank_label_issues",
     "add_example_ids",
     "flip",
     "freeze_leaking_parameters",
