@@ -7,7 +7,7 @@
   kernels, Woodbury's ``N (C - 1)``-space system, factorised at the first scoring (so the fit column holds less
   and the scoring columns more of the work than for the materialised fit, which factorises while fitting);
 * materialised (``factorised=False``): ``N (C - 1)`` per-example gradients of ``D`` floats, solved in float64 with
-  a float64 copy of them kept when it takes at most ``influence_function.ROWS_CACHE_BYTES`` and otherwise
+  a float64 copy of them kept when it takes at most ``turnover_hf.estimators.influence.materialised.ROWS_CACHE_BYTES`` and otherwise
   converted block by block from the float32 gradients at every target set.
 
 This script builds a head the size of the fidelity benchmark's (384 -> 128 -> 2 on random features, N training
@@ -38,9 +38,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from turnover_hf import influence_function
+from turnover_hf.estimators.influence import materialised
 from turnover_hf.files import atomic_write_text
-from turnover_hf.influence_function import InfluenceFunctionScorer
+from turnover_hf.estimators.influence import InfluenceFunctionScorer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = ("factorised", "materialised", "rebuilt")
@@ -88,7 +88,7 @@ def main() -> None:
                     for s in range(0, n, 64)]  # as the pipeline's self-influence calls it
     targets = {"features": torch.randn(args.targets, 384)}
     target_labels = torch.randint(0, 2, (args.targets,))
-    budget = influence_function.ROWS_CACHE_BYTES
+    budget = materialised.ROWS_CACHE_BYTES
     times = {name: {part: [] for part in PARTS} for name in SETTINGS}
     outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     materialised: Optional[InfluenceFunctionScorer] = None
@@ -96,7 +96,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         order = SETTINGS if repeat % 2 == 0 else SETTINGS[::-1]
         for name in order:
-            influence_function.ROWS_CACHE_BYTES = 0 if name == "rebuilt" else budget
+            materialised.ROWS_CACHE_BYTES = 0 if name == "rebuilt" else budget
             if name == "rebuilt":
                 if materialised is None:
                     continue
@@ -123,7 +123,7 @@ def main() -> None:
             if fit_seconds is not None:
                 times[name]["end_to_end"].append(fit_seconds + target_seconds + self_seconds)
             outputs[name] = (scores, own)
-        influence_function.ROWS_CACHE_BYTES = budget
+        materialised.ROWS_CACHE_BYTES = budget
     gaps = {
         f"{a} vs {b}": {part: _gap(outputs[a][k], outputs[b][k]) for k, part in enumerate(("scores", "self"))}
         for a, b in (("factorised", "materialised"), ("rebuilt", "materialised"))

@@ -8,7 +8,7 @@ from transformers import PreTrainedTokenizerFast, TrainingArguments
 
 import turnover_hf as th
 from turnover_hf.masks import keep_bits
-from turnover_hf.scoring import counted_tokens
+from turnover_hf.losses import counted_tokens
 
 from conftest import VOCAB, lm_targets, tiny_gpt2_lm, tiny_llama_lm
 

@@ -202,7 +202,7 @@ def test_channels_with_adapters_train_and_score(train_set):
 
 
 def test_the_influence_estimator_differentiates_every_channel(train_set):
-    from test_influence_function import _relative_gap, dense_reference
+    from test_influence import _relative_gap, dense_reference
 
     model = _channel_model(seed=4)
     with torch.no_grad():

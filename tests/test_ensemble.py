@@ -8,7 +8,7 @@ import turnover_hf as th
 from turnover_hf.evaluation import spearman_columns
 
 from conftest import text_task, tiny_bert, word_tokenizer
-from test_scoring import _top_layer_adapter
+from test_turnover import _top_layer_adapter
 
 
 def _member(seed: int, n_train: int, weights_seed: int = 0):

@@ -20,7 +20,7 @@ from transformers import TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 import turnover_hf as th
-from turnover_hf.hydra import HydraScorer, HydraTrainer, HydraTurnoverTrainer, SavedHypergradients
+from turnover_hf.estimators.hydra import HydraScorer, HydraTrainer, HydraTurnoverTrainer, SavedHypergradients
 
 from conftest import batch_of, tiny_bert, token_task, with_lora
 
@@ -246,7 +246,7 @@ def test_a_hand_written_training_loop_can_drive_the_tracker():
     init = {k: v.detach().clone() for k, v in model.named_parameters()}
     opt = OPTIMIZERS["momentum"]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=opt["momentum"], weight_decay=opt["weight_decay"])
-    tracker = th.hydra.HydraTracker(model, data["example_id"])
+    tracker = th.estimators.hydra.HydraTracker(model, data["example_id"])
     collate = th.InstanceIdCollator()
     steps = []
     for _ in range(2):
@@ -329,7 +329,7 @@ def test_memmap_and_memory_tables_give_identical_scores_and_survive_save_load(tm
     disk.hydra.save(tmp_path / "table")  # in place: keeps the memory map, adds the metadata
     for folder in ("saved_mem", "saved_disk", "table"):
         scorer = HydraScorer(mem.model, tmp_path / folder)
-        assert scorer.path == "hydra"
+        assert scorer.cache_key()["num_examples"] == len(data)
         assert torch.equal(scorer.scores(batch, labels, ids), s_mem)
         rows = {"features": torch.tensor(data["features"])}
         assert torch.equal(scorer.self_scores(rows, torch.tensor(data["labels"]), torch.tensor(data["example_id"])),
@@ -605,7 +605,7 @@ def test_sgd_optim_args_that_transformers_ignores_are_reported(tmp_path, caplog)
     import logging
 
     data = tiny_task(8)
-    with caplog.at_level(logging.WARNING, logger="turnover_hf.hydra"):
+    with caplog.at_level(logging.WARNING, logger="turnover_hf.estimators"):
         trainer = HydraTrainer(model=TinyNet(), args=_args(tmp_path, optim="sgd", optim_args="momentum=0.9"),
                                train_dataset=data)
     trainer.train()
@@ -613,7 +613,7 @@ def test_sgd_optim_args_that_transformers_ignores_are_reported(tmp_path, caplog)
     warned = "optimizer_cls_and_kwargs" in caplog.text and "momentum" in caplog.text
     assert warned == (momentum == 0)  # warned exactly when transformers dropped it (4.57: it does)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="turnover_hf.hydra"):
+    with caplog.at_level(logging.WARNING, logger="turnover_hf.estimators"):
         trainer = HydraTrainer(model=TinyNet(), args=_args(tmp_path), train_dataset=data,
                                optimizer_cls_and_kwargs=(torch.optim.SGD, {"momentum": 0.9}))
     trainer.train()
@@ -659,7 +659,7 @@ class _BatchCentred(nn.Module):
 @pytest.mark.parametrize("name", ["bottleneck", "peft_lora"])
 def test_per_example_gradients_of_linear_layers_come_from_one_batched_pass(name, bert_bottleneck):
     """Rows under their own masks in one forward and backward give the gradients of rows run one at a time."""
-    from turnover_hf.hydra import PerExampleGrads, _specs_for
+    from turnover_hf.estimators.gradients import PerExampleGrads, param_specs as _specs_for
 
     if name == "bottleneck":
         model = bert_bottleneck.eval()
@@ -690,13 +690,13 @@ def test_per_example_gradients_of_linear_layers_come_from_one_batched_pass(name,
 
 
 def test_rows_that_interact_send_per_example_gradients_row_by_row(caplog):
-    from turnover_hf.hydra import PerExampleGrads, _specs_for
+    from turnover_hf.estimators.gradients import PerExampleGrads, param_specs as _specs_for
 
     torch.manual_seed(0)
     model = _BatchCentred().eval()
     x, y = {"features": torch.randn(4, 5)}, torch.tensor([0, 1, 1, 0])
     grads = PerExampleGrads(model, _specs_for(model, None))
-    with caplog.at_level("INFO", logger="turnover_hf.hydra"):
+    with caplog.at_level("INFO", logger="turnover_hf.estimators"):
         out = grads(x, y)
     assert grads.batched_ok is False and "rows interact" in caplog.text
     for k in range(4):  # each row alone, as the fallback computes it
@@ -709,7 +709,7 @@ def test_rows_that_interact_send_per_example_gradients_row_by_row(caplog):
 def test_gradients_of_several_label_sets_come_from_one_forward(bert_bottleneck):
     """``pseudo_label_gradients``: one forward, a backward per label column; each column equals the per-example
     gradients of that column's labels, and the logits are the forward's."""
-    from turnover_hf.hydra import PerExampleGrads, _specs_for
+    from turnover_hf.estimators.gradients import PerExampleGrads, param_specs as _specs_for
 
     model = bert_bottleneck.eval()
     specs = _specs_for(model, None)

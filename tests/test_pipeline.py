@@ -9,7 +9,7 @@ import torch
 import turnover_hf as th
 
 from conftest import free_port, text_task, tiny_bert, with_bottleneck, with_lora, word_tokenizer
-from test_scoring import naive_influence, _top_layer_adapter
+from test_turnover import naive_influence, _top_layer_adapter
 
 
 @pytest.fixture
@@ -156,7 +156,7 @@ def test_auto_sketches_gradients_when_an_exact_fit_exceeds_the_memory_budget(set
     _, tokenizer, train = setup
     model = tiny_bert()  # every parameter trainable: more of them than the sketch's width
     exact = th.InfluenceFunctionScorer(model).fit_memory_gb(len(train), 2)
-    sketched = th.InfluenceFunctionScorer(model, projection_dim=th.pipeline.AUTO_PROJECTION_DIM).fit_memory_gb(len(train), 2)
+    sketched = th.InfluenceFunctionScorer(model, projection_dim=th.estimators.influence.AUTO_PROJECTION_DIM).fit_memory_gb(len(train), 2)
     assert sketched < exact
     budget = {"max_memory_gb": (exact + sketched) / 2}
     # the estimate is the fit's own: an exact fit on that budget is refused, naming the fix
@@ -165,10 +165,10 @@ def test_auto_sketches_gradients_when_an_exact_fit_exceeds_the_memory_budget(set
         refused.scores(train.select([1]))
     with caplog.at_level(logging.WARNING, logger="turnover_hf.pipeline"):
         auto = th.InfluencePipeline(model, tokenizer, train_dataset=train, influence_options=budget)
-    assert auto.estimator == "influence" and auto.scorer.projection_dim == th.pipeline.AUTO_PROJECTION_DIM
+    assert auto.estimator == "influence" and auto.scorer.projection_dim == th.estimators.influence.AUTO_PROJECTION_DIM
     assert "sketching gradients" in caplog.text and "max_memory_gb" in caplog.text
     sketch = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence",
-                                  influence_options={**budget, "projection_dim": th.pipeline.AUTO_PROJECTION_DIM})
+                                  influence_options={**budget, "projection_dim": th.estimators.influence.AUTO_PROJECTION_DIM})
     assert torch.equal(auto.scores(train.select([1, 2])), sketch.scores(train.select([1, 2])))
     roomy = th.InfluencePipeline(model, tokenizer, train_dataset=train, influence_options={"max_memory_gb": exact * 1.01})
     assert roomy.scorer.projection_dim is None
@@ -181,7 +181,7 @@ sys.path.insert(0, {tests!r})
 from accelerate import PartialState
 import turnover_hf as th
 from conftest import text_task, tiny_bert, word_tokenizer
-from test_scoring import _top_layer_adapter
+from test_turnover import _top_layer_adapter
 state = PartialState(cpu=True)
 torch.manual_seed(0)
 model = th.patch_model(_top_layer_adapter(tiny_bert()), th.TurnoverConfig(seed=6), warn_leaking=False).eval()
@@ -241,7 +241,7 @@ def test_both_estimators_behind_one_pipeline(tmp_path):
     targets = train.select([0, 1, 2])
     turnover = th.InfluencePipeline(str(folder), train_dataset=train, estimator="turnover")
     hydra = th.InfluencePipeline(str(folder), train_dataset=train, estimator="hydra")
-    assert hydra.scorer.path == "hydra" and turnover.scorer.path == "prefix"
+    assert hydra.estimator == "hydra" and turnover.scorer.path == "prefix"
     auto = th.InfluencePipeline(str(folder), train_dataset=train, hydra_dir=folder / "hydra")
     assert auto.estimator == "hydra"  # hypergradients the user points to are used
     batch, labels, _ = hydra.prepare_targets(targets)

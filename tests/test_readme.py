@@ -25,3 +25,24 @@ def test_ci_runs_exactly_the_readme_test_command():
     commands = re.findall(r"^(bash run\.sh \w+)", README, re.M)
     assert commands[:2] == ["bash run.sh demo", "bash run.sh test"]
     assert "exec bash run.sh test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_architecture_snippet_registers_an_estimator_the_pipeline_uses():
+    import torch
+
+    import turnover_hf
+    from turnover_hf.estimators import unregister_estimator
+
+    from conftest import tiny_bert, token_task
+
+    section = README.split("## Architecture", 1)[1]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    exec(compile(code, "README.md", "exec"), {})
+    try:
+        train = turnover_hf.add_example_ids(token_task(10, seed=0))
+        targets = token_task(2, seed=1)
+        pipe = turnover_hf.InfluencePipeline(tiny_bert(), train_dataset=train, estimator="same-label")
+        same = torch.tensor(train["labels"])[:, None] == torch.tensor(targets["labels"])[None]
+        assert torch.equal(pipe.scores(targets), same.float() * 2 - 1)
+    finally:
+        unregister_estimator("same-label")

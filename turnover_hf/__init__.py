@@ -6,7 +6,7 @@ Example:
     >>> trainer = turnover_hf.TurnoverTrainer(model=model, args=args, train_dataset=turnover_hf.add_example_ids(train))
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from .config import CONFIG_NAME, TurnoverConfig
 from .context import instance_masks
@@ -21,17 +21,19 @@ from .errors import (
 from .masks import flip, keep_bits, mask_for
 from .patcher import freeze_leaking_parameters, is_patched, leakage_report, patch_model, unpatch_model
 from .data import CausalLMCollator, InstanceIdCollator, add_example_ids, prompt_completion_features
-from .scoring import TurnoverScorer, influence, per_example_loss, per_token_loss
+from .losses import per_example_loss, per_token_loss
+from .estimators.turnover import TurnoverScorer, influence
 from .trainer import TurnoverTrainer
 from .callbacks import FlipSanityCallback
 from .dynamics import TrainingDynamics, TrainingDynamicsCallback
 from .label_issues import LabelSignals, cleansing_report, rank_label_issues
 from . import assets
 from .checkpoint import load_influence_ready
-from .ensemble import EnsembleScorer, split_half_agreement, train_ensemble
+from .estimators import register_estimator
+from .estimators.ensemble import EnsembleScorer, split_half_agreement, train_ensemble
+from .estimators.hydra import HydraScorer, HydraTrainer, HydraTurnoverTrainer
+from .estimators.influence import InfluenceFunctionScorer, InfluenceOptions
 from .pipeline import InfluencePipeline
-from .hydra import HydraScorer, HydraTrainer, HydraTurnoverTrainer
-from .influence_function import InfluenceFunctionScorer
 from . import plots, report  # matplotlib and Chromium are imported only when a plot or screenshot is made
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "HydraTrainer",
     "HydraTurnoverTrainer",
     "InfluenceFunctionScorer",
+    "InfluenceOptions",
     "InfluencePipeline",
     "InstanceIdCollator",
     "MissingExampleIdsError",
@@ -75,5 +78,6 @@ __all__ = [
     "per_example_loss",
     "per_token_loss",
     "prompt_completion_features",
+    "register_estimator",
     "unpatch_model",
 ]

@@ -15,8 +15,7 @@ from transformers import TrainerCallback, default_data_collator
 
 from .context import instance_masks, state_of
 from .data import BATCH_KEY, InstanceIdCollator, check_id_column
-from .scoring import _eval_mode, model_inputs, per_example_loss
-from .targets import is_causal_lm
+from .losses import eval_mode, is_causal_lm, model_inputs, per_example_loss
 
 
 class FlipSanityCallback(TrainerCallback):
@@ -44,7 +43,7 @@ class FlipSanityCallback(TrainerCallback):
         device = next(model.parameters()).device
         sums = {"train": 0.0, "flip": 0.0}
         shift = is_causal_lm(model)  # a causal LM's logits at position t predict token t + 1
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for start in range(0, len(self.sample), self.batch_size):
                 rows = self.sample.select(range(start, min(start + self.batch_size, len(self.sample))))
                 batch = collate([rows[i] for i in range(len(rows))])

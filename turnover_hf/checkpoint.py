@@ -33,7 +33,7 @@ from .errors import ConfigMismatchError
 from .files import atomic_write_text, umask
 from .layers import CHANNEL_BIAS, CHANNEL_WEIGHT
 from .patcher import patch_model
-from .targets import inner_model
+from .sites import inner_model
 
 CARD_START = "<!-- turnover-hf:start -->"
 CARD_END = "<!-- turnover-hf:end -->"

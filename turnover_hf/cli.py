@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
-from . import __version__
 from .errors import TurnoverError
+from .estimators import describe_estimators, estimator_names, options_classes
 from .files import atomic_path, atomic_write_text
-from .influence_function import INFLUENCE_DIR, META_NAME as INFLUENCE_META, InfluenceFunctionScorer
+from .version import __version__
 
 PROG = "turnover-hf"
 TRACEBACK_ENV = "TURNOVER_HF_TRACEBACK"
@@ -129,20 +129,13 @@ class ScoringOptions:
     device: Optional[str] = field(
         default=None, metadata={"help": "Where to run the model, e.g. cpu or cuda:0 (default: where it loads)."}
     )
-    estimator: Literal["auto", "turnover", "influence", "hydra"] = field(
+    estimator: str = field(
         default="auto",
-        metadata={"help": "auto: influence for a classifier, turnover for an ensemble or a language model. "
-                          "influence: damped Gauss-Newton influence function on the trainable parameters "
-                          f"(classifiers; the most faithful in benchmarks/fidelity.py; fitted once and kept in "
-                          f"<model>/{INFLUENCE_DIR}/ for the next command). turnover: turn-over dropout (forward "
-                          "passes; average an ensemble, see --num_members of train). hydra: hypergradients saved in "
-                          "<model>/hydra by a HYDRA trainer."},
+        metadata={"help": "auto: the most faithful estimator the model allows (the influence function for a "
+                          "classifier, turnover for an ensemble or a language model)."},
     )
-    projection_dim: Optional[int] = field(
-        default=None,
-        metadata={"help": "--estimator influence: sketch gradients to this many dimensions (for many trainable "
-                          "parameters; an approximation). Default: exact while it fits in memory."},
-    )
+    # the options dataclasses of the registered estimators, parsed from their own flags (e.g. --projection_dim)
+    estimator_options: list = field(default_factory=list, init=False)
 
 
 @dataclass
@@ -461,7 +454,7 @@ def run_train(options: TrainOptions, training_args: Any) -> dict[str, Any]:
         if evaluations:
             metrics = {k: evaluations[-1][k] for k in ("eval_loss", "eval_accuracy")}
     else:
-        from .ensemble import train_ensemble
+        from .estimators.ensemble import train_ensemble
 
         args = copy.copy(training_args)
         args.output_dir = folders[MODEL_FOLDER]  # members go to out/model/member-k, which the pipeline loads
@@ -551,20 +544,14 @@ def _pipeline(options: ScoringOptions) -> Any:
         raise TurnoverError(f"--train {train_path!r} is not a save_to_disk folder.")
     train = _standard_columns(load_from_disk(train_path), options.text_column, options.label_column,
                               f"the training set {train_path!r}", need_label=False)
-    estimator_options: dict[str, Any] = {}
-    if options.estimator in ("influence", "auto"):
-        folder = estimator_options["influence_dir"] = os.path.join(options.model, INFLUENCE_DIR)
-        if os.path.isfile(os.path.join(folder, INFLUENCE_META)):  # a fit from an earlier command: reuse it if asked for
-            kept = InfluenceFunctionScorer.read_meta(folder)["projection_dim"]
-            if options.projection_dim is not None and options.projection_dim != kept:
-                raise TurnoverError(
-                    f"{folder} holds an influence function fitted with projection_dim={kept}; remove that folder "
-                    f"to fit again with --projection_dim {options.projection_dim}, or drop --projection_dim."
-                )
-        elif options.projection_dim is not None:
-            estimator_options["influence_options"] = {"projection_dim": options.projection_dim}
-    elif options.projection_dim is not None:
-        raise TurnoverError("--projection_dim is an option of --estimator influence (or auto).")
+    # a fit is kept next to the model and reused by the next command (with the same options)
+    estimator_options: dict[str, Any] = {"save_fit": True}
+    given = [chosen for chosen in options.estimator_options if chosen != type(chosen)()]
+    if len(given) > 1:
+        raise TurnoverError(f"options of several estimators were given ({[type(g).__name__ for g in given]}); "
+                            "give those of the one --estimator names.")
+    if given:
+        estimator_options["options"] = given[0]
     pipe = InfluencePipeline(options.model, train_dataset=train, batch_size=options.batch_size,
                              max_length=options.max_length, device=options.device, estimator=options.estimator,
                              **estimator_options)
@@ -711,7 +698,7 @@ def _command_cleanse(options: ScoringOptions, chosen: CleanseOptions) -> int:
 
 def _command_report(options: ScoringOptions, chosen: ReportOptions) -> int:
     from . import plots, report
-    from .scoring import predicted_labels
+    from .losses import predicted_labels
 
     _refuse_existing(chosen.output, chosen.overwrite)
     pipe = _pipeline(options)
@@ -846,11 +833,17 @@ def _command_parser(name: str) -> Any:
     from transformers import HfArgumentParser
 
     command = COMMANDS[name]
-    return HfArgumentParser(
-        command.options, prog=f"{PROG} {name}", description=_paragraphs(command.description),
+    extra = tuple(options_classes()) if ScoringOptions in command.options else ()
+    parser = HfArgumentParser(
+        (*command.options, *extra), prog=f"{PROG} {name}", description=_paragraphs(command.description),
         formatter_class=_HelpFormatter,
         epilog="Examples:\n" + command.examples,
     )
+    for action in parser._actions:  # the registered estimators, as they are when the command runs
+        if action.dest == "estimator":
+            action.choices = estimator_names()
+            action.help = f"{action.help} {describe_estimators()}"
+    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -871,6 +864,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if name == "train":
             return _command_train(rest)
         values = _command_parser(name).parse_args_into_dataclasses(rest)
+        extra = [v for v in values if type(v) in options_classes()]
+        values = [v for v in values if type(v) not in options_classes()]
+        for value in values:
+            if isinstance(value, ScoringOptions):
+                value.estimator_options = extra
         return COMMANDS[name].run(*values)
     except KeyboardInterrupt:
         print(f"{PROG} {name}: interrupted", file=sys.stderr)

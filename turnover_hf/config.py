@@ -10,10 +10,10 @@ from typing import Any, Optional, Union
 
 from transformers.utils import PushToHubMixin
 
-from . import __version__
 from .errors import ConfigMismatchError
 from .files import atomic_write_text
 from .masks import SCHEMES, validate_drop_ratio, validate_seed
+from .version import __version__
 
 CONFIG_NAME = "turnover_config.json"
 MASK_SIDES = ("output", "input", "rank")

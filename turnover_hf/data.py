@@ -16,12 +16,14 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from datasets import Dataset
-from transformers import default_data_collator
+from torch import nn
+from transformers import DataCollatorWithPadding, default_data_collator
 
 from .errors import ExampleIdError, MissingExampleIdsError
+from .losses import IGNORE_INDEX, is_causal_lm
+from .masks import check_example_ids
 
 BATCH_KEY = "example_ids"
-IGNORE_INDEX = -100
 
 
 def add_example_ids(dataset: Dataset, column: str = "example_id", start: int = 0) -> Dataset:
@@ -62,6 +64,25 @@ def check_id_column(dataset: Dataset, column: str = "example_id") -> torch.Tenso
             "Give every row its own id, e.g. with add_example_ids on a dataset without that column."
         )
     return ids
+
+
+def check_ids_known(example_ids: torch.Tensor, known_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """Validate ``example_ids`` (1-D, unique, non-negative, and in ``known_ids`` if given); return them as int64."""
+    try:
+        example_ids = check_example_ids(torch.as_tensor(example_ids))
+    except ValueError as err:
+        raise ExampleIdError(str(err)) from None
+    if len(torch.unique(example_ids)) != len(example_ids):
+        raise ExampleIdError("example_ids has duplicates; score each training example once.")
+    if known_ids is not None:
+        unknown = example_ids[~torch.isin(example_ids, known_ids.to(example_ids.device))]
+        if len(unknown):
+            raise ExampleIdError(
+                f"{len(unknown)} example id(s) are not in the training set (e.g. {unknown[:5].tolist()}); use ids "
+                "from its id column."
+            )
+    return example_ids
+
 
 
 class InstanceIdCollator:
@@ -179,3 +200,27 @@ class CausalLMCollator:
             if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
                 batch[key] = torch.tensor(values)
         return batch
+
+
+def default_collator(model: "nn.Module", tokenizer: Any = None) -> Any:
+    """The collator a trainer uses when given none: causal-LM rows for a causal LM, padding with a tokenizer, else
+    transformers' default."""
+    if is_causal_lm(model):
+        return CausalLMCollator(tokenizer)
+    if tokenizer is not None and hasattr(tokenizer, "pad"):
+        return DataCollatorWithPadding(tokenizer)
+    return default_data_collator
+
+
+def rows_of_ids(sorted_ids: torch.Tensor, order: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
+    """Row of each id in a table whose ids sorted are ``sorted_ids = ids[order]``; unknown ids raise."""
+    ids = torch.as_tensor(example_ids).to(torch.int64).cpu().reshape(-1)
+    pos = torch.searchsorted(sorted_ids, ids).clamp(max=max(len(sorted_ids) - 1, 0))
+    known = sorted_ids[pos] == ids if len(sorted_ids) else torch.zeros_like(ids, dtype=torch.bool)
+    if not bool(known.all()):
+        unknown = ids[~known]
+        raise ExampleIdError(
+            f"{len(unknown)} example id(s) are not in the tracked training set (e.g. {unknown[:5].tolist()}); use "
+            "ids from the id column of the dataset the model was trained on."
+        )
+    return order[pos]

@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import html
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -56,8 +58,9 @@ import turnover_hf as th
 
 from .assets import LABEL_NAMES, minilm_path, rotten_tomatoes
 from .errors import TurnoverError
+from .estimators import estimator_names, get_estimator
 from .files import atomic_write_text
-from .scoring import model_inputs
+from .losses import model_inputs
 
 ADAPTER_NAME = "rt"
 NUM_LAYERS = 6  # all-MiniLM-L6-v2
@@ -221,21 +224,6 @@ def print_review(prefix: str, item: dict[str, Any]) -> None:
     print(f"{prefix}{score}[{item['label']}] #{item['example_id']} {shorten(item['text'])}")
 
 
-# What the scores of each estimator the demo can show are worth (benchmarks/fidelity.py measures it).
-ESTIMATOR_NOTES = {
-    "influence": ("Scored by the damped Gauss-Newton influence function on the adapters and the classifier: in "
-                  "benchmarks/fidelity.py its rankings predict retraining best (LDS 0.41 on a MiniLM adapter) and two "
-                  "seeds agree (0.38)."),
-    "turnover": ("Scored by turn-over dropout on this one model: one score compares two halves of the masked units, so "
-                 "single scores are close to noise and the same reviews can top the lists of several targets."),
-}
-SELF_INFLUENCE_LOWEST = {
-    "influence": "Lowest: reviews the rest of the data already predicts (self-influence is never negative here).",
-    "turnover": ("Most negative: the sub-network that saw them does worse on them than the one that did not; "
-                 "ambiguous reviews, or labels the rest of the data contradicts."),
-}
-
-
 def render_report(results: dict[str, Any]) -> str:
     """The Markdown report of one demo run."""
     s, timing, si = results["settings"], results["seconds"], results["self_influence"]
@@ -283,7 +271,7 @@ def render_report(results: dict[str, Any]) -> str:
         "",
         ("The model's most confident validation errors. Influence of a training review on the true label's loss: "
          "positive = it helped the right answer (proponent), negative = it pushed towards the wrong one (opponent). "
-         f"{ESTIMATOR_NOTES[results['estimator']]} The mean over each label shows whether the scores carry signal."),
+         f"{get_estimator(results['estimator']).worth} The mean over each label shows whether the scores carry signal."),
     ]
     if not results["errors"]:
         lines += ["", "No validation review was misclassified."]
@@ -320,7 +308,7 @@ def render_report(results: dict[str, Any]) -> str:
         table_head,
         *(item(x) for x in si["highest"]),
         "",
-        SELF_INFLUENCE_LOWEST[results["estimator"]],
+        get_estimator(results["estimator"]).low_self_influence,
         "",
         table_head,
         *(item(x) for x in si["lowest"]),
@@ -428,7 +416,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[DemoSettings, str]:
         "--output-dir", default=os.path.join("runs", "demo"), help="where the model and report go (default runs/demo)"
     )
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (64 reviews, 1 epoch)")
-    parser.add_argument("--estimator", choices=("auto", "influence", "turnover"),
+    parser.add_argument("--estimator", choices=estimator_names(),
                         help="InfluencePipeline's estimator for every score shown (default auto: the influence "
                              "function for this classifier; turnover: the model's own masks, forward passes only)")
     args = parser.parse_args(argv)
@@ -563,10 +551,10 @@ def print_summary(results: dict[str, Any], output_dir: str) -> None:
             print(f"  {key}:")
             for entry in error[key]:
                 print_review("    ", entry)
-    if results["errors"] and results["estimator"] == "turnover":
-        print("\n  (one model: a single turn-over model's top-k lists are close to noise on thousands of examples;\n"
-              "   the class means above carry the signal. Average mask seeds with turnover_hf.train_ensemble,\n"
-              "   or use the default estimator; see README, 'How trustworthy are the scores?')")
+    caveat = get_estimator(results["estimator"]).one_model_caveat
+    if results["errors"] and caveat:
+        print(f"\n  (one model: {html.unescape(re.sub('<[^>]+>', '', caveat))} The class means above carry the signal;\n"
+              "   see README, 'How trustworthy are the scores?')")
     print(f"\nscores by InfluencePipeline(estimator={results['settings']['estimator']!r}): {results['estimator']}")
     si = results["self_influence"]
     print(

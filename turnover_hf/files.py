@@ -6,9 +6,12 @@ An interrupted run therefore leaves either the previous file or the complete new
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
-from typing import Iterator, Union
+from typing import Any, Iterator, Union
+
+from .errors import ConfigMismatchError, TurnoverError
 
 PathLike = Union[str, os.PathLike]
 
@@ -44,3 +47,15 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
+
+
+def read_format_meta(folder: PathLike, name: str, fmt: str, version: int, what: str) -> dict[str, Any]:
+    """The JSON metadata ``name`` of a saved result in ``folder``, checked to be ``fmt`` version ``version``."""
+    path = os.path.join(os.fspath(folder), name)
+    if not os.path.isfile(path):
+        raise TurnoverError(f"{os.fspath(folder)!r} holds no {what} ({name} is missing).")
+    with open(path, encoding="utf-8") as handle:
+        meta = json.load(handle)
+    if meta.get("format") != fmt or meta.get("version") != version:
+        raise ConfigMismatchError(f"{path!r} is not a {fmt} v{version} file.")
+    return meta

@@ -258,12 +258,13 @@ def model_signals(
     *,
     batch_size: int = 64,
     dynamics: Optional[TrainingDynamics] = None,
+    flipped: bool = True,
 ) -> LabelSignals:
     """:class:`LabelSignals` of a trained model (or the mean logits of an ensemble's members) on its training rows.
 
     ``rows`` hold the model inputs, ``labels`` and the id column; ``collator`` is an
-    :class:`~turnover_hf.InstanceIdCollator`. Cost: two forwards per row and model (the full network, and each
-    row under its flipped mask; an unpatched model gets the full network only).
+    :class:`~turnover_hf.InstanceIdCollator`. Cost: one forward per row and model for the full network, plus one
+    under each row's flipped mask if ``flipped`` and the model is patched.
 
     Example:
         >>> signals = model_signals([model], train_features, InstanceIdCollator(DataCollatorWithPadding(tok)))
@@ -273,7 +274,7 @@ def model_signals(
     from .errors import NotPatchedError
 
     full, flip, ids, labels = [], [], [], []
-    patched = True
+    patched = flipped
     for model in models:
         try:
             state_of(model)
@@ -310,11 +311,15 @@ def model_signals(
 
 
 DYNAMICS_METHODS = frozenset(m for m in METHODS if "dynamics" in m or m in ("aum", "flip_aum"))
+FINAL_FLIP_METHODS = frozenset({"flip_loss", "flip_margin", "full_flip", "full_flip_classnorm", "cleanlab_flip"})
 
 
 def pipeline_label_issues(pipe: Any, method: Optional[str] = None, *, top_k: Optional[int] = None,
                           num_issues: Optional[int] = None) -> Dataset:
-    """What :meth:`turnover_hf.InfluencePipeline.label_issues` returns (the pipeline's models and training set)."""
+    """What :meth:`turnover_hf.InfluencePipeline.label_issues` returns (the pipeline's models and training set).
+
+    Cost: one forward pass over the training set (two for the methods that read the flipped masks at the final
+    weights), plus loading the recorded dynamics for the methods that read them."""
     method = method or DEFAULT_METHOD
     if method not in METHODS or method == "self_influence":
         raise TurnoverError(
@@ -333,7 +338,7 @@ def pipeline_label_issues(pipe: Any, method: Optional[str] = None, *, top_k: Opt
     if "labels" not in pipe._train_features.column_names:
         raise TurnoverError("label issues need the training set's labels (a 'label' or 'labels' column).")
     signals = model_signals(pipe.models, pipe._train_features, pipe.collator, batch_size=pipe.batch_size,
-                            dynamics=dynamics)
+                            dynamics=dynamics, flipped=method in FINAL_FLIP_METHODS)
     ranked = rank_label_issues(signals, method, top_k=top_k, num_issues=num_issues)
     names = getattr(pipe.model.config, "id2label", None) or {}
     positions = pipe._positions(torch.as_tensor(ranked["example_id"]))

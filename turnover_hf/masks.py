@@ -70,6 +70,17 @@ def _example_hash(base: int, example_ids: torch.Tensor) -> torch.Tensor:
     return _fmix32(h ^ (example_ids >> 32))
 
 
+def keyed_hash(seed: int, key: str, indices: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes (int64 tensor) of ``indices`` under ``(seed, key)``: the integer hash masks are drawn from,
+    for other seeded draws that must agree on every device (e.g. a gradient sketch's buckets)."""
+    return _example_hash(_layer_base(seed, key), indices)
+
+
+def salted_hash(hashes: IntOrTensor, salt: int) -> IntOrTensor:
+    """An independent 32-bit hash derived from ``hashes`` and ``salt`` (e.g. a random sign per coordinate)."""
+    return _fmix32(hashes ^ salt)
+
+
 @functools.lru_cache(maxsize=512)
 def _unit_hash(units: int, device: torch.device) -> torch.Tensor:
     # Cached per (width, device): every layer of a width asks for the same values on every forward.

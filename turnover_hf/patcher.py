@@ -13,7 +13,7 @@ from .config import TurnoverConfig
 from .context import MaskState, state_of
 from .errors import ConfigMismatchError, NotPatchedError, TurnoverError
 from .layers import InputMaskHook, OutputMaskHook, add_channels, fold_channels, is_adapters_lora, masked_lora_class
-from .targets import covered_parameters, inner_model, resolve_sites, units_of
+from .sites import covered_parameters, inner_model, resolve_sites, units_of
 
 logger = logging.getLogger(__name__)
 

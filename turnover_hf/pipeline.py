@@ -16,52 +16,34 @@ import torch
 from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase, default_data_collator
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .checkpoint import load_influence_ready, model_class_of
 from .config import CONFIG_NAME
-from .context import state_of
-from .data import CausalLMCollator, InstanceIdCollator, check_id_column, prompt_completion_features
+from .data import InstanceIdCollator, check_id_column, check_ids_known, default_collator, prompt_completion_features
 from .errors import ConfigMismatchError, TurnoverError
-from .ensemble import EnsembleScorer, member_dirs, split_half_agreement
-from .scoring import TurnoverScorer, check_ids_known, predicted_labels
+from .estimators import AUTO, EstimatorContext, get_estimator, options_owner, resolve_estimator
+from .estimators.ensemble import member_dirs, split_half_agreement
+from .estimators.influence import AUTO_PROJECTION_DIM  # noqa: F401 - kept importable from here
+from .losses import is_causal_lm
 from .store import ScoreStore, fingerprint
-from .targets import is_causal_lm
 
 logger = logging.getLogger(__name__)
 
 # Causal LMs also take (prompt, completion) tuples: only the completion's tokens count.
 TargetsLike = Union[str, tuple[str, str], Sequence[Union[str, tuple[str, str]]], Mapping[str, Any], Sequence[Mapping[str, Any]], Dataset]
 LABEL_KEYS = ("labels", "label")
-ESTIMATORS = ("auto", "turnover", "hydra", "influence")
-# CountSketch width the automatic choice falls back to when an exact influence fit exceeds its memory budget
-AUTO_PROJECTION_DIM = 4096
+# The pipeline's own keyword arguments that belong to one estimator: where its fitted state lives, its options.
+STATE_DIR_ARGUMENTS = {"hydra_dir": "hydra", "influence_dir": "influence"}
+OPTIONS_ARGUMENTS = {"influence_options": "influence"}
 
 
-def _load_model(path: str, estimator: str) -> nn.Module:
-    """An influence-ready checkpoint for turn-over scores; for HYDRA and influence functions any safetensors
-    checkpoint will do (an influence-ready one is loaded with its masks)."""
-    if estimator == "turnover" or os.path.isfile(os.path.join(path, CONFIG_NAME)):
+def _load_model(path: str, needs_masks: bool) -> nn.Module:
+    """An influence-ready checkpoint (with its masks) when there is one or the estimator needs masks; otherwise
+    any safetensors checkpoint of a transformers model."""
+    if needs_masks or os.path.isfile(os.path.join(path, CONFIG_NAME)):
         return load_influence_ready(path)
     return model_class_of(path).from_pretrained(path, use_safetensors=True)
-
-
-def _resolve_estimator(models: Sequence[nn.Module], hydra_dir: Optional[Union[str, os.PathLike]]) -> tuple[str, str]:
-    """What ``estimator="auto"`` scores with, and why: the most faithful estimator the models allow
-    (``benchmarks/fidelity.py``: seed agreement 0.68 / 0.38 for the influence function, about 0 for one turn-over
-    model)."""
-    if hydra_dir is not None:
-        return "hydra", "hydra_dir was given"
-    if len(models) > 1:
-        return "turnover", "an ensemble of turn-over models averages their scores"
-    if is_causal_lm(models[0]):
-        return "turnover", "the influence function covers classifiers, and this is a causal language model"
-    return "influence", "the influence function is the most faithful estimator for a classifier"
-
-
-def _masks_key(config: Any) -> dict[str, Any]:
-    """What of a turn-over config decides the scores (for resumable results): all but the recorded trainable set."""
-    return {k: v for k, v in config.to_dict().items() if k != "trainable_parameters"}
 
 
 def _members(model: Any) -> tuple[list[Any], Optional[str]]:
@@ -98,20 +80,25 @@ class InfluencePipeline:
         fast: use the exact fast paths (closed-form head, prefix reuse); ``False`` scores row by row.
         estimator: ``"auto"`` (the default: the most faithful estimator the model allows, see below),
             ``"turnover"`` (turn-over dropout, forward passes only), ``"hydra"`` (hypergradients tracked during
-            training by :class:`~turnover_hf.hydra.HydraTrainer`, loaded from ``hydra_dir``, by default
+            training by :class:`~turnover_hf.HydraTrainer`, loaded from ``hydra_dir``, by default
             ``<checkpoint>/hydra``) or ``"influence"`` (the damped Gauss-Newton influence function of
-            :class:`~turnover_hf.influence_function.InfluenceFunctionScorer`, classifiers only). The influence
+            :class:`~turnover_hf.InfluenceFunctionScorer`, classifiers only). The influence
             function is fitted on ``train_dataset`` once, on the first call (one pass over the training set, not
             sharded: every process fits it), unless ``influence_dir`` (by default ``<checkpoint>/influence``)
             holds a fit of this model; scoring is then sharded like the other estimators. ``"auto"`` picks
             ``"hydra"`` when ``hydra_dir`` is given, ``"turnover"`` for an ensemble or a causal language model, and
             ``"influence"`` for any other classifier (patched or not; exact while the fit takes at most
             ``max_memory_gb``, 4 by default, else with a CountSketch of :data:`AUTO_PROJECTION_DIM` coordinates and a
-            warning). ``pipe.estimator`` says which was chosen.
+            warning). ``pipe.estimator`` says which was chosen. Any estimator registered with
+            :func:`turnover_hf.register_estimator` is accepted by its name.
         influence_dir: where a fitted influence function is loaded from, or saved to after fitting.
-        influence_options: options of :class:`~turnover_hf.influence_function.InfluenceFunctionScorer`
-            (``damping_factor``, ``projection_dim``, ``projection_seed``, ``parameters``, ``max_memory_gb``,
-            ``solver``, ``show_progress``).
+        influence_options: options of the influence function: an :class:`~turnover_hf.InfluenceOptions` or a
+            dict of its fields (``damping_factor``, ``projection_dim``, ``projection_seed``, ``parameters``,
+            ``max_memory_gb``, ``solver``, ``factorised``, ``show_progress``).
+        options: the chosen estimator's options (its options dataclass, e.g.
+            :class:`~turnover_hf.estimators.influence.InfluenceOptions`, or a dict of its fields).
+        save_fit: keep what the estimator fits on first use (the influence function's fit) beside the checkpoint
+            (``<model>/influence``), so the next pipeline on that folder loads it instead of fitting again.
         chunk_size: training ids per saved chunk (the unit of resuming and of sharding over processes).
         device: where to run the model (default: where it is).
 
@@ -141,17 +128,18 @@ class InfluencePipeline:
         estimator: str = "auto",
         hydra_dir: Optional[Union[str, os.PathLike]] = None,
         influence_dir: Optional[Union[str, os.PathLike]] = None,
-        influence_options: Optional[Mapping[str, Any]] = None,
+        influence_options: Optional[Any] = None,
+        options: Optional[Any] = None,
+        save_fit: bool = False,
     ) -> None:
-        if estimator not in ESTIMATORS:
-            raise TurnoverError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}.")
         models, path = _members(model)
-        if len(models) > 1 and estimator not in ("turnover", "auto"):
-            raise TurnoverError(f"ensembles (several models) are for estimator='turnover', not {estimator!r}.")
+        if estimator != AUTO:
+            get_estimator(estimator)  # an unknown name is refused before anything is loaded
+        needs_masks = estimator != AUTO and get_estimator(estimator).needs_masks
         for k, member in enumerate(models):
             if isinstance(member, (str, os.PathLike)):
                 member_path = os.fspath(member)
-                models[k] = _load_model(member_path, estimator)
+                models[k] = _load_model(member_path, needs_masks)
                 if tokenizer is None and os.path.isfile(os.path.join(member_path, "tokenizer_config.json")):
                     tokenizer = AutoTokenizer.from_pretrained(member_path)
         if train_dataset is None:
@@ -159,58 +147,41 @@ class InfluencePipeline:
         self.checkpoint_path = path  # where the model was loaded from (None for an in-memory model)
         self.models = [(m.to(device) if device is not None else m).eval() for m in models]
         self.model = self.models[0]
-        model = self.model
-        self.causal_lm = is_causal_lm(model)  # targets are token sequences: labels = their ids, scores per token
-        automatic = estimator == "auto"
-        if automatic:
-            estimator, reason = _resolve_estimator(self.models, hydra_dir)
-            logger.info("estimator='auto' scores with %r: %s.", estimator, reason)
-            if influence_options and estimator != "influence":
+        self.causal_lm = is_causal_lm(self.model)  # targets are token sequences: labels = their ids, scores per token
+        given = {"hydra_dir": hydra_dir, "influence_dir": influence_dir}
+        state_dirs = {STATE_DIR_ARGUMENTS[k]: os.fspath(v) for k, v in given.items() if v is not None}
+        context = EstimatorContext(self.models, path, len(train_dataset), batch_size=batch_size, fast=fast,
+                                   automatic=estimator == AUTO, state_dirs=state_dirs)
+        self.spec, reason = resolve_estimator(estimator, context)
+        if reason is not None:
+            logger.info("estimator='auto' scores with %r: %s.", self.spec.name, reason)
+        named_options = {OPTIONS_ARGUMENTS[k]: v for k, v in {"influence_options": influence_options}.items() if v}
+        if options is not None and not isinstance(options, Mapping):  # an options dataclass names its estimator
+            named_options[options_owner(options).name], options = options, None
+        for owner in named_options:
+            if owner != self.spec.name:
                 raise TurnoverError(
-                    f"influence_options were given, but estimator='auto' scores with {estimator!r} ({reason}). "
-                    "Drop influence_options, or pass estimator='influence' for a single classifier."
+                    f"options of the {owner!r} estimator were given, but estimator={estimator!r} scores with "
+                    f"{self.spec.name!r}" + (f" ({reason})" if reason else "") + f". Drop them, or pass "
+                    f"estimator={owner!r}."
                 )
-        self.estimator = estimator
+        context.options = self.spec.options(named_options.get(self.spec.name, options))
+        built = self.spec.build(context)
+        self.scorer = built.estimator
+        self.estimator = self.spec.name
+        self.id_column, expected = built.id_column, built.expected_examples
+        # where a state fitted on first use is saved: the folder named for this estimator, or beside the checkpoint
+        self._state_dir = state_dirs.get(self.spec.name)
+        if self._state_dir is None and save_fit and path is not None and self.spec.state_dir is not None:
+            self._state_dir = os.path.join(path, self.spec.state_dir)
+        self._prepared = False
         self.tokenizer = tokenizer
         self.text_column = text_column
         self.max_length = max_length
         self.top_k = top_k
         self.batch_size = batch_size
         self.chunk_size = chunk_size
-        if estimator == "turnover":
-            config = state_of(model).config
-            self.id_column, expected = config.id_column, config.num_train_examples
-            if len(self.models) > 1:
-                self.scorer = EnsembleScorer(self.models, batch_size=batch_size, fast=fast)
-                self._estimator_key = [_masks_key(c) for c in self.scorer.configs]
-            else:
-                self.scorer = TurnoverScorer(model, batch_size=batch_size, fast=fast)
-                self._estimator_key = _masks_key(config)
-                logger.warning(
-                    "scoring with a single turn-over model: its scores are dominated by the difference between two "
-                    "random half-networks (two mask seeds' rankings agree at Spearman ~0 in benchmarks/fidelity.py). "
-                    "Average an ensemble of models trained with different mask seeds for rankings you can trust: "
-                    "turnover_hf.train_ensemble(...), then InfluencePipeline(<its output_dir>, ...); or, for a "
-                    "classifier, score this model with estimator='influence' (a Gauss-Newton influence function)."
-                )
-        elif estimator == "influence":
-            self.id_column, expected = self._influence_setup(model, path, influence_dir, influence_options,
-                                                             len(train_dataset) if automatic else None)
-        else:
-            from .hydra import HydraScorer, SavedHypergradients
-
-            folder = hydra_dir or (os.path.join(path, "hydra") if path is not None else None)
-            if folder is None:
-                raise TurnoverError("estimator='hydra' needs hydra_dir=... (the folder trainer.hydra.save(...) wrote).")
-            saved = SavedHypergradients.load(folder)
-            self.id_column, expected = saved.meta.get("id_column", "example_id"), saved.meta.get("num_examples")
-            self.scorer = HydraScorer(model, saved, batch_size=batch_size)
-            self._estimator_key = saved.meta
-        collator = data_collator or (
-            CausalLMCollator(tokenizer) if self.causal_lm
-            else DataCollatorWithPadding(tokenizer) if tokenizer is not None else default_data_collator
-        )
-        self.collator = InstanceIdCollator(collator, self.id_column)
+        self.collator = InstanceIdCollator(data_collator or default_collator(self.model, tokenizer), self.id_column)
         self.train_dataset = train_dataset
         self.train_ids = check_id_column(train_dataset, self.id_column)
         if expected is not None and expected != len(train_dataset):
@@ -220,73 +191,19 @@ class InfluencePipeline:
             )
         self._order = torch.argsort(self.train_ids)
         self._train_features = self._model_features(train_dataset)
-        if estimator == "influence" and self.scorer.factors is None:
-            self.scorer.train_data, self.scorer.data_collator = self._train_features, self.collator
 
-    def _influence_setup(self, model: nn.Module, path: Optional[str], folder: Optional[Union[str, os.PathLike]],
-                         options: Optional[Mapping[str, Any]], automatic_size: Optional[int] = None
-                         ) -> tuple[str, Optional[int]]:
-        """The influence-function scorer: loaded from a saved fit, or fitted on the training set when first used.
-
-        ``automatic_size`` (the training set's size, for ``estimator="auto"``): sketch the gradients when an exact
-        fit of that many examples would exceed the memory budget and no projection was asked for."""
-        from .influence_function import INFLUENCE_DIR, META_NAME, InfluenceFunctionScorer
-
-        options = dict(options or {})
-        allowed = {"damping_factor", "projection_dim", "projection_seed", "parameters", "max_memory_gb", "solver",
-                   "show_progress", "id_column", "factorised"}
-        unknown = sorted(set(options) - allowed)
-        if unknown:
-            raise TurnoverError(f"influence_options {unknown} are not options of the influence estimator; use {sorted(allowed)}.")
-        if folder is None and path is not None and os.path.isfile(os.path.join(path, INFLUENCE_DIR, META_NAME)):
-            folder = os.path.join(path, INFLUENCE_DIR)
-        self._influence_dir = None if folder is None else os.fspath(folder)
-        if self._influence_dir is not None and os.path.isfile(os.path.join(self._influence_dir, META_NAME)):
-            runtime = {k: options.pop(k) for k in ("show_progress", "factorised") if k in options}
-            if options:
-                raise TurnoverError(
-                    f"{self._influence_dir!r} holds a fitted influence function; influence_options {sorted(options)} "
-                    "would change it. Drop them, or choose another influence_dir to fit again."
-                )
-            self.scorer = InfluenceFunctionScorer.load(model, self._influence_dir, batch_size=self.batch_size, **runtime)
-        else:
-            self.scorer = InfluenceFunctionScorer(model, batch_size=self.batch_size, **options)
-            num_classes = int(getattr(getattr(model, "config", None), "num_labels", 2))
-            if automatic_size is not None and options.get("projection_dim") is None:
-                needed = self.scorer.fit_memory_gb(automatic_size, num_classes)
-                if needed > self.scorer.max_memory_gb:
-                    logger.warning(
-                        "an exact influence fit of %d examples x %d parameters would take about %.1f GB (above "
-                        "max_memory_gb=%g): sketching gradients to %d coordinates, an approximation (LDS about 0.3 "
-                        "in benchmarks/fidelity.py instead of 0.4-0.6). Raise influence_options['max_memory_gb'] "
-                        "or select fewer influence_options['parameters'] for exact scores.",
-                        automatic_size, self.scorer.num_parameters, needed, self.scorer.max_memory_gb,
-                        AUTO_PROJECTION_DIM,
-                    )
-                    options["projection_dim"] = AUTO_PROJECTION_DIM
-                    self.scorer = InfluenceFunctionScorer(model, batch_size=self.batch_size, **options)
-        patched = self.scorer.patched
-        expected = state_of(model).config.num_train_examples if patched else None
-        if self.scorer.factors is not None:
-            expected = self.scorer.factors.num_examples
-        self._estimator_key = {
-            "parameters": [s.name for s in self.scorer.specs], "damping_factor": self.scorer.damping_factor,
-            "projection_dim": self.scorer.projection_dim, "projection_seed": self.scorer.projection_seed,
-            "solver": self.scorer.solver,
-        }
-        return self.scorer.id_column, expected
-
-    def _fitted_influence(self) -> None:
-        """Fit the influence function (once; not sharded) and save it to ``influence_dir`` if one was given."""
-        if self.estimator != "influence" or self.scorer.factors is not None:
+    def _prepare(self) -> None:
+        """Let the estimator see the training set once (e.g. fit the influence function; not sharded: every
+        process fits) and keep what it fitted in its state folder, if it has one."""
+        if self._prepared:
             return
-        self.scorer.fit()
-        if self._influence_dir is not None:
+        self._prepared = True
+        if self.scorer.prepare(self._train_features, self.collator) and self._state_dir is not None:
             from accelerate import PartialState
 
             state = PartialState(cpu=self.scorer.device.type == "cpu")
             if state.is_main_process:
-                self.scorer.save(self._influence_dir)
+                self.scorer.save(self._state_dir)
             state.wait_for_everyone()
 
     # -- inputs -------------------------------------------------------------------------------------------------
@@ -368,7 +285,7 @@ class InfluencePipeline:
             labels = torch.as_tensor([row["labels"] for row in rows])
             return batch, labels, ["given"] * len(rows)
         logger.info("some targets have no label: all are scored against the model's own predictions.")
-        predicted = self.scorer.predict(batch) if isinstance(self.scorer, EnsembleScorer) else predicted_labels(self.model, batch)
+        predicted = self.scorer.predict(batch)
         return batch, predicted.cpu(), ["predicted"] * len(rows)
 
     def _ids(self, example_ids: Optional[Sequence[int]]) -> torch.Tensor:
@@ -391,13 +308,13 @@ class InfluencePipeline:
 
         store = None
         if output_dir is not None:
-            key = fingerprint(kind, self.estimator, self._estimator_key, *[m.state_dict() for m in self.models],
+            key = fingerprint(kind, self.estimator, self.scorer.cache_key(), *[m.state_dict() for m in self.models],
                               example_ids, *key_parts)
             store = ScoreStore(output_dir, key, example_ids, n_columns, f"{kind} of {len(example_ids)} ids")
             done = store.result()
             if done is not None:
                 return done
-        self._fitted_influence()
+        self._prepare()
         chunks = list(range(0, len(example_ids), self.chunk_size))
         # A model on the CPU runs its processes on gloo; on accelerators accelerate picks the backend.
         state = PartialState(cpu=self.scorer.device.type == "cpu")
@@ -423,16 +340,13 @@ class InfluencePipeline:
     @property
     def num_members(self) -> int:
         """How many models' scores are averaged (1 unless the pipeline holds an ensemble)."""
-        return len(self.scorer) if isinstance(self.scorer, EnsembleScorer) else 1
+        return self.scorer.num_members
 
     def _member_matrix(self, kind: str, batch: Mapping[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor,
                        output_dir: Optional[str]) -> torch.Tensor:
         """``(K, n_ids, n_targets)`` scores of every member (K = 1 for a single model)."""
         k, t = self.num_members, len(labels)
-        if k == 1:
-            compute = lambda chunk: self.scorer.scores(batch, labels, chunk)
-        else:
-            compute = lambda chunk: self.scorer.member_scores(batch, labels, chunk).permute(1, 0, 2).reshape(len(chunk), k * t)
+        compute = lambda chunk: self.scorer.member_scores(batch, labels, chunk).permute(1, 0, 2).reshape(len(chunk), k * t)
         flat = self._run(kind, ids, k * t, compute, (batch, labels), output_dir)
         return flat.reshape(len(ids), k, t).permute(1, 0, 2)
 
@@ -455,7 +369,7 @@ class InfluencePipeline:
                   output_dir: Optional[str] = None) -> list[float]:
         """How reproducible each target's ranking is: the estimated Spearman agreement of this ensemble's scores
         with another ensemble of the same size and other seeds (split-half, Spearman-Brown; see
-        :func:`~turnover_hf.ensemble.split_half_agreement`). Needs an ensemble; ~0 means the ranking is noise.
+        :func:`~turnover_hf.split_half_agreement`). Needs an ensemble; ~0 means the ranking is noise.
 
         Example:
             >>> pipe.agreement(valid.select(range(20)))          # one value per target
@@ -483,8 +397,7 @@ class InfluencePipeline:
         k = self.num_members
         means = self._run(
             "mean_influence", ids, k,
-            lambda chunk: (self.scorer.member_scores(batch, labels, chunk).mean(2).T if k > 1
-                           else self.scorer.scores(batch, labels, chunk).mean(1, keepdim=True)),
+            lambda chunk: self.scorer.member_scores(batch, labels, chunk).mean(2).T,
             (batch, labels), output_dir,
         )
         return self.train_rows(ids).add_column("mean_influence", means.mean(1).tolist())
@@ -506,11 +419,7 @@ class InfluencePipeline:
             rows = self._train_features.select(self._positions(chunk))
             batches = [self.collator([rows[i] for i in range(start, min(start + self.batch_size, len(chunk)))])
                        for start in range(0, len(chunk), self.batch_size)]
-            if self.estimator == "influence":  # the fit's stored gradients are read once for many batches
-                return self.scorer.self_scores_many([(b, b["labels"], b["example_ids"]) for b in batches])[:, None]
-            if k > 1:
-                return torch.cat([self.scorer.member_self_scores(b, b["labels"], b["example_ids"]).T for b in batches])
-            return torch.cat([self.scorer.self_scores(b, b["labels"], b["example_ids"])[:, None] for b in batches])
+            return self.scorer.self_score_columns(batches)
 
         values = self._run("self_influence", ids, k, compute, (), output_dir)
         agreement = self._agreement(values.T[:, :, None])
@@ -568,16 +477,12 @@ class InfluencePipeline:
                 "proponents": self._explain(ids[best.indices], best.values),
                 "opponents": self._explain(ids[worst.indices], -worst.values),
             })
-        if self.causal_lm and self.estimator == "turnover":
+        if self.causal_lm and self.scorer.token_level:
             for t, entry in enumerate(out):
                 self._add_token_scores(entry, batch, labels, t)
         return out[0] if single else out
 
     # -- causal language models: which target tokens an example helped or hurt ---------------------------------
-    def _member_token_scores(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        members = getattr(self.scorer, "members", [self.scorer])
-        return torch.stack([m.token_scores(batch, labels, ids) for m in members]).mean(0)
-
     def token_scores(self, targets: TargetsLike, example_ids: Optional[Sequence[int]] = None, *,
                      output_dir: Optional[str] = None) -> torch.Tensor:
         """Per-token influence of a causal LM, ``(n_ids, n_targets, T)``: how each training example changed the loss
@@ -588,13 +493,17 @@ class InfluencePipeline:
             >>> per_token = pipe.token_scores(("The film was", " a triumph"))
             >>> per_token[:, 0].sum(-1).topk(3)       # the strongest proponents of the whole completion
         """
-        if not self.causal_lm or self.estimator != "turnover":
-            raise TurnoverError("token_scores is for turn-over scores of causal language models; use scores(...).")
+        if not self.causal_lm or not self.scorer.token_level:
+            raise TurnoverError(
+                f"token_scores is for causal language models scored by an estimator with per-token scores (such as "
+                f"'turnover'); this pipeline's {self.estimator!r} estimator on a "
+                f"{'causal language model' if self.causal_lm else 'classifier'} has none. Use scores(...)."
+            )
         batch, labels, _ = self.prepare_targets(targets)
         ids = self._ids(example_ids)
         n, width = labels.shape
         flat = self._run("token_scores", ids, n * width,
-                         lambda chunk: self._member_token_scores(batch, labels, chunk).reshape(len(chunk), -1),
+                         lambda chunk: self.scorer.token_scores(batch, labels, chunk).reshape(len(chunk), -1),
                          (batch, labels), output_dir)
         return flat.view(len(ids), n, width)
 
@@ -609,7 +518,7 @@ class InfluencePipeline:
             return
         one = {k: v[t : t + 1] for k, v in batch.items() if isinstance(v, torch.Tensor)}
         ids = torch.tensor([p["example_id"] for p in people])
-        per_token = self._member_token_scores(one, labels[t : t + 1], ids)[:, 0, counted]
+        per_token = self.scorer.token_scores(one, labels[t : t + 1], ids)[:, 0, counted]
         for person, values in zip(people, per_token.tolist()):
             person["score_sum"] = float(sum(values))
             person["token_scores"] = values

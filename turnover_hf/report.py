@@ -27,9 +27,10 @@ from typing import Any, Union
 
 from datasets import Dataset
 
-from . import __version__
 from .errors import TurnoverError
+from .estimators import get_estimator
 from .files import PathLike, atomic_path, atomic_write_text
+from .version import __version__
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SCORE_COLUMNS = ("score", "self_influence", "mean_influence")
@@ -253,15 +254,6 @@ def _explanation(index: int, item: Mapping[str, Any], text_column: str, label_na
     return "".join(out)
 
 
-# What one score means, per estimator of InfluencePipeline (the report's explanation section says it).
-ESTIMATOR_DEFINITIONS = {
-    "turnover": "the target's loss under the example's flipped mask (a sub-network that never trained on it) minus "
-                "its loss under the example's own mask.",
-    "influence": "the first-order change of the target's loss if the example were removed and the model re-fitted "
-                 "(damped Gauss-Newton influence function on the trainable parameters).",
-    "hydra": "the change of the target's loss if the example were left out of training, from its hypergradient "
-             "tracked through the optimiser's updates (HYDRA).",
-}
 
 
 def render_report(
@@ -289,8 +281,7 @@ def render_report(
         >>> page.startswith("<!DOCTYPE html>")
         True
     """
-    if estimator not in ESTIMATOR_DEFINITIONS:
-        raise TurnoverError(f"estimator must be one of {sorted(ESTIMATOR_DEFINITIONS)}, got {estimator!r}.")
+    spec = get_estimator(estimator)  # what one score means, and what to say beside one model's scores
     config_dict = _config_dict(config)
     if isinstance(explanations, Mapping):  # the single result of pipe("one text")
         explanations = [explanations]
@@ -328,15 +319,11 @@ def render_report(
     if explanations:
         body.append(
             '<section id="explanations"><h2>Explained predictions</h2><p class="muted">Influence of a training '
-            f"example on a target: {_e(ESTIMATOR_DEFINITIONS[estimator])} Positive: the example helped the model "
+            f"example on a target: {_e(spec.definition)} Positive: the example helped the model "
             "towards the target's label; negative: it pushed away from it.</p>"
         )
-        if estimator == "turnover" and any(item.get("members") == 1 for item in explanations):
-            body.append(
-                '<p class="muted"><b>One model:</b> a single model\'s rankings are close to noise on large training '
-                "sets; average an ensemble of mask seeds (<code>turnover_hf.train_ensemble</code>) before acting on "
-                "individual rows.</p>"
-            )
+        if spec.one_model_caveat and any(item.get("members") == 1 for item in explanations):
+            body.append(f'<p class="muted"><b>One model:</b> {spec.one_model_caveat}</p>')
         body += [_explanation(i, item, text_column, label_names, top_k) for i, item in enumerate(explanations)]
         body.append("</section>")
     if suspect_rows:

@@ -12,26 +12,46 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from transformers import DataCollatorWithPadding, Trainer, default_data_collator
+from transformers import Trainer
 
 from .context import instance_masks, state_of
-from .data import BATCH_KEY, CausalLMCollator, InstanceIdCollator, check_id_column
+from .data import BATCH_KEY, InstanceIdCollator, check_id_column, default_collator
 from .dynamics import dynamics_callback
 from .errors import MissingExampleIdsError
-from .targets import is_causal_lm
 
 
-def default_collator(model: nn.Module, tokenizer: Any = None) -> Any:
-    """The collator a trainer uses when given none: causal-LM rows for a causal LM, padding with a tokenizer, else
-    transformers' default."""
-    if is_causal_lm(model):
-        return CausalLMCollator(tokenizer)
-    if tokenizer is not None and hasattr(tokenizer, "pad"):
-        return DataCollatorWithPadding(tokenizer)
-    return default_data_collator
+class ExampleIdTrainer(Trainer):
+    """A ``transformers.Trainer`` whose batches carry example ids: the training set's id column is checked up front
+    (present, integer, non-negative, unique) and survives ``remove_unused_columns``; the data collator is wrapped
+    in :class:`InstanceIdCollator`; evaluation and prediction drop the ids. The base of :class:`TurnoverTrainer`
+    and the HYDRA trainers.
+
+    Example:
+        >>> trainer = ExampleIdTrainer(model=model, args=args, train_dataset=add_example_ids(train), id_column="example_id")
+        >>> batch = next(iter(trainer.get_train_dataloader()))    # batch["example_ids"]: the rows' ids
+    """
+
+    def __init__(self, model: Optional[nn.Module] = None, args: Any = None, data_collator: Any = None, *pos: Any,
+                 id_column: str = "example_id", **kwargs: Any) -> None:
+        self.id_column = id_column
+        train_dataset = kwargs.get("train_dataset", pos[0] if pos else None)
+        if train_dataset is not None:
+            check_id_column(train_dataset, self.id_column)
+        if data_collator is None:
+            data_collator = default_collator(model, kwargs.get("processing_class") or kwargs.get("tokenizer"))
+        super().__init__(model, args, InstanceIdCollator(data_collator, self.id_column), *pos, **kwargs)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self.id_column not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, self.id_column]
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Optional[list[str]] = None):
+        inputs = {k: v for k, v in inputs.items() if k != BATCH_KEY}  # evaluation uses the full network
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
 
-class TurnoverTrainer(Trainer):
+class TurnoverTrainer(ExampleIdTrainer):
     """Trainer for a model patched with turn-over dropout.
 
     Differences from ``Trainer``: the data collator is wrapped in :class:`InstanceIdCollator`; the id column
@@ -49,20 +69,10 @@ class TurnoverTrainer(Trainer):
 
     def __init__(self, model: Optional[nn.Module] = None, args: Any = None, data_collator: Any = None, *pos: Any, **kwargs: Any) -> None:
         state = state_of(model)
-        self.id_column = state.config.id_column
         train_dataset = kwargs.get("train_dataset", pos[0] if pos else None)
+        super().__init__(model, args, data_collator, *pos, id_column=state.config.id_column, **kwargs)
         if train_dataset is not None:
-            check_id_column(train_dataset, self.id_column)
             state.config.num_train_examples = len(train_dataset)
-        if data_collator is None:
-            data_collator = default_collator(model, kwargs.get("processing_class") or kwargs.get("tokenizer"))
-        data_collator = InstanceIdCollator(data_collator, self.id_column)
-        super().__init__(model, args, data_collator, *pos, **kwargs)
-
-    def _set_signature_columns_if_needed(self) -> None:
-        super()._set_signature_columns_if_needed()
-        if self.id_column not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, self.id_column]
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         example_ids = inputs.pop(BATCH_KEY, None)
@@ -96,7 +106,3 @@ class TurnoverTrainer(Trainer):
         recording = dynamics_callback(self.callback_handler)
         if recording is not None and len(recording.recorder):
             recording.dynamics().save(output_dir or self.args.output_dir)  # beside the weights of every checkpoint
-
-    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Optional[list[str]] = None):
-        inputs = {k: v for k, v in inputs.items() if k != BATCH_KEY}  # evaluation uses the full network
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)

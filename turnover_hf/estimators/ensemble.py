@@ -23,10 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import CONFIG_NAME, TurnoverConfig
-from .context import state_of
-from .errors import ConfigMismatchError, TurnoverError
-from .scoring import TurnoverScorer, _eval_mode, model_inputs
+from ..config import CONFIG_NAME, TurnoverConfig
+from ..context import state_of
+from ..errors import ConfigMismatchError, TurnoverError
+from ..losses import eval_mode, is_causal_lm, model_inputs
+from .registry import BuiltEstimator, Estimator, EstimatorContext, register_estimator
+from .turnover import TurnoverScorer, masks_key
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +77,7 @@ def split_half_agreement(member_scores: torch.Tensor) -> dict[str, Any]:
     Example:
         >>> split_half_agreement(torch.randn(8, 100, 3))["estimated"]     # ~0 for pure noise
     """
-    from .evaluation.metrics import spearman_columns
+    from ..ranks import spearman_columns
 
     k, n = member_scores.shape[:2]
     if k < 2 or n < 3:
@@ -86,7 +88,7 @@ def split_half_agreement(member_scores: torch.Tensor) -> dict[str, Any]:
     return {"half": half.tolist(), "estimated": estimated.tolist(), "members": int(k)}
 
 
-class EnsembleScorer:
+class EnsembleScorer(Estimator):
     """Turn-over scores of several members (same training set, different mask seeds), averaged.
 
     Has the scorer interface :class:`~turnover_hf.InfluencePipeline` uses (``scores``, ``self_scores``,
@@ -102,10 +104,27 @@ class EnsembleScorer:
         self.configs = check_members(models)
         self.models = list(models)
         self.members = [TurnoverScorer(m, batch_size=batch_size, fast=fast) for m in self.models]
+        self.model = self.models[0]
         self.device = self.members[0].device
 
     def __len__(self) -> int:
         return len(self.members)
+
+    @property
+    def num_members(self) -> int:  # type: ignore[override]
+        return len(self.members)
+
+    token_level = True
+
+    def cache_key(self) -> list[dict[str, Any]]:
+        return [masks_key(c) for c in self.configs]
+
+    def self_score_columns(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+        return torch.cat([self.member_self_scores(b, b["labels"], b["example_ids"]).T for b in batches])
+
+    def token_scores(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
+        """The members' mean per-token scores, ``(n_ids, n_targets, T)``."""
+        return torch.stack([m.token_scores(targets, labels, example_ids) for m in self.members]).mean(0)
 
     @property
     def path(self) -> str:
@@ -132,7 +151,7 @@ class EnsembleScorer:
         outputs = []
         for model in self.models:
             device = next(model.parameters()).device
-            with _eval_mode(model), torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 outputs.append(model(**model_inputs(targets, device)).logits.float().cpu())
         logits = torch.stack(outputs)
         if logits.dim() == 3 and logits.shape[-1] == 1:
@@ -165,8 +184,8 @@ def train_ensemble(
         >>> train_ensemble(lambda: AutoModelForSequenceClassification.from_pretrained(base), TurnoverConfig(),
         ...                args, train, num_members=16, processing_class=tokenizer)
     """
-    from .patcher import patch_model
-    from .trainer import TurnoverTrainer
+    from ..patcher import patch_model
+    from ..trainer import TurnoverTrainer
 
     if num_members < 1:
         raise TurnoverError(f"num_members must be at least 1, got {num_members}.")
@@ -202,3 +221,51 @@ def _check_resumable(saved: TurnoverConfig, wanted: TurnoverConfig, folder: str,
             f"{folder} already holds a member trained with another config ({'; '.join(diffs)}); give another "
             "output_dir, or remove that folder to retrain it."
         )
+
+
+# -- turn-over dropout as a registered estimator: one patched model, or an ensemble of them -------------------
+def _is_ensemble(context: EstimatorContext) -> Optional[str]:
+    return "an ensemble of turn-over models averages their scores" if len(context.models) > 1 else None
+
+
+def _is_language_model(context: EstimatorContext) -> Optional[str]:
+    if is_causal_lm(context.model):
+        return "the influence function covers classifiers, and this is a causal language model"
+    return None
+
+
+SINGLE_MODEL_WARNING = (
+    "scoring with a single turn-over model: its scores are dominated by the difference between two random "
+    "half-networks (two mask seeds' rankings agree at Spearman ~0 in benchmarks/fidelity.py). Average an ensemble "
+    "of models trained with different mask seeds for rankings you can trust: turnover_hf.train_ensemble(...), then "
+    "InfluencePipeline(<its output_dir>, ...); or, for a classifier, score this model with estimator='influence' "
+    "(a Gauss-Newton influence function)."
+)
+
+
+@register_estimator(
+    "turnover",
+    description="turn-over dropout: forward passes under each example's mask and its flipped mask (average an "
+                "ensemble of mask seeds, see --num_members of train).",
+    definition="the target's loss under the example's flipped mask (a sub-network that never trained on it) minus "
+               "its loss under the example's own mask.",
+    auto=lambda context: _is_ensemble(context) or _is_language_model(context),
+    auto_priority=20,
+    worth="Scored by turn-over dropout on this one model: one score compares two halves of the masked units, so "
+          "single scores are close to noise and the same reviews can top the lists of several targets.",
+    low_self_influence="Most negative: the sub-network that saw them does worse on them than the one that did not; "
+                       "ambiguous reviews, or labels the rest of the data contradicts.",
+    one_model_caveat="a single model's rankings are close to noise on large training sets; average an ensemble of "
+                     "mask seeds (<code>turnover_hf.train_ensemble</code>) before acting on individual rows.",
+    multi_model=True,
+    needs_masks=True,
+)
+def _build(context: EstimatorContext) -> BuiltEstimator:
+    """One patched model, or an ensemble of them (their mean score, with a measured agreement)."""
+    config = state_of(context.model).config
+    if len(context.models) > 1:
+        scorer: Estimator = EnsembleScorer(context.models, batch_size=context.batch_size, fast=context.fast)
+    else:
+        scorer = TurnoverScorer(context.model, batch_size=context.batch_size, fast=context.fast)
+        logger.warning(SINGLE_MODEL_WARNING)
+    return BuiltEstimator(scorer, config.id_column, config.num_train_examples)

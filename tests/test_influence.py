@@ -20,8 +20,8 @@ from torch.func import functional_call, jacrev
 
 import turnover_hf as th
 from turnover_hf.errors import ConfigMismatchError, TurnoverError
-from turnover_hf import influence_function
-from turnover_hf.influence_function import CountSketch, InfluenceFunctionScorer
+from turnover_hf.estimators.influence import CountSketch, InfluenceFunctionScorer, factorised, materialised
+from turnover_hf.estimators.influence import scorer as scorer_module
 
 from conftest import batch_of, text_task, tiny_bert, tiny_gpt2_lm, token_task, word_tokenizer
 
@@ -136,16 +136,14 @@ def test_woodbury_and_direct_solvers_agree():
 
 
 def test_kept_float64_gradients_give_the_scores_of_blocks_converted_one_by_one(monkeypatch):
-    from turnover_hf import influence_function
-
     model = _frozen_bert(num_labels=3)
     train = th.add_example_ids(_labelled(token_task(12, seed=6), 3))
     batch = batch_of(_labelled(token_task(4, seed=8), 3))
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     results = {}
-    for budget in (influence_function.ROWS_CACHE_BYTES, 0):  # float64 copy kept once / blocks converted one by one
-        monkeypatch.setattr(influence_function, "ROWS_CACHE_BYTES", budget)
-        monkeypatch.setattr(influence_function, "BLOCK_BYTES", 8 * 24 * 100)  # several column blocks
+    for budget in (materialised.ROWS_CACHE_BYTES, 0):  # float64 copy kept once / blocks converted one by one
+        monkeypatch.setattr(materialised, "ROWS_CACHE_BYTES", budget)
+        monkeypatch.setattr(materialised, "BLOCK_BYTES", 8 * 24 * 100)  # several column blocks
         scorer = InfluenceFunctionScorer(model, train, solver="woodbury", factorised=False, show_progress=False)
         results[budget] = (scorer.scores(inputs, batch["labels"], torch.arange(12)),
                            scorer.self_scores(inputs, batch["labels"], torch.arange(4)))
@@ -328,7 +326,7 @@ def test_missing_ids_and_bad_pipeline_options_are_refused(tmp_path):
     with pytest.raises(th.MissingExampleIdsError, match="add_example_ids"):
         InfluenceFunctionScorer(model, batches, show_progress=False).fit()
     train = th.add_example_ids(train)
-    with pytest.raises(TurnoverError, match="not options of the influence estimator"):
+    with pytest.raises(TurnoverError, match="not options of the 'influence' estimator"):
         th.InfluencePipeline(model, train_dataset=train, estimator="influence", influence_options={"dampng": 1.0})
     InfluenceFunctionScorer(model, train, show_progress=False).fit().save(tmp_path / "fit")
     with pytest.raises(TurnoverError, match="holds a fitted influence function"):
@@ -663,7 +661,7 @@ def test_an_ill_conditioned_system_falls_back_to_the_float64_factor():
 
 def test_self_influence_reuses_the_input_grams_of_layers_no_mask_changes(monkeypatch):
     (scorer, x, y, ids), (fresh, _, _, _) = _masked_head_fit(), _masked_head_fit()
-    monkeypatch.setattr(influence_function, "INPUT_GRAMS_BYTES", 0)  # the same fit without kept Gram matrices
+    monkeypatch.setattr(factorised, "INPUT_GRAMS_BYTES", 0)  # the same fit without kept Gram matrices
     computed, _, _, _ = _masked_head_fit()
     assert all(g is None for g in computed.factors._input_grams)
     assert all(g is not None for g in scorer.factors._input_grams)
@@ -684,8 +682,6 @@ def test_self_influence_reuses_the_input_grams_of_layers_no_mask_changes(monkeyp
 def test_self_influence_of_many_batches_at_once_equals_batch_by_batch(monkeypatch, factorised):
     """``self_scores_many`` (what the pipeline calls) reads a materialised fit once per group of rows; the values
     are those of ``self_scores`` on each batch, whatever the grouping."""
-    from turnover_hf import influence_function
-
     model = _frozen_bert(num_labels=3)
     train = th.add_example_ids(_labelled(token_task(12, seed=6), 3))
     batches = []
@@ -695,7 +691,7 @@ def test_self_influence_of_many_batches_at_once_equals_batch_by_batch(monkeypatc
         batches.append(({k: v for k, v in batch.items() if k != "labels"}, batch["labels"], torch.arange(start, start + len(part))))
     scorer = InfluenceFunctionScorer(model, train, factorised=factorised, show_progress=False)
     one_by_one = torch.cat([scorer.self_scores(*item) for item in batches])
-    for group_bytes in (influence_function.SELF_INFLUENCE_GROUP_BYTES, 1):  # one group / a group per batch
-        monkeypatch.setattr(influence_function, "SELF_INFLUENCE_GROUP_BYTES", group_bytes)
+    for group_bytes in (scorer_module.SELF_INFLUENCE_GROUP_BYTES, 1):  # one group / a group per batch
+        monkeypatch.setattr(scorer_module, "SELF_INFLUENCE_GROUP_BYTES", group_bytes)
         assert _relative_gap(scorer.self_scores_many(batches), one_by_one) < 1e-6
     assert (one_by_one > 0).all()  # g^T (G + lambda I)^-1 g of an example under its own gradient

@@ -18,125 +18,37 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .context import instance_masks, state_of
-from .errors import ExampleIdError, TurnoverError
-from .layers import channel_logits
-from .masks import check_example_ids, mask_for, scale_of
-from .targets import inner_model, is_causal_lm
+from ..context import instance_masks, state_of
+from ..data import check_ids_known
+from ..errors import TurnoverError
+from ..layers import channel_logits
+from ..losses import (
+    IGNORE_INDEX,
+    REDUCTIONS,
+    eval_mode,
+    find_labels,
+    is_causal_lm,
+    model_inputs,
+    per_example_loss,
+    per_token_loss,
+    predicted_labels,
+)
+from ..masks import mask_for, scale_of
+from ..sites import inner_model
+from .registry import Estimator
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def per_token_loss(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = False) -> torch.Tensor:
-    """Cross-entropy of every labelled token, float32 ``(B, T)`` aligned with ``labels`` (0 where not counted).
-
-    ``shift=True`` is the causal-LM loss: the logits at position t predict the label at t + 1, so position 0 never
-    counts. The logits may cover only the last k positions (transformers' ``logits_to_keep``); they are aligned
-    with the last k labels.
-
-    Example:
-        >>> per_token_loss(model(**batch).logits, batch["labels"], shift=True).sum(-1)   # summed loss per sequence
-    """
-    if logits.dim() != 3 or labels.dim() != 2:
-        raise ValueError(f"per-token losses need (B, T, V) logits and (B, T) labels, got {tuple(logits.shape)} "
-                         f"and {tuple(labels.shape)}.")
-    labels = labels.to(logits.device).long()
-    out = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
-    total, kept = labels.shape[1], logits.shape[1]
-    if shift:
-        start = total - kept + 1  # logits[:, j] sit at position total - kept + j and predict the next token
-        if kept > 1:
-            out[:, start:] = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, start:],
-                                             reduction="none", ignore_index=IGNORE_INDEX)
-    else:
-        out[:, total - kept:] = F.cross_entropy(logits.float().transpose(1, 2), labels[:, total - kept:],
-                                                reduction="none", ignore_index=IGNORE_INDEX)
-    return out
-
-
-def counted_tokens(labels: torch.Tensor, *, shift: bool = False) -> torch.Tensor:
-    """How many tokens of each row count in its loss (labels other than -100, after the shift), at least 1."""
-    counted = labels[:, 1:] if shift else labels
-    return (counted != IGNORE_INDEX).sum(-1).clamp(min=1)
-
-
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = False, reduction: str = "mean") -> torch.Tensor:
-    """Loss of each row: cross-entropy for classification (for token-level logits the mean, or with
-    ``reduction="sum"`` the sum, over labelled tokens; ``shift=True`` for causal LMs), squared error for
-    single-output regression. Computed in float32 whatever the model's dtype.
-
-    Example:
-        >>> per_example_loss(lm(**batch).logits, batch["labels"], shift=True)    # (B,) mean next-token loss
-    """
-    if logits.dim() == 2 and logits.shape[-1] == 1 and labels.is_floating_point():
-        return (logits.float().squeeze(-1) - labels.float()) ** 2
-    if logits.dim() == 2:
-        return F.cross_entropy(logits.float(), labels.long(), reduction="none")
-    if logits.dim() == 3:
-        total = per_token_loss(logits, labels, shift=shift).sum(-1)
-        return total if reduction == "sum" else total / counted_tokens(labels.to(total.device), shift=shift)
-    raise ValueError(f"cannot compute a per-example loss from logits of shape {tuple(logits.shape)}.")
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The tensors of ``batch`` that go to the model's forward (everything but labels and example ids), on device."""
-    return {
-        k: v.to(device) for k, v in batch.items()
-        if isinstance(v, torch.Tensor) and k not in ("labels", "label", "example_ids", "example_id")
-    }
-
-
-def predicted_labels(model: nn.Module, targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The full network's own predictions for targets without labels (argmax; the logits for regression)."""
-    device = next(model.parameters()).device
-    with _eval_mode(model), torch.no_grad():
-        logits = model(**model_inputs(targets, device)).logits
-    if logits.dim() == 2 and logits.shape[-1] == 1:
-        return logits.squeeze(-1).float()
-    return logits.argmax(-1)
-
-
-def check_ids_known(example_ids: torch.Tensor, known_ids: Optional[torch.Tensor]) -> torch.Tensor:
-    """Validate ``example_ids`` (1-D, unique, non-negative, and in ``known_ids`` if given); return them as int64."""
-    try:
-        example_ids = check_example_ids(torch.as_tensor(example_ids))
-    except ValueError as err:
-        raise ExampleIdError(str(err)) from None
-    if len(torch.unique(example_ids)) != len(example_ids):
-        raise ExampleIdError("example_ids has duplicates; score each training example once.")
-    if known_ids is not None:
-        unknown = example_ids[~torch.isin(example_ids, known_ids.to(example_ids.device))]
-        if len(unknown):
-            raise ExampleIdError(
-                f"{len(unknown)} example id(s) are not in the training set (e.g. {unknown[:5].tolist()}); use ids "
-                "from its id column."
-            )
-    return example_ids
-
 
 def _labels_of(model: nn.Module, targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    for key in ("labels", "label"):
-        if key in targets:
-            return torch.as_tensor(targets[key])
+    labels = find_labels(targets)
+    if labels is not None:
+        return labels
     if is_causal_lm(model):  # a language model's target is its own text: every real token counts
         labels = torch.as_tensor(targets["input_ids"]).clone()
         if "attention_mask" in targets:
@@ -146,12 +58,12 @@ def _labels_of(model: nn.Module, targets: Mapping[str, torch.Tensor]) -> torch.T
     return predicted_labels(model, targets)
 
 
-class TurnoverScorer:
+class TurnoverScorer(Estimator):
     """Scores (training id, target) pairs of a patched model, with the fastest exact path the model allows.
 
     Paths: ``"closed_form"`` (only the head's Linear is masked, on its inputs: all pairs from one matrix product),
     ``"prefix"`` (the layers below the lowest mask run once per target and are replayed for every mask; see
-    :mod:`turnover_hf.prefix`), ``"batched"`` (every (id, target, mask-or-flip) row a full forward). A fast path
+    :mod:`turnover_hf.estimators.prefix`), ``"batched"`` (every (id, target, mask-or-flip) row a full forward). A fast path
     is checked against the batched path on its first use and abandoned, with a warning, if they disagree.
 
     Causal LMs (PEFT-wrapped or not) score the shifted next-token loss of the counted tokens of each target; the
@@ -183,6 +95,11 @@ class TurnoverScorer:
         self._lm_trim = self.causal_lm and "logits_to_keep" in accepted
         self._forward_kwargs = {"use_cache": False} if "use_cache" in accepted else {}  # no cache: one pass only
 
+    token_level = True
+
+    def cache_key(self) -> dict[str, Any]:
+        return masks_key(self.state.config)
+
     # -- public -------------------------------------------------------------------------------------------------
     def scores(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor, *,
                reduction: str = "mean") -> torch.Tensor:
@@ -204,7 +121,7 @@ class TurnoverScorer:
         example_ids = example_ids.to(self.device)
         if not self._verified:
             self._verify(inputs, labels, example_ids)
-        with _eval_mode(self.model), torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             if self.path == "closed_form":
                 out = self._closed_form_scores(inputs, labels, example_ids)
             else:
@@ -228,7 +145,7 @@ class TurnoverScorer:
         inputs = model_inputs(batch, self.device)
         labels, example_ids = labels.to(self.device), example_ids.to(self.device)
         n = len(example_ids)
-        with _eval_mode(self.model), torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             if self.path == "closed_form":
                 features, _ = self._features(inputs)
                 masks = self._masks(example_ids, features.dtype)
@@ -335,7 +252,7 @@ class TurnoverScorer:
         self._verified = True
         ids = example_ids[:3]
         part = {k: v[:2] for k, v in inputs.items()}
-        with _eval_mode(self.model), torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             if self.path == "closed_form" and self._features(part)[0].dim() != 2:
                 # The head reads per-token features (e.g. a decoder's `score`): replay the base model instead.
                 self._head, self._replay = None, PrefixReplay.for_model(self.model)
@@ -387,3 +304,8 @@ def influence(
     labels = _labels_of(model, targets)
     scorer = TurnoverScorer(model, batch_size=batch_size, fast=fast)
     return scorer.scores(targets, labels, example_ids, reduction=reduction)
+
+
+def masks_key(config: Any) -> dict[str, Any]:
+    """What of a turn-over config decides the scores (for resumable results): all but the recorded trainable set."""
+    return {k: v for k, v in config.to_dict().items() if k != "trainable_parameters"}

@@ -47,15 +47,6 @@ def inner_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def is_causal_lm(model: nn.Module) -> bool:
-    """True for causal language models (``...ForCausalLM``, GPT-2's ``...LMHeadModel``), PEFT-wrapped or not:
-    their logits at position t predict token t + 1, so losses shift labels by one."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    name = type(inner_model(model)).__name__
-    return name.endswith("ForCausalLM") or name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-
-
 def _is_peft_lora_layer(module: nn.Module) -> bool:
     return _is_peft(module) and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
 

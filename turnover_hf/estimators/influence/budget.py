@@ -1,0 +1,51 @@
+"""How much memory an influence fit keeps, and the refusals (naming the fixes) when it exceeds the budget."""
+
+from __future__ import annotations
+
+from ...errors import TurnoverError
+
+
+def materialised_gb(examples: int, kept_classes: int, width: int, solver: str) -> float:
+    """Memory of a materialised fit: float32 class gradients and the float64 factor of the smaller system."""
+    rows = examples * kept_classes
+    side = min(rows, width) if solver == "auto" else (rows if solver == "woodbury" else width)
+    return (rows * width * 4 + side * side * 8) / 2**30
+
+
+def check_materialised_budget(examples: int, kept_classes: int, width: int, solver: str,
+                              max_memory_gb: float) -> None:
+    """Refuse a materialised fit above ``max_memory_gb``, naming the ways out."""
+    rows = examples * kept_classes
+    side = min(rows, width) if solver == "auto" else (rows if solver == "woodbury" else width)
+    needed = materialised_gb(examples, kept_classes, width, solver)
+    if needed > max_memory_gb:
+        what = f"{examples} examples x {kept_classes} class gradient(s) x {width} coordinates"
+        raise TurnoverError(
+            f"fitting the influence function needs about {needed:.1f} GB ({what} as float32, plus a "
+            f"{side} x {side} factor), above max_memory_gb={max_memory_gb:g}. Pass projection_dim=4096 (a "
+            "CountSketch of every gradient: an approximation whose error shrinks as it grows), select fewer "
+            "parameters=[...], or raise max_memory_gb."
+        )
+
+
+def factorised_gb(examples: int, kept_classes: int, per_example: int) -> float:
+    """Memory budgeted for a factorised fit: float32 factors, three float64 ``m x m`` and two ``m x N`` matrices
+    (the budget of the fit that kept ``U G`` and ``S^-1 U G``; the fit now keeps ``S``, its float32 and float64
+    factors and ``S^-1`` instead, and the input Gram matrices within
+    :data:`~turnover_hf.estimators.influence.factorised.INPUT_GRAMS_BYTES`)."""
+    rows = examples * kept_classes
+    return (examples * per_example * 4 + (3 * rows * rows + 2 * rows * examples) * 8) / 2**30
+
+
+def check_factorised_budget(examples: int, kept_classes: int, per_example: int, max_memory_gb: float) -> None:
+    """Refuse a factorised fit above ``max_memory_gb``, naming the ways out."""
+    needed = factorised_gb(examples, kept_classes, per_example)
+    if needed > max_memory_gb:
+        rows = examples * kept_classes
+        raise TurnoverError(
+            f"fitting the influence function (factorised) needs about {needed:.1f} GB ({examples} examples x "
+            f"{per_example} layer inputs and output gradients as float32, plus {rows} x {rows} float64 kernels), "
+            f"above max_memory_gb={max_memory_gb:g}. Pass factorised=False (per-example gradients, solved "
+            "in parameter space when that is smaller), projection_dim=4096 (a CountSketch: an approximation), or "
+            "raise max_memory_gb."
+        )

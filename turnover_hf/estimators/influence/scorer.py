@@ -1,0 +1,612 @@
+"""``InfluenceFunctionScorer``: damped Gauss-Newton influence of (training id, target) pairs, fitted once."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import default_data_collator
+
+from ...config import MASK_FIELDS
+from ...context import instance_masks, state_of
+from ...data import BATCH_KEY, InstanceIdCollator, check_id_column, check_ids_known
+from ...errors import MissingExampleIdsError, TurnoverError
+from ...files import PathLike
+from ...losses import eval_mode, find_labels, is_causal_lm, logits_of, model_inputs
+from ...patcher import is_patched
+from ...store import fingerprint
+from ..gradients import PerExampleGrads, linear_calls, param_specs, target_gradients
+from ..registry import Estimator
+from .budget import check_factorised_budget, check_materialised_budget, factorised_gb, materialised_gb
+from .curvature import curvature_blocks, kept_classes
+from .factorised import FactorisedFit, NotFactorisable, linear_layers, one_row_each
+from .files import load_fit, read_fit_meta, save_fit
+from .materialised import MaterialisedFit, materialised_self_influence, precondition, solve_system
+from .sketch import CountSketch
+
+logger = logging.getLogger(__name__)
+
+TrainData = Union[Dataset, Iterable[Mapping[str, Any]]]
+SOLVERS = ("auto", "woodbury", "direct")
+# Materialised self-influence reads every stored gradient once per group of rows; a group holds at most this much
+# of its own gradients (float32 target and training gradients, and both side by side).
+SELF_INFLUENCE_GROUP_BYTES = 2**29
+
+
+def _check_classifier_logits(logits: torch.Tensor) -> None:
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise TurnoverError(
+            f"the influence estimator covers classifiers with logits of shape (batch, classes >= 2); this model gave "
+            f"{tuple(logits.shape)}. For language models use turn-over ensembles or HYDRA (estimator='turnover' or "
+            "'hydra')."
+        )
+
+
+def _class_labels(batch: Mapping[str, Any]) -> torch.Tensor:
+    labels = find_labels(batch)
+    if labels is not None:
+        if labels.dim() != 1 or labels.is_floating_point():
+            raise TurnoverError(
+                f"the influence estimator needs one integer class label per training example, got labels of shape "
+                f"{tuple(labels.shape)} and dtype {labels.dtype}."
+            )
+        return labels.long()
+    raise TurnoverError("every training batch needs its labels (a 'labels' or 'label' entry) to fit influence functions.")
+
+
+class InfluenceFunctionScorer(Estimator):
+    """Damped Gauss-Newton influence of (training id, target) pairs, with ``TurnoverScorer``'s interface.
+
+    ``scores[i, j] = g_j^T (G + lambda I)^-1 g_i / N`` (see the module docstring): positive = training example ``i``
+    lowers target ``j``'s loss. The fit (one pass over the training set, then one factorisation) runs once, on the
+    first call or in :meth:`fit`, with a progress bar; it belongs to the weights the model has then. When every
+    tracked parameter belongs to a ``torch.nn.Linear`` that sees one row per example (a head on pooled features),
+    the fit is factorised (``method == "factorised"``: layer inputs and output gradients, ``N x N`` kernels, the
+    same scores); otherwise it keeps ``N (C - 1)`` per-example gradients (``"materialised"``). :meth:`save` /
+    :meth:`load` keep it (safetensors + JSON; loading refuses other weights).
+
+    Args:
+        model: a trained classifier (patched with turn-over dropout or not).
+        train_data: the training set it was trained on: a ``datasets.Dataset`` with model inputs, labels and the
+            id column (collated with ``data_collator``), or an iterable of collated batches with ``example_ids``.
+        data_collator: collates dataset rows (wrapped in :class:`~turnover_hf.data.InstanceIdCollator`).
+        parameters: names of the parameters to differentiate (default: those with ``requires_grad``).
+        damping_factor: ``lambda = damping_factor x trace(G) / D``.
+        projection_dim: sketch every gradient to this many coordinates with a CountSketch (None: exact).
+        projection_seed: seed of the sketch.
+        max_memory_gb: largest fit kept without a projection (a factorised fit counts its own, smaller size);
+            beyond it the scorer asks for ``projection_dim``. Materialised scoring also keeps a float64 copy of the
+            stored gradients when it takes at most :data:`ROWS_CACHE_BYTES` (1 GiB), which halves the time of every
+            target set after the first (``benchmarks/influence_scoring.py``).
+        solver: ``"auto"`` (the smaller space), ``"woodbury"`` (``N (C-1)``-space) or ``"direct"`` (parameters;
+            materialised only).
+        factorised: ``None`` (automatic: factorised when the model allows it, no projection, ``solver`` is not
+            ``"direct"``, and, for ``solver="auto"`` with a known N, ``N (C - 1) <= D`` and its size fits
+            ``max_memory_gb``), ``True`` (required: an ineligible model raises) or ``False`` (per-example
+            gradients).
+        batch_size: examples per gradient batch.
+        id_column: the dataset's id column (default: the turn-over config's, else ``"example_id"``).
+        show_progress: a tqdm bar while fitting.
+
+    Example:
+        >>> scorer = InfluenceFunctionScorer(model, train, data_collator=collator, projection_dim=4096)
+        >>> scorer.fit().save("out/influence")
+        >>> scorer.scores(targets, targets["labels"], example_ids=torch.arange(100))   # (100, n_targets)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: Optional[TrainData] = None,
+        *,
+        data_collator: Optional[Callable] = None,
+        parameters: Optional[Sequence[str]] = None,
+        damping_factor: float = 0.1,
+        projection_dim: Optional[int] = None,
+        projection_seed: int = 0,
+        max_memory_gb: float = 4.0,
+        solver: str = "auto",
+        factorised: Optional[bool] = None,
+        batch_size: int = 64,
+        id_column: Optional[str] = None,
+        show_progress: bool = True,
+    ) -> None:
+        if is_causal_lm(model):
+            raise TurnoverError(
+                f"the influence estimator covers classifiers, and {type(model).__name__} is a causal language model. "
+                "Use an ensemble of turn-over models (turnover_hf.train_ensemble, estimator='turnover') or HYDRA "
+                "(estimator='hydra') for language models."
+            )
+        if solver not in SOLVERS:
+            raise TurnoverError(f"solver must be one of {SOLVERS}, got {solver!r}.")
+        if not float(damping_factor) > 0:
+            raise TurnoverError(f"damping_factor must be positive (0.1 is the default), got {damping_factor!r}.")
+        if factorised not in (None, True, False):
+            raise TurnoverError(f"factorised must be None (automatic), True or False, got {factorised!r}.")
+        self.model = model
+        self.specs = param_specs(model, parameters)
+        self.num_parameters = self.specs[-1].offset + self.specs[-1].numel
+        self.grads = PerExampleGrads(model, self.specs)
+        self.device = next(model.parameters()).device
+        self.patched = is_patched(model)
+        self.id_column = id_column or (state_of(model).config.id_column if self.patched else "example_id")
+        self.damping_factor = float(damping_factor)
+        self.sketch = CountSketch(self.specs, projection_dim, projection_seed) if projection_dim is not None else None
+        self.projection_seed = int(projection_seed)
+        self.max_memory_gb = float(max_memory_gb)
+        self.solver = solver
+        self.factorised = factorised
+        self._layers, self._ineligible = linear_layers(model, self.specs)
+        if factorised:
+            reason = self._ineligible or ("it sketches gradients (projection_dim)" if self.sketch is not None else None)
+            reason = reason or ("solver='direct' works in parameter space" if solver == "direct" else None)
+            if reason:
+                raise TurnoverError(
+                    "factorised=True needs every tracked parameter to be the weight or bias of a torch.nn.Linear "
+                    f"that sees one row per example, no projection and solver 'auto' or 'woodbury'; here {reason}. "
+                    "Pass factorised=None (automatic) or False (per-example gradients)."
+                )
+        self.batch_size = max(1, int(batch_size))
+        self.train_data = train_data
+        self.data_collator = data_collator
+        self.show_progress = show_progress
+        self.factors: Optional[Union[MaterialisedFit, FactorisedFit]] = None
+        # the last target set's (G + lambda I)^-1 g_t (materialised) or its kernels with the training factors
+        self._preconditioned: Optional[tuple[str, Any]] = None
+
+    # -- as an estimator of InfluencePipeline -----------------------------------------------------------------
+    def prepare(self, train: Dataset, collator: Callable) -> bool:
+        """Fit on ``train`` (once; not sharded) unless a fit was loaded."""
+        if self.factors is not None:
+            return False
+        self.train_data, self.data_collator = train, collator
+        self.fit()
+        return True
+
+    def self_score_columns(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+        # the fit's stored gradients are read once for many batches
+        return self.self_scores_many([(b, b["labels"], b["example_ids"]) for b in batches])[:, None]
+
+    def cache_key(self) -> dict[str, Any]:
+        return {"parameters": [s.name for s in self.specs], "damping_factor": self.damping_factor,
+                "projection_dim": self.projection_dim, "projection_seed": self.projection_seed, "solver": self.solver}
+
+    # -- fitting ----------------------------------------------------------------------------------------------
+    @property
+    def projection_dim(self) -> Optional[int]:
+        return self.sketch.dim if self.sketch is not None else None
+
+    @property
+    def width(self) -> int:
+        """Coordinates of every stored gradient: ``D``, or the sketch's dimension."""
+        return self.sketch.dim if self.sketch is not None else self.num_parameters
+
+    @property
+    def method(self) -> Optional[str]:
+        """How the fit is kept: ``"factorised"`` (layer inputs and output gradients) or ``"materialised"``
+        (per-example gradients); None before fitting."""
+        return None if self.factors is None else self.factors.method
+
+    def _batches(self, data: TrainData) -> tuple[Iterable[Mapping[str, Any]], Optional[int], Optional[int]]:
+        """Collated training batches, the number of examples (if known) and the number of batches (if known)."""
+        if isinstance(data, Dataset):
+            check_id_column(data, self.id_column)
+            collate = InstanceIdCollator(self.data_collator or default_data_collator, self.id_column)
+            starts = range(0, len(data), self.batch_size)
+            rows = (collate([data[i] for i in range(s, min(s + self.batch_size, len(data)))]) for s in starts)
+            return rows, len(data), len(starts)
+        if isinstance(data, Sequence):
+            return data, sum(len(torch.as_tensor(b[BATCH_KEY])) for b in data if b.get(BATCH_KEY) is not None), len(data)
+        return data, None, None
+
+    def _training_masks(self, example_ids: torch.Tensor) -> ContextManager:
+        """The context each training example was trained under: its own mask, or nothing for a plain model."""
+        return instance_masks(self.model, example_ids, mode="train") if self.patched else contextlib.nullcontext()
+
+    def fit_memory_gb(self, num_examples: int, num_classes: int) -> float:
+        """About how many GB fitting on ``num_examples`` examples of a ``num_classes``-way task keeps (the
+        factorised size when the model qualifies for it and it is smaller); compare with ``max_memory_gb``.
+
+        Example:
+            >>> scorer = InfluenceFunctionScorer(model)
+            >>> scorer.fit_memory_gb(len(train), model.config.num_labels) <= scorer.max_memory_gb
+            True
+        """
+        kept = max(1, int(num_classes) - 1)
+        needed = materialised_gb(num_examples, kept, self.width, self.solver)
+        if self._factorisable() and (self.solver != "auto" or num_examples * kept <= self.num_parameters):
+            modules = dict(self.model.named_modules())
+            per_example = sum(modules[layer.name].in_features * layer.weight + layer.bias
+                              + kept * modules[layer.name].out_features for layer in self._layers)
+            needed = min(needed, factorised_gb(num_examples, kept, per_example))
+        return needed
+
+    def fit(self, train_data: Optional[TrainData] = None) -> "InfluenceFunctionScorer":
+        """One pass over the training set (gradients under the training masks), then the factor.
+
+        Factorised when the model allows it (see the class docstring); a batch that breaks the factorisation
+        (a tracked Linear that sees several rows per example, or runs twice) sends an automatic fit back to
+        per-example gradients (re-reading the data) or, with ``factorised=True`` or one-pass data, raises.
+
+        Example:
+            >>> scorer = InfluenceFunctionScorer(model, projection_dim=4096).fit(train_batches)
+        """
+        data = train_data if train_data is not None else self.train_data
+        if data is None:
+            raise TurnoverError(
+                "the influence function is fitted on the training set: pass train_data=... (a datasets.Dataset with "
+                f"model inputs, labels and the {self.id_column!r} column, or collated batches with example_ids)."
+            )
+        factors: Optional[Union[MaterialisedFit, FactorisedFit]] = None
+        if self._factorisable():
+            try:
+                factors = self._fit_factorised(data)
+            except NotFactorisable as err:
+                if self.factorised or not isinstance(data, (Dataset, Sequence)):
+                    raise TurnoverError(
+                        f"the factorised influence fit does not apply to this model: {err}. Fit with "
+                        "factorised=False (per-example gradients)."
+                    ) from None
+                logger.info("influence function: %s; fitting with per-example gradients instead.", err)
+        if factors is None:
+            factors = self._fit_materialised(data)
+        self.factors = factors
+        self._preconditioned = None
+        return self
+
+    def _factorisable(self) -> bool:
+        return (self.factorised is not False and self._ineligible is None and self.sketch is None
+                and self.solver != "direct")
+
+    def _training_batches(self, data: TrainData) -> Iterator[tuple[Mapping[str, Any], torch.Tensor, torch.Tensor, Optional[int]]]:
+        """``(batch, example ids, labels, N if known)`` of every training batch, with a progress bar."""
+        batches, expected, total = self._batches(data)
+        for batch in tqdm(batches, total=total, desc="influence function: training gradients", unit="batch",
+                          disable=not self.show_progress):
+            if batch.get(BATCH_KEY) is None:
+                raise MissingExampleIdsError(
+                    "a training batch has no example_ids: fit on a dataset with its id column "
+                    "(turnover_hf.add_example_ids) or on batches collated by turnover_hf.InstanceIdCollator."
+                )
+            yield batch, torch.as_tensor(batch[BATCH_KEY]).to(torch.int64).cpu(), _class_labels(batch), expected
+
+    def _fit_materialised(self, data: TrainData) -> MaterialisedFit:
+        """Per-example gradients of every kept class (``N (C - 1) x D'``), then the factor."""
+        ids, labels, probs, classes, grads = [], [], [], [], []
+        trace, seen = 0.0, 0
+        for batch, batch_ids, batch_labels, expected in self._training_batches(data):
+            inputs = model_inputs(batch, self.device)
+            probabilities: list[torch.Tensor] = []  # under the training masks, from the forward that serves the grads
+
+            def kept_of(logits: torch.Tensor) -> torch.Tensor:
+                _check_classifier_logits(logits)
+                probabilities.append(torch.softmax(logits.double(), -1).cpu())
+                if seen == 0:
+                    check_materialised_budget(expected or len(logits), logits.shape[1] - 1, self.width, self.solver, self.max_memory_gb)
+                return kept_classes(probabilities[-1]).to(logits.device)
+
+            def row_context(k: int, ids: torch.Tensor = batch_ids) -> ContextManager:
+                return instance_masks(self.model, ids[k : k + 1], mode="train")
+
+            # one forward and a backward per kept class when the tracked Linears allow it; else a forward for the
+            # probabilities, then every (example, kept class) as a row of its own
+            both = self.grads.pseudo_label_gradients(inputs, kept_of, row_context if self.patched else None,
+                                                     self._training_masks(batch_ids) if self.patched else None)
+            if both is not None:
+                g = both[1]
+            else:
+                with torch.no_grad(), eval_mode(self.model), self._training_masks(batch_ids):
+                    pseudo_labels = kept_of(logits_of(self.model(**inputs)))
+                per = pseudo_labels.shape[1]
+                repeated = {k: v.repeat_interleave(per, 0) for k, v in inputs.items()}
+                masks = self._training_masks(batch_ids.repeat_interleave(per)) if self.patched else None
+                g = self.grads(repeated, pseudo_labels.reshape(-1),
+                               (lambda k: row_context(k // per)) if self.patched else None, masks)
+            p = probabilities[-1]
+            kept = kept_classes(p)
+            n, c = p.shape
+            seen += n
+            check_materialised_budget(seen, c - 1, self.width, self.solver, self.max_memory_gb)
+            g = g.view(n, c - 1, -1)
+            gram = torch.einsum("ncd,ned->nce", g.double(), g.double()).cpu()
+            trace += float((curvature_blocks(p, kept) * gram).sum())
+            if self.sketch is not None:
+                g = self.sketch(g.reshape(n * (c - 1), -1)).view(n, c - 1, -1)
+            ids.append(batch_ids)
+            labels.append(batch_labels.cpu())
+            probs.append(p)
+            classes.append(kept)
+            grads.append(g.float().cpu())
+        if not ids:
+            raise TurnoverError("the training data is empty: nothing to fit the influence function on.")
+        example_ids = check_ids_known(torch.cat(ids), None)
+        n = len(example_ids)
+        trace /= n
+        rows = n * (grads[0].shape[1])
+        solver = self.solver if self.solver != "auto" else ("woodbury" if rows <= self.width else "direct")
+        factors = MaterialisedFit(example_ids, torch.cat(labels), torch.cat(probs), torch.cat(classes), torch.cat(grads),
+                           torch.empty(0), solver, self.damping_factor * trace / self.num_parameters, trace)
+        self._check_damping(factors.damping)
+        factors.factor = solve_system(factors)
+        return factors
+
+    @staticmethod
+    def _check_damping(damping: float) -> None:
+        if not damping > 0:
+            raise TurnoverError(
+                "the Gauss-Newton matrix is zero (every training gradient vanished): nothing to invert. Check that "
+                "the tracked parameters are the ones training changed."
+            )
+
+    def _linear_forward(self, inputs: Mapping[str, torch.Tensor], context: ContextManager
+                        ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Logits (with their graph), each tracked Linear's raw output and its input rows ``(B, in)``, from one
+        forward in eval mode under ``context`` (calls recorded by :func:`~turnover_hf.estimators.gradients.linear_calls`)."""
+        names = [layer.name for layer in self._layers]
+        with torch.enable_grad(), eval_mode(self.model), linear_calls(self.model, names) as recorded, context:
+            logits = logits_of(self.model(**inputs))
+        calls = [recorded[name] for name in names]
+        _check_classifier_logits(logits)
+        n = logits.shape[0]
+        outputs, rows = [], []
+        for layer, seen in zip(self._layers, calls):
+            if len(seen) != 1:
+                raise NotFactorisable(f"the Linear {layer.name!r} ran {len(seen)} time(s) in one forward (not once)")
+            x, out = seen[0]
+            x_rows, out_rows = one_row_each(x, n), one_row_each(out, n)
+            if x_rows is None or out_rows is None:
+                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise NotFactorisable(
+                    f"the Linear {layer.name!r} sees an input of shape {shape} for a batch of {n}: the factorised "
+                    "gradients need one row per example (batch, features)"
+                )
+            outputs.append(out)
+            rows.append(x_rows.detach())
+        return logits, outputs, rows
+
+    def _layer_inputs(self, rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each layer's ``a``: its input rows if the weight is tracked, then a column of ones if the bias is, float32."""
+        out = []
+        for layer, x in zip(self._layers, rows):
+            parts = [x.float()] if layer.weight else []
+            if layer.bias:
+                parts.append(torch.ones(len(x), 1, dtype=torch.float32, device=x.device))
+            out.append(torch.cat(parts, 1).cpu())
+        return out
+
+    def _output_gradients(self, logits: torch.Tensor, outputs: Sequence[torch.Tensor], rows: Sequence[torch.Tensor],
+                          classes: torch.Tensor, check: bool) -> list[torch.Tensor]:
+        """``d CE(logits, classes[:, k]) / d output`` of each row and layer, float32 ``(B, K, out)`` per layer.
+
+        With ``check``, the summed parameter gradient of the first class column is compared with the factorised
+        one (``sum_b delta_b a_b^T``): a weight also used outside its Linear would break the factorisation."""
+        n, k = classes.shape
+        per_layer: list[list[torch.Tensor]] = [[] for _ in outputs]
+        classes = classes.to(logits.device)
+        for j in range(k):
+            loss = F.cross_entropy(logits.float(), classes[:, j], reduction="sum")
+            grads = torch.autograd.grad(loss, list(outputs), retain_graph=True, allow_unused=True)
+            for i, (g, out) in enumerate(zip(grads, outputs)):
+                per_layer[i].append(one_row_each(torch.zeros_like(out) if g is None else g, n).detach().float())
+        if check:
+            named = dict(self.model.named_parameters())
+            tracked = [(i, leaf, f"{layer.name}.{leaf}") for i, layer in enumerate(self._layers)
+                       for leaf in ("weight", "bias") if getattr(layer, leaf) and named[f"{layer.name}.{leaf}"].requires_grad]
+            if tracked:
+                loss = F.cross_entropy(logits.float(), classes[:, 0], reduction="sum")
+                actual = torch.autograd.grad(loss, [named[name] for _, _, name in tracked], retain_graph=True,
+                                             allow_unused=True)
+                for (i, leaf, name), g in zip(tracked, actual):
+                    delta = per_layer[i][0].double()
+                    expected = delta.T @ rows[i].double() if leaf == "weight" else delta.sum(0)
+                    g = torch.zeros_like(expected) if g is None else g.double()
+                    if not torch.allclose(expected, g, rtol=1e-3, atol=1e-5 * float(g.abs().max()) + 1e-30):
+                        raise NotFactorisable(
+                            f"the gradient of {name!r} is not the product of its Linear's input and output gradients "
+                            "(is the parameter also used outside that module?)"
+                        )
+        return [torch.stack(parts, 1).cpu() for parts in per_layer]
+
+    def _fit_factorised(self, data: TrainData) -> Optional[FactorisedFit]:
+        """Layer inputs and output gradients of every kept class, then the class kernel and the factor of ``S``.
+
+        Returns None when an automatic fit is better kept materialised (decided on the first batch, with N known)."""
+        ids, labels, probs, classes = [], [], [], []
+        deltas: list[list[torch.Tensor]] = [[] for _ in self._layers]
+        inputs: list[list[torch.Tensor]] = [[] for _ in self._layers]
+        trace, seen = 0.0, 0
+        for batch, batch_ids, batch_labels, expected in self._training_batches(data):
+            logits, outputs, rows = self._linear_forward(model_inputs(batch, self.device), self._training_masks(batch_ids))
+            p = torch.softmax(logits.detach().double(), -1).cpu()
+            n, c = p.shape
+            a = self._layer_inputs(rows)
+            per_example = sum(x.shape[1] for x in a) + (c - 1) * sum(out.shape[-1] for out in outputs)
+            first = seen == 0
+            if first and self.factorised is None and expected is not None:
+                smaller = self.solver != "auto" or expected * (c - 1) <= self.num_parameters
+                if not smaller or factorised_gb(expected, c - 1, per_example) > self.max_memory_gb:
+                    return None
+            if first:
+                check_factorised_budget(expected or n, c - 1, per_example, self.max_memory_gb)
+            seen += n
+            check_factorised_budget(seen, c - 1, per_example, self.max_memory_gb)
+            kept = kept_classes(p)
+            d = self._output_gradients(logits, outputs, rows, kept, check=first)
+            del logits, outputs
+            gram = sum(torch.einsum("njo,nko->njk", dl.double(), dl.double()) * (xl.double() ** 2).sum(1)[:, None, None]
+                       for dl, xl in zip(d, a))
+            trace += float((curvature_blocks(p, kept) * gram).sum())
+            ids.append(batch_ids)
+            labels.append(batch_labels.cpu())
+            probs.append(p)
+            classes.append(kept)
+            for i in range(len(self._layers)):
+                deltas[i].append(d[i])
+                inputs[i].append(a[i])
+        if not ids:
+            raise TurnoverError("the training data is empty: nothing to fit the influence function on.")
+        example_ids = check_ids_known(torch.cat(ids), None)
+        trace /= len(example_ids)
+        damping = self.damping_factor * trace / self.num_parameters
+        self._check_damping(damping)
+        fit = FactorisedFit(example_ids, torch.cat(labels), torch.cat(probs), torch.cat(classes), list(self._layers),
+                             [torch.cat(x) for x in deltas], [torch.cat(x) for x in inputs], torch.empty(0), damping, trace)
+        fit.build_system()
+        return fit
+
+    def _fitted(self) -> Union[MaterialisedFit, FactorisedFit]:
+        if self.factors is None:
+            self.fit()
+        return self.factors
+
+    # -- scoring ----------------------------------------------------------------------------------------------
+    @property
+    def known_ids(self) -> torch.Tensor:
+        """The ids of the training examples the influence function was fitted on."""
+        return self._fitted().example_ids
+
+    def target_grads(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Gradient of each target's loss (eval mode, full network), sketched if projecting, float32 ``(T, D')``."""
+        labels = _target_labels(labels)
+        g = target_gradients(self.grads, targets, labels, self.batch_size)
+        return (self.sketch(g) if self.sketch is not None else g).cpu()
+
+    def _target_factors(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor
+                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per layer, the targets' output gradients ``(T, 1, out)`` and inputs ``(T, in')`` (eval, full network)."""
+        labels = _target_labels(labels)
+        inputs = model_inputs(targets, self.device)
+        deltas: list[list[torch.Tensor]] = [[] for _ in self._layers]
+        rows: list[list[torch.Tensor]] = [[] for _ in self._layers]
+        for start in range(0, len(labels), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            try:
+                logits, outputs, x = self._linear_forward({k: v[part] for k, v in inputs.items()}, contextlib.nullcontext())
+            except NotFactorisable as err:
+                raise TurnoverError(
+                    f"these targets cannot be scored with the factorised fit: {err}. Fit with factorised=False."
+                ) from None
+            d = self._output_gradients(logits, outputs, x, labels[part, None], check=False)
+            for i, (dl, al) in enumerate(zip(d, self._layer_inputs(x))):
+                deltas[i].append(dl)
+                rows[i].append(al)
+        return [torch.cat(x) for x in deltas], [torch.cat(x) for x in rows]
+
+    def _projected(self, factors: FactorisedFit, targets: Mapping[str, torch.Tensor], labels: torch.Tensor,
+                   rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``U g_t`` of the targets, float64 ``(m, T)``; ``rows``: the training rows the targets are (self-influence),
+        whose kept input Gram matrices serve the layers no mask changes."""
+        deltas, inputs = self._target_factors(targets, labels)
+        grams = factors.input_grams(rows, inputs) if rows is not None else None
+        return factors.curvature_products(deltas, inputs, grams)
+
+    def preconditioned(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """``(G + lambda I)^-1 g_t`` of every target, float64 ``(D', T)``; the last target set's is kept
+        (materialised fits only)."""
+        factors = self._fitted()
+        if factors.method == "factorised":
+            raise TurnoverError("a factorised fit never forms parameter-space vectors; use scores(...), or fit with "
+                                "factorised=False for preconditioned(...).")
+        return self._per_target_set(targets, labels, lambda: precondition(factors, self.target_grads(targets, labels)))
+
+    def _per_target_set(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor, build: Callable[[], Any]) -> Any:
+        """``build()`` for this target set, kept until another set comes (chunks of ids share one target set)."""
+        key = fingerprint({k: v for k, v in targets.items() if isinstance(v, torch.Tensor)}, torch.as_tensor(labels))
+        if self._preconditioned is None or self._preconditioned[0] != key:
+            self._preconditioned = (key, build())
+        return self._preconditioned[1]
+
+    def _rows(self, example_ids: torch.Tensor) -> torch.Tensor:
+        factors = self._fitted()
+        return factors.rows_of(check_ids_known(torch.as_tensor(example_ids).cpu(), factors.example_ids))
+
+    def scores(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
+        """Influence of each id on each target, float32 ``(n_ids, n_targets)`` on the CPU (positive = helped)."""
+        rows = self._rows(example_ids)
+        factors = self._fitted()
+        if factors.method == "factorised":
+            solved = self._per_target_set(targets, labels,
+                                          lambda: factors.solve(self._projected(factors, targets, labels)))
+            return factors.influence(solved, rows).float()
+        v = self.preconditioned(targets, labels)
+        return (factors.train_gradients(rows) @ v / factors.num_examples).float()
+
+    def self_scores(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
+        """Self-influence ``g_z(full network)^T (G + lambda I)^-1 g_z / N`` of each training row, float32 ``(n,)``."""
+        rows = self._rows(example_ids)
+        factors = self._fitted()
+        if factors.method == "factorised":
+            return factors.self_influence(self._projected(factors, batch, labels, rows), rows).float()
+        return materialised_self_influence(factors, self.target_grads(batch, labels), rows).float()
+
+    def self_scores_many(self, batches: Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor, torch.Tensor]]
+                         ) -> torch.Tensor:
+        """:meth:`self_scores` of several ``(batch, labels, example_ids)`` at once, float32 ``(sum n,)``: gradients
+        are taken batch by batch and a materialised fit's stored gradients are read once for all of them (that
+        pass, not the rows, is what a call costs there).
+
+        Example:
+            >>> scorer.self_scores_many([(b, b["labels"], b["example_ids"]) for b in batches])
+        """
+        factors = self._fitted()
+        if factors.method == "factorised" or not batches:
+            return torch.cat([self.self_scores(*item) for item in batches]) if batches else torch.zeros(0)
+        out, grads, rows, held = [], [], [], 0
+        for k, (batch, labels, ids) in enumerate(batches):
+            grads.append(self.target_grads(batch, labels))
+            rows.append(self._rows(ids))
+            held += len(rows[-1])
+            if k == len(batches) - 1 or 12 * held * factors.width > SELF_INFLUENCE_GROUP_BYTES:
+                out.append(materialised_self_influence(factors, torch.cat(grads), torch.cat(rows)).float())
+                grads, rows, held = [], [], 0
+        return torch.cat(out)
+
+    # -- files ------------------------------------------------------------------------------------------------
+    def mask_fields(self) -> Optional[dict[str, Any]]:
+        if not self.patched:
+            return None
+        config = state_of(self.model).config.to_dict()
+        return {name: config[name] for name in MASK_FIELDS}  # what decides the training masks
+
+    def weights_fingerprint(self) -> str:
+        return fingerprint({n: p.detach() for n, p in self.model.named_parameters()})
+
+    def save(self, folder: PathLike) -> None:
+        """Write the fit to ``folder`` (``influence_factors.safetensors`` + ``influence.json``, atomically, the JSON
+        last); fits first if needed.
+
+        Example:
+            >>> scorer.save("out/model/influence")     # InfluencePipeline("out/model", ..., estimator="influence")
+        """
+        save_fit(self, folder)
+
+    @staticmethod
+    def read_meta(folder: PathLike) -> dict[str, Any]:
+        """The metadata of a saved fit (``influence.json``), checked to be this format (version 3; 2: a factorised
+        fit saved with its Cholesky factor; 1: a materialised fit written before ``method`` existed)."""
+        return read_fit_meta(folder)
+
+    @classmethod
+    def load(cls, model: nn.Module, folder: PathLike, **kwargs: Any) -> "InfluenceFunctionScorer":
+        """A scorer with the fit saved in ``folder``; refuses a model whose weights (or masks) differ from the fit's.
+
+        ``kwargs`` are runtime options (``batch_size``, ``show_progress``, ``train_data``, ``data_collator``); a
+        ``factorised`` that contradicts the saved fit's method is refused.
+
+        Example:
+            >>> scorer = InfluenceFunctionScorer.load(model, "out/influence")
+        """
+        return load_fit(cls, model, folder, **kwargs)
+
+
+def _target_labels(labels: torch.Tensor) -> torch.Tensor:
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.is_floating_point():
+        raise TurnoverError(f"targets need one integer class label each, got labels of shape {tuple(labels.shape)}.")
+    return labels
