@@ -10,8 +10,16 @@ from turnover_hf.dynamics import DYNAMICS_WEIGHTS, DynamicsRecorder, TrainingDyn
 from conftest import batch_of, tiny_bert, with_bottleneck
 
 
-def _model():
-    return th.patch_model(with_bottleneck(tiny_bert()), th.TurnoverConfig(seed=7), freeze_leaking=True)
+def _model(top_only: bool = False):
+    if not top_only:
+        return th.patch_model(with_bottleneck(tiny_bert()), th.TurnoverConfig(seed=7), freeze_leaking=True)
+    import adapters
+
+    model = tiny_bert()
+    adapters.init(model)  # the adapter in the top layer only: the flipped forward replays layer 0's outputs
+    model.add_adapter("bn", config=adapters.SeqBnConfig(reduction_factor=2, init_weights="bert", leave_out=[0]))
+    model.train_adapter("bn")
+    return th.patch_model(model, th.TurnoverConfig(seed=7), freeze_leaking=True)
 
 
 def _args(tmp_path, **kw):
@@ -21,13 +29,15 @@ def _args(tmp_path, **kw):
     return TrainingArguments(**base)
 
 
-def test_recorded_logits_are_the_mask_and_flip_logits_of_each_example(tmp_path, train_set):
-    model = _model()
+@pytest.mark.parametrize("top_only", [False, True], ids=["every-layer", "top-layer-replayed"])
+def test_recorded_logits_are_the_mask_and_flip_logits_of_each_example(tmp_path, train_set, top_only):
+    model = _model(top_only)
     callback = TrainingDynamicsCallback()
     # lr 0: the weights never move, so what was recorded must equal a fresh forward under each mask afterwards
     trainer = th.TurnoverTrainer(model=model, args=_args(tmp_path, learning_rate=0.0), train_dataset=train_set,
                                  callbacks=[callback])
     trainer.train()
+    assert callback._handles == []  # the replay's hooks are gone after training
     dyn = callback.dynamics()
     assert dyn.mask_logits.shape == (2, len(train_set), 2)
     assert dyn.example_ids.tolist() == sorted(train_set["example_id"])

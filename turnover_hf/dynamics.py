@@ -216,9 +216,11 @@ class TrainingDynamicsCallback(TrainerCallback):
     """Record every example's logits under its mask and its flipped mask at every epoch of a TurnoverTrainer run.
 
     The trainer hands each training batch's logits to :attr:`recorder` (its own forward, plus one no-grad forward
-    under the flipped masks: about a third of a training step's cost when everything below the masks is trained,
-    less when the lower layers are frozen) and writes :class:`TrainingDynamics` into every checkpoint and
-    ``save_model`` folder. Without this callback nothing is recorded and nothing changes.
+    under the flipped masks) and writes :class:`TrainingDynamics` into every checkpoint and ``save_model`` folder.
+    The extra forward reuses the training forward's outputs of the mask-free layers below the lowest mask (as
+    turn-over scoring does), so it costs the layers from the lowest mask up; without active dropout in those lower
+    layers the replay is exact, with it the whole network runs again. Without this callback nothing is recorded
+    and nothing changes.
 
     Example:
         >>> callback = TrainingDynamicsCallback()
@@ -229,6 +231,34 @@ class TrainingDynamicsCallback(TrainerCallback):
     def __init__(self) -> None:
         self.recorder = DynamicsRecorder()
         self._logits: Optional[torch.Tensor] = None
+        self._replay: Any = None
+        self._handles: list[Any] = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        from .estimators.prefix import PrefixReplay
+
+        self._replay = PrefixReplay.for_model(model) if model is not None else None
+        if self._replay is None:
+            return
+        lower = [m for _, module in self._replay.modules for m in module.modules()]
+        if any(isinstance(m, nn.Dropout) and m.p > 0 for m in lower):
+            self._replay = None  # in training mode those layers' outputs are not what an eval forward computes
+            return
+        for name, module in self._replay.modules:
+            self._handles.append(module.register_forward_hook(self._keeper(name)))
+
+    def _keeper(self, name: str) -> Any:
+        def keep(module: nn.Module, args: tuple, output: Any) -> None:
+            detached = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in output) \
+                if isinstance(output, tuple) else output.detach() if isinstance(output, torch.Tensor) else output
+            self._replay._outputs[name] = detached
+
+        return keep
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._replay = [], None
 
     def dynamics(self) -> TrainingDynamics:
         """What was recorded so far (see :class:`TrainingDynamics`)."""
@@ -247,7 +277,12 @@ class TrainingDynamicsCallback(TrainerCallback):
         if mask_logits is None or labels is None:
             return
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", BATCH_KEY)}
-        flip = flipped_logits(model, model_inputs, example_ids.to(mask_logits.device))
+        ids = example_ids.to(mask_logits.device)
+        if self._replay is not None and len(self._replay._outputs) == len(self._replay.modules):
+            with self._replay.replaying(torch.arange(len(ids), device=ids.device)):
+                flip = flipped_logits(model, model_inputs, ids)
+        else:
+            flip = flipped_logits(model, model_inputs, ids)
         self.recorder.record(example_ids, labels, mask_logits, flip)
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
