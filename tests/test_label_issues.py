@@ -17,6 +17,7 @@ from turnover_hf.label_issues import (
     cleansing_report,
     estimated_issue_count,
     label_issue_scores,
+    model_signals,
     rank_label_issues,
 )
 
@@ -140,6 +141,26 @@ def test_pipeline_ranks_flipped_labels_first_with_every_method(noisy_model):
         aucs[method] = roc_auc(-np.arange(n, dtype=float), [is_flipped[i] for i in ranked["example_id"]])
     assert aucs[DEFAULT_METHOD] > 0.7, aucs
     assert aucs["dynamics_flip_loss"] > 0.6, aucs
+
+
+def test_model_signals_keep_the_rows_order_and_equal_plain_forwards(noisy_model):
+    root, noisy, _ = noisy_model
+    pipe = th.InfluencePipeline(str(root / "model"), train_dataset=noisy, estimator="turnover")
+    rows = pipe._train_features.select([5, 1, 7, 0, 3]).map(  # unsorted ids, then lengths 9, 7, 8, 9, 7
+        lambda row, i: {k: row[k][: len(row[k]) - (2 * i) % 3] for k in ("input_ids", "attention_mask", "token_type_ids")},
+        with_indices=True)
+    assert len({len(x) for x in rows["input_ids"]}) == 3
+    signals = model_signals(pipe.models, rows, pipe.collator, batch_size=2)
+    assert signals.example_ids.tolist() == rows["example_id"] and signals.labels.tolist() == rows["labels"]
+    for n in range(len(rows)):
+        batch = pipe.collator([rows[n]])
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_ids")}
+        with torch.no_grad():
+            full = pipe.model(**inputs).logits[0]
+            with th.instance_masks(pipe.model, batch["example_ids"], mode="flip"):
+                flip = pipe.model(**inputs).logits[0]
+        torch.testing.assert_close(signals.full_logits[n], full, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(signals.flip_logits[n], flip, atol=1e-5, rtol=1e-4)
 
 
 def test_methods_that_need_dynamics_refuse_a_model_without_them(noisy_model):

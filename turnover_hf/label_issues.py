@@ -275,13 +275,18 @@ def model_signals(
 
     full, flip, ids, labels = [], [], [], []
     patched = flipped
+    # length-sorted batches pad less; the rows are put back in their order at the end
+    order = list(range(len(rows)))
+    if "input_ids" in rows.column_names:
+        lengths = [len(x) for x in rows["input_ids"]]
+        order = sorted(order, key=lengths.__getitem__)
     for model in models:
         try:
             state_of(model)
         except NotPatchedError:
             patched = False
     for start in range(0, len(rows), batch_size):
-        batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+        batch = collator([rows[i] for i in order[start : start + batch_size]])
         example_ids = batch[BATCH_KEY]
         ids.append(example_ids)
         labels.append(batch["labels"])
@@ -304,9 +309,10 @@ def model_signals(
         full.append(torch.stack(parts["full"]).mean(0))
         if patched:
             flip.append(torch.stack(parts["flip"]).mean(0))
+    back = torch.argsort(torch.as_tensor(order))
     return LabelSignals(
-        torch.cat(labels), torch.cat(ids), full_logits=torch.cat(full),
-        flip_logits=torch.cat(flip) if patched else None, dynamics=dynamics,
+        torch.cat(labels)[back], torch.cat(ids)[back], full_logits=torch.cat(full)[back],
+        flip_logits=torch.cat(flip)[back] if patched else None, dynamics=dynamics,
     )
 
 
