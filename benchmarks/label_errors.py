@@ -41,6 +41,8 @@ against as many random rows; mean and paired standard error over seeds.
 Run from the repository root (about 15 minutes on one thread, plus caching the texts the first time):
 
     PYTHONPATH=. python benchmarks/label_errors.py [--quick]
+    PYTHONPATH=. python benchmarks/label_errors.py --only-trainer-overhead   # re-time the Trainer section only
+    PYTHONPATH=. python benchmarks/label_errors.py --render                  # rewrite the Markdown from the JSON
 
 Results: ``benchmarks/results/label_errors{,_quick}.{json,md}``.
 """
@@ -397,15 +399,16 @@ def render(results: dict[str, Any]) -> str:
             c = s.get("cleansing")
             if c:
                 fmt = lambda k: f"{c[k][0]:.3f} ± {c[k][1]:.3f}"  # noqa: E731
+                share = lambda k: "n/a (noisy >= clean)" if c[k] is None else f"{c[k]:.0%}"  # noqa: E731
                 lines += [
                     f"Cleansing (test accuracy, mean ± s.e. over {len(CLEANSING_SEEDS)} retrain seeds): noise-free "
                     f"{fmt('clean')}, noisy {fmt('noisy')}, flagged removed {fmt('cleansed')}, flagged relabelled "
                     f"{fmt('relabelled')}, as many random removed {fmt('random')}; removed - random "
                     f"{fmt('cleansed_minus_random')}, relabelled - random {fmt('relabelled_minus_random')}; share of "
-                    f"the lost accuracy recovered: removed {c['recovered_share_cleansed']}, relabelled "
-                    f"{c['recovered_share_relabelled']}. Removing the ranking's top #wrong ({s['n_flipped']}, the true "
+                    f"the lost accuracy recovered: removed {share('recovered_share_cleansed')}, relabelled "
+                    f"{share('recovered_share_relabelled')}. Removing the ranking's top #wrong ({s['n_flipped']}, the true "
                     f"count): {fmt('top_noise_removed')} vs as many random {fmt('random_noise_count')} (difference "
-                    f"{fmt('top_noise_minus_random')}; recovered share {c['recovered_share_top_noise']}).", ""]
+                    f"{fmt('top_noise_minus_random')}; recovered share {share('recovered_share_top_noise')}).", ""]
     if "trainer_overhead" in results:
         o = results["trainer_overhead"]
         lines += ["## Cost of recording on the full model (TurnoverTrainer)", "",
@@ -461,6 +464,7 @@ def main() -> None:
     parser.add_argument("--no-cleansing", action="store_true")
     parser.add_argument("--no-trainer-overhead", action="store_true")
     parser.add_argument("--only-trainer-overhead", action="store_true", help="add the trainer timing to the results file")
+    parser.add_argument("--render", action="store_true", help="only rewrite the Markdown from the JSON results")
     parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -469,6 +473,9 @@ def main() -> None:
     results: dict[str, Any] = {"threads": torch.get_num_threads(), "platform": platform.platform(),
                                "default_method": DEFAULT_METHOD, "datasets": {}}
     stem = RESULTS / f"label_errors{'_quick' if args.quick else ''}"
+    if args.render:
+        atomic_write_text(f"{stem}.md", render(json.loads(Path(f"{stem}.json").read_text())) + "\n")
+        return
     if args.only_trainer_overhead:
         results = json.loads(Path(f"{stem}.json").read_text())
         results["trainer_overhead"] = trainer_overhead(args.quick, log)
