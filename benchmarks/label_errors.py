@@ -63,7 +63,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fidelity  # noqa: E402  (cut caching, label flipping and library batches of the fidelity benchmark)
+from fidelity_runner.adapter import _top_cache  # noqa: E402  (the fidelity benchmark's cut caching, label flips, batches)
+from fidelity_runner.data import with_flipped_labels  # noqa: E402
+from fidelity_runner.peers import library_batches  # noqa: E402
 
 import turnover_hf as th  # noqa: E402
 from turnover_hf.dynamics import DynamicsRecorder  # noqa: E402
@@ -145,7 +147,7 @@ def load(name: str, log: Callable[[str], None], quick: bool) -> tuple[TopModel, 
     if cache is None:
         log(f"caching the frozen layers for {len(rows)} {name} texts ...")
         tokenizer = AutoTokenizer.from_pretrained(th.assets.minilm_path())
-        cache = fidelity._top_cache(model, rows, tokenizer, max_length)
+        cache = _top_cache(model, rows, tokenizer, max_length)
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             save_file({"hidden": cache.hidden.contiguous(), "residual": cache.residual.contiguous(),
@@ -160,7 +162,7 @@ def load(name: str, log: Callable[[str], None], quick: bool) -> tuple[TopModel, 
 def noisy_labels(labels: torch.Tensor, noise: str, num_labels: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
     """Labels with ``noise`` applied and the boolean mask of the changed rows."""
     if noise.startswith("uniform"):
-        return fidelity.with_flipped_labels(labels, int(noise[len("uniform"):]) / 100, seed, num_labels)
+        return with_flipped_labels(labels, int(noise[len("uniform"):]) / 100, seed, num_labels)
     rate = int(noise[len("pair"):]) / 100
     rng = np.random.default_rng(seed)
     candidates = np.flatnonzero(labels.numpy() == 0)
@@ -253,7 +255,7 @@ def cross_validated_probabilities(top: TopModel, data: TopInputs, labels: torch.
 
 def influence_self_scores(top: TopModel, trained: Any, data: TopInputs, labels: torch.Tensor) -> torch.Tensor:
     """Self-influence of the library's influence function (damping 0.1 x mean eigenvalue, the default)."""
-    batches = fidelity.library_batches({"hidden": data.hidden, "residual": data.residual}, labels, data.example_ids)
+    batches = library_batches({"hidden": data.hidden, "residual": data.residual}, labels, data.example_ids)
     with trained.active(top) as module:
         scorer = th.InfluenceFunctionScorer(module, batches, damping_factor=0.1, show_progress=False).fit()
         return torch.cat([scorer.self_scores(b, b["labels"], b["example_ids"]) for b in batches])

@@ -26,7 +26,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import turnover_hf as th
-from pipeline_throughput import naive_seconds_per_pair, timed  # the same timing and naive loop as for encoders
+from pipeline_throughput import (  # the same flags, timing and naive loop as for encoders
+    add_scoring_arguments,
+    naive_seconds_per_pair,
+    timed,
+)
 from turnover_hf.files import atomic_write_text
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -91,15 +95,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--n-embd", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--completion", type=int, default=16, help="counted tokens at the end of each target")
     parser.add_argument("--ids", type=int, default=64)
     parser.add_argument("--targets", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--naive-pairs", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared machine)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
+    add_scoring_arguments(parser, repeats=3, naive_pairs=16)
     args = parser.parse_args()
     if args.quick:
         args.layers, args.n_embd, args.vocab, args.ids, args.targets = 3, 64, 1000, 16, 2

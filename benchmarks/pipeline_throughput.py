@@ -114,13 +114,18 @@ def measure(name: str, model, n_ids: int, n_targets: int, args) -> dict:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_scoring_arguments(parser: argparse.ArgumentParser, repeats: int, naive_pairs: int) -> None:
+    """The flags of both scoring-throughput benchmarks (this one and ``lm_throughput.py``)."""
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--naive-pairs", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--naive-pairs", type=int, default=naive_pairs)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_scoring_arguments(parser, repeats=2, naive_pairs=20)
     args = parser.parse_args()
     torch.manual_seed(0)
     n_ids, n_targets, head_ids = (128, 2, 512) if args.quick else (512, 4, 2000)

