@@ -74,6 +74,7 @@ from turnover_hf.evaluation.metrics import roc_auc  # noqa: E402
 from turnover_hf.files import atomic_path, atomic_write_text  # noqa: E402
 from turnover_hf.label_issues import (  # noqa: E402
     DEFAULT_METHOD,
+    FINAL_FLIP_METHODS,
     LabelSignals,
     label_issue_scores,
     model_signals,
@@ -326,7 +327,10 @@ def run_setting(top: TopModel, train_data: TopInputs, test: TopInputs, texts: li
     rows["self-influence, influence function (default estimator)"] = judged(
         influence, flipped, train_seconds + time.perf_counter() - started, trainings=1
     )
-    ranked = rank_label_issues(signals, DEFAULT_METHOD, texts=texts)
+    # flagged as InfluencePipeline.label_issues() flags them: suggestions from the logits the default method reads
+    as_pipeline = LabelSignals(labels, train_data.example_ids, full_logits=full,
+                               flip_logits=flip if DEFAULT_METHOD in FINAL_FLIP_METHODS else None)
+    ranked = rank_label_issues(as_pipeline, DEFAULT_METHOD, texts=texts)
     flagged = torch.zeros(len(labels), dtype=torch.bool)
     position = {int(i): n for n, i in enumerate(train_data.example_ids.tolist())}
     ranked_rows = [position[i] for i in ranked["example_id"]]
