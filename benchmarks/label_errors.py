@@ -74,7 +74,6 @@ from turnover_hf.evaluation.metrics import roc_auc  # noqa: E402
 from turnover_hf.files import atomic_path, atomic_write_text  # noqa: E402
 from turnover_hf.label_issues import (  # noqa: E402
     DEFAULT_METHOD,
-    FINAL_FLIP_METHODS,
     LabelSignals,
     label_issue_scores,
     model_signals,
@@ -328,8 +327,7 @@ def run_setting(top: TopModel, train_data: TopInputs, test: TopInputs, texts: li
         influence, flipped, train_seconds + time.perf_counter() - started, trainings=1
     )
     # flagged as InfluencePipeline.label_issues() flags them: suggestions from the logits the default method reads
-    as_pipeline = LabelSignals(labels, train_data.example_ids, full_logits=full,
-                               flip_logits=flip if DEFAULT_METHOD in FINAL_FLIP_METHODS else None)
+    as_pipeline = LabelSignals(labels, train_data.example_ids, full_logits=full, flip_logits=flip)
     ranked = rank_label_issues(as_pipeline, DEFAULT_METHOD, texts=texts)
     flagged = torch.zeros(len(labels), dtype=torch.bool)
     position = {int(i): n for n, i in enumerate(train_data.example_ids.tolist())}
@@ -420,8 +418,8 @@ def render(results: dict[str, Any]) -> str:
         lines += ["## Cost of recording on the full model (TurnoverTrainer)", "",
                   f"{o['description']}: without the callback {o['plain_seconds']:.1f} s, with "
                   f"`TrainingDynamicsCallback` {o['recorded_seconds']:.1f} s (x{o['ratio']:.2f}); the default ranking "
-                  f"(`{DEFAULT_METHOD}`) needs no recording, only one full-network pass over the training set after "
-                  f"training: {o.get('default_pass_seconds', float('nan')):.1f} s, i.e. x"
+                  f"(`{DEFAULT_METHOD}`) needs no recording, only two forward passes over the training set after "
+                  f"training (full network, flipped masks): {o.get('default_pass_seconds', float('nan')):.1f} s, i.e. x"
                   f"{(o['plain_seconds'] + o.get('default_pass_seconds', float('nan'))) / o['plain_seconds']:.2f} of "
                   "this 1-epoch training (less for more epochs).", ""]
     return "\n".join(lines)
@@ -452,9 +450,9 @@ def trainer_overhead(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
             started = time.perf_counter()
             trainer.train()
             seconds.setdefault(recorded, []).append(time.perf_counter() - started)
-            if not recorded:  # the default ranking's own cost: one full-network pass over the training set
+            if not recorded:  # the default ranking's own cost: a full-network and a flipped-mask pass over the data
                 started = time.perf_counter()
-                model_signals([model], data["train"], trainer.data_collator, batch_size=64, flipped=False)
+                model_signals([model], data["train"], trainer.data_collator, batch_size=64)
                 seconds.setdefault("pass", []).append(time.perf_counter() - started)
     plain, recorded, one_pass = min(seconds[False]), min(seconds[True]), min(seconds["pass"])
     log(f"TurnoverTrainer, {n} reviews x 1 epoch: {plain:.1f} s plain, {recorded:.1f} s recorded, {one_pass:.1f} s "
