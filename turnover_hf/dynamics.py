@@ -144,6 +144,22 @@ class TrainingDynamics:
         return os.path.exists(os.path.join(folder, DYNAMICS_WEIGHTS))
 
 
+def keep_prefix_outputs(replay: Any) -> list[Any]:
+    """Forward hooks that keep (detached) what the mask-free lower modules of a
+    :class:`~turnover_hf.estimators.prefix.PrefixReplay` output in every forward, so that a following forward
+    under other masks can replay them instead of recomputing; returns the hook handles (``.remove()`` them)."""
+
+    def keeper(name: str) -> Any:
+        def keep(module: nn.Module, args: tuple, output: Any) -> None:
+            detached = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in output) \
+                if isinstance(output, tuple) else output.detach() if isinstance(output, torch.Tensor) else output
+            replay._outputs[name] = detached
+
+        return keep
+
+    return [module.register_forward_hook(keeper(name)) for name, module in replay.modules]
+
+
 class DynamicsRecorder:
     """Collects ``(example_ids, labels, mask_logits, flip_logits)`` of training batches, epoch by epoch.
 
@@ -244,16 +260,8 @@ class TrainingDynamicsCallback(TrainerCallback):
         if any(isinstance(m, nn.Dropout) and m.p > 0 for m in lower):
             self._replay = None  # in training mode those layers' outputs are not what an eval forward computes
             return
-        for name, module in self._replay.modules:
-            self._handles.append(module.register_forward_hook(self._keeper(name)))
+        self._handles = keep_prefix_outputs(self._replay)
 
-    def _keeper(self, name: str) -> Any:
-        def keep(module: nn.Module, args: tuple, output: Any) -> None:
-            detached = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in output) \
-                if isinstance(output, tuple) else output.detach() if isinstance(output, torch.Tensor) else output
-            self._replay._outputs[name] = detached
-
-        return keep
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         for handle in self._handles:

@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -266,14 +267,17 @@ def model_signals(
 
     ``rows`` hold the model inputs, ``labels`` and the id column; ``collator`` is an
     :class:`~turnover_hf.InstanceIdCollator`. Cost: one forward per row and model for the full network, plus one
-    under each row's flipped mask if ``flipped`` and the model is patched.
+    under each row's flipped mask if ``flipped`` and the model is patched (from the lowest masked layer up: the
+    lower layers' outputs of the full forward are replayed).
 
     Example:
         >>> signals = model_signals([model], train_features, InstanceIdCollator(DataCollatorWithPadding(tok)))
     """
     from .context import instance_masks, state_of
     from .data import BATCH_KEY
+    from .dynamics import keep_prefix_outputs
     from .errors import NotPatchedError
+    from .estimators.prefix import PrefixReplay
 
     full, flip, ids, labels = [], [], [], []
     patched = flipped
@@ -299,12 +303,23 @@ def model_signals(
                       if isinstance(v, torch.Tensor) and k not in ("labels", BATCH_KEY)}
             was_training = model.training
             model.eval()
+            # the flipped forward replays the full forward's outputs of the mask-free lower layers
+            replay = PrefixReplay.for_model(model) if patched else None
+            handles = keep_prefix_outputs(replay) if replay is not None else []
             try:
                 parts["full"].append(model(**inputs).logits.float().cpu())
+                for handle in handles:
+                    handle.remove()
                 if patched:
-                    with instance_masks(model, example_ids.to(device), mode="flip"):
+                    rows_now = torch.arange(len(example_ids), device=device)
+                    with (replay.replaying(rows_now) if replay is not None else contextlib.nullcontext()), \
+                            instance_masks(model, example_ids.to(device), mode="flip"):
                         parts["flip"].append(model(**inputs).logits.float().cpu())
             finally:
+                for handle in handles:
+                    handle.remove()
+                if replay is not None:
+                    replay._outputs = {}
                 model.train(was_training)
         if parts["full"][0].dim() != 2:
             raise TurnoverError("label issues are for sequence classifiers ((B, C) logits), not token-level models.")
