@@ -8,7 +8,7 @@ import torch
 from datasets import load_from_disk
 
 import turnover_hf as th
-from turnover_hf import cli, report
+from turnover_hf import report
 from turnover_hf.errors import TurnoverError
 from turnover_hf.estimators import (
     Estimator, EstimatorContext, estimator_names, get_estimator, resolve_estimator, unregister_estimator,

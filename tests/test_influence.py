@@ -15,15 +15,15 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import batch_of, text_task, tiny_bert, tiny_gpt2_lm, token_task, word_tokenizer
 from torch import nn
 from torch.func import functional_call, jacrev
 
 import turnover_hf as th
 from turnover_hf.errors import ConfigMismatchError, TurnoverError
-from turnover_hf.estimators.influence import CountSketch, InfluenceFunctionScorer, factorised, materialised
+from turnover_hf.estimators.influence import CountSketch, InfluenceFunctionScorer, materialised
+from turnover_hf.estimators.influence import factorised as factorised_fit
 from turnover_hf.estimators.influence import scorer as scorer_module
-
-from conftest import batch_of, text_task, tiny_bert, tiny_gpt2_lm, token_task, word_tokenizer
 
 
 def _logits(output):
@@ -661,7 +661,7 @@ def test_an_ill_conditioned_system_falls_back_to_the_float64_factor():
 
 def test_self_influence_reuses_the_input_grams_of_layers_no_mask_changes(monkeypatch):
     (scorer, x, y, ids), (fresh, _, _, _) = _masked_head_fit(), _masked_head_fit()
-    monkeypatch.setattr(factorised, "INPUT_GRAMS_BYTES", 0)  # the same fit without kept Gram matrices
+    monkeypatch.setattr(factorised_fit, "INPUT_GRAMS_BYTES", 0)  # the same fit without kept Gram matrices
     computed, _, _, _ = _masked_head_fit()
     assert all(g is None for g in computed.factors._input_grams)
     assert all(g is not None for g in scorer.factors._input_grams)

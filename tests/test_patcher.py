@@ -7,7 +7,7 @@ import torch
 import turnover_hf as th
 from turnover_hf.masks import keep_bits
 
-from conftest import batch_of, tiny_bert, tiny_distilbert, tiny_gpt2, tiny_roberta, token_task, with_bottleneck, with_lora
+from conftest import batch_of, tiny_bert, tiny_distilbert, tiny_gpt2, tiny_roberta, with_bottleneck, with_lora
 
 
 def _flip_logits(model, batch, example_ids):

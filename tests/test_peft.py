@@ -186,3 +186,22 @@ def test_adapters_library_lora_still_works_beside_peft(train_set):
     scores = th.influence(model, targets, torch.arange(4))
     assert scores.abs().min() > 0
     assert torch.allclose(scores, th.influence(model, targets, torch.arange(4), fast=False), atol=1e-6)
+
+
+def test_a_whole_model_saved_over_a_peft_adapter_and_back_leaves_one_checkpoint(tmp_path):
+    """Adapter files left beside a whole model would make loading take the PEFT path (and the reverse, a stale
+    model.safetensors beside an adapter): each save removes the other kind's files."""
+    base_dir = tmp_path / "base"
+    tiny_gpt2_lm().save_pretrained(base_dir)
+    adapter = th.patch_model(gpt2_lora(GPT2LMHeadModel.from_pretrained(base_dir)), th.TurnoverConfig(seed=11))
+    whole = th.patch_model(tiny_gpt2_lm(seed=3), th.TurnoverConfig(seed=12, target_modules=["lm_head"]), warn_leaking=False)
+    out = tmp_path / "out"
+    adapter.save_pretrained(out)
+    whole.save_pretrained(out)
+    assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
+    loaded = th.load_influence_ready(out)
+    assert not isinstance(loaded, peft.PeftModel) and loaded.turnover_config.seed == 12
+    adapter.save_pretrained(out)
+    assert not (out / "model.safetensors").exists()
+    loaded = th.load_influence_ready(out)
+    assert isinstance(loaded, peft.PeftModel) and loaded.turnover_config.seed == 11

@@ -8,7 +8,7 @@ import torch
 
 import turnover_hf as th
 
-from conftest import free_port, text_task, tiny_bert, with_bottleneck, with_lora, word_tokenizer
+from conftest import free_port, text_task, tiny_bert, with_bottleneck, word_tokenizer
 from test_turnover import naive_influence, _top_layer_adapter
 
 
@@ -131,6 +131,64 @@ def test_bad_input_gets_clear_errors(setup):
         th.InfluencePipeline(model, tokenizer, train_dataset=train.remove_columns("example_id"))
 
 
+def test_resuming_with_another_chunk_size_gives_the_full_result(setup, tmp_path, monkeypatch):
+    model, tokenizer, train = setup
+    targets = train.select([1, 2])
+    full = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="turnover").scores(targets)
+    pipe = th.InfluencePipeline(model, tokenizer, train_dataset=train, chunk_size=8, estimator="turnover")
+    original, calls = pipe.scorer.scores, []
+
+    def interrupted(batch, labels, ids):
+        calls.append(len(ids))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(batch, labels, ids)
+
+    monkeypatch.setattr(pipe.scorer, "scores", interrupted)
+    out = str(tmp_path / "scores")
+    with pytest.raises(KeyboardInterrupt):
+        pipe.scores(targets, output_dir=out)
+    other = th.InfluencePipeline(model, tokenizer, train_dataset=train, chunk_size=5, estimator="turnover")
+    resumed = other.scores(targets, output_dir=out)
+    assert resumed.shape == (40, 2) and torch.allclose(resumed, full, atol=1e-6)
+    assert sorted(os.listdir(out)) == ["manifest.json", "scores.safetensors"]
+    assert torch.equal(th.InfluencePipeline(model, tokenizer, train_dataset=train, chunk_size=3,
+                                            estimator="turnover").scores(targets, output_dir=out), resumed)
+
+
+def test_bad_arguments_and_targets_get_messages_not_tracebacks(setup):
+    model, tokenizer, train = setup
+    for name, value in [("chunk_size", 0), ("top_k", 0), ("top_k", -2), ("batch_size", 0), ("max_length", 0)]:
+        with pytest.raises(th.TurnoverError, match=f"{name} must be a positive integer"):
+            th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="turnover", **{name: value})
+    pipe = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="turnover", max_length=10_000)
+    assert pipe.max_length == 32  # the tiny BERT's position table, not the asked 10000
+    out = pipe(" ".join(["w7"] * 500), top_k=1)  # a target longer than the model accepts is truncated
+    assert len(out["proponents"]) == 1
+    with pytest.raises(th.TurnoverError, match="top_k must be a positive integer, got 0"):
+        pipe("w5 w6", top_k=0)  # was: silently 5
+    with pytest.raises(th.TurnoverError, match="targets is None"):
+        pipe(None)
+    with pytest.raises(th.TurnoverError, match="example_ids is empty"):
+        pipe.scores("w5 w6", example_ids=[])
+    for ids in (["a", "b"], [0, None], "7"):
+        with pytest.raises(th.ExampleIdError, match="example_ids must be non-negative integers"):
+            pipe.scores("w5 w6", example_ids=ids)
+    with pytest.raises(th.TurnoverError, match=r"target labels \[2\] are outside the model's 2 classes"):
+        pipe({"text": "w5 w6", "label": 2})
+    with pytest.raises(th.TurnoverError, match=r"target labels \[-3\] are outside"):
+        pipe.scores([{"text": "w5 w6", "label": -3}])
+    with pytest.raises(th.TurnoverError, match="targets have 40 tokens but the model accepts at most 32"):
+        pipe({"input_ids": [2] + [7] * 39, "attention_mask": [1] * 40})
+    with pytest.raises(th.ExampleIdError, match="holds 'x'"):
+        th.InfluencePipeline(model, tokenizer, train_dataset=train.remove_columns("example_id").add_column(
+            "example_id", ["x"] * 40), estimator="turnover")
+    with pytest.raises(th.ConfigMismatchError, match="does not exist"):
+        th.InfluencePipeline("./no/such/folder", train_dataset=train)
+    with pytest.raises(th.ConfigMismatchError, match="neither a local folder nor a Hub repository"):
+        th.InfluencePipeline("no-such-user/no-such-model", train_dataset=train)
+
+
 def test_auto_scores_with_the_most_faithful_estimator_the_model_allows(setup, tmp_path, caplog):
     model, tokenizer, train = setup
     targets = train.select([1, 2, 3])
@@ -148,7 +206,7 @@ def test_auto_scores_with_the_most_faithful_estimator_the_model_allows(setup, tm
     other.turnover_config.num_train_examples = len(train)
     members = th.InfluencePipeline([model, other], tokenizer, train_dataset=train)
     assert members.estimator == "turnover" and members.num_members == 2
-    with pytest.raises(th.TurnoverError, match="scores with 'turnover'.*Drop influence_options"):
+    with pytest.raises(th.TurnoverError, match="scores with 'turnover'.*Drop them"):
         th.InfluencePipeline([model, other], tokenizer, train_dataset=train, influence_options={"damping_factor": 1.0})
 
 
@@ -173,6 +231,33 @@ def test_auto_sketches_gradients_when_an_exact_fit_exceeds_the_memory_budget(set
     roomy = th.InfluencePipeline(model, tokenizer, train_dataset=train, influence_options={"max_memory_gb": exact * 1.01})
     assert roomy.scorer.projection_dim is None
     roomy.scores(train.select([1]))  # the exact fit runs within the budget the estimate gave
+
+
+def test_auto_sketches_when_the_fit_that_applies_turns_out_larger_than_estimated(setup, caplog):
+    """Adapters inside the transformer see token sequences: the fit the static check expected (factorised) does not
+    apply, and the per-example one exceeds the budget. estimator='auto' then sketches instead of failing."""
+    _, tokenizer, train = setup
+    model = th.patch_model(with_bottleneck(tiny_bert(), reduction_factor=0.125), th.TurnoverConfig(seed=3),
+                           freeze_leaking=True)
+    model.turnover_config.num_train_examples = len(train)
+    dim = th.estimators.influence.AUTO_PROJECTION_DIM
+    scorer = th.InfluenceFunctionScorer(model)
+    estimated = scorer.fit_memory_gb(len(train), 2)  # the factorised size: the static check lets adapters through
+    materialised = len(train) * scorer.width * 4 / 2**30
+    sketched = len(train) * dim * 4 / 2**30
+    assert estimated < sketched < materialised
+    budget = {"max_memory_gb": (sketched + materialised) / 2}
+    named = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence", influence_options=budget)
+    with pytest.raises(th.TurnoverError, match="above max_memory_gb.*projection_dim"):
+        named.scores(train.select([1]))  # asked for by name: refused, naming the fixes
+    auto = th.InfluencePipeline(model, tokenizer, train_dataset=train, influence_options=budget)
+    assert auto.scorer.projection_dim is None  # the estimate fitted the budget
+    with caplog.at_level(logging.WARNING):
+        scores = auto.scores(train.select([1, 2]))
+    assert auto.scorer.projection_dim == dim and "Sketching gradients" in caplog.text
+    sketch = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence",
+                                  influence_options={**budget, "projection_dim": dim})
+    assert torch.equal(scores, sketch.scores(train.select([1, 2])))
 
 
 SHARDED = r"""

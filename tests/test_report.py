@@ -1,6 +1,7 @@
 """The HTML report holds exactly the run's numbers and rows, escaped and self-contained, and renders in Chromium."""
 
 import base64
+import copy
 import re
 from html.parser import HTMLParser
 
@@ -49,7 +50,11 @@ class _Tables(HTMLParser):
 def page_inputs(run):  # noqa: F811
     """Report inputs from a real pipeline whose training texts carry HTML."""
     train = run["train"].map(lambda r, i: {"text": r["text"] + (HTML_BIT if i % 3 == 0 else "")}, with_indices=True)
-    pipe = th.InfluencePipeline(run["pipe"].model, run["pipe"].tokenizer, train_dataset=train)
+    # These texts are not the ones the model trained on, and the pipeline refuses them against the recorded training
+    # set; this test is about escaping only, so a copy of the model forgets that record.
+    model = copy.deepcopy(run["pipe"].model)
+    model.turnover_state.training_set = None
+    pipe = th.InfluencePipeline(model, run["pipe"].tokenizer, train_dataset=train)
     valid = run["valid"]
     explanations = pipe([{"text": t, "label": y} for t, y in zip(valid["text"][:2], valid["label"][:2])], top_k=3)
     for item, text in zip(explanations, valid["text"][:2]):

@@ -1,4 +1,3 @@
-import os
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ from transformers import TrainingArguments
 import turnover_hf as th
 from turnover_hf.masks import keep_bits
 
-from conftest import SEQ, tiny_bert, token_task, with_bottleneck
+from conftest import tiny_bert, token_task, with_bottleneck
 
 
 def _id_coded_task(n=48, seed=0) -> Dataset:

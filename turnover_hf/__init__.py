@@ -24,6 +24,7 @@ from .data import CausalLMCollator, InstanceIdCollator, add_example_ids, prompt_
 from .losses import per_example_loss, per_token_loss
 from .estimators.turnover import TurnoverScorer, influence
 from .trainer import TurnoverTrainer
+from .training_set import DatasetSource, record_training_set
 from .callbacks import FlipSanityCallback
 from .dynamics import TrainingDynamics, TrainingDynamicsCallback
 from .label_issues import LabelSignals, cleansing_report, rank_label_issues
@@ -40,6 +41,7 @@ __all__ = [
     "CONFIG_NAME",
     "CausalLMCollator",
     "ConfigMismatchError",
+    "DatasetSource",
     "EnsembleScorer",
     "ExampleIdError",
     "FlipSanityCallback",
@@ -78,6 +80,7 @@ __all__ = [
     "per_example_loss",
     "per_token_loss",
     "prompt_completion_features",
+    "record_training_set",
     "register_estimator",
     "unpatch_model",
 ]

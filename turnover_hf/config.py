@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -21,6 +22,11 @@ MASK_SIDES = ("output", "input", "rank")
 # Fields that decide which mask bits every (example, unit) gets. Two configs that differ in any of them give
 # different influence scores for the same weights.
 MASK_FIELDS = ("p", "seed", "scheme", "codebook_size", "codebook_picks", "mask_sites")
+# Fields a saved config must spell out: a missing one would silently take the dataclass default and change the masks
+# (or which column holds the ids). Every turnover_config.json ever written has them.
+REQUIRED_FIELDS = ("p", "seed", "scheme", "codebook_size", "codebook_picks", "mask_sites", "id_column")
+# Version of the turnover_config.json format; a file from a newer format is refused (configs before the field: 1).
+FORMAT_VERSION = 1
 
 
 @dataclass
@@ -78,7 +84,14 @@ class TurnoverConfig(PushToHubMixin):
                           "model), i.e. what training updated; load_influence_ready restores them, and gradient-based "
                           "estimators differentiate them."},
     )
+    training_set: Optional[dict[str, Any]] = field(
+        default=None,
+        metadata={"help": "Filled by TurnoverTrainer: the training set's size, fingerprint, hashed columns and, when "
+                          "known, where it can be loaded from (see turnover_hf.training_set); per-row hashes are in "
+                          "training_set.safetensors beside the config."},
+    )
     library_version: str = field(default=__version__, metadata={"help": "turnover-hf version that wrote this config."})
+    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Version of this file's format."})
 
     def __post_init__(self) -> None:
         try:
@@ -96,6 +109,20 @@ class TurnoverConfig(PushToHubMixin):
             raise ValueError(f"TurnoverConfig: channels must be an integer >= 1 (e.g. 16), got {self.channels!r}.")
         if isinstance(self.target_module_types, str):
             self.target_module_types = [self.target_module_types]
+        for name in ("target_modules", "exclude_modules", "mask_inputs_of"):
+            pattern = getattr(self, name)
+            if isinstance(pattern, str):
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ValueError(
+                        f"TurnoverConfig: {name}={pattern!r} is not a valid regular expression ({err}); a string is "
+                        "matched with re.fullmatch, so escape special characters, or give a list of module names."
+                    ) from None
+            elif pattern is not None and not (
+                isinstance(pattern, (list, tuple)) and all(isinstance(x, str) for x in pattern)
+            ):
+                raise ValueError(f"TurnoverConfig: {name} must be a regex string or a list of module names, got {pattern!r}.")
         for name, site in (self.mask_sites or {}).items():
             channels = site.get("channels", 1)
             if site.get("side") not in MASK_SIDES or int(site.get("units", 0)) < 1 or not (
@@ -134,15 +161,37 @@ class TurnoverConfig(PushToHubMixin):
             )
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TurnoverConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = CONFIG_NAME) -> "TurnoverConfig":
+        """A config from the fields of a saved ``turnover_config.json``: the fields that decide the masks must all
+        be there, and a file of a newer format (or with fields this version does not know) is refused."""
+        if not isinstance(data, dict):
+            raise ConfigMismatchError(f"{source} holds a JSON {type(data).__name__}, not an object of config fields; "
+                                      "it is not a turnover config. Save the model again with model.save_pretrained.")
+        version = data.get("format_version", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+            raise ConfigMismatchError(
+                f"{source} has format version {version!r} (written by turnover-hf {data.get('library_version', '?')}); "
+                f"this turnover-hf ({__version__}) reads versions up to {FORMAT_VERSION}. Upgrade turnover-hf: "
+                "pip install -U turnover-hf."
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigMismatchError(
-                f"{CONFIG_NAME} has fields this turnover-hf version does not know: {unknown}; "
-                "upgrade turnover-hf to load this checkpoint with the same masks."
+                f"{source} has fields this turnover-hf version does not know: {unknown}; "
+                "upgrade turnover-hf (pip install -U turnover-hf) to load this checkpoint with the same masks."
             )
-        return cls(**data)
+        missing = [name for name in REQUIRED_FIELDS if name not in data]
+        if missing:
+            raise ConfigMismatchError(
+                f"{source} lacks {missing}, which decide the masks (a default would silently give other masks than "
+                "training used). Restore the file from the checkpoint as it was saved, or save the model again with "
+                "model.save_pretrained."
+            )
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as err:
+            raise ConfigMismatchError(f"{source} is not a valid turnover config: {err}") from None
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], **hub_kwargs: Any) -> "TurnoverConfig":
@@ -158,8 +207,15 @@ class TurnoverConfig(PushToHubMixin):
             from huggingface_hub import hf_hub_download
 
             file = hf_hub_download(str(path), CONFIG_NAME, **hub_kwargs)
-        with open(file, encoding="utf-8") as handle:
-            return cls.from_dict(json.load(handle))
+        try:
+            with open(file, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigMismatchError(
+                f"{file} is not readable JSON ({err}); the checkpoint's turn-over config is damaged. Restore it, or "
+                "save the model again with model.save_pretrained."
+            ) from None
+        return cls.from_dict(data, source=os.fspath(file))
 
     def check_same_masks(self, other: "TurnoverConfig") -> None:
         """Raise :class:`ConfigMismatchError` unless ``other`` gives exactly the same masks."""

@@ -11,7 +11,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -20,15 +20,28 @@ from .config import TurnoverConfig
 from .errors import ExampleIdError, MissingExampleIdsError, NotPatchedError
 from .masks import check_example_ids, mask_for
 
+if TYPE_CHECKING:
+    from .layers import MaskSite
+    from .training_set import TrainingSet
+
 Mode = Literal["train", "flip", "off"]
 MODES: tuple[str, ...] = ("train", "flip", "off")
 
 
 class MaskState:
-    """What the masked layers of one model need for the current forward: ids, which rows are flipped, mode."""
+    """What the masked layers of one model need for the current forward: ids, which rows are flipped, mode; and
+    what the patch made of the model: its mask sites, the hooks to remove when unpatching, and the training set
+    the masks were (or are being) trained on."""
 
-    def __init__(self, config: TurnoverConfig) -> None:
+    def __init__(self, config: TurnoverConfig, sites: Optional[list["MaskSite"]] = None,
+                 handles: Optional[list[Any]] = None, training_set: Optional["TrainingSet"] = None,
+                 influence: Any = None) -> None:
         self.config = config
+        self.sites: list["MaskSite"] = list(sites or [])
+        self.handles: list[Any] = list(handles or [])  # torch hook handles (RemovableHandle)
+        self.training_set = training_set  # recorded by TurnoverTrainer, or loaded with the checkpoint
+        self.influence = influence  # a fitted influence scorer of these weights: saved with the model
+        self.checkpoint_dir: Optional[str] = None  # the folder the model was loaded from (its fits may come along)
         self.example_ids: Optional[torch.Tensor] = None
         self.flipped: Union[bool, torch.Tensor] = False
         self.mode: Optional[str] = None  # None: no context open

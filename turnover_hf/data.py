@@ -50,7 +50,15 @@ def check_id_column(dataset: Dataset, column: str = "example_id") -> torch.Tenso
             f"the dataset has no {column!r} column (columns: {dataset.column_names}). Add stable ids with "
             f"`dataset = turnover_hf.add_example_ids(dataset, column={column!r})` before shuffling or splitting."
         )
-    ids = torch.as_tensor(dataset.with_format(None)[column])
+    values = dataset.with_format(None)[column]
+    try:
+        ids = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError):
+        bad = next((v for v in values if not isinstance(v, int) or isinstance(v, bool)), None)
+        raise ExampleIdError(
+            f"column {column!r} must hold one non-negative integer per row; it holds {bad!r} (e.g. strings or missing "
+            f"values). Replace it: dataset.remove_columns({column!r}) then turnover_hf.add_example_ids(dataset)."
+        ) from None
     if ids.is_floating_point() or ids.dtype == torch.bool or ids.dim() != 1:
         raise ExampleIdError(f"column {column!r} must hold one integer per row, got dtype {ids.dtype}.")
     ids = ids.to(torch.int64)

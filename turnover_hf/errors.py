@@ -29,3 +29,7 @@ class ExampleIdError(TurnoverError):
 
 class ConfigMismatchError(TurnoverError):
     """A checkpoint, model or dataset does not match the turn-over configuration it is used with."""
+
+
+class StaleFitError(ConfigMismatchError):
+    """A fitted estimator (e.g. an influence function) belongs to other weights or another training set."""

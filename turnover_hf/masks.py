@@ -116,7 +116,14 @@ def validate_seed(seed: int) -> int:
 def check_example_ids(example_ids: torch.Tensor) -> torch.Tensor:
     """Validate a batch of example ids: a 1-D integer tensor of non-negative values; returns it as int64."""
     if not isinstance(example_ids, torch.Tensor):
-        example_ids = torch.as_tensor(example_ids)
+        try:
+            example_ids = torch.as_tensor(example_ids)
+        except (TypeError, ValueError, RuntimeError):
+            shown = repr(example_ids)
+            raise ValueError(
+                f"example_ids must be non-negative integers, got {shown[:80] + ('...' if len(shown) > 80 else '')}; "
+                "use the ids of the dataset's id column (turnover_hf.add_example_ids adds them)."
+            ) from None
     if example_ids.dtype in (torch.bool,) or example_ids.is_floating_point() or example_ids.is_complex():
         raise ValueError(f"example_ids must be an integer tensor, got dtype {example_ids.dtype}.")
     if example_ids.dim() != 1:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import types
 from typing import Optional
 
 from torch import nn
@@ -16,6 +15,36 @@ from .layers import InputMaskHook, OutputMaskHook, add_channels, fold_channels, 
 from .sites import covered_parameters, inner_model, resolve_sites, units_of
 
 logger = logging.getLogger(__name__)
+
+# Mixins added to the class of every patched model (as ``adapters.init`` does), registered by higher layers so that
+# the patcher never imports them: turnover_hf.checkpoint registers the one whose save_pretrained / push_to_hub write
+# influence-ready folders.
+_MODEL_MIXINS: list[type] = []
+_SWAPPED: dict[type, type] = {}
+
+
+def register_model_mixin(mixin: type) -> None:
+    """Give every model patched from now on ``mixin`` as its first base class (same class name and module).
+
+    Example:
+        >>> register_model_mixin(InfluenceReadyMixin)   # done once by turnover_hf.checkpoint
+    """
+    if mixin not in _MODEL_MIXINS:
+        _MODEL_MIXINS.append(mixin)
+        _SWAPPED.clear()
+
+
+def _swap_class(model: nn.Module) -> None:
+    cls = type(model)
+    if not _MODEL_MIXINS or not hasattr(cls, "save_pretrained"):
+        return
+    swapped = _SWAPPED.get(cls)
+    if swapped is None:
+        # The original name and module: transformers writes the class name into config.json ("architectures").
+        swapped = type(cls.__name__, (*_MODEL_MIXINS, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        _SWAPPED[cls] = swapped
+    model.__dict__["turnover_unpatched_class"] = cls
+    model.__class__ = swapped
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -82,8 +111,8 @@ def patch_model(
         )
     config.active_adapters = active
 
-    state = MaskState(config)
-    handles = []
+    state = MaskState(config, sites)
+    handles = state.handles
     for site in sites:
         module = modules[site.name]
         if site.channels > 1:
@@ -98,18 +127,11 @@ def patch_model(
             module.turnover_site, module.turnover_state = site, state
             module.turnover_original_class = type(module)
             module.__class__ = masked_lora_class(type(module))
-    state.handles = handles
-    state.sites = sites
     # On the transformers model: a PeftModel reaches it through attribute forwarding.
     inner.turnover_state = state
     inner.turnover_config = config
-    if hasattr(type(model), "save_pretrained"):
-        from .checkpoint import push_influence_ready, save_influence_ready
-
-        # Instance attributes, so Trainer checkpoints (which call model.save_pretrained) and model.push_to_hub
-        # write turnover_config.json and the model card too.
-        model.save_pretrained = types.MethodType(save_influence_ready, model)
-        model.push_to_hub = types.MethodType(push_influence_ready, model)
+    # Trainer checkpoints (which call model.save_pretrained) and model.push_to_hub then write influence-ready folders.
+    _swap_class(model)
 
     leaking = leakage_report(model)
     if leaking and freeze_leaking:
@@ -165,8 +187,11 @@ def unpatch_model(model: nn.Module) -> nn.Module:
             module.__class__ = original
             del module.turnover_site, module.turnover_state
     for holder in _wrappers(model):
-        for attr in ("turnover_state", "turnover_config", "save_pretrained", "push_to_hub"):
+        for attr in ("turnover_state", "turnover_config"):
             holder.__dict__.pop(attr, None)
+        original = holder.__dict__.pop("turnover_unpatched_class", None)
+        if original is not None:
+            holder.__class__ = original
     return model if inner_model(model) is target else target
 
 

@@ -18,15 +18,18 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .checkpoint import load_influence_ready, model_class_of
+from .checkpoint import load_influence_ready, model_class_of, resolve_checkpoint
 from .config import CONFIG_NAME
 from .data import InstanceIdCollator, check_id_column, check_ids_known, default_collator, prompt_completion_features
-from .errors import ConfigMismatchError, TurnoverError
-from .estimators import AUTO, EstimatorContext, get_estimator, options_owner, resolve_estimator
+from .errors import ConfigMismatchError, ExampleIdError, TurnoverError
+from .estimators import AUTO, Estimator, EstimatorContext, get_estimator, options_owner, resolve_estimator
 from .estimators.ensemble import member_dirs, split_half_agreement
 from .estimators.influence import AUTO_PROJECTION_DIM  # noqa: F401 - kept importable from here
 from .losses import is_causal_lm
+from .masks import check_example_ids
 from .store import ScoreStore, fingerprint
+from .training_set import load_recorded_training_set, verify_training_set
+from .validation import check_input_lengths, check_labels, model_max_length, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ def _members(model: Any) -> tuple[list[Any], Optional[str]]:
             raise TurnoverError("InfluencePipeline got an empty list of models.")
         return list(model), None
     if isinstance(model, (str, os.PathLike)):
-        path = os.fspath(model)
+        path = resolve_checkpoint(model)  # a local folder, or the snapshot of a Hub repository
         if not os.path.isfile(os.path.join(path, CONFIG_NAME)) and member_dirs(path):
             return member_dirs(path), path
         return [path], path
@@ -75,7 +78,7 @@ class InfluencePipeline:
             beside their scores. Must have as many rows as the model was trained on.
         batch_size: (id, target, mask) rows per forward pass.
         text_column: the text column of datasets (training set and dataset targets).
-        max_length: truncation length for text.
+        max_length: truncation length for text (capped at what the model and tokenizer accept).
         top_k: proponents and opponents returned per target.
         fast: use the exact fast paths (closed-form head, prefix reuse); ``False`` scores row by row.
         estimator: ``"auto"`` (the default: the most faithful estimator the model allows, see below),
@@ -132,6 +135,11 @@ class InfluencePipeline:
         options: Optional[Any] = None,
         save_fit: bool = False,
     ) -> None:
+        positive_int("batch_size", batch_size)
+        positive_int("chunk_size", chunk_size, " (training ids per saved chunk)")
+        positive_int("top_k", top_k)
+        if max_length is not None:
+            positive_int("max_length", max_length, " (tokens) or None")
         models, path = _members(model)
         if estimator != AUTO:
             get_estimator(estimator)  # an unknown name is refused before anything is loaded
@@ -143,7 +151,7 @@ class InfluencePipeline:
                 if tokenizer is None and os.path.isfile(os.path.join(member_path, "tokenizer_config.json")):
                     tokenizer = AutoTokenizer.from_pretrained(member_path)
         if train_dataset is None:
-            raise TurnoverError("InfluencePipeline needs train_dataset: the training set, with its id column.")
+            train_dataset = load_recorded_training_set(models)  # the data the checkpoint names, or a clear refusal
         self.checkpoint_path = path  # where the model was loaded from (None for an in-memory model)
         self.models = [(m.to(device) if device is not None else m).eval() for m in models]
         self.model = self.models[0]
@@ -177,14 +185,18 @@ class InfluencePipeline:
         self._prepared = False
         self.tokenizer = tokenizer
         self.text_column = text_column
-        self.max_length = max_length
+        limit = model_max_length(self.model, tokenizer)
+        self.max_length = limit if max_length is None else min(max_length, limit or max_length)
         self.top_k = top_k
         self.batch_size = batch_size
         self.chunk_size = chunk_size
         self.collator = InstanceIdCollator(data_collator or default_collator(self.model, tokenizer), self.id_column)
         self.train_dataset = train_dataset
         self.train_ids = check_id_column(train_dataset, self.id_column)
-        if expected is not None and expected != len(train_dataset):
+        # the rows the models were trained on (or a subset, unless the estimator fits on the training set first)
+        fits = type(self.scorer).prepare is not Estimator.prepare
+        recorded = verify_training_set(self.models, train_dataset, require_all=fits)
+        if not recorded and expected is not None and expected != len(train_dataset):
             raise ConfigMismatchError(
                 f"the model was trained on {expected} examples but train_dataset has {len(train_dataset)} rows. Pass "
                 "the full training set (with the same id column) and choose ids to score with example_ids=..."
@@ -267,6 +279,8 @@ class InfluencePipeline:
 
     def prepare_targets(self, targets: TargetsLike) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
         """Collated target inputs, their labels, and where each label came from ("given" or "predicted")."""
+        if targets is None:
+            raise TurnoverError("targets is None; give text, a dict of model inputs, a list of those, or a Dataset.")
         rows = self._target_rows(targets)
         if not rows:
             raise TurnoverError("no targets given.")
@@ -281,8 +295,13 @@ class InfluencePipeline:
             batch = self.collator([{k: v for k, v in row.items() if k != "labels"} for row in rows])
         except (ValueError, TypeError) as err:
             raise TurnoverError(f"the targets could not be collated into model inputs ({err}).") from err
+        check_input_lengths(batch, model_max_length(self.model, self.tokenizer))
         if all(labelled):
-            labels = torch.as_tensor([row["labels"] for row in rows])
+            try:
+                labels = torch.as_tensor([row["labels"] for row in rows])
+            except (TypeError, ValueError, RuntimeError):
+                raise TurnoverError(f"target labels must be class indices, got {[row['labels'] for row in rows][:5]}.") from None
+            check_labels(labels, getattr(getattr(self.model, "config", None), "num_labels", None))
             return batch, labels, ["given"] * len(rows)
         logger.info("some targets have no label: all are scored against the model's own predictions.")
         predicted = self.scorer.predict(batch)
@@ -291,7 +310,14 @@ class InfluencePipeline:
     def _ids(self, example_ids: Optional[Sequence[int]]) -> torch.Tensor:
         if example_ids is None:
             return self.train_ids.clone()
-        return check_ids_known(torch.as_tensor(example_ids), self.train_ids)
+        if not isinstance(example_ids, (torch.Tensor, str, bytes)) and len(example_ids) == 0 \
+                or isinstance(example_ids, torch.Tensor) and example_ids.numel() == 0:
+            raise TurnoverError("example_ids is empty; give at least one training id, or None for the whole training set.")
+        try:
+            example_ids = check_example_ids(example_ids)
+        except ValueError as err:
+            raise ExampleIdError(str(err)) from None
+        return check_ids_known(example_ids, self.train_ids)
 
     def _positions(self, example_ids: torch.Tensor) -> list[int]:
         return self._order[torch.searchsorted(self.train_ids[self._order], example_ids)].tolist()
@@ -310,12 +336,13 @@ class InfluencePipeline:
         if output_dir is not None:
             key = fingerprint(kind, self.estimator, self.scorer.cache_key(), *[m.state_dict() for m in self.models],
                               example_ids, *key_parts)
-            store = ScoreStore(output_dir, key, example_ids, n_columns, f"{kind} of {len(example_ids)} ids")
+            store = ScoreStore(output_dir, key, example_ids, n_columns, f"{kind} of {len(example_ids)} ids", self.chunk_size)
             done = store.result()
             if done is not None:
                 return done
         self._prepare()
-        chunks = list(range(0, len(example_ids), self.chunk_size))
+        chunk_size = store.chunk_size if store is not None else self.chunk_size  # a resumed run keeps its layout
+        chunks = list(range(0, len(example_ids), chunk_size))
         # A model on the CPU runs its processes on gloo; on accelerators accelerate picks the backend.
         state = PartialState(cpu=self.scorer.device.type == "cpu")
         results: list[tuple[int, torch.Tensor]] = []
@@ -324,7 +351,7 @@ class InfluencePipeline:
                 part = store.shard(index) if store is not None else None
                 if part is None:
                     start = chunks[index]
-                    part = compute(example_ids[start : start + self.chunk_size]).reshape(-1, n_columns).cpu()
+                    part = compute(example_ids[start : start + chunk_size]).reshape(-1, n_columns).cpu()
                     if store is not None:
                         store.write_shard(index, part)
                 results.append((index, part))
@@ -456,7 +483,7 @@ class InfluencePipeline:
         counted tokens) and each proponent / opponent ``token_scores`` (its influence on each of those tokens) and
         ``score_sum`` (their sum: the influence on the summed loss).
         """
-        top_k = top_k or self.top_k
+        top_k = self.top_k if top_k is None else positive_int("top_k", top_k)
         single = isinstance(targets, str) or (self.causal_lm and _is_prompt_completion(targets)) or (isinstance(targets, Mapping) and torch.as_tensor(targets.get("input_ids", [[0]])).dim() <= 1)
         batch, labels, sources = self.prepare_targets(targets)
         ids = self._ids(example_ids)

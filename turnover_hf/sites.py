@@ -1,5 +1,5 @@
-"""Which modules carry masks: default presets (heads, ``adapters`` bottlenecks, LoRA of ``adapters`` and PEFT) and
-user targets.
+"""Mask sites, i.e. which modules carry masks: default presets (heads, ``adapters`` bottlenecks, LoRA of ``adapters``
+and PEFT) and the modules a user names in ``target_modules``.
 
 Also the structural coverage rules used by the leakage report: which trainable parameters a set of masks keeps
 away from the flipped sub-network.

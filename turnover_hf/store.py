@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Any, Optional
 
@@ -20,6 +21,8 @@ from .files import atomic_path, atomic_write_text
 
 MANIFEST = "manifest.json"
 RESULT = "scores.safetensors"
+
+logger = logging.getLogger(__name__)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -40,25 +43,58 @@ def fingerprint(*parts: Any) -> str:
 
 
 class ScoreStore:
-    """One resumable result in ``folder``: rows = training ids (in the asked order), columns = targets."""
+    """One resumable result in ``folder``: rows = training ids (in the asked order), columns = targets.
 
-    def __init__(self, folder: str, key: str, example_ids: torch.Tensor, n_columns: int, description: str) -> None:
+    The manifest records the chunk layout (``chunk_size``); a later call continues in that layout whatever chunk
+    size it asks for, every shard holds the ids of its rows and is checked on reading, and the final result's shape
+    is checked before it is written. A finished result leaves only ``manifest.json`` and ``scores.safetensors``.
+
+    Example:
+        >>> store = ScoreStore("scores/valid", key, ids, n_columns=3, description="scores of 3 targets", chunk_size=1024)
+        >>> store.chunks()        # [(0, 0, 1024), (1, 1024, 2048), ...]: (index, start, stop) of every shard
+    """
+
+    def __init__(self, folder: str, key: str, example_ids: torch.Tensor, n_columns: int, description: str,
+                 chunk_size: int = 1024) -> None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise TurnoverError(f"chunk_size must be a positive integer (training ids per saved chunk), got {chunk_size!r}.")
         self.folder = os.fspath(folder)
+        if os.path.isfile(self.folder):
+            raise TurnoverError(f"output_dir {self.folder!r} is a file; give a folder for the result.")
         self.example_ids = example_ids.cpu()
         self.n_columns = n_columns
-        manifest = {"key": key, "n_ids": len(example_ids), "n_columns": n_columns, "description": description}
+        self.chunk_size = chunk_size
+        manifest = {"key": key, "n_ids": len(example_ids), "n_columns": n_columns, "description": description,
+                    "chunk_size": chunk_size}
         path = os.path.join(self.folder, MANIFEST)
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as handle:
-                existing = json.load(handle)
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    existing = json.load(handle)
+                existing.get("key")
+            except (ValueError, AttributeError) as err:
+                raise TurnoverError(
+                    f"{path} is not a readable manifest ({err}); the folder does not hold a result this version can "
+                    "continue. Delete the folder to recompute, or choose another output_dir."
+                ) from None
             if existing.get("key") != key:
                 raise TurnoverError(
                     f"{self.folder!r} already holds another result ({existing.get('description')}); it is kept as it "
                     "is. Choose another output_dir, or delete that folder to recompute."
                 )
+            recorded = existing.get("chunk_size")
+            if recorded is not None and recorded != chunk_size:
+                logger.info("%s was started with chunk_size=%d; continuing in that layout (asked: %d).",
+                            self.folder, recorded, chunk_size)
+                self.chunk_size = int(recorded)
         else:
             os.makedirs(self.folder, exist_ok=True)
             atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
+
+    def chunks(self) -> list[tuple[int, int, int]]:
+        """(index, start, stop) of every shard, in the folder's layout."""
+        n = len(self.example_ids)
+        return [(k, start, min(start + self.chunk_size, n)) for k, start in enumerate(range(0, n, self.chunk_size))]
 
     def _shard(self, index: int) -> str:
         return os.path.join(self.folder, f"shard-{index:06d}.safetensors")
@@ -71,16 +107,43 @@ class ScoreStore:
         data = load_file(path)
         if not torch.equal(data["example_ids"], self.example_ids):
             raise TurnoverError(f"{path!r} holds scores for other example ids; delete the folder to recompute.")
+        if tuple(data["scores"].shape) != (len(self.example_ids), self.n_columns):
+            raise TurnoverError(
+                f"{path!r} holds scores of shape {tuple(data['scores'].shape)}, not ({len(self.example_ids)}, "
+                f"{self.n_columns}); it was written by a faulty earlier run. Delete the folder to recompute."
+            )
         return data["scores"]
 
     def shard(self, index: int) -> Optional[torch.Tensor]:
+        """The saved scores of shard ``index``, checked to be the rows of its ids; None if not computed yet."""
         path = self._shard(index)
-        return load_file(path)["scores"] if os.path.isfile(path) else None
+        if not os.path.isfile(path):
+            return None
+        _, start, stop = self.chunks()[index]
+        data = load_file(path)
+        ids = data.get("example_ids")
+        if (ids is not None and not torch.equal(ids, self.example_ids[start:stop])) or tuple(data["scores"].shape) != (stop - start, self.n_columns):
+            raise TurnoverError(
+                f"{path} does not hold the rows {start}..{stop - 1} of this result (another chunk layout or run). "
+                "Delete the folder to recompute."
+            )
+        return data["scores"]
 
     def write_shard(self, index: int, scores: torch.Tensor) -> None:
+        _, start, stop = self.chunks()[index]
         with atomic_path(self._shard(index)) as tmp:
-            save_file({"scores": scores.contiguous().cpu()}, tmp)
+            save_file({"scores": scores.contiguous().cpu(), "example_ids": self.example_ids[start:stop].contiguous()}, tmp)
 
     def finish(self, scores: torch.Tensor) -> None:
+        """Write the final result (after checking its shape) and remove the shards and any temporary leftovers."""
+        expected = (len(self.example_ids), self.n_columns)
+        if tuple(scores.shape) != expected:
+            raise TurnoverError(
+                f"the result for {self.folder!r} has shape {tuple(scores.shape)} instead of {expected}; nothing was "
+                "written. This is a bug: please report it with the call that produced it."
+            )
         with atomic_path(os.path.join(self.folder, RESULT)) as tmp:
             save_file({"example_ids": self.example_ids.contiguous(), "scores": scores.contiguous().cpu()}, tmp)
+        for name in os.listdir(self.folder):
+            if (name.startswith("shard-") and name.endswith(".safetensors")) or (name.startswith(".") and name.endswith(".tmp")):
+                os.remove(os.path.join(self.folder, name))

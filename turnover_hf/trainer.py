@@ -8,7 +8,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from .context import instance_masks, state_of
 from .data import BATCH_KEY, InstanceIdCollator, check_id_column, default_collator
 from .dynamics import dynamics_callback
 from .errors import MissingExampleIdsError
+from .training_set import DatasetSource, record_training_set
 
 
 class ExampleIdTrainer(Trainer):
@@ -61,18 +62,25 @@ class TurnoverTrainer(ExampleIdTrainer):
     The training set's id column is checked up front (present, integer, non-negative, unique). A causal LM
     (PEFT-wrapped or not) gets :class:`~turnover_hf.data.CausalLMCollator` by default: every token of a sequence
     trains under that sequence's mask, and rows with ``labels`` (-100 on a prompt) train on their completion only.
+    The training set's identity (ids and a hash of every row) is recorded for the checkpoint; a
+    ``train_dataset_source`` (:class:`~turnover_hf.training_set.DatasetSource`, or a Hub id / folder) names where
+    it can be loaded from, so that ``InfluencePipeline(checkpoint)`` needs no ``train_dataset``.
 
     Example:
         >>> trainer = TurnoverTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
         >>> trainer.train(); trainer.save_model("out")        # out/ is an influence-ready checkpoint
     """
 
-    def __init__(self, model: Optional[nn.Module] = None, args: Any = None, data_collator: Any = None, *pos: Any, **kwargs: Any) -> None:
+    def __init__(self, model: Optional[nn.Module] = None, args: Any = None, data_collator: Any = None, *pos: Any,
+                 train_dataset_source: Optional[Union[DatasetSource, dict[str, Any], str]] = None, **kwargs: Any) -> None:
         state = state_of(model)
         train_dataset = kwargs.get("train_dataset", pos[0] if pos else None)
         super().__init__(model, args, data_collator, *pos, id_column=state.config.id_column, **kwargs)
         if train_dataset is not None:
             state.config.num_train_examples = len(train_dataset)
+            # the checkpoint will name these rows: the pipeline refuses any other training set
+            state.training_set = record_training_set(train_dataset, self.id_column, source=train_dataset_source)
+            state.config.training_set = state.training_set.summary()
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         example_ids = inputs.pop(BATCH_KEY, None)

@@ -5,6 +5,10 @@ from __future__ import annotations
 from ...errors import TurnoverError
 
 
+class FitBudgetError(TurnoverError):
+    """A fit would keep more than ``max_memory_gb``."""
+
+
 def materialised_gb(examples: int, kept_classes: int, width: int, solver: str) -> float:
     """Memory of a materialised fit: float32 class gradients and the float64 factor of the smaller system."""
     rows = examples * kept_classes
@@ -20,7 +24,7 @@ def check_materialised_budget(examples: int, kept_classes: int, width: int, solv
     needed = materialised_gb(examples, kept_classes, width, solver)
     if needed > max_memory_gb:
         what = f"{examples} examples x {kept_classes} class gradient(s) x {width} coordinates"
-        raise TurnoverError(
+        raise FitBudgetError(
             f"fitting the influence function needs about {needed:.1f} GB ({what} as float32, plus a "
             f"{side} x {side} factor), above max_memory_gb={max_memory_gb:g}. Pass projection_dim=4096 (a "
             "CountSketch of every gradient: an approximation whose error shrinks as it grows), select fewer "
@@ -42,7 +46,7 @@ def check_factorised_budget(examples: int, kept_classes: int, per_example: int, 
     needed = factorised_gb(examples, kept_classes, per_example)
     if needed > max_memory_gb:
         rows = examples * kept_classes
-        raise TurnoverError(
+        raise FitBudgetError(
             f"fitting the influence function (factorised) needs about {needed:.1f} GB ({examples} examples x "
             f"{per_example} layer inputs and output gradients as float32, plus {rows} x {rows} float64 kernels), "
             f"above max_memory_gb={max_memory_gb:g}. Pass factorised=False (per-example gradients, solved "

@@ -111,6 +111,8 @@ def build(context: EstimatorContext) -> BuiltEstimator:
                 )
                 scorer = InfluenceFunctionScorer(model, batch_size=context.batch_size,
                                                  **{**given, "projection_dim": AUTO_PROJECTION_DIM})
+        if context.automatic and scorer.sketch is None:
+            scorer.fallback_projection_dim = AUTO_PROJECTION_DIM
     expected = state_of(model).config.num_train_examples if scorer.patched else None
     if scorer.factors is not None:
         expected = scorer.factors.num_examples

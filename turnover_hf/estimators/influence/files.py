@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ...errors import ConfigMismatchError
+from ...context import state_of
+from ...errors import ConfigMismatchError, StaleFitError
 from ...files import PathLike, atomic_path, atomic_write_text, read_format_meta
 from .factorised import FactorisedFit, TrackedLayer
 from .materialised import MaterialisedFit
@@ -32,6 +33,12 @@ METHODS = ("factorised", "materialised")
 def save_fit(scorer: Any, folder: PathLike) -> None:
     """Write ``scorer``'s fit to ``folder``: safetensors, then the JSON metadata last, each atomically."""
     factors = scorer._fitted()
+    identity = getattr(scorer, "fit_identity", None) or scorer.identity()
+    if identity["weights_fingerprint"] != scorer.weights_fingerprint():
+        raise StaleFitError(
+            "the model's weights changed since this influence function was fitted (further training?); saving it "
+            "would label an old fit with the new weights. Fit again: scorer.fit(train_data), then save."
+        )
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     with atomic_path(os.path.join(folder, FACTORS_NAME)) as tmp:
@@ -53,7 +60,7 @@ def save_fit(scorer: Any, folder: PathLike) -> None:
         "num_classes": int(factors.probabilities.shape[1]),
         "id_column": scorer.id_column,
         "turnover_config": scorer.mask_fields(),
-        "weights_fingerprint": scorer.weights_fingerprint(),
+        **identity,
     }
     if factors.method == "factorised":
         meta["layers"] = [layer.as_dict() for layer in factors.layers]
@@ -105,15 +112,24 @@ def load_fit(scorer_class: Any, model: nn.Module, folder: PathLike, **kwargs: An
             "depend on the masks. Fit again with this model."
         )
     if scorer.weights_fingerprint() != meta["weights_fingerprint"]:
-        raise ConfigMismatchError(
+        raise StaleFitError(
             f"the model's weights differ from those the influence function in {os.fspath(folder)!r} was fitted "
             "on; its factors would belong to another model. Fit again: InfluenceFunctionScorer(model, "
             "train_data).fit().save(folder) (in another folder)."
         )
+    record = state_of(model).training_set if scorer.patched else None
+    fitted_on = meta.get("training_set_fingerprint")
+    if record is not None and fitted_on is not None and fitted_on != record.fingerprint:
+        raise StaleFitError(
+            f"the influence function in {os.fspath(folder)!r} was fitted on another training set (fingerprint "
+            f"{fitted_on[:12]}) than the model was trained on ({record.fingerprint[:12]}). Fit again on the "
+            "model's training set."
+        )
+    scorer.fit_identity = {"weights_fingerprint": meta["weights_fingerprint"], "training_set_fingerprint": fitted_on}
     tensors = load_file(os.path.join(os.fspath(folder), FACTORS_NAME))
     if factorised:
         scorer.factors = _loaded_factorised(scorer, meta, tensors)
-        return scorer
+        return scorer.attached()
     scorer.factors = MaterialisedFit(
         tensors["example_ids"], tensors["labels"], tensors["probabilities"], tensors["classes"],
         tensors["class_gradients"], tensors["factor"], meta["solver"], float(meta["damping"]), float(meta["trace"]),
@@ -122,7 +138,7 @@ def load_fit(scorer_class: Any, model: nn.Module, folder: PathLike, **kwargs: An
         raise ConfigMismatchError(
             f"{FACTORS_NAME} holds gradients of {scorer.factors.width} coordinates, the metadata says {scorer.width}."
         )
-    return scorer
+    return scorer.attached()
 
 
 def _loaded_factorised(scorer: Any, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> FactorisedFit:

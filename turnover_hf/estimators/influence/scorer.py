@@ -23,7 +23,7 @@ from ...patcher import is_patched
 from ...store import fingerprint
 from ..gradients import PerExampleGrads, linear_calls, param_specs, target_gradients
 from ..registry import Estimator
-from .budget import check_factorised_budget, check_materialised_budget, factorised_gb, materialised_gb
+from .budget import FitBudgetError, check_factorised_budget, check_materialised_budget, factorised_gb, materialised_gb
 from .curvature import curvature_blocks, kept_classes
 from .factorised import FactorisedFit, NotFactorisable, linear_layers, one_row_each
 from .files import load_fit, read_fit_meta, save_fit
@@ -159,6 +159,8 @@ class InfluenceFunctionScorer(Estimator):
         self.factors: Optional[Union[MaterialisedFit, FactorisedFit]] = None
         # the last target set's (G + lambda I)^-1 g_t (materialised) or its kernels with the training factors
         self._preconditioned: Optional[tuple[str, Any]] = None
+        # set by estimator="auto": sketch to this many coordinates when an exact fit turns out too large to keep
+        self.fallback_projection_dim: Optional[int] = None
 
     # -- as an estimator of InfluencePipeline -----------------------------------------------------------------
     def prepare(self, train: Dataset, collator: Callable) -> bool:
@@ -166,7 +168,16 @@ class InfluenceFunctionScorer(Estimator):
         if self.factors is not None:
             return False
         self.train_data, self.data_collator = train, collator
-        self.fit()
+        try:
+            self.fit()
+        except FitBudgetError as err:
+            if self.fallback_projection_dim is None or self.sketch is not None:
+                raise
+            # The size of an exact fit is known for sure only once the first batch shows which fit applies.
+            logger.warning("%s Sketching gradients to %d coordinates instead (estimator='auto'): an approximation.",
+                           err, self.fallback_projection_dim)
+            self.sketch = CountSketch(self.specs, self.fallback_projection_dim, self.projection_seed)
+            self.fit()
         return True
 
     def self_score_columns(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
@@ -174,8 +185,11 @@ class InfluenceFunctionScorer(Estimator):
         return self.self_scores_many([(b, b["labels"], b["example_ids"]) for b in batches])[:, None]
 
     def cache_key(self) -> dict[str, Any]:
-        return {"parameters": [s.name for s in self.specs], "damping_factor": self.damping_factor,
-                "projection_dim": self.projection_dim, "projection_seed": self.projection_seed, "solver": self.solver}
+        key = {"parameters": [s.name for s in self.specs], "damping_factor": self.damping_factor,
+               "projection_dim": self.projection_dim, "projection_seed": self.projection_seed, "solver": self.solver}
+        if self.fallback_projection_dim is not None:  # the fit may yet fall back to a sketch: its budget decides
+            key |= {"fallback_projection_dim": self.fallback_projection_dim, "max_memory_gb": self.max_memory_gb}
+        return key
 
     # -- fitting ----------------------------------------------------------------------------------------------
     @property
@@ -258,6 +272,19 @@ class InfluenceFunctionScorer(Estimator):
             factors = self._fit_materialised(data)
         self.factors = factors
         self._preconditioned = None
+        self.fit_identity = self.identity()
+        return self.attached()
+
+    def identity(self) -> dict[str, Optional[str]]:
+        """What a fit made now belongs to: these weights, and the training set recorded on the model (if any)."""
+        record = state_of(self.model).training_set if self.patched else None
+        return {"weights_fingerprint": self.weights_fingerprint(),
+                "training_set_fingerprint": None if record is None else record.fingerprint}
+
+    def attached(self) -> "InfluenceFunctionScorer":
+        """This fitted scorer, recorded on the patched model so that its save_pretrained / push_to_hub carry it."""
+        if self.patched:
+            state_of(self.model).influence = self
         return self
 
     def _factorisable(self) -> bool:

@@ -1,9 +1,9 @@
-"""Influence-ready checkpoints: HF weights + ``turnover_config.json`` + a model-card section; load with identical masks.
+"""Loading influence-ready checkpoints: the model re-patched with identical masks, its training-set record and, when
+the folder has one that fits these weights, its fitted influence function.
 
 Example:
-    >>> model.save_pretrained("out")                    # a patched model: weights, adapters, turnover_config.json
     >>> model = load_influence_ready("out")             # re-patched, bit-identical masks
-    >>> model.push_to_hub("me/my-influence-ready-model")
+    >>> model = load_influence_ready("me/my-influence-ready-model")
 
 A patched PEFT model saves PEFT's own adapter files (``adapter_config.json``, ``adapter_model.safetensors``) plus
 ``turnover_config.json``; :func:`load_influence_ready` loads the base model named in the adapter config (or the
@@ -12,166 +12,67 @@ A patched PEFT model saves PEFT's own adapter files (``adapter_config.json``, ``
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from typing import Any, Optional, Union
 
 import torch
 import transformers
-from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import CONFIG_NAME, TurnoverConfig
-from .errors import ConfigMismatchError
-from .files import atomic_write_text, umask
-from .layers import CHANNEL_BIAS, CHANNEL_WEIGHT
-from .patcher import patch_model
-from .sites import inner_model
+from ..config import CONFIG_NAME, TurnoverConfig
+from ..context import state_of
+from ..errors import ConfigMismatchError
+from ..layers import CHANNEL_BIAS, CHANNEL_WEIGHT
+from ..patcher import patch_model
+from ..sites import inner_model
+from ..training_set import TrainingSet
+from .save import finish_interrupted_save
 
-CARD_START = "<!-- turnover-hf:start -->"
-CARD_END = "<!-- turnover-hf:end -->"
-CARD_TAGS = ("turnover-hf", "influence-ready", "turn-over-dropout")
-
-
-def _card_section(config: TurnoverConfig, repo_or_path: str) -> str:
-    sites = config.mask_sites or {}
-    return f"""{CARD_START}
-## Influence-ready (turn-over dropout)
-
-This checkpoint was fine-tuned with **turn-over dropout** (Kobayashi et al., 2020): every training example had its
-own fixed dropout mask, so the sub-network under the flipped mask never learned from it. With the training data
-(same `{config.id_column}` column) you can ask, for any prediction, which training examples helped or hurt it,
-with forward passes only:
-
-```python
-import turnover_hf
-model = turnover_hf.load_influence_ready("{repo_or_path}")   # same masks as in training
-scores = turnover_hf.influence(model, target_inputs, example_ids=train_ids)  # (n_ids, n_targets)
-```
-
-Masks: p = {config.p}, seed = {config.seed}, scheme = `{config.scheme}`, on {len(sites)} module(s)
-({", ".join(list(sites)[:4])}{" ..." if len(sites) > 4 else ""}); trained on {config.num_train_examples or "an unrecorded number of"} examples.
-Written by turnover-hf {config.library_version}.
-{CARD_END}
-"""
+logger = logging.getLogger(__name__)
 
 
-def write_model_card(save_directory: str, config: TurnoverConfig, repo_or_path: Optional[str] = None) -> None:
-    """Add or refresh the turnover-hf section and tags of ``README.md``, keeping everything else the user wrote."""
-    path = os.path.join(save_directory, "README.md")
-    section = _card_section(config, repo_or_path or save_directory)
-    if os.path.isfile(path):
-        card = ModelCard.load(path)
-        text = card.text
-        if CARD_START in text and CARD_END in text:
-            head, rest = text.split(CARD_START, 1)
-            text = head + section.strip() + rest.split(CARD_END, 1)[1]
-        else:
-            text = text.rstrip() + "\n\n" + section
-        data = card.data
-    else:
-        text = "# Influence-ready model\n\n" + section
-        data = ModelCardData(library_name="transformers")
-    data.tags = sorted(set(data.tags or []) | set(CARD_TAGS))
-    atomic_write_text(path, f"---\n{data.to_yaml()}\n---\n{text}")
-
-
-def save_influence_ready(
-    model: nn.Module,
-    save_directory: Union[str, os.PathLike],
-    is_main_process: bool = True,
-    push_to_hub: bool = False,
-    **kwargs: Any,
-) -> None:
-    """``save_pretrained`` of a patched model: weights (adapters included) + ``turnover_config.json`` + model card.
-
-    Files are first written into a temporary folder beside ``save_directory`` and then moved in one by one, so an
-    interrupted save never leaves a half-written file. Files of the folder that the save does not write (a README
-    you wrote, other artefacts) are kept; the model card gains or refreshes only its turnover-hf section.
-    """
-    save_directory = os.fspath(save_directory)
-    if os.path.isfile(save_directory):
-        raise ValueError(f"save_directory {save_directory!r} is a file; give a folder.")
-    original = type(model).save_pretrained
-    if not is_main_process:
-        original(model, save_directory, is_main_process=False, **kwargs)
-        return
-    hub_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "repo_id", "token", "private", "create_pr", "revision") if k in kwargs}
-    os.makedirs(save_directory, exist_ok=True)
-    parent = os.path.dirname(os.path.abspath(save_directory))
-    staging = tempfile.mkdtemp(prefix=".turnover-save-", dir=parent)
-    try:
-        original(model, staging, is_main_process=True, **kwargs)
-        for name in os.listdir(staging):
-            source, target = os.path.join(staging, name), os.path.join(save_directory, name)
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target)
-            if os.path.isfile(source):
-                os.chmod(source, 0o666 & ~umask())  # some writers make private files; a checkpoint is shared
-            os.replace(source, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    saved = copy.deepcopy(model.turnover_config)  # the live config keeps deciding the masks, untouched
-    saved.trainable_parameters = [n for n, p in inner_model(model).named_parameters() if p.requires_grad]
-    saved.save_pretrained(save_directory)
-    repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory))) if push_to_hub else None
-    write_model_card(save_directory, model.turnover_config, repo_id)
-    if push_to_hub:
-        _upload_folder(model, save_directory, repo_id, files_timestamps={}, **hub_kwargs)
-
-
-def _upload_folder(model: nn.Module, folder: str, repo_id: str, files_timestamps: dict, **hub_kwargs: Any) -> Any:
-    token = hub_kwargs.pop("token", None)
-    repo_id = model._create_repo(repo_id, private=hub_kwargs.pop("private", None), token=token)
-    return model._upload_modified_files(folder, repo_id, files_timestamps, token=token, **hub_kwargs)
-
-
-def push_influence_ready(
-    model: nn.Module,
-    repo_id: str,
-    *,
-    commit_message: Optional[str] = None,
-    private: Optional[bool] = None,
-    token: Optional[Union[bool, str]] = None,
-    max_shard_size: Union[int, str] = "5GB",
-    create_pr: bool = False,
-    revision: Optional[str] = None,
-    **save_kwargs: Any,
-) -> Any:
-    """``push_to_hub`` of a patched model: the influence-ready folder, with the Hub's existing model card kept and
-    the turnover-hf section added to it.
+def resolve_checkpoint(path: Union[str, os.PathLike], **hub_kwargs: Any) -> str:
+    """The local folder of a checkpoint: ``path`` itself, or the snapshot of the Hub repository ``path`` names
+    (safetensors, JSON, card and tokenizer files only: nothing that would be unpickled).
 
     Example:
-        >>> model.push_to_hub("me/minilm-rotten-tomatoes-influence-ready")
+        >>> resolve_checkpoint("me/my-influence-ready-model")    # ~/.cache/huggingface/hub/models--me--.../snapshots/...
     """
-    from transformers.utils.hub import create_and_tag_model_card
-
-    repo_id = model._create_repo(repo_id, private=private, token=token)
-    card = create_and_tag_model_card(repo_id, list(CARD_TAGS), token=token)
-    with tempfile.TemporaryDirectory() as work_dir:
-        card.save(os.path.join(work_dir, "README.md"))
-        files_timestamps = model._get_files_timestamps(work_dir)
-        model.save_pretrained(work_dir, max_shard_size=max_shard_size, **save_kwargs)
-        write_model_card(work_dir, model.turnover_config, repo_id)
-        return model._upload_modified_files(
-            work_dir, repo_id, files_timestamps, commit_message=commit_message, token=token,
-            create_pr=create_pr, revision=revision,
-        )
-
-
-def _local_folder(path: Union[str, os.PathLike], hub_kwargs: dict[str, Any]) -> str:
     if os.path.isdir(path):
         return os.fspath(path)
+    text = os.fspath(path)
+    if os.path.exists(text):
+        raise ConfigMismatchError(f"{text!r} is a file; give the checkpoint's folder (or a Hub repository id).")
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text):
+        raise ConfigMismatchError(f"{text!r} does not exist: give the folder the model was saved to with save_pretrained.")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
 
-    return snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.md", "*.txt", "*.model"], **hub_kwargs)
+    try:
+        return snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.md", "*.txt", "*.model"], **hub_kwargs)
+    except (HFValidationError, OSError, ValueError) as err:
+        raise ConfigMismatchError(
+            f"{text!r} is neither a local folder nor a Hub repository that could be downloaded ({type(err).__name__}: "
+            f"{err}). Check the path (it does not exist here) or the repository id, and your network / HF_HUB_OFFLINE."
+        ) from None
+
+
+def _check_one_set_of_weights(folder: str) -> None:
+    """Refuse a folder holding the weights of two saves (left by savers that did not clean up, e.g. turnover-hf
+    before 0.1.1): transformers would silently pick one of them."""
+    for kind in ("model", "pytorch_model"):
+        ext = "safetensors" if kind == "model" else "bin"
+        if os.path.isfile(os.path.join(folder, f"{kind}.{ext}")) and os.path.isfile(os.path.join(folder, f"{kind}.{ext}.index.json")):
+            raise ConfigMismatchError(
+                f"{folder!r} holds two sets of weights ({kind}.{ext} and the shards of {kind}.{ext}.index.json): a model "
+                "was saved over another one without removing it, and nobody can tell which one turnover_config.json "
+                "belongs to. Save the model you mean into a fresh folder with model.save_pretrained."
+            )
 
 
 def _read_safetensors(folder: str, names: Optional[set[str]] = None) -> dict[str, torch.Tensor]:
@@ -199,6 +100,11 @@ def _read_safetensors(folder: str, names: Optional[set[str]] = None) -> dict[str
 
 def model_class_of(folder: str) -> type:
     """The transformers class named in a checkpoint's ``config.json`` (``architectures``)."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ConfigMismatchError(
+            f"{folder!r} has no config.json: it is not a saved transformers model. Save the model there with "
+            "model.save_pretrained(folder)."
+        )
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
         architectures = json.load(handle).get("architectures") or []
     for name in architectures:
@@ -266,7 +172,7 @@ def _base_model(base: Union[nn.Module, str, os.PathLike, None], adapter_dir: str
                 f"the PEFT adapter in {adapter_dir!r} records no base model; pass base_model=... (the model or its "
                 "path) to load_influence_ready."
             )
-    base_folder = _local_folder(base, hub_kwargs)
+    base_folder = resolve_checkpoint(base, **hub_kwargs)
     model_class = model_class or model_class_of(base_folder)
     from_pretrained_kwargs.setdefault("use_safetensors", True)  # never unpickle a downloaded checkpoint
     return model_class.from_pretrained(base_folder, **from_pretrained_kwargs)
@@ -310,17 +216,29 @@ def load_influence_ready(
         0
     """
     hub_kwargs = {k: from_pretrained_kwargs[k] for k in ("revision", "token", "cache_dir") if k in from_pretrained_kwargs}
-    folder = _local_folder(path, hub_kwargs)
+    folder = resolve_checkpoint(path, **hub_kwargs)
+    if os.path.isdir(path):
+        finish_interrupted_save(folder)
     saved = TurnoverConfig.from_pretrained(folder)
     if config is not None:
         saved.check_same_masks(config)
     if saved.mask_sites is None:
         raise ConfigMismatchError(f"{CONFIG_NAME} in {folder!r} records no mask_sites; it was not written by patch_model.")
+    _check_one_set_of_weights(folder)
+    training_set = None if saved.training_set is None else TrainingSet.load(folder, saved.training_set)
+    if training_set is None:
+        logger.warning(
+            "%s records no training-set fingerprint (saved before turnover-hf recorded one, or never trained with "
+            "TurnoverTrainer): the training set given to the pipeline cannot be checked row by row.", folder,
+        )
     adapters = _peft_adapters(folder, saved)
     if adapters:
         base = _base_model(base_model, adapters[0][1], model_class, hub_kwargs, dict(from_pretrained_kwargs))
         model = _load_peft(adapters, base).eval()
-        return _restore_trainable(patch_model(model, saved, warn_leaking=False), saved)
+        model = _restore_trainable(patch_model(model, saved, warn_leaking=False), saved)
+        state_of(model).training_set = training_set
+        state_of(model).checkpoint_dir = folder
+        return model
     if base_model is not None:
         raise ConfigMismatchError(f"base_model is for PEFT adapters, but {folder!r} holds a whole model; leave it out.")
     model_class = model_class or model_class_of(folder)
@@ -333,10 +251,15 @@ def load_influence_ready(
         transformers.logging.set_verbosity(verbosity)
     if getattr(model.config, "adapters", None) and model.config.adapters.get("adapters"):
         _restore_adapters(model, folder, saved)
+        # adapters creates its modules in float32: give them the dtype the model was loaded in
+        model.to(model.get_input_embeddings().weight.dtype)
     model.eval()
     model = patch_model(model, saved, warn_leaking=False)
     _restore_channels(model, folder)
-    return _restore_trainable(model, saved)
+    model = _restore_trainable(model, saved)
+    state_of(model).training_set = training_set
+    state_of(model).checkpoint_dir = folder
+    return model
 
 
 def _restore_channels(model: nn.Module, folder: str) -> None:
