@@ -138,3 +138,17 @@ def test_quick_demo_writes_a_report(tmp_path):
     assert results["estimator"] == "influence" and "estimator='auto'): influence" in done.stdout
     assert results["self_influence"]["fraction_positive"] == 1.0 and "close to noise" not in done.stdout
     print(f"quick demo: {elapsed:.0f} s")
+
+
+@needs_reviews
+def test_presidential_debates_are_three_disjoint_deterministic_splits():
+    data = assets.presidential_debates(seed=0)
+    assert data["train"].features["label"].names == ["Democratic", "Republican", "Moderator"]
+    ids = [set(split["example_id"]) for split in data.values()]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert set(data["train"]["label"]) == {0, 1, 2}
+    assert all(len(text.split()) >= assets.DEBATES_MIN_WORDS for text in data["train"]["text"])
+    assert len(set(data["train"]["text"])) == len(data["train"])  # repeats dropped
+    small = assets.presidential_debates(seed=0, n_train=50)
+    assert set(small["train"]["example_id"]) <= ids[0] and len(small["train"]) == 50
+    assert assets.presidential_debates(seed=1)["train"]["example_id"] != data["train"]["example_id"]

@@ -26,6 +26,8 @@ from .estimators.turnover import TurnoverScorer, influence
 from .trainer import TurnoverTrainer
 from .training_set import DatasetSource, record_training_set
 from .callbacks import FlipSanityCallback
+from .dynamics import TrainingDynamics, TrainingDynamicsCallback
+from .label_issues import LabelSignals, cleansing_report, rank_label_issues
 from . import assets
 from .checkpoint import load_influence_ready
 from .estimators import register_estimator
@@ -57,6 +59,11 @@ __all__ = [
     "TurnoverError",
     "TurnoverScorer",
     "TurnoverTrainer",
+    "TrainingDynamics",
+    "TrainingDynamicsCallback",
+    "LabelSignals",
+    "cleansing_report",
+    "rank_label_issues",
     "add_example_ids",
     "flip",
     "freeze_leaking_parameters",

