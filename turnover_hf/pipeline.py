@@ -36,11 +36,6 @@ logger = logging.getLogger(__name__)
 # Causal LMs also take (prompt, completion) tuples: only the completion's tokens count.
 TargetsLike = Union[str, tuple[str, str], Sequence[Union[str, tuple[str, str]]], Mapping[str, Any], Sequence[Mapping[str, Any]], Dataset]
 LABEL_KEYS = ("labels", "label")
-# The pipeline's own keyword arguments that belong to one estimator: where its fitted state lives, its options.
-STATE_DIR_ARGUMENTS = {"hydra_dir": "hydra", "influence_dir": "influence"}
-OPTIONS_ARGUMENTS = {"influence_options": "influence"}
-
-
 def _load_model(path: str, needs_masks: bool) -> nn.Module:
     """An influence-ready checkpoint (with its masks) when there is one or the estimator needs masks; otherwise
     any safetensors checkpoint of a transformers model."""
@@ -156,14 +151,15 @@ class InfluencePipeline:
         self.models = [(m.to(device) if device is not None else m).eval() for m in models]
         self.model = self.models[0]
         self.causal_lm = is_causal_lm(self.model)  # targets are token sequences: labels = their ids, scores per token
-        given = {"hydra_dir": hydra_dir, "influence_dir": influence_dir}
-        state_dirs = {STATE_DIR_ARGUMENTS[k]: os.fspath(v) for k, v in given.items() if v is not None}
+        # hydra_dir, influence_dir and influence_options belong to the estimators of those names
+        state_dirs = {name: os.fspath(folder) for name, folder in (("hydra", hydra_dir), ("influence", influence_dir))
+                      if folder is not None}
         context = EstimatorContext(self.models, path, len(train_dataset), batch_size=batch_size, fast=fast,
                                    automatic=estimator == AUTO, state_dirs=state_dirs)
         self.spec, reason = resolve_estimator(estimator, context)
         if reason is not None:
             logger.info("estimator='auto' scores with %r: %s.", self.spec.name, reason)
-        named_options = {OPTIONS_ARGUMENTS[k]: v for k, v in {"influence_options": influence_options}.items() if v}
+        named_options = {"influence": influence_options} if influence_options else {}
         if options is not None and not isinstance(options, Mapping):  # an options dataclass names its estimator
             named_options[options_owner(options).name], options = options, None
         for owner in named_options:
