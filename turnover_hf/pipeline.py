@@ -200,11 +200,16 @@ class InfluencePipeline:
         self._order = torch.argsort(self.train_ids)
         self._train_features = self._model_features(train_dataset)
 
-    def _prepare(self) -> None:
-        """Let the estimator see the training set once (e.g. fit the influence function; not sharded: every
-        process fits) and keep what it fitted in its state folder, if it has one."""
+    def fit(self) -> "InfluencePipeline":
+        """Let the estimator see the training set once (e.g. fit the influence function) and keep what it fitted
+        in its state folder, if it has one. Scoring calls it when needed; call it to time or run the fit apart.
+
+        Example:
+            >>> pipe = InfluencePipeline(model, tokenizer, train_dataset=train).fit()
+            >>> pipe.self_influence()      # no second fit
+        """
         if self._prepared:
-            return
+            return self
         self._prepared = True
         if self.scorer.prepare(self._train_features, self.collator) and self._state_dir is not None:
             from accelerate import PartialState
@@ -213,6 +218,7 @@ class InfluencePipeline:
             if state.is_main_process:
                 self.scorer.save(self._state_dir)
             state.wait_for_everyone()
+        return self
 
     # -- inputs -------------------------------------------------------------------------------------------------
     def _tokenize(self, texts: list[str]) -> dict[str, list]:
@@ -336,7 +342,7 @@ class InfluencePipeline:
             done = store.result()
             if done is not None:
                 return done
-        self._prepare()
+        self.fit()
         chunk_size = store.chunk_size if store is not None else self.chunk_size  # a resumed run keeps its layout
         chunks = list(range(0, len(example_ids), chunk_size))
         # A model on the CPU runs its processes on gloo; on accelerators accelerate picks the backend.
