@@ -34,6 +34,7 @@ from .estimators import register_estimator
 from .estimators.ensemble import EnsembleScorer, split_half_agreement, train_ensemble
 from .estimators.hydra import HydraScorer, HydraTrainer, HydraTurnoverTrainer
 from .estimators.influence import InfluenceFunctionScorer, InfluenceOptions
+from .estimators.projected import ProjectedInfluenceScorer, ProjectedOptions
 from .pipeline import InfluencePipeline
 from . import plots, report  # matplotlib and Chromium are imported only when a plot or screenshot is made
 
@@ -50,6 +51,8 @@ __all__ = [
     "HydraTurnoverTrainer",
     "InfluenceFunctionScorer",
     "InfluenceOptions",
+    "ProjectedInfluenceScorer",
+    "ProjectedOptions",
     "InfluencePipeline",
     "InstanceIdCollator",
     "MissingExampleIdsError",

@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -22,9 +23,9 @@ from .checkpoint import load_influence_ready, model_class_of, resolve_checkpoint
 from .config import CONFIG_NAME
 from .data import InstanceIdCollator, check_id_column, check_ids_known, default_collator, prompt_completion_features
 from .errors import ConfigMismatchError, ExampleIdError, TurnoverError
-from .estimators import AUTO, Estimator, EstimatorContext, get_estimator, options_owner, resolve_estimator
+from .estimators import (AUTO, Estimator, EstimatorContext, EstimatorFallback, get_estimator, options_owner,
+                         resolve_estimator)
 from .estimators.ensemble import member_dirs, split_half_agreement
-from .estimators.influence import AUTO_PROJECTION_DIM  # noqa: F401 - kept importable from here
 from .losses import is_causal_lm
 from .masks import check_example_ids
 from .store import ScoreStore, fingerprint
@@ -79,16 +80,17 @@ class InfluencePipeline:
         estimator: ``"auto"`` (the default: the most faithful estimator the model allows, see below),
             ``"turnover"`` (turn-over dropout, forward passes only), ``"hydra"`` (hypergradients tracked during
             training by :class:`~turnover_hf.HydraTrainer`, loaded from ``hydra_dir``, by default
-            ``<checkpoint>/hydra``) or ``"influence"`` (the damped Gauss-Newton influence function of
-            :class:`~turnover_hf.InfluenceFunctionScorer`, classifiers only). The influence
-            function is fitted on ``train_dataset`` once, on the first call (one pass over the training set, not
-            sharded: every process fits it), unless ``influence_dir`` (by default ``<checkpoint>/influence``)
-            holds a fit of this model; scoring is then sharded like the other estimators. ``"auto"`` picks
-            ``"hydra"`` when ``hydra_dir`` is given, ``"turnover"`` for an ensemble or a causal language model, and
-            ``"influence"`` for any other classifier (patched or not; exact while the fit takes at most
-            ``max_memory_gb``, 4 by default, else with a CountSketch of :data:`AUTO_PROJECTION_DIM` coordinates and a
-            warning). ``pipe.estimator`` says which was chosen. Any estimator registered with
-            :func:`turnover_hf.register_estimator` is accepted by its name.
+            ``<checkpoint>/hydra``), ``"influence"`` (the damped Gauss-Newton influence function of
+            :class:`~turnover_hf.InfluenceFunctionScorer`, classifiers only, exact) or ``"projected"`` (the same in
+            a 4096-dimensional projection of the gradients, :class:`~turnover_hf.ProjectedInfluenceScorer`: any
+            training-set size, classifiers and causal LMs, its fit sharded over processes). A fitting estimator
+            fits on ``train_dataset`` once, on the first call or :meth:`fit`, unless its folder (``influence_dir``,
+            ``<checkpoint>/influence``, ``<checkpoint>/projected``) holds a fit of this model; scoring is sharded
+            like the other estimators. ``"auto"`` picks ``"hydra"`` when ``hydra_dir`` is given, ``"projected"``
+            for a causal language model or when an exact fit would exceed ``max_memory_gb`` (4 by default; also
+            when the first training batch shows it), ``"turnover"`` for an ensemble, and ``"influence"`` for any
+            other classifier (patched or not). ``pipe.estimator`` says which was chosen. Any estimator registered
+            with :func:`turnover_hf.register_estimator` is accepted by its name.
         influence_dir: where a fitted influence function is loaded from, or saved to after fitting.
         influence_options: options of the influence function: an :class:`~turnover_hf.InfluenceOptions` or a
             dict of its fields (``damping_factor``, ``projection_dim``, ``projection_seed``, ``parameters``,
@@ -154,28 +156,37 @@ class InfluencePipeline:
         # hydra_dir, influence_dir and influence_options belong to the estimators of those names
         state_dirs = {name: os.fspath(folder) for name, folder in (("hydra", hydra_dir), ("influence", influence_dir))
                       if folder is not None}
-        context = EstimatorContext(self.models, path, len(train_dataset), batch_size=batch_size, fast=fast,
-                                   automatic=estimator == AUTO, state_dirs=state_dirs)
-        self.spec, reason = resolve_estimator(estimator, context)
-        if reason is not None:
-            logger.info("estimator='auto' scores with %r: %s.", self.spec.name, reason)
         named_options = {"influence": influence_options} if influence_options else {}
         if options is not None and not isinstance(options, Mapping):  # an options dataclass names its estimator
             named_options[options_owner(options).name], options = options, None
+        given = next(iter(named_options.values()), options)
+        # the options as given inform "auto" (e.g. a memory budget); the chosen estimator's are typed below
+        context = EstimatorContext(self.models, path, len(train_dataset), batch_size=batch_size, fast=fast,
+                                   automatic=estimator == AUTO, options=given, state_dirs=state_dirs)
+        self.spec, reason = resolve_estimator(estimator, context)
+        if reason is not None:
+            logger.info("estimator='auto' scores with %r: %s.", self.spec.name, reason)
         for owner in named_options:
             if owner != self.spec.name:
-                raise TurnoverError(
-                    f"options of the {owner!r} estimator were given, but estimator={estimator!r} scores with "
-                    f"{self.spec.name!r}" + (f" ({reason})" if reason else "") + f". Drop them, or pass "
-                    f"estimator={owner!r}."
-                )
+                carried = _carried_options(self.spec, named_options[owner]) if estimator == AUTO else None
+                if carried is None:
+                    raise TurnoverError(
+                        f"options of the {owner!r} estimator were given, but estimator={estimator!r} scores with "
+                        f"{self.spec.name!r}" + (f" ({reason})" if reason else "") + f". Drop them, or pass "
+                        f"estimator={owner!r}."
+                    )
+                named_options[self.spec.name] = carried
+        if estimator == AUTO and isinstance(options, Mapping):  # options for whichever auto picks: its own fields
+            options = _carried_options(self.spec, options)
         context.options = self.spec.options(named_options.get(self.spec.name, options))
+        self._context = context
         built = self.spec.build(context)
         self.scorer = built.estimator
         self.estimator = self.spec.name
         self.id_column, expected = built.id_column, built.expected_examples
         # where a state fitted on first use is saved: the folder named for this estimator, or beside the checkpoint
         self._state_dir = state_dirs.get(self.spec.name)
+        self._save_fit = save_fit
         if self._state_dir is None and save_fit and path is not None and self.spec.state_dir is not None:
             self._state_dir = os.path.join(path, self.spec.state_dir)
         self._prepared = False
@@ -211,7 +222,17 @@ class InfluencePipeline:
         if self._prepared:
             return self
         self._prepared = True
-        if self.scorer.prepare(self._train_features, self.collator) and self._state_dir is not None:
+        try:
+            fitted = self.scorer.prepare(self._train_features, self.collator)
+        except EstimatorFallback as handover:
+            logger.warning("%s", handover)
+            self.spec = get_estimator(handover.name)
+            self._context.options = self.spec.options(_carried_options(self.spec, self._context.options))
+            self.scorer, self.estimator = self.spec.build(self._context).estimator, self.spec.name
+            if self._save_fit and self.checkpoint_path is not None and self.spec.state_dir is not None:
+                self._state_dir = os.path.join(self.checkpoint_path, self.spec.state_dir)
+            fitted = self.scorer.prepare(self._train_features, self.collator)
+        if fitted and self._state_dir is not None:
             from accelerate import PartialState
 
             state = PartialState(cpu=self.scorer.device.type == "cpu")
@@ -559,6 +580,23 @@ class InfluencePipeline:
             {"example_id": int(i), "score": float(v), **{c: rows[n][c] for c in shown}}
             for n, (i, v) in enumerate(zip(ids.tolist(), values.tolist()))
         ]
+
+
+def _carried_options(spec: Any, options: Any) -> Optional[dict[str, Any]]:
+    """The fields of another estimator's ``options`` that ``spec``'s options share and that differ from their
+    defaults (``auto`` chose ``spec``; e.g. ``damping_factor`` carries over from the influence function to its
+    projected form), or None when ``spec`` takes no options."""
+    if spec.options_class is None:
+        return None
+    if options is None:
+        return {}
+    values = dict(options) if isinstance(options, Mapping) else {f.name: getattr(options, f.name)
+                                                                   for f in dataclasses.fields(options)}
+    defaults = {} if isinstance(options, Mapping) else {f.name: getattr(type(options)(), f.name)
+                                                         for f in dataclasses.fields(options)}
+    shared = {f.name for f in dataclasses.fields(spec.options_class)}
+    return {k: v for k, v in values.items() if k in shared and (k not in defaults or v != defaults[k])
+            and v is not None}
 
 
 def _is_prompt_completion(target: Any) -> bool:

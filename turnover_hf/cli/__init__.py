@@ -9,8 +9,10 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -105,11 +107,32 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def estimator_flags() -> type:
+    """One dataclass holding every registered estimator's options as flags, each name once (estimators share
+    ``--damping_factor``, ``--projection_dim``, ...); every default is None (not given), so the flags a user gave
+    become the chosen estimator's options and the rest keep that estimator's own defaults."""
+    owners: dict[str, list[str]] = {}
+    fields: dict[str, tuple[Any, dataclasses.Field]] = {}
+    for options_class in options_classes():
+        hints = typing.get_type_hints(options_class)
+        for f in dataclasses.fields(options_class):
+            owners.setdefault(f.name, []).append(options_class.__name__)
+            fields.setdefault(f.name, (hints[f.name], f))
+    made = []
+    for name, (kind, f) in fields.items():
+        if typing.get_origin(kind) is typing.Union:  # Optional[X] -> X: None already means "not given"
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{f.metadata.get('help', '')} ({', '.join(owners[name])}; default {default!r})"
+        made.append((name, Optional[kind], dataclasses.field(default=None, metadata={"help": help_text})))
+    return dataclasses.make_dataclass("EstimatorFlags", made)
+
+
 def _command_parser(name: str) -> Any:
     from transformers import HfArgumentParser
 
     command = COMMANDS[name]
-    extra = tuple(options_classes()) if ScoringOptions in command.options else ()
+    extra = (estimator_flags(),) if ScoringOptions in command.options else ()
     parser = HfArgumentParser(
         (*command.options, *extra), prog=f"{PROG} {name}", description=paragraphs(command.description),
         formatter_class=HelpFormatter,
@@ -140,11 +163,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if name == "train":
             return command_train(rest)
         values = _command_parser(name).parse_args_into_dataclasses(rest)
-        extra = [v for v in values if type(v) in options_classes()]
-        values = [v for v in values if type(v) not in options_classes()]
+        flags = [v for v in values if type(v).__name__ == "EstimatorFlags"]
+        values = [v for v in values if type(v).__name__ != "EstimatorFlags"]
         for value in values:
-            if isinstance(value, ScoringOptions):
-                value.estimator_options = extra
+            if isinstance(value, ScoringOptions) and flags:
+                value.estimator_options = {k: v for k, v in dataclasses.asdict(flags[0]).items() if v is not None}
         return COMMANDS[name].run(*values)
     except KeyboardInterrupt:
         print(f"{PROG} {name}: interrupted", file=sys.stderr)

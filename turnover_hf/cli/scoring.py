@@ -35,8 +35,8 @@ class ScoringOptions:
         metadata={"help": "auto: the most faithful estimator the model allows (the influence function for a "
                           "classifier, turnover for an ensemble or a language model)."},
     )
-    # the options dataclasses of the registered estimators, parsed from their own flags (e.g. --projection_dim)
-    estimator_options: list = field(default_factory=list, init=False)
+    # the registered estimators' options the user gave as flags (e.g. --projection_dim 8192), by name
+    estimator_options: dict = field(default_factory=dict, init=False)
 
 
 @dataclass
@@ -121,12 +121,8 @@ def pipeline(options: ScoringOptions) -> Any:
                               f"the training set {train_path!r}", need_label=False)
     # a fit is kept next to the model and reused by the next command (with the same options)
     estimator_options: dict[str, Any] = {"save_fit": True}
-    given = [chosen for chosen in options.estimator_options if chosen != type(chosen)()]
-    if len(given) > 1:
-        raise TurnoverError(f"options of several estimators were given ({[type(g).__name__ for g in given]}); "
-                            "give those of the one --estimator names.")
-    if given:
-        estimator_options["options"] = given[0]
+    if options.estimator_options:  # checked against the chosen estimator's options (unknown ones are named)
+        estimator_options["options"] = dict(options.estimator_options)
     pipe = InfluencePipeline(options.model, train_dataset=train, batch_size=options.batch_size,
                              max_length=options.max_length, device=options.device, estimator=options.estimator,
                              **estimator_options)

@@ -16,6 +16,7 @@ from .registry import (
     BuiltEstimator,
     Estimator,
     EstimatorContext,
+    EstimatorFallback,
     EstimatorSpec,
     describe_estimators,
     estimator_names,
@@ -28,10 +29,10 @@ from .registry import (
 )
 
 # The built-in estimators register themselves when imported, in this order (the order "auto" breaks ties in).
-from . import ensemble, influence, hydra  # noqa: E402,F401  isort: skip
+from . import ensemble, influence, hydra, projected  # noqa: E402,F401  isort: skip
 
 __all__ = [
-    "AUTO", "BuiltEstimator", "Estimator", "EstimatorContext", "EstimatorSpec", "describe_estimators",
+    "AUTO", "BuiltEstimator", "Estimator", "EstimatorContext", "EstimatorFallback", "EstimatorSpec", "describe_estimators",
     "estimator_names", "get_estimator", "options_classes", "options_owner",
     "register_estimator", "resolve_estimator",
     "unregister_estimator",

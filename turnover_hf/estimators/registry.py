@@ -86,6 +86,16 @@ class Estimator(abc.ABC):
         """Keep what :meth:`prepare` fitted in ``folder`` (nothing by default)."""
 
 
+class EstimatorFallback(TurnoverError):
+    """Raised by :meth:`Estimator.prepare` of an estimator ``auto`` chose when the training set shows it does not
+    apply after all (e.g. its fit would exceed the memory budget): the pipeline builds the estimator ``name``
+    instead and says why."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{reason} Scoring with the {name!r} estimator instead.")
+        self.name, self.reason = name, reason
+
+
 @dataclass
 class EstimatorContext:
     """Everything a registered builder may use to make an estimator for ``InfluencePipeline``."""

@@ -83,12 +83,12 @@ Example:
     >>> scorer.save("out/influence"); InfluenceFunctionScorer.load(model, "out/influence")
 """
 
-from .estimator import AUTO_PROJECTION_DIM, InfluenceOptions
+from .estimator import InfluenceOptions
 from .files import FACTORS_NAME, INFLUENCE_DIR, META_NAME
 from .scorer import InfluenceFunctionScorer
 from .sketch import CountSketch
 
 __all__ = [
-    "AUTO_PROJECTION_DIM", "FACTORS_NAME", "INFLUENCE_DIR", "META_NAME", "CountSketch", "InfluenceFunctionScorer",
+    "FACTORS_NAME", "INFLUENCE_DIR", "META_NAME", "CountSketch", "InfluenceFunctionScorer",
     "InfluenceOptions",
 ]

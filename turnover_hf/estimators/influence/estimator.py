@@ -17,8 +17,6 @@ from .scorer import InfluenceFunctionScorer
 
 logger = logging.getLogger(__name__)
 
-# CountSketch width the automatic choice falls back to when an exact influence fit exceeds its memory budget
-AUTO_PROJECTION_DIM = 4096
 # Options that change how a saved fit is used, not the fit itself
 RUNTIME_OPTIONS = ("show_progress", "factorised")
 
@@ -97,22 +95,9 @@ def build(context: EstimatorContext) -> BuiltEstimator:
         scorer = InfluenceFunctionScorer.load(model, folder, batch_size=context.batch_size, **runtime)
     else:
         scorer = InfluenceFunctionScorer(model, batch_size=context.batch_size, **given)
-        num_classes = int(getattr(getattr(model, "config", None), "num_labels", 2))
-        if context.automatic and options.projection_dim is None:
-            needed = scorer.fit_memory_gb(context.num_train_examples, num_classes)
-            if needed > scorer.max_memory_gb:
-                logger.warning(
-                    "an exact influence fit of %d examples x %d parameters would take about %.1f GB (above "
-                    "max_memory_gb=%g): sketching gradients to %d coordinates, an approximation (LDS about 0.3 "
-                    "in benchmarks/fidelity.py instead of 0.4-0.6). Raise influence_options['max_memory_gb'] "
-                    "or select fewer influence_options['parameters'] for exact scores.",
-                    context.num_train_examples, scorer.num_parameters, needed, scorer.max_memory_gb,
-                    AUTO_PROJECTION_DIM,
-                )
-                scorer = InfluenceFunctionScorer(model, batch_size=context.batch_size,
-                                                 **{**given, "projection_dim": AUTO_PROJECTION_DIM})
         if context.automatic and scorer.sketch is None:
-            scorer.fallback_projection_dim = AUTO_PROJECTION_DIM
+            # the first batch may show an exact fit larger than estimated: the projected estimator then scores
+            scorer.fallback = "projected"
     expected = state_of(model).config.num_train_examples if scorer.patched else None
     if scorer.factors is not None:
         expected = scorer.factors.num_examples

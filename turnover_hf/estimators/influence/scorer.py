@@ -21,7 +21,7 @@ from ...losses import eval_mode, find_labels, is_causal_lm, logits_of, model_inp
 from ...patcher import is_patched
 from ...store import fingerprint
 from ..gradients import PerExampleGrads, linear_calls, param_specs, target_gradients
-from ..registry import Estimator
+from ..registry import Estimator, EstimatorFallback
 from .budget import FitBudgetError, check_factorised_budget, check_materialised_budget, factorised_gb, materialised_gb
 from .curvature import curvature_blocks, kept_classes
 from .factorised import FactorisedFit, NotFactorisable, layer_inputs, linear_layers, one_row_each, output_gradients
@@ -158,8 +158,8 @@ class InfluenceFunctionScorer(Estimator):
         self.factors: Optional[Union[MaterialisedFit, FactorisedFit]] = None
         # the last target set's (G + lambda I)^-1 g_t (materialised) or its kernels with the training factors
         self._preconditioned: Optional[tuple[str, Any]] = None
-        # set by estimator="auto": sketch to this many coordinates when an exact fit turns out too large to keep
-        self.fallback_projection_dim: Optional[int] = None
+        # set by estimator="auto": the estimator to score with when an exact fit turns out too large to keep
+        self.fallback: Optional[str] = None
 
     # -- as an estimator of InfluencePipeline -----------------------------------------------------------------
     def prepare(self, train: Dataset, collator: Callable) -> bool:
@@ -170,13 +170,10 @@ class InfluenceFunctionScorer(Estimator):
         try:
             self.fit()
         except FitBudgetError as err:
-            if self.fallback_projection_dim is None or self.sketch is not None:
+            if self.fallback is None:
                 raise
             # The size of an exact fit is known for sure only once the first batch shows which fit applies.
-            logger.warning("%s Sketching gradients to %d coordinates instead (estimator='auto'): an approximation.",
-                           err, self.fallback_projection_dim)
-            self.sketch = CountSketch(self.specs, self.fallback_projection_dim, self.projection_seed)
-            self.fit()
+            raise EstimatorFallback(self.fallback, str(err)) from None
         return True
 
     def self_score_columns(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
@@ -186,8 +183,8 @@ class InfluenceFunctionScorer(Estimator):
     def cache_key(self) -> dict[str, Any]:
         key = {"parameters": [s.name for s in self.specs], "damping_factor": self.damping_factor,
                "projection_dim": self.projection_dim, "projection_seed": self.projection_seed, "solver": self.solver}
-        if self.fallback_projection_dim is not None:  # the fit may yet fall back to a sketch: its budget decides
-            key |= {"fallback_projection_dim": self.fallback_projection_dim, "max_memory_gb": self.max_memory_gb}
+        if self.fallback is not None:  # the fit may yet hand over to another estimator: its budget decides
+            key |= {"fallback": self.fallback, "max_memory_gb": self.max_memory_gb}
         return key
 
     # -- fitting ----------------------------------------------------------------------------------------------

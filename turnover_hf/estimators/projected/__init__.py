@@ -1,0 +1,135 @@
+"""The projected influence function: the damped Gauss-Newton influence function of ``estimator="influence"`` in a
+fixed ``k``-dimensional random projection of the gradients, for any training-set size and for causal language
+models.
+
+For N training examples, tracked Linear layers (default: every trainable ``torch.nn.Linear``) and ``k =
+projection_dim`` (4096):
+
+    score(z, t) = (P g_t)^T (P G P^T + lambda I)^-1 (P g_z) / N      (> 0: z lowers the target's loss)
+
+* ``P``: per tracked Linear of ``out x in'`` parameters, a Kronecker projection ``P_out (x) P_in`` of random signs
+  (LoGra, Choe et al. 2024): the layer's per-example gradient ``sum_t dy_t x_t^T`` becomes
+  ``sum_t (P_out dy_t)(P_in x_t)^T``, so the whole gradient is never formed. Every side is cut to the same
+  number of coordinates ``r`` (the largest that fits ``k`` in all); sides no longer than ``r`` are kept whole, so
+  a classifier head or a LoRA matrix's small side is exact.
+* ``G``: the Gauss-Newton matrix of the training loss, each example under the loss it was trained with (its
+  turn-over mask when the model is patched). Classifiers: exact over the classes (``C - 1`` backward passes per
+  batch, as in the exact fit). Causal LMs: the gradient of the loss against labels sampled from the model's own
+  next-token distribution has, in expectation, the per-token Gauss-Newton matrix as its outer product (no
+  vocabulary-square matrix); ``label_samples`` draws per sequence.
+* ``lambda = damping_factor x trace(P G P^T) / k``: the same multiple of the mean eigenvalue as the exact fit,
+  taken in the projected space (with ``E[P^T P] = I`` this matches the exact fit's damping relative to the
+  spectrum; the exact fit's absolute ``lambda`` would damp ``D / k`` times less here).
+
+Cost: one pass over the training set (sharded over processes), ``k^2`` float64 of memory plus one batch, ``N k``
+float32 on disk. Self-influence reads the store (``O(N k^2)``), a target set costs its own gradients and one read
+of the store (``O(N k T)``). ``benchmarks/scale.py`` measures the growth; ``benchmarks/fidelity.py`` the fidelity
+against retraining beside the exact fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+from ...losses import is_causal_lm
+from ..registry import BuiltEstimator, EstimatorContext, register_estimator
+from .files import FIT_OPTIONS, META_NAME, PROJECTED_DIR, read_fit_meta
+from .scorer import ProjectedInfluenceScorer
+
+__all__ = ["ProjectedInfluenceScorer", "ProjectedOptions", "PROJECTED_DIR"]
+
+
+@dataclass
+class ProjectedOptions:
+    """Options of the projected influence function (``InfluencePipeline(..., options=ProjectedOptions(...))``).
+
+    Example:
+        >>> InfluencePipeline(model, train_dataset=train, estimator="projected",
+        ...                   options=ProjectedOptions(projection_dim=8192))
+    """
+
+    projection_dim: int = field(default=4096, metadata={"help": "Coordinates of a projected gradient (k): memory k^2, "
+                                                                  "disk N k. Larger is closer to the exact fit."})
+    projection_seed: int = field(default=0, metadata={"help": "Seed of the random projections."})
+    damping_factor: float = field(default=0.1, metadata={"help": "Damping as a multiple of the mean eigenvalue of G."})
+    parameters: Optional[list[str]] = field(
+        default=None, metadata={"help": "Tracked parameter names (default: every trainable torch.nn.Linear)."})
+    label_samples: int = field(default=1, metadata={"help": "Causal LMs: sampled label sequences per training "
+                                                            "sequence for the Gauss-Newton matrix."})
+    normalise: str = field(default="none", metadata={"help": "none, or relative: each training example's scores "
+                                                             "divided by the square root of its self-influence."})
+    store_dir: Optional[str] = field(default=None, metadata={"help": "Folder for the projected training gradients "
+                                                                     "(N x k float32; default: a temporary folder)."})
+    show_progress: bool = field(default=True, metadata={"help": "Show a progress bar while fitting."})
+
+
+def _exact_fit_too_large(context: EstimatorContext) -> Optional[str]:
+    """Why ``auto`` projects: a causal LM, or an exact fit of this training set above its memory budget."""
+    if len(context.models) > 1:
+        return None
+    model = context.model
+    if is_causal_lm(model):
+        return ("a causal language model: the projected influence function covers it with per-token Gauss-Newton "
+                "curvature")
+    from ..influence import InfluenceFunctionScorer  # noqa: PLC0415  (the exact fit's size, asked lazily)
+
+    options = context.options
+    budget = (options.get("max_memory_gb") if isinstance(options, Mapping) else getattr(options, "max_memory_gb", None))
+    try:
+        exact = InfluenceFunctionScorer(model, show_progress=False,
+                                        **({} if budget is None else {"max_memory_gb": budget}))
+    except Exception:  # noqa: BLE001  the exact fit does not apply: its own rule decides
+        return None
+    num_classes = int(getattr(getattr(model, "config", None), "num_labels", 2))
+    needed = exact.fit_memory_gb(context.num_train_examples, num_classes)
+    if needed <= exact.max_memory_gb:
+        return None
+    return (f"an exact influence fit of {context.num_train_examples} examples would take about {needed:.1f} GB "
+            f"(above max_memory_gb={exact.max_memory_gb:g}); projected to 4096 coordinates instead")
+
+
+@register_estimator(
+    "projected",
+    description="damped Gauss-Newton influence function in a k-dimensional Kronecker projection of the gradients "
+                "(any training-set size, classifiers and causal LMs; one pass over the training set, sharded "
+                f"over processes; kept in <model>/{PROJECTED_DIR}/).",
+    definition="the first-order change of the target's loss if the example were removed and the model re-fitted "
+               "(damped Gauss-Newton influence function, in a random projection of the gradients).",
+    options_class=ProjectedOptions,
+    auto=_exact_fit_too_large,
+    auto_priority=15,
+    state_dir=PROJECTED_DIR,
+    worth="Scored by the damped Gauss-Newton influence function in a 4096-dimensional projection of the gradients "
+          "(benchmarks/fidelity.py compares it with the exact fit).",
+    low_self_influence="Lowest: examples the rest of the data already predicts.",
+)
+def build(context: EstimatorContext) -> BuiltEstimator:
+    """Load the fit kept in the state folder when there is one (options that would change it are refused), else a
+    scorer that fits on the training set when first used."""
+    from ...errors import TurnoverError
+
+    options = context.options or ProjectedOptions()
+    given = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+    folder = context.state_dirs.get("projected")
+    if folder is None and context.path is not None and os.path.isfile(os.path.join(context.path, PROJECTED_DIR, META_NAME)):
+        folder = os.path.join(context.path, PROJECTED_DIR)
+    if folder is not None and os.path.isfile(os.path.join(folder, META_NAME)):
+        saved = read_fit_meta(folder)
+        defaults = ProjectedOptions()
+        changed = sorted(k for k in FIT_OPTIONS if k != "parameters" and given[k] != getattr(defaults, k)
+                         and saved.get(k) != given[k])
+        if changed:
+            raise TurnoverError(
+                f"{folder!r} holds a fitted projected influence function; options {changed} would change it (it "
+                f"was fitted with {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}). Drop them, or remove "
+                "that folder to fit again."
+            )
+        scorer = ProjectedInfluenceScorer.load(context.model, folder, batch_size=context.batch_size,
+                                               normalise=given["normalise"], show_progress=given["show_progress"])
+    else:
+        scorer = ProjectedInfluenceScorer(context.model, batch_size=context.batch_size, **given)
+    return BuiltEstimator(scorer, scorer.id_column, None)
+

@@ -1,0 +1,131 @@
+"""The projected influence function's file format: JSON metadata, the curvature and the projections as
+safetensors, and the stored gradients as plain ``.npy`` arrays, read back only for the model it was fitted on."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ...context import state_of
+from ...errors import ConfigMismatchError, StaleFitError
+from ...files import PathLike, atomic_path, atomic_write_text, read_format_meta
+from .store import RowStore
+
+FORMAT = "turnover-hf/projected-influence"
+FORMAT_VERSION = 1
+META_NAME = "projected.json"
+TENSORS_NAME = "projected_curvature.safetensors"
+PROJECTED_DIR = "projected"  # beside a saved model: where InfluencePipeline looks for a fit
+# options that decide the fit (a saved fit is refused when one differs); the rest only change how it is used
+FIT_OPTIONS = ("projection_dim", "projection_seed", "damping_factor", "parameters", "label_samples")
+
+
+def save_fit(scorer: Any, folder: PathLike) -> None:
+    """Write ``scorer``'s fit to ``folder``: the gradient store (copied unless it is already there), the curvature
+    and projections, then the JSON metadata last; each file atomically."""
+    store = scorer._fitted()
+    if scorer.fit_identity["weights_fingerprint"] != scorer.weights_fingerprint():
+        raise StaleFitError(
+            "the model's weights changed since this influence function was fitted (further training?); saving it "
+            "would label an old fit with the new weights. Fit again, then save."
+        )
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    if os.path.realpath(store.folder) != os.path.realpath(folder):
+        for name in store.files:
+            for each in (name, name.replace("gradients-", "example_ids-", 1)):
+                with atomic_path(os.path.join(folder, each)) as tmp:
+                    shutil.copyfile(os.path.join(store.folder, each), tmp)
+    tensors = {"curvature": scorer.curvature}
+    for i, layer in enumerate(scorer.layers):
+        if layer.inputs is not None:
+            tensors[f"inputs.{i}"] = layer.inputs
+        if layer.outputs is not None:
+            tensors[f"outputs.{i}"] = layer.outputs
+    with atomic_path(os.path.join(folder, TENSORS_NAME)) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "score": "(P g_t)^T (P G P^T + lambda I)^-1 (P g_z) / N, G the Gauss-Newton matrix of the training loss",
+        "parameters": [{"name": s.name, "shape": list(s.shape)} for s in scorer.specs],
+        "layers": [{"name": layer.name, "weight": layer.weight, "bias": layer.bias, "in_dim": layer.in_dim,
+                    "out_dim": layer.out_dim} for layer in scorer.layers],
+        "dim": scorer.dim,
+        "projection_dim": scorer.projection_dim,
+        "projection_seed": scorer.projection_seed,
+        "damping_factor": scorer.damping_factor,
+        "damping": scorer.damping,
+        "label_samples": scorer.label_samples,
+        "num_examples": len(store),
+        "gradient_files": store.files,
+        "id_column": scorer.id_column,
+        "turnover_config": scorer.mask_fields(),
+        **scorer.fit_identity,
+    }
+    atomic_write_text(os.path.join(folder, META_NAME), json.dumps(meta, indent=2) + "\n")
+
+
+def read_fit_meta(folder: PathLike) -> dict[str, Any]:
+    """The checked metadata of a saved projected fit."""
+    return read_format_meta(folder, META_NAME, FORMAT, FORMAT_VERSION, "fitted projected influence function")
+
+
+def load_fit(scorer_class: Any, model: nn.Module, folder: PathLike, **kwargs: Any) -> Any:
+    """A ``scorer_class`` scorer holding the fit in ``folder``, for the model (weights, masks, training set) it was
+    fitted on only. ``kwargs``: options that do not change the fit (``batch_size``, ``normalise``, ...)."""
+    folder = os.fspath(folder)
+    meta = read_fit_meta(folder)
+    named = dict(model.named_parameters())
+    bad = [p["name"] for p in meta["parameters"] if p["name"] not in named or list(named[p["name"]].shape) != p["shape"]]
+    if bad:
+        raise ConfigMismatchError(
+            f"the model lacks the parameters {bad[:5]} of the projected influence function in {folder!r} (or their "
+            "shapes differ): load it with the model it was fitted on."
+        )
+    scorer = scorer_class(model, parameters=[p["name"] for p in meta["parameters"]],
+                          projection_dim=meta["projection_dim"], projection_seed=meta["projection_seed"],
+                          damping_factor=meta["damping_factor"], label_samples=meta["label_samples"],
+                          id_column=meta["id_column"], **kwargs)
+    if scorer.mask_fields() != meta.get("turnover_config"):
+        raise ConfigMismatchError(
+            f"the projected influence function in {folder!r} was fitted on a model with turn-over config "
+            f"{meta.get('turnover_config')}, this one has {scorer.mask_fields()}: the training gradients depend on "
+            "the masks. Fit again with this model."
+        )
+    if scorer.weights_fingerprint() != meta["weights_fingerprint"]:
+        raise StaleFitError(
+            f"the model's weights differ from those the projected influence function in {folder!r} was fitted on. "
+            "Fit again (remove that folder, or pass another one)."
+        )
+    record = state_of(model).training_set if scorer.patched else None
+    fitted_on = meta.get("training_set_fingerprint")
+    if record is not None and fitted_on is not None and fitted_on != record.fingerprint:
+        raise StaleFitError(
+            f"the projected influence function in {folder!r} was fitted on another training set (fingerprint "
+            f"{fitted_on[:12]}) than the model was trained on ({record.fingerprint[:12]}). Fit again."
+        )
+    tensors = load_file(os.path.join(folder, TENSORS_NAME))
+    for i, layer in enumerate(scorer.layers):  # the projections the fit used (regenerated ones must agree)
+        for side in ("inputs", "outputs"):
+            saved, here = tensors.get(f"{side}.{i}"), getattr(layer, side)
+            if (saved is None) != (here is None) or (saved is not None and not torch.equal(saved, here)):
+                raise ConfigMismatchError(
+                    f"the {side} projection of {layer.name!r} in {folder!r} differs from this version's; fit again."
+                )
+    curvature = tensors["curvature"]
+    if curvature.shape != (scorer.dim, scorer.dim):
+        raise ConfigMismatchError(f"{TENSORS_NAME} holds a curvature of shape {tuple(curvature.shape)}, expected "
+                                  f"({scorer.dim}, {scorer.dim}).")
+    store = RowStore(folder, meta["gradient_files"], scorer.dim)
+    if len(store) != meta["num_examples"]:
+        raise ConfigMismatchError(f"{folder!r} stores {len(store)} gradients; its metadata says {meta['num_examples']}.")
+    scorer._set_fit(store, curvature)
+    scorer.fit_identity = {"weights_fingerprint": meta["weights_fingerprint"], "training_set_fingerprint": fitted_on}
+    return scorer

@@ -1,0 +1,104 @@
+"""Projected per-example gradients of tracked Linear layers from one batched forward: each call's inputs are
+projected on the way forward and its output gradients on the way back, so a row's projected gradient costs
+``O(T (in k_in + out k_out) + T k_in k_out)`` and the full ``out x in`` gradient is never formed."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ...errors import TurnoverError
+from ...losses import eval_mode, logits_of
+from ..gradients import ParamSpec, linear_calls, tracked_requiring_grad
+from .projection import LayerProjection
+
+# loss(logits, labels column) -> (B,) per-example losses
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class ProjectedGradients:
+    """``(B, K, k)`` projected gradients of every row's loss against each of ``K`` label columns.
+
+    Example:
+        >>> grads = ProjectedGradients(model, specs, layer_projections(model, specs, 4096, seed=0))
+        >>> logits, g = grads(inputs, lambda z: batch["labels"][:, None], loss)    # g: (B, 1, k)
+    """
+
+    def __init__(self, model: nn.Module, specs: Sequence[ParamSpec], layers: Sequence[LayerProjection]) -> None:
+        self.model = model
+        self.specs = list(specs)
+        self.layers = list(layers)
+        self.dim = sum(layer.dim for layer in self.layers)
+        self.checked = False
+
+    def __call__(self, inputs: dict[str, torch.Tensor], labels_of: Callable[[torch.Tensor], torch.Tensor], loss: LossFn,
+                 context: Optional[ContextManager] = None,
+                 row_context: Optional[Callable[[int], ContextManager]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward of the batch under ``context`` and one backward per column of ``labels_of(logits)``
+        ``(B, K, ...)``: ``(logits, (B, K, k) float32)``. The first call checks row 0 against that row run alone
+        under ``row_context(0)`` (a whole gradient, projected): rows must not interact, and every use of a tracked
+        weight must go through its Linear."""
+        names = [layer.name for layer in self.layers]
+        with eval_mode(self.model), tracked_requiring_grad(self.model, self.specs), torch.enable_grad(), \
+                linear_calls(self.model, names) as calls, context or contextlib.nullcontext():
+            logits = logits_of(self.model(**inputs))
+            labels = labels_of(logits.detach())
+            n = logits.shape[0]
+            seen, projected_inputs = [], []
+            for layer in self.layers:
+                for x, out in calls[layer.name]:
+                    if not isinstance(x, torch.Tensor) or x.shape[0] != n or out.shape[0] != n:
+                        raise TurnoverError(
+                            f"the Linear {layer.name!r} sees an input that is not split by rows of the batch; the "
+                            "projected influence function needs one row per example in every tracked Linear."
+                        )
+                    seen.append((layer, out))
+                    projected_inputs.append(layer.project_inputs(x.detach().reshape(n, -1, x.shape[-1]).float()))
+            if not seen:
+                raise TurnoverError("no tracked Linear layer ran in the forward: nothing to differentiate.")
+            columns = []
+            outputs = [out for _, out in seen]
+            for k in range(labels.shape[1]):
+                found = torch.autograd.grad(loss(logits, labels[:, k]).sum(), outputs, allow_unused=True,
+                                            retain_graph=k < labels.shape[1] - 1)
+                columns.append(self._rows(seen, projected_inputs, found, n))
+        rows = torch.stack(columns, 1)
+        if not self.checked:
+            self._check_first_row(inputs, labels[:1, 0], loss, rows[0, 0], row_context)
+            self.checked = True
+        return logits.detach(), rows
+
+    def _rows(self, seen: Sequence[tuple[LayerProjection, torch.Tensor]], projected_inputs: Sequence[torch.Tensor],
+              output_grads: Sequence[Optional[torch.Tensor]], n: int) -> torch.Tensor:
+        """``(n, k)``: per layer, ``sum_t (P_out dy_t) (P_in x_t)^T`` over positions and calls, concatenated."""
+        parts: dict[str, torch.Tensor] = {}
+        for (layer, _), px, dy in zip(seen, projected_inputs, output_grads):
+            if dy is None:
+                continue
+            pdy = layer.project_outputs(dy.reshape(n, -1, dy.shape[-1]).float())
+            g = torch.einsum("bto,bti->boi", pdy, px).reshape(n, -1)
+            parts[layer.name] = parts[layer.name] + g if layer.name in parts else g
+        device = projected_inputs[0].device
+        return torch.cat([parts.get(layer.name, torch.zeros(n, layer.dim, device=device)) for layer in self.layers], 1)
+
+    def _check_first_row(self, inputs: dict[str, torch.Tensor], label: torch.Tensor, loss: LossFn, batched: torch.Tensor,
+                         row_context: Optional[Callable[[int], ContextManager]]) -> None:
+        """Row 0's whole gradient, from its own forward, projected, must equal its batched projected gradient."""
+        named = dict(self.model.named_parameters())
+        with eval_mode(self.model), tracked_requiring_grad(self.model, self.specs) as tensors, torch.enable_grad(), \
+                (row_context(0) if row_context is not None else contextlib.nullcontext()):
+            logits = logits_of(self.model(**{k: v[:1] for k, v in inputs.items()}))
+            found = torch.autograd.grad(loss(logits, label).sum(), tensors, allow_unused=True)
+        whole = {s.name: (torch.zeros_like(named[s.name]) if g is None else g) for s, g in zip(self.specs, found)}
+        expected = torch.cat([layer.project_gradient(whole.get(layer.weight), whole.get(layer.bias))
+                              for layer in self.layers]).to(batched.device)
+        gap = float((expected - batched).abs().max())
+        if gap > 1e-3 * max(float(expected.abs().max()), 1e-12):
+            raise TurnoverError(
+                f"a row's projected gradient in the batch differs from the row run alone (gap {gap:.2e}): rows of a "
+                "batch interact, or a tracked weight is used outside its Linear. Use estimator='influence' with "
+                "factorised=False for this model."
+            )

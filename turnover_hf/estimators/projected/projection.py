@@ -1,0 +1,121 @@
+"""Per-layer Kronecker projections of per-example gradients (LoGra-style): a tracked ``nn.Linear``'s per-example
+gradient ``sum_t dy_t x_t^T`` is projected as ``sum_t (P_out dy_t) (P_in x_t)^T`` without ever being formed."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ...errors import TurnoverError
+from ...masks import keyed_hash
+from ..gradients import ParamSpec, tracked_linears
+
+
+@dataclass
+class LayerProjection:
+    """One tracked Linear: its parameter names, its sides and their projections.
+
+    ``inputs`` is ``(k_in, in')`` with ``in' = in + 1`` when the bias is tracked (a 1 is appended to the input;
+    ``in' = 1`` when only the bias is), ``outputs`` is ``(k_out, out)``; ``None`` keeps a side whole (exact).
+    Entries are random signs ``+-1 / sqrt(k)`` drawn from the integer hash of ``(seed, layer, side, index)``: the
+    same on every device, process and library version, so ``E[P^T P] = I``.
+    """
+
+    name: str
+    weight: Optional[str]
+    bias: Optional[str]
+    in_features: int                  # in' (with the appended 1 of a tracked bias)
+    out_features: int
+    inputs: Optional[torch.Tensor]    # (k_in, in') float32, or None: the input side is kept whole
+    outputs: Optional[torch.Tensor]   # (k_out, out) float32, or None
+
+    @property
+    def in_dim(self) -> int:
+        return self.in_features if self.inputs is None else self.inputs.shape[0]
+
+    @property
+    def out_dim(self) -> int:
+        return self.out_features if self.outputs is None else self.outputs.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """Coordinates of this layer in a projected gradient: ``k_out x k_in``."""
+        return self.in_dim * self.out_dim
+
+    def project_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, in) -> (B, T, k_in)``: the layer's inputs (with the bias's 1 appended when it is tracked)."""
+        if self.weight is None:
+            x = x.new_ones((*x.shape[:-1], 1))
+        elif self.bias is not None:
+            x = torch.cat([x, x.new_ones((*x.shape[:-1], 1))], -1)
+        return x if self.inputs is None else x @ self.inputs.to(x.device, x.dtype).T
+
+    def project_outputs(self, dy: torch.Tensor) -> torch.Tensor:
+        """``(B, T, out) -> (B, T, k_out)``: the loss gradients at the layer's outputs."""
+        return dy if self.outputs is None else dy @ self.outputs.to(dy.device, dy.dtype).T
+
+    def project_gradient(self, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """A whole gradient of this layer (``(out, in)`` weight and ``(out,)`` bias) projected, ``(k_out * k_in,)``
+        (used to check the batched projection against a row run alone)."""
+        parts = ([] if weight is None else [weight]) + ([] if bias is None else [bias[:, None]])
+        g = torch.cat(parts, 1).float()
+        if self.outputs is not None:
+            g = self.outputs.to(g.device) @ g
+        if self.inputs is not None:
+            g = g @ self.inputs.to(g.device).T
+        return g.reshape(-1)
+
+
+def random_signs(seed: int, key: str, rows: int, columns: int) -> torch.Tensor:
+    """``(rows, columns)`` float32 entries ``+-1 / sqrt(rows)`` from the integer hash of ``(seed, key, index)``."""
+    bits = keyed_hash(seed, key, torch.arange(rows * columns, dtype=torch.int64)) & 1
+    return ((1.0 - 2.0 * bits.float()) / math.sqrt(rows)).view(rows, columns)
+
+
+def side_rank(sizes: Sequence[tuple[int, int]], budget: int) -> int:
+    """The largest ``r`` with ``sum_l min(in_l, r) x min(out_l, r) <= budget``: every side of every layer is cut to
+    at most ``r`` coordinates (sides no longer than ``r`` stay whole), so small layers stay exact and leave their
+    share of the budget to the large ones."""
+    def total(r: int) -> int:
+        return sum(min(i, r) * min(o, r) for i, o in sizes)
+
+    low, high = 1, max(max(i, o) for i, o in sizes)
+    if total(low) > budget:
+        raise TurnoverError(
+            f"projection_dim={budget} is smaller than one coordinate per tracked layer ({len(sizes)} layers); "
+            "raise projection_dim or track fewer parameters."
+        )
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if total(mid) <= budget else (low, mid - 1)
+    return low
+
+
+def layer_projections(model: nn.Module, specs: Sequence[ParamSpec], budget: int, seed: int) -> list[LayerProjection]:
+    """The projections of every tracked Linear, at most ``budget`` coordinates in all; refuses tracked parameters
+    that are not the weight or bias of a ``torch.nn.Linear`` (naming one)."""
+    layers, reason = tracked_linears(model, specs)
+    if not layers:
+        raise TurnoverError(
+            f"the projected influence function projects the gradients of torch.nn.Linear layers, and {reason}. "
+            "Track only Linear layers with options parameters=[...] (e.g. the adapters' and the classifier's "
+            "weights), or use estimator='influence'."
+        )
+    modules = dict(model.named_modules())
+    shapes = []
+    for name, (weight, bias) in layers.items():
+        module = modules[name]
+        in_features = (module.in_features if weight is not None else 0) + (1 if bias is not None else 0)
+        shapes.append((in_features, module.out_features))
+    rank = side_rank(shapes, budget)
+    out = []
+    for (name, (weight, bias)), (in_features, out_features) in zip(layers.items(), shapes):
+        inputs = random_signs(seed, f"{name}:inputs", rank, in_features) if in_features > rank else None
+        outputs = random_signs(seed, f"{name}:outputs", rank, out_features) if out_features > rank else None
+        out.append(LayerProjection(name, None if weight is None else weight.name, None if bias is None else bias.name,
+                                   in_features, out_features, inputs, outputs))
+    return out

@@ -1,0 +1,422 @@
+"""``ProjectedInfluenceScorer``: the damped Gauss-Newton influence function in a Kronecker projection of the
+per-example gradients, fitted in one pass over the training set (sharded over processes), with the projected
+training gradients kept on disk."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import weakref
+from typing import Any, Callable, ContextManager, Mapping, Optional, Sequence, Union
+
+import torch
+from datasets import Dataset
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import default_data_collator
+
+from ...config import MASK_FIELDS
+from ...context import instance_masks, state_of
+from ...data import BATCH_KEY, InstanceIdCollator, check_id_column
+from ...errors import MissingExampleIdsError, TurnoverError
+from ...files import PathLike
+from ...losses import IGNORE_INDEX, find_labels, is_causal_lm, model_inputs, per_example_loss, per_token_loss
+from ...patcher import is_patched
+from ...store import fingerprint
+from ..gradients import ParamSpec, param_specs
+from ..influence.curvature import curvature_blocks, kept_classes, label_coefficients
+from ..registry import Estimator
+from .gradients import ProjectedGradients
+from .projection import layer_projections
+from .store import RowStore, RowWriter, shard_names
+
+logger = logging.getLogger(__name__)
+
+NORMALISATIONS = ("none", "relative")
+TrainData = Union[Dataset, Sequence[Mapping[str, Any]]]
+
+
+def linear_parameters(model: nn.Module) -> list[ParamSpec]:
+    """The trainable weights and biases of ``torch.nn.Linear`` modules (the default tracked parameters); the other
+    trainable parameters are left out, with a log line naming how many."""
+    modules = dict(model.named_modules())
+    names, left = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        (names if type(modules.get(owner)) is nn.Linear and leaf in ("weight", "bias") else left).append(name)
+    if not names:
+        raise TurnoverError(
+            "the projected influence function tracks trainable torch.nn.Linear layers, and this model has none "
+            f"(trainable: {left[:3]}...). Name Linear parameters with parameters=[...], or use estimator='influence'."
+        )
+    if left:
+        logger.info("projected influence: tracking %d trainable Linear parameters; %d other trainable parameters "
+                    "(e.g. %s) are left out.", len(names), len(left), left[0])
+    return param_specs(model, names)
+
+
+class ProjectedInfluenceScorer(Estimator):
+    """Damped Gauss-Newton influence in a ``k``-dimensional projection of the gradients, at any training-set size.
+
+    ``score(z, t) = (P g_t)^T (P G P^T + lambda I)^-1 (P g_z) / N`` with ``P`` a fixed random Kronecker projection
+    per tracked Linear layer (``projection_dim`` coordinates in all; layers small enough stay exact), ``G`` the
+    Gauss-Newton matrix of the training loss (classifiers: exact over the classes; causal LMs: from labels sampled
+    from the model's own predictions, per token, without a vocabulary-square matrix) and
+    ``lambda = damping_factor x trace(P G P^T) / k``. One pass over the training set (each example under its
+    training mask when the model is patched) accumulates ``P G P^T`` (``k x k``) and writes each example's
+    projected loss gradient to disk; with several processes each takes its share of the batches and the
+    curvature is summed (accelerate). Self-influence reads the stored gradients; a target set costs one
+    projected gradient per target, one solve and one read of the store.
+
+    Memory: ``k^2`` float64 plus one batch, whatever N; disk: ``N k`` float32. Time: one gradient pass (with a
+    backward per kept class: ``C - 1``; two for a causal LM), plus ``O(N k^2)`` for self-influence and
+    ``O(N k T)`` for ``T`` targets.
+
+    Example:
+        >>> scorer = ProjectedInfluenceScorer(model, projection_dim=4096)
+        >>> scorer.prepare(train, collator)                     # the fit: one pass over the training set
+        >>> scorer.scores(targets, targets["labels"], torch.arange(100))   # (100, n_targets)
+    """
+
+    token_level = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        projection_dim: int = 4096,
+        projection_seed: int = 0,
+        damping_factor: float = 0.1,
+        parameters: Optional[Sequence[str]] = None,
+        label_samples: int = 1,
+        normalise: str = "none",
+        batch_size: int = 64,
+        id_column: Optional[str] = None,
+        store_dir: Optional[PathLike] = None,
+        show_progress: bool = True,
+    ) -> None:
+        if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1:
+            raise TurnoverError(f"projection_dim must be a positive integer (4096 is the default), got {projection_dim!r}.")
+        if not float(damping_factor) > 0:
+            raise TurnoverError(f"damping_factor must be positive (0.1 is the default), got {damping_factor!r}.")
+        if isinstance(label_samples, bool) or not isinstance(label_samples, int) or label_samples < 1:
+            raise TurnoverError(f"label_samples must be a positive integer, got {label_samples!r}.")
+        if normalise not in NORMALISATIONS:
+            raise TurnoverError(f"normalise must be one of {NORMALISATIONS}, got {normalise!r}.")
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.specs = linear_parameters(model) if parameters is None else param_specs(model, parameters)
+        self.projection_dim, self.projection_seed = projection_dim, int(projection_seed)
+        self.layers = layer_projections(model, self.specs, projection_dim, self.projection_seed)
+        self.grads = ProjectedGradients(model, self.specs, self.layers)
+        self.damping_factor = float(damping_factor)
+        self.label_samples = label_samples
+        self.normalise = normalise
+        self.batch_size = max(1, int(batch_size))
+        self.patched = is_patched(model)
+        self.id_column = id_column or (state_of(model).config.id_column if self.patched else "example_id")
+        self.store_dir = None if store_dir is None else os.fspath(store_dir)
+        self.show_progress = show_progress
+        self.causal_lm = is_causal_lm(model)
+        # the fit
+        self.store: Optional[RowStore] = None
+        self.curvature: Optional[torch.Tensor] = None  # P G P^T, float64 (k, k)
+        self.damping: Optional[float] = None
+        self.fit_identity: Optional[dict[str, Optional[str]]] = None
+        self._factor: Optional[torch.Tensor] = None
+        self._targets: Optional[tuple[str, torch.Tensor]] = None
+
+    @property
+    def dim(self) -> int:
+        """Coordinates of a projected gradient (``k``)."""
+        return self.grads.dim
+
+    @property
+    def num_examples(self) -> int:
+        return len(self._fitted())
+
+    # -- as an estimator of InfluencePipeline -----------------------------------------------------------------
+    def prepare(self, train: Dataset, collator: Callable) -> bool:
+        """Fit on ``train`` unless a fit was loaded (sharded over the processes of ``accelerate launch``)."""
+        if self.store is not None:
+            return False
+        self.fit(train, collator)
+        return True
+
+    def cache_key(self) -> dict[str, Any]:
+        return {"parameters": [s.name for s in self.specs], "projection_dim": self.projection_dim,
+                "projection_seed": self.projection_seed, "damping_factor": self.damping_factor,
+                "label_samples": self.label_samples, "normalise": self.normalise}
+
+    # -- fitting ----------------------------------------------------------------------------------------------
+    def fit(self, train: TrainData, data_collator: Optional[Callable] = None) -> "ProjectedInfluenceScorer":
+        """One pass over ``train`` (a ``datasets.Dataset`` with model inputs, labels and the id column, or a list of
+        collated batches with ``example_ids``): the projected curvature and every example's projected loss gradient (written to the store folder).
+
+        Example:
+            >>> ProjectedInfluenceScorer(model).fit(train, collator).save("out/model/projected")
+        """
+        from accelerate import PartialState
+        from accelerate.utils import broadcast_object_list, reduce
+
+        batches, sizes = self._training_batches(train, data_collator)
+        state = PartialState(cpu=self.device.type == "cpu")
+        folder = [self._new_store_folder() if state.is_main_process else None]
+        if state.num_processes > 1:
+            broadcast_object_list(folder)
+        folder = folder[0]
+        with state.split_between_processes(list(range(len(sizes)))) as mine:
+            mine = list(mine)
+        curvature = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+        with RowWriter(folder, state.process_index, state.num_processes, sum(sizes[i] for i in mine), self.dim) as writer:
+            for index in tqdm(mine, desc="projected influence: training gradients", unit="batch",
+                              disable=not (self.show_progress and state.is_local_main_process)):
+                batch = batches(index)
+                if batch.get(BATCH_KEY) is None:
+                    raise MissingExampleIdsError(
+                        "a training batch has no example_ids: fit on a dataset with its id column "
+                        "(turnover_hf.add_example_ids) or on batches collated by turnover_hf.InstanceIdCollator."
+                    )
+                ids = torch.as_tensor(batch[BATCH_KEY]).to(torch.int64).cpu()
+                loss_gradients, curvature_rows = self._training_rows(batch, ids)
+                curvature += (curvature_rows.T @ curvature_rows).double()
+                writer.write(ids, loss_gradients)
+        if state.num_processes > 1:
+            curvature = reduce(curvature, reduction="sum")
+        state.wait_for_everyone()
+        files = [shard_names(rank, state.num_processes)[0] for rank in range(state.num_processes)]
+        self._set_fit(RowStore(folder, files, self.dim), curvature.cpu() / sum(sizes))
+        self.fit_identity = self.identity()
+        return self
+
+    def _training_batches(self, train: TrainData, data_collator: Optional[Callable]
+                          ) -> tuple[Callable[[int], Mapping[str, Any]], list[int]]:
+        """``(batch(i), rows of every batch)``: a Dataset in batches of ``batch_size`` (collated), or a sequence
+        of collated batches with ``example_ids`` as they are."""
+        if isinstance(train, Dataset):
+            check_id_column(train, self.id_column)
+            collate = InstanceIdCollator(data_collator or default_data_collator, self.id_column)
+            starts = list(range(0, len(train), self.batch_size))
+
+            def batch(i: int) -> Mapping[str, Any]:
+                return collate([train[j] for j in range(starts[i], min(starts[i] + self.batch_size, len(train)))])
+
+            sizes = [min(start + self.batch_size, len(train)) - start for start in starts]
+        elif isinstance(train, Sequence):
+            batch = train.__getitem__
+            sizes = [len(torch.as_tensor(b[BATCH_KEY])) if b.get(BATCH_KEY) is not None else 0 for b in train]
+        else:
+            raise TurnoverError(f"fit takes a datasets.Dataset or a list of collated batches, got {type(train).__name__}.")
+        if not sum(sizes):
+            raise TurnoverError("the training data is empty: nothing to fit the influence function on.")
+        return batch, sizes
+
+    def _new_store_folder(self) -> str:
+        if self.store_dir is not None:
+            os.makedirs(self.store_dir, exist_ok=True)
+            return self.store_dir
+        folder = tempfile.mkdtemp(prefix="turnover-hf-projected-")
+        weakref.finalize(self, shutil.rmtree, folder, True)
+        return folder
+
+    def _set_fit(self, store: RowStore, curvature: torch.Tensor) -> None:
+        trace = float(torch.diagonal(curvature).sum())
+        if not trace > 0:
+            raise TurnoverError(
+                "the Gauss-Newton matrix is zero (every training gradient vanished): nothing to invert. Check that "
+                "the tracked parameters are the ones training changed."
+            )
+        self.store, self.curvature = store, curvature
+        self.damping = self.damping_factor * trace / self.dim
+        system = curvature + self.damping * torch.eye(self.dim, dtype=torch.float64)
+        self._factor = torch.linalg.cholesky(system)
+        self._targets = None
+
+    def _training_context(self, ids: torch.Tensor) -> tuple[Optional[ContextManager], Optional[Callable[[int], ContextManager]]]:
+        if not self.patched:
+            return None, None
+        return instance_masks(self.model, ids, mode="train"), lambda k: instance_masks(self.model, ids[k : k + 1], mode="train")
+
+    def _training_rows(self, batch: Mapping[str, Any], ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each example's projected loss gradient ``(B, k)`` and rows ``U`` with ``P G_batch P^T = U^T U``."""
+        inputs = model_inputs(batch, self.device)
+        labels = find_labels(batch)
+        if labels is None:
+            raise TurnoverError("every training batch needs its labels (a 'labels' or 'label' entry) to fit influence.")
+        labels = labels.to(self.device)
+        context, row_context = self._training_context(ids)
+        if self.causal_lm:
+            def with_samples(logits: torch.Tensor) -> torch.Tensor:
+                return torch.stack([labels] + [self._sampled(logits, labels) for _ in range(self.label_samples)], 1)
+
+            _, g = self.grads(inputs, with_samples, self._loss, context, row_context)
+            return g[:, 0], g[:, 1:].reshape(-1, self.dim) / math.sqrt(self.label_samples)
+        if labels.dim() != 1 or labels.is_floating_point():
+            raise TurnoverError(f"the projected influence function needs one class label per example (classifiers) or "
+                                f"token labels (causal LMs), got labels of shape {tuple(labels.shape)}.")
+        kept: list[torch.Tensor] = []
+
+        def kept_of(logits: torch.Tensor) -> torch.Tensor:
+            if logits.dim() != 2 or logits.shape[1] < 2:
+                raise TurnoverError(f"the projected influence function covers classifiers (logits (batch, classes >= 2)) "
+                                    f"and causal LMs; this model gave logits of shape {tuple(logits.shape)}.")
+            kept.append(torch.softmax(logits.double(), -1).cpu())
+            return kept_classes(kept[0]).to(logits.device)
+
+        _, g = self.grads(inputs, kept_of, self._loss, context, row_context)
+        probs = kept[0]
+        classes = kept_classes(probs)
+        roots = torch.linalg.cholesky(curvature_blocks(probs, classes)).to(g.device, g.dtype)  # R R^T = A
+        rows = torch.einsum("nce,ncd->ned", roots, g).reshape(-1, self.dim)
+        coefficients = label_coefficients(probs, classes, labels.cpu()).to(g.device, g.dtype)
+        return torch.einsum("nc,ncd->nd", coefficients, g), rows
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return per_example_loss(logits, labels, shift=self.causal_lm)
+
+    @staticmethod
+    def _sampled(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Labels drawn from the model's own next-token distribution at every counted position (the rest -100):
+        their loss gradient's outer product is, in expectation, the per-token Gauss-Newton matrix."""
+        sampled = torch.full_like(labels, IGNORE_INDEX)
+        probs = torch.softmax(logits[:, :-1].float(), -1)
+        draws = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view(probs.shape[:2])
+        counted = labels[:, 1:] != IGNORE_INDEX
+        sampled[:, 1:] = torch.where(counted, draws, sampled[:, 1:])
+        return sampled
+
+    def _fitted(self) -> RowStore:
+        if self.store is None:
+            raise TurnoverError(
+                "the projected influence function is not fitted: call prepare(train, collator) or fit(train, "
+                "collator) first (InfluencePipeline does it on first use)."
+            )
+        return self.store
+
+    # -- scoring ----------------------------------------------------------------------------------------------
+    def target_gradients(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Projected gradients of the targets' losses (eval mode, full network), float32 ``(T, k)``."""
+        inputs = model_inputs(targets, self.device)
+        labels = torch.as_tensor(labels).to(self.device)
+        out = []
+        for start in range(0, len(labels), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            _, g = self.grads({k: v[part] for k, v in inputs.items()}, lambda _: labels[part, None], self._loss)
+            out.append(g[:, 0].cpu())
+        return torch.cat(out)
+
+    def _solve(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``(P G P^T + lambda I)^-1 vectors^T``, float64 ``(k, T)``."""
+        return torch.cholesky_solve(vectors.double().T, self._factor)
+
+    def _preconditioned(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        key = fingerprint({k: v for k, v in targets.items() if isinstance(v, torch.Tensor)}, torch.as_tensor(labels))
+        if self._targets is None or self._targets[0] != key:
+            self._targets = (key, self._solve(self.target_gradients(targets, labels)))
+        return self._targets[1]
+
+    def _normalised(self, rows: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Relative influence: each training example's scores divided by the square root of its self-influence."""
+        if self.normalise == "none":
+            return scores
+        return scores / self._self_influence(rows).clamp_min(1e-30).sqrt()[:, None]
+
+    def scores(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
+        """Influence of each id on each target, float32 ``(n_ids, n_targets)`` (positive = helped)."""
+        rows = self._fitted().read(example_ids).double()
+        scores = rows @ self._preconditioned(targets, labels) / len(self.store)
+        return self._normalised(rows, scores).float()
+
+    def _self_influence(self, rows: torch.Tensor) -> torch.Tensor:
+        whitened = torch.linalg.solve_triangular(self._factor, rows.double().T, upper=False)
+        return (whitened ** 2).sum(0) / len(self.store)
+
+    def self_scores(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
+        """Self-influence ``(P g_z)^T (P G P^T + lambda I)^-1 (P g_z(train)) / N`` of each row, float32 ``(n,)``: as
+        the exact fit, the full network's gradient against the one the example was trained with (its mask). A
+        model without masks has one gradient: the stored one serves both sides (no gradient is recomputed)."""
+        rows = self._fitted().read(example_ids)
+        if not self.patched:
+            return self._self_influence(rows).float()
+        full = self.target_gradients(batch, labels)
+        return ((full.double().T * self._solve(rows)).sum(0) / len(self.store)).float()
+
+    def self_score_columns(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+        if not batches:
+            return torch.zeros(0, 1)
+        if self.patched:
+            return torch.cat([self.self_scores(b, b["labels"], b["example_ids"]) for b in batches])[:, None]
+        ids = torch.cat([torch.as_tensor(b["example_ids"]) for b in batches])
+        return self._self_influence(self._fitted().read(ids)).float()[:, None]
+
+    def token_scores(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
+        """Per-token influence on causal-LM targets, float32 ``(n_ids, n_targets, T)``: each training example against
+        the cross-entropy of every counted target token (0 elsewhere); summed over tokens, the influence on the
+        summed loss."""
+        if not self.causal_lm:
+            raise TurnoverError("token_scores is for causal language models; use scores(...).")
+        labels = torch.as_tensor(labels).to(self.device)
+        inputs = model_inputs(targets, self.device)
+        n, width = labels.shape
+        positions = [t for t in range(1, width) if bool((labels[:, t] != IGNORE_INDEX).any())]
+        per_token = torch.zeros(n, width, self.dim, dtype=torch.float64)
+        for start in range(0, n, self.batch_size):
+            part = slice(start, start + self.batch_size)
+
+            def one_token_each(_: torch.Tensor, part: slice = part) -> torch.Tensor:
+                only = torch.full((labels[part].shape[0], len(positions), width), IGNORE_INDEX, device=labels.device)
+                for j, t in enumerate(positions):
+                    only[:, j, t] = labels[part, t]
+                return only
+
+            def token_loss(logits: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+                return per_token_loss(logits, column, shift=True).sum(-1)
+
+            if positions:
+                _, g = self.grads({k: v[part] for k, v in inputs.items()}, one_token_each, token_loss)
+                per_token[part, positions] = g.double().cpu()
+        solved = self._solve(per_token.reshape(n * width, self.dim))  # (k, n T)
+        rows = self._fitted().read(example_ids).double()
+        return (rows @ solved / len(self.store)).view(len(rows), n, width).float()
+
+    # -- identity and files -----------------------------------------------------------------------------------
+    def mask_fields(self) -> Optional[dict[str, Any]]:
+        if not self.patched:
+            return None
+        config = state_of(self.model).config.to_dict()
+        return {name: config[name] for name in MASK_FIELDS}
+
+    def weights_fingerprint(self) -> str:
+        return fingerprint({n: p.detach() for n, p in self.model.named_parameters()})
+
+    def identity(self) -> dict[str, Optional[str]]:
+        record = state_of(self.model).training_set if self.patched else None
+        return {"weights_fingerprint": self.weights_fingerprint(),
+                "training_set_fingerprint": None if record is None else record.fingerprint}
+
+    def save(self, folder: PathLike) -> None:
+        """Write the fit to ``folder`` (JSON metadata, the curvature and projections as safetensors, the stored
+        gradients as plain ``.npy`` arrays; each file atomically, the JSON last).
+
+        Example:
+            >>> scorer.save("out/model/projected")     # InfluencePipeline("out/model", estimator="projected")
+        """
+        from .files import save_fit
+
+        save_fit(self, folder)
+
+    @classmethod
+    def load(cls, model: nn.Module, folder: PathLike, **kwargs: Any) -> "ProjectedInfluenceScorer":
+        """A scorer with the fit saved in ``folder``; refuses a model whose weights, masks or training set differ.
+
+        Example:
+            >>> scorer = ProjectedInfluenceScorer.load(model, "out/model/projected")
+        """
+        from .files import load_fit
+
+        return load_fit(cls, model, folder, **kwargs)
