@@ -56,6 +56,7 @@ class CommonSettings:
     low_is_suspicious: bool = False
     peers: tuple[str, ...] = ("captum", "kronfluence")  # optional peers to run when installed
     influence_projections: tuple[int, ...] = (1024, 4096)  # CountSketch sizes of the library influence rows
+    projected_dims: tuple[int, ...] = (1024, 4096)  # projection_dim of the library's projected influence rows
 
 
 # What ``--quick`` shrinks in every setting (each setting's QUICK adds its own smaller variants).

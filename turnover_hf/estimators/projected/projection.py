@@ -12,7 +12,7 @@ from torch import nn
 
 from ...errors import TurnoverError
 from ...masks import keyed_hash
-from ..gradients import ParamSpec, tracked_linears
+from ..gradients import ParamSpec
 
 
 @dataclass
@@ -32,6 +32,7 @@ class LayerProjection:
     out_features: int
     inputs: Optional[torch.Tensor]    # (k_in, in') float32, or None: the input side is kept whole
     outputs: Optional[torch.Tensor]   # (k_out, out) float32, or None
+    transposed: bool = False          # the weight is stored (in, out): transformers' Conv1D (GPT-2)
 
     @property
     def in_dim(self) -> int:
@@ -61,6 +62,8 @@ class LayerProjection:
     def project_gradient(self, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
         """A whole gradient of this layer (``(out, in)`` weight and ``(out,)`` bias) projected, ``(k_out * k_in,)``
         (used to check the batched projection against a row run alone)."""
+        if weight is not None and self.transposed:
+            weight = weight.T
         parts = ([] if weight is None else [weight]) + ([] if bias is None else [bias[:, None]])
         g = torch.cat(parts, 1).float()
         if self.outputs is not None:
@@ -95,27 +98,60 @@ def side_rank(sizes: Sequence[tuple[int, int]], budget: int) -> int:
     return low
 
 
+def projectable_layers(model: nn.Module, specs: Sequence[ParamSpec]
+                       ) -> tuple[dict[str, tuple[Optional[ParamSpec], Optional[ParamSpec], bool]], Optional[str]]:
+    """``{module: (weight spec, bias spec, transposed)}`` when every tracked parameter is the weight or bias of a
+    ``torch.nn.Linear`` or a transformers ``Conv1D`` (exactly those classes, each parameter held by that one
+    module); else ``{}`` and the reason, naming a parameter."""
+    from transformers.pytorch_utils import Conv1D
+
+    modules = dict(model.named_modules())
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                holders[id(p)] = holders.get(id(p), 0) + 1
+    named = dict(model.named_parameters())
+    layers: dict[str, list] = {}
+    for spec in specs:
+        owner, _, leaf = spec.name.rpartition(".")
+        module = modules.get(owner)
+        if type(module) not in (nn.Linear, Conv1D) or leaf not in ("weight", "bias"):
+            return {}, (f"{spec.name!r} is not the weight or bias of a torch.nn.Linear or Conv1D (its module is "
+                        f"{type(module).__name__})")
+        if holders.get(id(named[spec.name]), 0) != 1:
+            return {}, f"{spec.name!r} is shared by several modules"
+        layers.setdefault(owner, [None, None, type(module) is Conv1D])[0 if leaf == "weight" else 1] = spec
+    return {name: tuple(entry) for name, entry in layers.items()}, None
+
+
+def layer_sizes(module: nn.Module, transposed: bool) -> tuple[int, int]:
+    """``(in, out)`` features of a Linear or a Conv1D."""
+    if transposed:
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
 def layer_projections(model: nn.Module, specs: Sequence[ParamSpec], budget: int, seed: int) -> list[LayerProjection]:
-    """The projections of every tracked Linear, at most ``budget`` coordinates in all; refuses tracked parameters
-    that are not the weight or bias of a ``torch.nn.Linear`` (naming one)."""
-    layers, reason = tracked_linears(model, specs)
+    """The projections of every tracked Linear (or Conv1D), at most ``budget`` coordinates in all; refuses tracked
+    parameters of other modules (naming one)."""
+    layers, reason = projectable_layers(model, specs)
     if not layers:
         raise TurnoverError(
-            f"the projected influence function projects the gradients of torch.nn.Linear layers, and {reason}. "
-            "Track only Linear layers with options parameters=[...] (e.g. the adapters' and the classifier's "
-            "weights), or use estimator='influence'."
+            f"the projected influence function projects the gradients of torch.nn.Linear (and Conv1D) layers, and "
+            f"{reason}. Track only such layers with options parameters=[...] (e.g. the adapters' and the "
+            "classifier's weights), or use estimator='influence'."
         )
     modules = dict(model.named_modules())
     shapes = []
-    for name, (weight, bias) in layers.items():
-        module = modules[name]
-        in_features = (module.in_features if weight is not None else 0) + (1 if bias is not None else 0)
-        shapes.append((in_features, module.out_features))
+    for name, (weight, bias, transposed) in layers.items():
+        in_features, out_features = layer_sizes(modules[name], transposed)
+        shapes.append(((in_features if weight is not None else 0) + (1 if bias is not None else 0), out_features))
     rank = side_rank(shapes, budget)
     out = []
-    for (name, (weight, bias)), (in_features, out_features) in zip(layers.items(), shapes):
+    for (name, (weight, bias, transposed)), (in_features, out_features) in zip(layers.items(), shapes):
         inputs = random_signs(seed, f"{name}:inputs", rank, in_features) if in_features > rank else None
         outputs = random_signs(seed, f"{name}:outputs", rank, out_features) if out_features > rank else None
         out.append(LayerProjection(name, None if weight is None else weight.name, None if bias is None else bias.name,
-                                   in_features, out_features, inputs, outputs))
+                                   in_features, out_features, inputs, outputs, transposed))
     return out

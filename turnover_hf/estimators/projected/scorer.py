@@ -40,24 +40,33 @@ TrainData = Union[Dataset, Sequence[Mapping[str, Any]]]
 
 
 def linear_parameters(model: nn.Module) -> list[ParamSpec]:
-    """The trainable weights and biases of ``torch.nn.Linear`` modules (the default tracked parameters); the other
-    trainable parameters are left out, with a log line naming how many."""
-    modules = dict(model.named_modules())
-    names, left = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        owner, _, leaf = name.rpartition(".")
-        (names if type(modules.get(owner)) is nn.Linear and leaf in ("weight", "bias") else left).append(name)
+    """The trainable weights and biases of ``torch.nn.Linear`` and ``Conv1D`` modules (the default tracked
+    parameters); other trainable parameters are left out, with a log line naming how many."""
+    names, left = split_trainable(model)
     if not names:
         raise TurnoverError(
-            "the projected influence function tracks trainable torch.nn.Linear layers, and this model has none "
-            f"(trainable: {left[:3]}...). Name Linear parameters with parameters=[...], or use estimator='influence'."
+            "the projected influence function tracks trainable torch.nn.Linear (or Conv1D) layers, and this model "
+            f"has none (trainable: {left[:3]}...). Name such parameters with parameters=[...], or use "
+            "estimator='influence'."
         )
     if left:
         logger.info("projected influence: tracking %d trainable Linear parameters; %d other trainable parameters "
                     "(e.g. %s) are left out.", len(names), len(left), left[0])
     return param_specs(model, names)
+
+
+def split_trainable(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Names of the trainable parameters the projection covers (Linear / Conv1D weights and biases), and the rest."""
+    from transformers.pytorch_utils import Conv1D
+
+    modules = dict(model.named_modules())
+    names, left = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            owner, _, leaf = name.rpartition(".")
+            covered = type(modules.get(owner)) in (nn.Linear, Conv1D) and leaf in ("weight", "bias")
+            (names if covered else left).append(name)
+    return names, left
 
 
 class ProjectedInfluenceScorer(Estimator):
@@ -67,7 +76,7 @@ class ProjectedInfluenceScorer(Estimator):
     per tracked Linear layer (``projection_dim`` coordinates in all; layers small enough stay exact), ``G`` the
     Gauss-Newton matrix of the training loss (classifiers: exact over the classes; causal LMs: from labels sampled
     from the model's own predictions, per token, without a vocabulary-square matrix) and
-    ``lambda = damping_factor x trace(P G P^T) / k``. One pass over the training set (each example under its
+    ``lambda = damping_factor x trace(P G P^T) / D``. One pass over the training set (each example under its
     training mask when the model is patched) accumulates ``P G P^T`` (``k x k``) and writes each example's
     projected loss gradient to disk; with several processes each takes its share of the batches and the
     curvature is summed (accelerate). Self-influence reads the stored gradients; a target set costs one
@@ -130,6 +139,11 @@ class ProjectedInfluenceScorer(Estimator):
         self.fit_identity: Optional[dict[str, Optional[str]]] = None
         self._factor: Optional[torch.Tensor] = None
         self._targets: Optional[tuple[str, torch.Tensor]] = None
+
+    @property
+    def num_parameters(self) -> int:
+        """Tracked parameters (``D``): the damping is the exact fit's, ``damping_factor x trace(G) / D``."""
+        return self.specs[-1].offset + self.specs[-1].numel
 
     @property
     def dim(self) -> int:
@@ -232,7 +246,7 @@ class ProjectedInfluenceScorer(Estimator):
                 "the tracked parameters are the ones training changed."
             )
         self.store, self.curvature = store, curvature
-        self.damping = self.damping_factor * trace / self.dim
+        self.damping = self.damping_factor * trace / self.num_parameters
         system = curvature + self.damping * torch.eye(self.dim, dtype=torch.float64)
         self._factor = torch.linalg.cholesky(system)
         self._targets = None

@@ -1,0 +1,284 @@
+"""The projected influence function (estimator 'projected'): equal to the exact fit when nothing is projected, close
+to it when projected, deterministic projections, one pass sharded over processes, causal LMs per token, saved
+fits that load only for their model, and auto's choices."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from datasets import Dataset
+
+import turnover_hf as th
+from conftest import VOCAB, free_port, text_task, tiny_bert, tiny_llama_lm, with_bottleneck, word_tokenizer
+from test_turnover import _top_layer_adapter
+
+WHOLE = 10**6  # a projection_dim no tracked layer needs: every side kept whole
+
+
+@pytest.fixture
+def setup(tmp_path):
+    tokenizer = word_tokenizer(tmp_path / "tok")
+    train = text_task(40)
+    torch.manual_seed(0)
+    model = th.patch_model(_top_layer_adapter(tiny_bert()), th.TurnoverConfig(seed=6), freeze_leaking=True).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.turnover_config.num_train_examples = len(train)
+    return model, tokenizer, train
+
+
+def _pipe(model, tokenizer, train, **options):
+    return th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="projected",
+                                options={"show_progress": False, **options})
+
+
+def test_without_projection_it_is_the_exact_influence_function(setup):
+    model, tokenizer, train = setup
+    exact = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence")
+    whole = _pipe(model, tokenizer, train, projection_dim=WHOLE)
+    assert all(layer.inputs is None and layer.outputs is None for layer in whole.scorer.layers)
+    targets = train.select(range(6))
+    e, w = exact.scores(targets), whole.scores(targets)
+    assert torch.allclose(e, w, atol=1e-5 * float(e.abs().max()))
+    own_e = torch.tensor(exact.self_influence()["self_influence"])
+    own_w = torch.tensor(whole.self_influence()["self_influence"])
+    assert torch.allclose(own_e, own_w, atol=1e-5 * float(own_e.abs().max()))
+
+
+def test_projected_scores_follow_the_exact_ones_and_improve_with_k(setup):
+    model, tokenizer, train = setup
+    targets = train.select(range(8))
+    exact = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence").scores(targets)
+
+    def agreement(dim):
+        scores = _pipe(model, tokenizer, train, projection_dim=dim).scores(targets)
+        return float(torch.corrcoef(torch.stack([scores.flatten(), exact.flatten()]))[0, 1])
+
+    small, large = agreement(64), agreement(600)
+    assert large > 0.9 and large > small
+
+
+def test_projections_are_deterministic_and_sized_by_the_budget(setup):
+    model = setup[0]
+    specs = th.estimators.projected.scorer.linear_parameters(model)
+    from turnover_hf.estimators.projected.projection import layer_projections
+
+    a = layer_projections(model, specs, 300, seed=1)
+    b = layer_projections(model, specs, 300, seed=1)
+    c = layer_projections(model, specs, 300, seed=2)
+    assert 0 < sum(layer.dim for layer in a) <= 300
+    projected = [(x, y, z) for x, y, z in zip(a, b, c) if x.inputs is not None]
+    assert projected, "the budget cuts at least one side"
+    for x, y, z in projected:
+        assert torch.equal(x.inputs, y.inputs) and not torch.equal(x.inputs, z.inputs)
+        assert set(torch.unique(x.inputs * x.inputs.shape[0] ** 0.5).tolist()) == {-1.0, 1.0}
+    with pytest.raises(th.TurnoverError, match="projection_dim"):
+        layer_projections(model, specs, 2, seed=1)
+
+
+def test_the_saved_fit_loads_back_only_for_its_model(setup, tmp_path):
+    model, tokenizer, train = setup
+    pipe = _pipe(model, tokenizer, train, projection_dim=256)
+    targets = train.select(range(4))
+    before = pipe.scores(targets)
+    folder = tmp_path / "fit"
+    pipe.scorer.save(folder)
+    assert sorted(os.listdir(folder)) == ["example_ids-00000-of-00001.npy", "gradients-00000-of-00001.npy",
+                                          "projected.json", "projected_curvature.safetensors"]
+    loaded = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="projected",
+                                  options={"projection_dim": 256})
+    loaded.scorer = th.ProjectedInfluenceScorer.load(model, folder)
+    loaded._prepared = True
+    assert torch.equal(loaded.scores(targets), before)
+    with pytest.raises(th.TurnoverError, match="unknown|not in the training set|never"):
+        loaded.scorer.scores(*_target_batch(pipe, targets), torch.tensor([0, 999]))
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).add_(0.01)
+    with pytest.raises(th.StaleFitError, match="weights differ"):
+        th.ProjectedInfluenceScorer.load(model, folder)
+    os.remove(folder / "gradients-00000-of-00001.npy")
+    with pytest.raises(th.TurnoverError, match="incomplete"):
+        th.ProjectedInfluenceScorer.load(model, folder)
+
+
+def _target_batch(pipe, targets):
+    batch, labels, _ = pipe.prepare_targets(targets)
+    return batch, labels
+
+
+def test_the_pipeline_keeps_the_fit_beside_a_checkpoint_and_refuses_changed_options(setup, tmp_path):
+    model, tokenizer, train = setup
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    first = th.InfluencePipeline(str(folder), train_dataset=train, estimator="projected", save_fit=True,
+                                 options={"projection_dim": 128, "show_progress": False})
+    targets = train.select([3, 5])
+    scores = first.scores(targets)
+    assert os.path.isfile(folder / "projected" / "projected.json")
+    again = th.InfluencePipeline(str(folder), train_dataset=train, estimator="projected", options={"projection_dim": 128})
+    assert again.scorer.store is not None  # loaded, not refitted
+    assert torch.equal(again.scores(targets), scores)
+    with pytest.raises(th.TurnoverError, match="would change it"):
+        th.InfluencePipeline(str(folder), train_dataset=train, estimator="projected", options={"projection_dim": 64})
+
+
+def test_relative_normalisation_divides_by_the_root_of_self_influence(setup):
+    model, tokenizer, train = setup
+    plain = _pipe(model, tokenizer, train, projection_dim=256)
+    relative = _pipe(model, tokenizer, train, projection_dim=256, normalise="relative")
+    targets = train.select(range(3))
+    ids = torch.tensor(train["example_id"])
+    rows = plain.scorer.store.read(ids)
+    own = plain.scorer._self_influence(rows)
+    assert torch.allclose(relative.scores(targets), (plain.scores(targets).double() / own.sqrt()[:, None]).float(),
+                          rtol=1e-5, atol=1e-7)
+    with pytest.raises(th.TurnoverError, match="normalise"):
+        _pipe(model, tokenizer, train, normalise="softmax")
+
+
+def _lm_corpus(n=12, length=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(5, VOCAB, (length - i % 3,), generator=g).tolist() for i in range(n)]
+    return th.add_example_ids(Dataset.from_dict({"input_ids": rows}))
+
+
+def _lora_llama():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama_lm(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def test_causal_lm_sequence_and_token_scores_with_peft_lora(caplog):
+    model = _lora_llama()
+    train = _lm_corpus()
+    with caplog.at_level(logging.INFO, logger="turnover_hf.pipeline"):
+        pipe = th.InfluencePipeline(model, train_dataset=train, options={"show_progress": False, "projection_dim": WHOLE})
+    assert pipe.estimator == "projected" and "causal language model" in caplog.text
+    assert all(".lora_" in s.name for s in pipe.scorer.specs)
+    targets = [{"input_ids": r} for r in _lm_corpus(3, seed=5)["input_ids"]]
+    batch = th.CausalLMCollator()(targets)
+    ids = torch.tensor(train["example_id"])
+    scores = pipe.scorer.scores(batch, batch["labels"], ids)
+    per_token = pipe.scorer.token_scores(batch, batch["labels"], ids)
+    counted = (batch["labels"][:, 1:] != -100).sum(1)
+    # the sequence loss is the mean over counted tokens: its influence is the tokens' sum / count
+    assert torch.allclose(per_token.sum(-1) / counted, scores, atol=1e-6 * float(scores.abs().max()) + 1e-9)
+    assert per_token[:, :, 0].abs().max() == 0  # the first token is never predicted
+    # the definition, directly: gradients of the LoRA parameters, G from the sampled labels the fit drew
+    assert pipe.self_influence()["self_influence"][0] > 0
+
+
+def test_two_processes_fit_and_score_as_one(tmp_path):
+    from safetensors.torch import load_file
+
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED)
+    results = {}
+    for procs in (1, 2):
+        result = tmp_path / f"result{procs}.safetensors"
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
+               str(free_port()), str(script), os.path.dirname(__file__), str(tmp_path / "tok"), str(result),
+               str(tmp_path / f"fit{procs}")]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[procs] = load_file(result)
+        assert sorted(os.listdir(tmp_path / f"fit{procs}"))[:2 * procs] == sorted(
+            [f"{kind}-{r:05d}-of-{procs:05d}.npy" for r in range(procs) for kind in ("example_ids", "gradients")])
+    assert int(results[2]["procs"]) == 2
+    for key in ("scores", "self", "curvature"):
+        a, b = results[1][key], results[2][key]
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9 * float(a.abs().max())), key
+
+
+SHARDED = r"""
+import sys, torch
+tests, tok, result, folder = sys.argv[1:5]
+sys.path.insert(0, tests)
+from accelerate import PartialState
+import turnover_hf as th
+from conftest import text_task, tiny_bert, word_tokenizer
+from test_turnover import _top_layer_adapter
+state = PartialState(cpu=True)
+torch.manual_seed(0)
+model = th.patch_model(_top_layer_adapter(tiny_bert()), th.TurnoverConfig(seed=6), warn_leaking=False).eval()
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(torch.randn_like(p) * 0.05)
+train = text_task(40)
+model.turnover_config.num_train_examples = len(train)
+pipe = th.InfluencePipeline(model, word_tokenizer(tok), train_dataset=train, estimator="projected", batch_size=6,
+                            chunk_size=7, options={"projection_dim": 200, "store_dir": folder, "show_progress": False})
+scores = pipe.scores(train.select([1, 2, 3]))
+own = pipe.self_influence()
+if state.is_main_process:
+    from safetensors.torch import save_file
+    save_file({"scores": scores.contiguous(), "self": torch.tensor(own["self_influence"]),
+               "curvature": pipe.scorer.curvature.contiguous(), "procs": torch.tensor(state.num_processes)}, result)
+"""
+
+
+def test_auto_hands_over_to_the_projection_when_the_exact_fit_turns_out_too_large(setup, caplog):
+    """Adapters inside the transformer see token sequences: the factorised fit the static estimate expected does not
+    apply, and the per-example one exceeds the budget. 'auto' then scores with the projected estimator."""
+    _, tokenizer, train = setup
+    model = th.patch_model(with_bottleneck(tiny_bert(), reduction_factor=0.125), th.TurnoverConfig(seed=3),
+                           freeze_leaking=True)
+    model.turnover_config.num_train_examples = len(train)
+    scorer = th.InfluenceFunctionScorer(model)
+    estimated = scorer.fit_memory_gb(len(train), 2)
+    materialised = len(train) * scorer.width * 4 / 2**30
+    assert estimated < materialised
+    budget = {"max_memory_gb": (estimated + materialised) / 2}
+    named = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence", influence_options=budget)
+    with pytest.raises(th.TurnoverError, match="above max_memory_gb"):
+        named.scores(train.select([1]))  # asked for by name: refused, naming the fixes
+    auto = th.InfluencePipeline(model, tokenizer, train_dataset=train, influence_options={**budget, "damping_factor": 0.5})
+    assert auto.estimator == "influence"  # the estimate fitted the budget
+    with caplog.at_level(logging.WARNING):
+        scores = auto.scores(train.select([1, 2]))
+    assert auto.estimator == "projected" and "'projected' estimator instead" in caplog.text
+    assert auto.scorer.damping_factor == 0.5  # the options both share carry over
+    direct = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="projected",
+                                  options={"damping_factor": 0.5})
+    assert torch.equal(scores, direct.scores(train.select([1, 2])))
+
+
+def test_auto_projects_when_the_static_estimate_exceeds_the_budget(setup):
+    _, tokenizer, train = setup
+    model = tiny_bert()  # every parameter trainable, some not Linear: the projection would leave them out
+    exact = th.InfluenceFunctionScorer(model).fit_memory_gb(len(train), 2)
+    auto = th.InfluencePipeline(model, tokenizer, train_dataset=train, options={"max_memory_gb": exact / 2})
+    assert auto.estimator == "influence"  # not projected: it would drop the embeddings and norms
+    linear_only = tiny_bert()
+    for name, p in linear_only.named_parameters():
+        p.requires_grad_("encoder.layer" in name and ("dense" in name or "query" in name or "key" in name
+                                                     or "value" in name) or name.startswith("classifier"))
+    exact = th.InfluenceFunctionScorer(linear_only).fit_memory_gb(len(train), 2)
+    small = th.InfluencePipeline(linear_only, tokenizer, train_dataset=train, options={"max_memory_gb": exact / 2})
+    roomy = th.InfluencePipeline(linear_only, tokenizer, train_dataset=train, options={"max_memory_gb": exact * 2})
+    assert small.estimator == "projected" and roomy.estimator == "influence"
+
+
+def test_bad_inputs_are_named(setup):
+    model, tokenizer, train = setup
+    for bad, match in [({"projection_dim": 0}, "projection_dim"), ({"damping_factor": 0}, "damping_factor"),
+                       ({"label_samples": 0}, "label_samples"), ({"parameters": ["bert.embeddings.word_embeddings.weight"]},
+                                                                 "not the weight or bias")]:
+        with pytest.raises(th.TurnoverError, match=match):
+            _pipe(model, tokenizer, train, **bad)
+    with pytest.raises(th.TurnoverError, match="not options of the 'projected'"):
+        _pipe(model, tokenizer, train, solver="direct")
+    pipe = _pipe(model, tokenizer, train, projection_dim=64)
+    with pytest.raises(th.TurnoverError, match="not fitted"):
+        pipe.scorer.scores(*_target_batch(pipe, train.select([0])), torch.tensor([0]))
