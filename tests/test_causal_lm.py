@@ -176,8 +176,7 @@ def test_pipeline_explains_text_targets_token_by_token():
     g = torch.Generator().manual_seed(0)
     texts = [" ".join(f"w{int(t)}" for t in torch.randint(1, VOCAB, (8,), generator=g)) for _ in range(12)]
     train = th.add_example_ids(Dataset.from_dict({"text": texts}))
-    pipe = th.InfluencePipeline(model, tok, train_dataset=train, batch_size=16)
-    assert pipe.estimator == "turnover"  # the default for a language model (the influence function is for classifiers)
+    pipe = th.InfluencePipeline(model, tok, train_dataset=train, batch_size=16, estimator="turnover")
     out = pipe(("w5 w6 w7", "w8 w9"), top_k=3)
     assert out["tokens"] == ["w8", "w9"] and out["label"] is None
     scores = pipe.scores([("w5 w6 w7", "w8 w9")])[:, 0]

@@ -8,7 +8,7 @@ import torch
 
 import turnover_hf as th
 
-from conftest import free_port, text_task, tiny_bert, with_bottleneck, word_tokenizer
+from conftest import free_port, text_task, tiny_bert, word_tokenizer
 from test_turnover import naive_influence, _top_layer_adapter
 
 
@@ -208,56 +208,6 @@ def test_auto_scores_with_the_most_faithful_estimator_the_model_allows(setup, tm
     assert members.estimator == "turnover" and members.num_members == 2
     with pytest.raises(th.TurnoverError, match="scores with 'turnover'.*Drop them"):
         th.InfluencePipeline([model, other], tokenizer, train_dataset=train, influence_options={"damping_factor": 1.0})
-
-
-def test_auto_sketches_gradients_when_an_exact_fit_exceeds_the_memory_budget(setup, caplog):
-    _, tokenizer, train = setup
-    model = tiny_bert()  # every parameter trainable: more of them than the sketch's width
-    exact = th.InfluenceFunctionScorer(model).fit_memory_gb(len(train), 2)
-    sketched = th.InfluenceFunctionScorer(model, projection_dim=th.estimators.influence.AUTO_PROJECTION_DIM).fit_memory_gb(len(train), 2)
-    assert sketched < exact
-    budget = {"max_memory_gb": (exact + sketched) / 2}
-    # the estimate is the fit's own: an exact fit on that budget is refused, naming the fix
-    refused = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence", influence_options=budget)
-    with pytest.raises(th.TurnoverError, match="above max_memory_gb.*projection_dim"):
-        refused.scores(train.select([1]))
-    with caplog.at_level(logging.WARNING, logger="turnover_hf.pipeline"):
-        auto = th.InfluencePipeline(model, tokenizer, train_dataset=train, influence_options=budget)
-    assert auto.estimator == "influence" and auto.scorer.projection_dim == th.estimators.influence.AUTO_PROJECTION_DIM
-    assert "sketching gradients" in caplog.text and "max_memory_gb" in caplog.text
-    sketch = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence",
-                                  influence_options={**budget, "projection_dim": th.estimators.influence.AUTO_PROJECTION_DIM})
-    assert torch.equal(auto.scores(train.select([1, 2])), sketch.scores(train.select([1, 2])))
-    roomy = th.InfluencePipeline(model, tokenizer, train_dataset=train, influence_options={"max_memory_gb": exact * 1.01})
-    assert roomy.scorer.projection_dim is None
-    roomy.scores(train.select([1]))  # the exact fit runs within the budget the estimate gave
-
-
-def test_auto_sketches_when_the_fit_that_applies_turns_out_larger_than_estimated(setup, caplog):
-    """Adapters inside the transformer see token sequences: the fit the static check expected (factorised) does not
-    apply, and the per-example one exceeds the budget. estimator='auto' then sketches instead of failing."""
-    _, tokenizer, train = setup
-    model = th.patch_model(with_bottleneck(tiny_bert(), reduction_factor=0.125), th.TurnoverConfig(seed=3),
-                           freeze_leaking=True)
-    model.turnover_config.num_train_examples = len(train)
-    dim = th.estimators.influence.AUTO_PROJECTION_DIM
-    scorer = th.InfluenceFunctionScorer(model)
-    estimated = scorer.fit_memory_gb(len(train), 2)  # the factorised size: the static check lets adapters through
-    materialised = len(train) * scorer.width * 4 / 2**30
-    sketched = len(train) * dim * 4 / 2**30
-    assert estimated < sketched < materialised
-    budget = {"max_memory_gb": (sketched + materialised) / 2}
-    named = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence", influence_options=budget)
-    with pytest.raises(th.TurnoverError, match="above max_memory_gb.*projection_dim"):
-        named.scores(train.select([1]))  # asked for by name: refused, naming the fixes
-    auto = th.InfluencePipeline(model, tokenizer, train_dataset=train, influence_options=budget)
-    assert auto.scorer.projection_dim is None  # the estimate fitted the budget
-    with caplog.at_level(logging.WARNING):
-        scores = auto.scores(train.select([1, 2]))
-    assert auto.scorer.projection_dim == dim and "Sketching gradients" in caplog.text
-    sketch = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence",
-                                  influence_options={**budget, "projection_dim": dim})
-    assert torch.equal(scores, sketch.scores(train.select([1, 2])))
 
 
 SHARDED = r"""

@@ -50,8 +50,12 @@ def linear_parameters(model: nn.Module) -> list[ParamSpec]:
             "estimator='influence'."
         )
     if left:
-        logger.info("projected influence: tracking %d trainable Linear parameters; %d other trainable parameters "
-                    "(e.g. %s) are left out.", len(names), len(left), left[0])
+        named = dict(model.named_parameters())
+        share = sum(named[n].numel() for n in left) / sum(named[n].numel() for n in names + left)
+        (logger.warning if share > 0.01 else logger.info)(
+            "projected influence: tracking the %d trainable Linear / Conv1D parameters; %d other trainable "
+            "parameters (e.g. %s, %.0f%% of the trainable count) are left out. Name the tracked ones with "
+            "parameters=[...] to silence this.", len(names), len(left), left[0], 100 * share)
     return param_specs(model, names)
 
 
