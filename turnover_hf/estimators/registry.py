@@ -146,7 +146,12 @@ class EstimatorSpec:
         """``given`` as this estimator's options dataclass (a mapping is checked field by field)."""
         if self.options_class is None:
             if given:
-                raise TurnoverError(f"estimator {self.name!r} takes no options, got {given!r}.")
+                names = set(given) if isinstance(given, Mapping) else {f.name for f in dataclasses.fields(given)}
+                owners = [spec.name for spec in _REGISTRY.values() if spec.options_class is not None
+                          and names & {f.name for f in dataclasses.fields(spec.options_class)}]
+                raise TurnoverError(f"estimator {self.name!r} takes no options, got {given!r}"
+                                    + (f" (options of {' and '.join(repr(o) for o in owners)})" if owners else "")
+                                    + ". Drop them, or choose the estimator they belong to.")
             return None
         if given is None:
             return self.options_class()
