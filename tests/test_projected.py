@@ -13,6 +13,7 @@ from datasets import Dataset
 
 import turnover_hf as th
 from conftest import VOCAB, free_port, text_task, tiny_bert, tiny_llama_lm, with_bottleneck, word_tokenizer
+from test_cli import in_process, trained  # noqa: F401
 from test_turnover import _top_layer_adapter
 
 WHOLE = 10**6  # a projection_dim no tracked layer needs: every side kept whole
@@ -210,6 +211,7 @@ sys.path.insert(0, tests)
 from accelerate import PartialState
 import turnover_hf as th
 from conftest import text_task, tiny_bert, word_tokenizer
+from test_cli import in_process, trained  # noqa: F401
 from test_turnover import _top_layer_adapter
 state = PartialState(cpu=True)
 torch.manual_seed(0)
@@ -284,3 +286,16 @@ def test_bad_inputs_are_named(setup):
     pipe = _pipe(model, tokenizer, train, projection_dim=64)
     with pytest.raises(th.TurnoverError, match="not fitted"):
         pipe.scorer.scores(*_target_batch(pipe, train.select([0])), torch.tensor([0]))
+
+
+def test_the_cli_scores_with_it_and_says_so(trained, capsys):  # noqa: F811
+    root, _ = trained
+    assert in_process(root, "self-influence", "--model", "out/model", "--output", "si_projected.csv",
+                      "--estimator", "projected", "--projection_dim", "64", "--show_progress", "false") == 0
+    out = capsys.readouterr().out
+    assert "scored by the 'projected' estimator" in out
+    assert os.path.isfile(os.path.join(root, "out", "model", "projected", "projected.json"))  # kept for next time
+    # auto on a budget no exact fit meets: the projection answers, and says so
+    assert in_process(root, "self-influence", "--model", "out/model", "--output", "si_auto.csv",
+                      "--max_memory_gb", "0.000001") == 0
+    assert "scored by the 'projected' estimator" in capsys.readouterr().out

@@ -131,6 +131,13 @@ def pipeline(options: ScoringOptions) -> Any:
     return pipe
 
 
+def print_estimator(pipe: Any) -> None:
+    """Which estimator produced the scores (``auto`` may hand over while fitting) and what its scores are worth."""
+    print(f"scored by the {pipe.estimator!r} estimator: {pipe.spec.description}")
+    if pipe.spec.worth:
+        print(f"  {pipe.spec.worth}")
+
+
 def label_names(pipe: Any) -> dict[int, str]:
     return {int(k): str(v) for k, v in (getattr(pipe.model.config, "id2label", None) or {}).items()}
 
@@ -187,6 +194,7 @@ def command_explain(options: ScoringOptions, explain: ExplainOptions) -> int:
             print(f"  {title}:")
             for row in result[key]:
                 print_row(row, names)
+    print_estimator(pipe)
     if explain.output:
         atomic_write_text(explain.output, json.dumps(results, indent=1, ensure_ascii=False) + "\n")
         print(f"\nwrote {explain.output}")
@@ -202,6 +210,7 @@ def command_self_influence(options: ScoringOptions, chosen: SelfInfluenceOptions
     print(f"self-influence of {len(scores)} training examples, highest first (memorised, possibly mislabelled):")
     for row in scores.select(range(min(chosen.top, len(scores)))):
         print_row(row, names, "self_influence")
+    print_estimator(pipe)
     print(f"wrote {chosen.output}")
     return 0
 
@@ -229,6 +238,7 @@ def command_cleanse(options: ScoringOptions, chosen: CleanseOptions) -> int:
           f"{len(harmful)} hurt them on average. Removing the {len(removed)} most harmful:")
     for row in removed.select(range(min(10, len(removed)))):
         print_row(row, names, "mean_influence")
+    print_estimator(pipe)
     print(f"wrote {len(removed)} ids to {chosen.output}")
     if chosen.kept_dataset:
         gone = set(removed["example_id"])
