@@ -56,7 +56,11 @@ class CommonSettings:
     low_is_suspicious: bool = False
     peers: tuple[str, ...] = ("captum", "kronfluence")  # optional peers to run when installed
     influence_projections: tuple[int, ...] = (1024, 4096)  # CountSketch sizes of the library influence rows
-    projected_dims: tuple[int, ...] = (1024, 4096)  # projection_dim of the library's projected influence rows
+    # the library's projected influence rows: (projection_dim, damping factor, damping rule, normalisation)
+    projected_variants: tuple[tuple[int, float, str, str], ...] = (
+        (1024, 0.1, "absolute", "none"), (4096, 0.1, "absolute", "none"), (4096, 0.1, "relative", "none"),
+        (4096, 1.0, "absolute", "none"), (4096, 1.0, "absolute", "relative"),
+    )
 
 
 # What ``--quick`` shrinks in every setting (each setting's QUICK adds its own smaller variants).
@@ -116,6 +120,19 @@ def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
+def top_k_repetition(scores: torch.Tensor, k: int) -> float:
+    """Mean over pairs of targets of the fraction of their top-``k`` proponents (highest scores) they share."""
+    scores = torch.as_tensor(scores)
+    if scores.dim() != 2 or scores.shape[1] < 2:
+        return float("nan")
+    top = scores.topk(min(k, scores.shape[0]), dim=0).indices  # (k, T)
+    hits = torch.zeros(scores.shape[1], scores.shape[0])
+    hits[torch.arange(scores.shape[1])[:, None], top.T] = 1.0
+    shared = hits @ hits.T / top.shape[0]  # (T, T)
+    t = shared.shape[0]
+    return float((shared.sum() - shared.diagonal().sum()) / (t * (t - 1)))
+
+
 @dataclass
 class Judge:
     """The retraining ground truths every row is judged against, computed once per run."""
@@ -138,6 +155,7 @@ class Judge:
         loo = loo_correlation(np.asarray(score_a)[self.loo_rows], self.loo_actual.mean(0))
         row.loo_corr = loo["pearson"]
         row.extra["loo"] = loo
+        row.extra["top10_repetition"] = top_k_repetition(score_a, 10)
         agreement = seed_agreement(score_a, score_b)
         row.agreement, row.agreement_overall = agreement["per_target"], agreement["overall"]
         if self.cleansing is not None:

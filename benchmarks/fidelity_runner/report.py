@@ -146,6 +146,11 @@ def notes(results: dict[str, Any]) -> list[str]:
                 f"{extra['max_abs_in_house']:.1e})"
                 + (f"; per-target Pearson with the exact library scores {sketch:.3f}." if sketch is not None else ".")
             )
+        if "max_abs_difference_vs_in_house" not in extra and "pearson_vs_exact_library_per_target_mean" in extra:
+            out.append(
+                f"- {row['method']}: fit {extra['fit_seconds']:.1f} s (the setup); per-target Pearson with the exact "
+                f"library scores {extra['pearson_vs_exact_library_per_target_mean']:.3f}."
+            )
         if extra.get("accuracy_cost_sem") is not None:
             out.append(
                 f"- {row['method']}: accuracy cost of masks {row['accuracy_cost']:+.2f} ± "
@@ -156,6 +161,14 @@ def notes(results: dict[str, Any]) -> list[str]:
                 f"- {row['method']}: accuracy of the averaged ensemble prediction "
                 f"{extra['ensemble_prediction_accuracy']:.3f} (the table shows the mean member)."
             )
+    repeats = [(row["method"], row["extra"]["top10_repetition"]) for row in results["rows"]
+               if row.get("extra", {}).get("top10_repetition") is not None]
+    if repeats:
+        out.append(
+            "- Top-10 repetition (how much the explanations of different targets share their strongest proponents: "
+            "mean over target pairs of the shared fraction of their top-10 lists; 0 = every target has its own, "
+            "1 = the same ten for all): " + "; ".join(f"{m}: {v:.2f}" for m, v in repeats) + "."
+        )
     out.append(
         "- Accuracy cost of masks: the ordinary-dropout twin (same recipe, p, units and seeds) minus the turn-over "
         "model(s) a row scores, in points. Peers (g) score model (a), so they show its cost; run on an ordinary "
