@@ -56,10 +56,12 @@ class CommonSettings:
     low_is_suspicious: bool = False
     peers: tuple[str, ...] = ("captum", "kronfluence")  # optional peers to run when installed
     influence_projections: tuple[int, ...] = (1024, 4096)  # CountSketch sizes of the library influence rows
-    # the library's projected influence rows: (projection_dim, damping factor, damping rule, normalisation)
-    projected_variants: tuple[tuple[int, float, str, str], ...] = (
-        (1024, 0.1, "absolute", "none"), (4096, 0.1, "absolute", "none"), (4096, 0.1, "relative", "none"),
-        (4096, 1.0, "absolute", "none"), (4096, 1.0, "absolute", "relative"),
+    # the library's projected influence rows: ProjectedInfluenceScorer options, plus "damping_rule": "relative" for
+    # the rejected rule (lambda = factor x trace / k)
+    projected_variants: tuple[dict[str, Any], ...] = (
+        {"projection_dim": 4096}, {"projection_dim": 16384}, {"projection_dim": 4096, "design": "kronecker"},
+        {"projection_dim": 4096, "damping_rule": "relative"}, {"projection_dim": 4096, "damping_factor": 1.0},
+        {"projection_dim": 4096, "normalise": "relative"},
     )
 
 
@@ -67,6 +69,7 @@ class CommonSettings:
 QUICK_SIZES: dict[str, Any] = {
     "n_train": 200, "n_targets": 20, "n_test": 200, "n_subsets": 10, "ensembles": (4,), "n_loo": 10, "loo_seeds": 2,
     "cleansing_seeds": 2,
+    "projected_variants": ({"projection_dim": 1024}, {"projection_dim": 1024, "design": "kronecker"}),
 }
 
 

@@ -193,24 +193,24 @@ def library_influence_rows(p: PeerSetup, damping_factor: float, projections: Seq
     return rows
 
 
-def library_projected_rows(p: PeerSetup, variants: Sequence[tuple[int, float, str, str]]) -> list[Row]:
-    """``turnover_hf.ProjectedInfluenceScorer`` (estimator "projected") on the patched model, one row per
-    ``(projection_dim, damping factor, damping rule, normalisation)``. The damping rule "absolute" is the library's
-    (``factor x trace / D``, the exact fit's lambda); "relative" is the rejected alternative (``factor x trace / k``,
-    the same multiple of the projected matrix's mean eigenvalue). Each row records its per-target Pearson
+def library_projected_rows(p: PeerSetup, damping_factor: float, variants: Sequence[dict[str, Any]]) -> list[Row]:
+    """``turnover_hf.ProjectedInfluenceScorer`` (estimator "projected") on the patched model, one row per variant
+    (its options; ``damping_factor`` defaults to the setting's). ``"damping_rule": "relative"`` rescales the factor so
+    that ``lambda = factor x trace / k`` (the same multiple of the projected matrix's mean eigenvalue: the rejected
+    rule) instead of the library's ``trace / D`` (the exact fit's lambda). Each row records its per-target Pearson
     correlation with the exact library scores at the same damping factor and its fit time (the setup)."""
     rows = []
-    for dim, factor, rule, normalise in variants:
+    for variant in variants:
+        options = {"damping_factor": damping_factor, **variant}
+        relative = options.pop("damping_rule", "absolute") == "relative"
         fit_seconds: dict[int, float] = {}
         kept: dict[int, torch.Tensor] = {}
 
-        def fitted(module: Any, model: Any, noisy: bool, dim: int = dim, factor: float = factor, rule: str = rule,
-                   normalise: str = normalise) -> Any:
-            scorer = th.ProjectedInfluenceScorer(module, projection_dim=dim, damping_factor=factor,
-                                                 normalise=normalise, show_progress=False)
-            if rule == "relative":  # lambda = factor x trace / k, written as the absolute rule's factor
-                scorer = th.ProjectedInfluenceScorer(module, projection_dim=dim, normalise=normalise, show_progress=False,
-                                                     damping_factor=factor * scorer.num_parameters / scorer.dim)
+        def fitted(module: Any, model: Any, noisy: bool, options: dict = options, relative: bool = relative) -> Any:
+            scorer = th.ProjectedInfluenceScorer(module, show_progress=False, **options)
+            if relative:  # lambda = factor x trace / k, written as the library rule's factor
+                scorer = th.ProjectedInfluenceScorer(module, show_progress=False, **{
+                    **options, "damping_factor": options["damping_factor"] * scorer.num_parameters / scorer.dim})
             return scorer.fit(p.library_batches(model, noisy))
 
         def score(model: Any, part: Any) -> torch.Tensor:
@@ -227,13 +227,12 @@ def library_projected_rows(p: PeerSetup, variants: Sequence[tuple[int, float, st
                 scorer = fitted(module, model, True)
                 return torch.cat([scorer.self_scores(b, b["labels"], b["example_ids"]) for b in p.library_batches(model, True)])
 
-        what = f"d={dim}, damping {factor:g} x trace/{'D' if rule == 'absolute' else 'k (rejected rule)'}"
-        what += ", relative influence" if normalise == "relative" else ""
+        what = ", ".join(f"{k}={v}" for k, v in variant.items())
         row = p.scored(f"(g) Gauss-Newton influence, library ProjectedInfluenceScorer ({what})", score, self_score)
         row.setup_seconds = row.extra["fit_seconds"] = fit_seconds[id(p.a)]
         with p.library_model(p.a) as module:
-            exact = th.InfluenceFunctionScorer(module, p.library_batches(p.a, False), damping_factor=factor,
-                                               show_progress=False).fit()
+            exact = th.InfluenceFunctionScorer(module, p.library_batches(p.a, False),
+                                               damping_factor=options["damping_factor"], show_progress=False).fit()
             target = p.library_targets(p.targets)
             reference = exact.scores({k: v for k, v in target.items() if k != "labels"}, target["labels"], p.train_ids)
         centred = [x - x.mean(0) for x in (kept[id(p.a)].double(), reference.double())]
@@ -320,7 +319,7 @@ def peer_rows(p: PeerSetup, settings: Any, grad_dot_label: str, log: Callable[[s
     log("(g) library InfluenceFunctionScorer (exact and CountSketch) ...")
     rows.extend(library_influence_rows(p, settings.damping_factor, settings.influence_projections))
     log("(g) library ProjectedInfluenceScorer ...")
-    rows.extend(library_projected_rows(p, settings.projected_variants))
+    rows.extend(library_projected_rows(p, settings.damping_factor, settings.projected_variants))
     if "captum" in settings.peers and captum_available():
         log("(g) Captum TracInCP / TracInCPFast over Trainer-style checkpoints ...")
         rows[2:2] = captum_peer_rows(p)  # beside the in-house TracIn row

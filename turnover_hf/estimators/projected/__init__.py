@@ -55,6 +55,11 @@ class ProjectedOptions:
     projection_dim: int = field(default=4096, metadata={"help": "Coordinates of a projected gradient (k): memory k^2, "
                                                                   "disk N k. Larger is closer to the exact fit."})
     projection_seed: int = field(default=0, metadata={"help": "Seed of the random projections."})
+    design: str = field(default="sketch", metadata={"help": "sketch: each layer's sides cut to side_dim, then one "
+                                                            "CountSketch to projection_dim; kronecker: sides cut "
+                                                            "until the layers fit projection_dim (LoGra)."})
+    side_dim: int = field(default=256, metadata={"help": "design=sketch: longest side of a layer's gradient before "
+                                                         "the CountSketch (longer sides are projected)."})
     damping_factor: float = field(default=0.1, metadata={"help": "Damping as a multiple of the mean eigenvalue of G."})
     parameters: Optional[list[str]] = field(
         default=None, metadata={"help": "Tracked parameter names (default: every trainable torch.nn.Linear)."})

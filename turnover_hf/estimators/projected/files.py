@@ -23,7 +23,8 @@ META_NAME = "projected.json"
 TENSORS_NAME = "projected_curvature.safetensors"
 PROJECTED_DIR = "projected"  # beside a saved model: where InfluencePipeline looks for a fit
 # options that decide the fit (a saved fit is refused when one differs); the rest only change how it is used
-FIT_OPTIONS = ("projection_dim", "projection_seed", "damping_factor", "parameters", "label_samples")
+FIT_OPTIONS = ("projection_dim", "projection_seed", "design", "side_dim", "damping_factor", "parameters",
+               "label_samples")
 
 
 def save_fit(scorer: Any, folder: PathLike) -> None:
@@ -60,6 +61,8 @@ def save_fit(scorer: Any, folder: PathLike) -> None:
         "dim": scorer.dim,
         "projection_dim": scorer.projection_dim,
         "projection_seed": scorer.projection_seed,
+        "design": scorer.design,
+        "side_dim": scorer.side_dim,
         "damping_factor": scorer.damping_factor,
         "damping": scorer.damping,
         "label_samples": scorer.label_samples,
@@ -91,6 +94,7 @@ def load_fit(scorer_class: Any, model: nn.Module, folder: PathLike, **kwargs: An
         )
     scorer = scorer_class(model, parameters=[p["name"] for p in meta["parameters"]],
                           projection_dim=meta["projection_dim"], projection_seed=meta["projection_seed"],
+                          design=meta["design"], side_dim=meta["side_dim"],
                           damping_factor=meta["damping_factor"], label_samples=meta["label_samples"],
                           id_column=meta["id_column"], **kwargs)
     if scorer.mask_fields() != meta.get("turnover_config"):

@@ -13,6 +13,7 @@ from torch import nn
 from ...errors import TurnoverError
 from ...losses import eval_mode, logits_of
 from ..gradients import ParamSpec, linear_calls, tracked_requiring_grad
+from ..influence.sketch import CountSketch
 from .projection import LayerProjection
 
 # loss(logits, labels column) -> (B,) per-example losses
@@ -20,18 +21,21 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class ProjectedGradients:
-    """``(B, K, k)`` projected gradients of every row's loss against each of ``K`` label columns.
+    """``(B, K, k)`` projected gradients of every row's loss against each of ``K`` label columns: each layer's
+    Kronecker projection, then (with ``sketch``) a CountSketch of them all to ``k`` coordinates.
 
     Example:
         >>> grads = ProjectedGradients(model, specs, layer_projections(model, specs, 4096, seed=0))
         >>> logits, g = grads(inputs, lambda z: batch["labels"][:, None], loss)    # g: (B, 1, k)
     """
 
-    def __init__(self, model: nn.Module, specs: Sequence[ParamSpec], layers: Sequence[LayerProjection]) -> None:
+    def __init__(self, model: nn.Module, specs: Sequence[ParamSpec], layers: Sequence[LayerProjection],
+                 sketch: Optional[CountSketch] = None) -> None:
         self.model = model
         self.specs = list(specs)
         self.layers = list(layers)
-        self.dim = sum(layer.dim for layer in self.layers)
+        self.sketch = sketch  # applied to the layers' projected gradients, concatenated
+        self.dim = sketch.dim if sketch is not None else sum(layer.dim for layer in self.layers)
         self.checked = False
 
     def __call__(self, inputs: dict[str, torch.Tensor], labels_of: Callable[[torch.Tensor], torch.Tensor], loss: LossFn,
@@ -69,6 +73,8 @@ class ProjectedGradients:
         if not self.checked:
             self._check_first_row(inputs, labels[:1, 0], loss, rows[0, 0], row_context)
             self.checked = True
+        if self.sketch is not None:
+            rows = self.sketch(rows.reshape(-1, rows.shape[-1])).view(*rows.shape[:2], self.dim)
         return logits.detach(), rows
 
     def _rows(self, seen: Sequence[tuple[LayerProjection, torch.Tensor]], projected_inputs: Sequence[torch.Tensor],

@@ -132,9 +132,12 @@ def layer_sizes(module: nn.Module, transposed: bool) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
-def layer_projections(model: nn.Module, specs: Sequence[ParamSpec], budget: int, seed: int) -> list[LayerProjection]:
-    """The projections of every tracked Linear (or Conv1D), at most ``budget`` coordinates in all; refuses tracked
-    parameters of other modules (naming one)."""
+def layer_projections(model: nn.Module, specs: Sequence[ParamSpec], budget: int, seed: int,
+                      side_dim: Optional[int] = None) -> list[LayerProjection]:
+    """The projections of every tracked Linear (or Conv1D); refuses tracked parameters of other modules (naming
+    one). With ``side_dim``, every side longer than ``side_dim`` is cut to ``side_dim`` coordinates (a CountSketch
+    then takes the layers to ``budget``); without, every side is cut to the same length so that all layers
+    together have at most ``budget`` coordinates (a pure Kronecker projection, LoGra's)."""
     layers, reason = projectable_layers(model, specs)
     if not layers:
         raise TurnoverError(
@@ -147,7 +150,7 @@ def layer_projections(model: nn.Module, specs: Sequence[ParamSpec], budget: int,
     for name, (weight, bias, transposed) in layers.items():
         in_features, out_features = layer_sizes(modules[name], transposed)
         shapes.append(((in_features if weight is not None else 0) + (1 if bias is not None else 0), out_features))
-    rank = side_rank(shapes, budget)
+    rank = side_rank(shapes, budget) if side_dim is None else int(side_dim)
     out = []
     for (name, (weight, bias, transposed)), (in_features, out_features) in zip(layers.items(), shapes):
         inputs = random_signs(seed, f"{name}:inputs", rank, in_features) if in_features > rank else None

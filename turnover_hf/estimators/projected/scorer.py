@@ -29,6 +29,7 @@ from ...store import fingerprint
 from ..gradients import ParamSpec, param_specs
 from ..influence.curvature import curvature_blocks, kept_classes, label_coefficients
 from ..registry import Estimator
+from ..influence.sketch import CountSketch
 from .gradients import ProjectedGradients
 from .projection import layer_projections
 from .store import RowStore, RowWriter, shard_names
@@ -36,6 +37,7 @@ from .store import RowStore, RowWriter, shard_names
 logger = logging.getLogger(__name__)
 
 NORMALISATIONS = ("none", "relative")
+DESIGNS = ("sketch", "kronecker")
 TrainData = Union[Dataset, Sequence[Mapping[str, Any]]]
 
 
@@ -104,6 +106,8 @@ class ProjectedInfluenceScorer(Estimator):
         *,
         projection_dim: int = 4096,
         projection_seed: int = 0,
+        design: str = "sketch",
+        side_dim: int = 256,
         damping_factor: float = 0.1,
         parameters: Optional[Sequence[str]] = None,
         label_samples: int = 1,
@@ -125,8 +129,20 @@ class ProjectedInfluenceScorer(Estimator):
         self.device = next(model.parameters()).device
         self.specs = linear_parameters(model) if parameters is None else param_specs(model, parameters)
         self.projection_dim, self.projection_seed = projection_dim, int(projection_seed)
-        self.layers = layer_projections(model, self.specs, projection_dim, self.projection_seed)
-        self.grads = ProjectedGradients(model, self.specs, self.layers)
+        if design not in DESIGNS:
+            raise TurnoverError(f"design must be one of {DESIGNS}, got {design!r}.")
+        if isinstance(side_dim, bool) or not isinstance(side_dim, int) or side_dim < 1:
+            raise TurnoverError(f"side_dim must be a positive integer (256 is the default), got {side_dim!r}.")
+        self.design, self.side_dim = design, side_dim
+        self.layers = layer_projections(model, self.specs, projection_dim, self.projection_seed,
+                                        side_dim if design == "sketch" else None)
+        sketch = None
+        widths = [layer.dim for layer in self.layers]
+        if design == "sketch" and sum(widths) > projection_dim:
+            blocks = [ParamSpec(f"{layer.name}:projected", (layer.dim,), sum(widths[:i]))
+                      for i, layer in enumerate(self.layers)]
+            sketch = CountSketch(blocks, projection_dim, self.projection_seed)
+        self.grads = ProjectedGradients(model, self.specs, self.layers, sketch)
         self.damping_factor = float(damping_factor)
         self.label_samples = label_samples
         self.normalise = normalise
@@ -168,7 +184,8 @@ class ProjectedInfluenceScorer(Estimator):
 
     def cache_key(self) -> dict[str, Any]:
         return {"parameters": [s.name for s in self.specs], "projection_dim": self.projection_dim,
-                "projection_seed": self.projection_seed, "damping_factor": self.damping_factor,
+                "projection_seed": self.projection_seed, "design": self.design, "side_dim": self.side_dim,
+                "damping_factor": self.damping_factor,
                 "label_samples": self.label_samples, "normalise": self.normalise}
 
     # -- fitting ----------------------------------------------------------------------------------------------
