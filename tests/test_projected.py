@@ -299,3 +299,42 @@ def test_the_cli_scores_with_it_and_says_so(trained, capsys):  # noqa: F811
     assert in_process(root, "self-influence", "--model", "out/model", "--output", "si_auto.csv",
                       "--max_memory_gb", "0.000001") == 0
     assert "scored by the 'projected' estimator" in capsys.readouterr().out
+
+
+def test_sampled_labels_estimate_the_per_token_gauss_newton_matrix():
+    """For one sequence, the fit's curvature from sampled labels approaches sum_t sum_v p_tv g_tv g_tv^T (g_tv: the
+    gradient of the mean loss with token t's label set to v), the Gauss-Newton matrix of softmax cross-entropy,
+    computed here by brute force over the vocabulary."""
+    from turnover_hf.losses import per_token_loss
+
+    model = _lora_llama()
+    sequence = torch.randint(5, VOCAB, (5,), generator=torch.Generator().manual_seed(3)).tolist()
+    train = th.add_example_ids(Dataset.from_dict({"input_ids": [sequence]}))
+    torch.manual_seed(0)
+    scorer = th.ProjectedInfluenceScorer(model, projection_dim=WHOLE, label_samples=400, show_progress=False)
+    scorer.fit(train, th.CausalLMCollator())
+    batch = th.CausalLMCollator()([{"input_ids": sequence}])
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    positions = range(1, len(sequence))
+    with torch.no_grad():
+        probs = torch.softmax(model(**inputs).logits[0, :-1].float(), -1)  # position t - 1 predicts token t
+    columns = []
+    for t in positions:
+        for v in range(VOCAB):
+            column = torch.full((1, len(sequence)), -100)
+            column[0, t] = v
+            columns.append(column)
+    labels = torch.stack(columns, 1)  # (1, (T - 1) V, T)
+
+    def mean_loss(logits, column):
+        return per_token_loss(logits, column, shift=True).sum(-1) / len(positions)
+
+    _, g = scorer.grads(inputs, lambda _: labels, mean_loss)
+    weights = torch.cat([probs[t - 1] for t in positions]).double()
+    exact = torch.einsum("c,cd,ce->de", weights, g[0].double(), g[0].double())
+    error = float((scorer.curvature - exact).norm() / exact.norm())
+    assert error < 0.25, error
+    true_labels = th.ProjectedInfluenceScorer(model, projection_dim=WHOLE, show_progress=False)
+    _, g_true = true_labels.grads(inputs, lambda _: batch["labels"][:, None], true_labels._loss)
+    wrong = torch.outer(g_true[0, 0].double(), g_true[0, 0].double())  # the empirical Fisher: not this matrix
+    assert float((wrong - exact).norm() / exact.norm()) > 2 * error
