@@ -311,7 +311,7 @@ def test_sampled_labels_estimate_the_per_token_gauss_newton_matrix():
     sequence = torch.randint(5, VOCAB, (5,), generator=torch.Generator().manual_seed(3)).tolist()
     train = th.add_example_ids(Dataset.from_dict({"input_ids": [sequence]}))
     torch.manual_seed(0)
-    scorer = th.ProjectedInfluenceScorer(model, projection_dim=WHOLE, label_samples=400, show_progress=False)
+    scorer = th.ProjectedInfluenceScorer(model, projection_dim=WHOLE, label_samples=1000, show_progress=False)
     scorer.fit(train, th.CausalLMCollator())
     batch = th.CausalLMCollator()([{"input_ids": sequence}])
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
