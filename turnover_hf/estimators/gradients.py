@@ -79,11 +79,11 @@ class NotBatchable(Exception):
     """A forward in which the tracked Linear layers' per-row gradients cannot be read off one batched pass."""
 
 
-def tracked_linears(model: nn.Module, specs: Sequence[ParamSpec]
+def tracked_linears(model: nn.Module, specs: Sequence[ParamSpec], types: tuple[type, ...] = (nn.Linear,)
                      ) -> tuple[dict[str, tuple[Optional[ParamSpec], Optional[ParamSpec]]], Optional[str]]:
     """``{module name: (weight spec or None, bias spec or None)}`` when every tracked parameter is the weight or bias
-    of a ``torch.nn.Linear`` (exactly that class, each parameter held by that one module); else ``{}`` and the
-    reason, naming a parameter."""
+    of a module of exactly one of ``types`` (``torch.nn.Linear`` by default), each parameter held by that one
+    module; else ``{}`` and the reason, naming a parameter."""
     modules = dict(model.named_modules())
     holders: dict[int, int] = {}
     for module in model.modules():
@@ -95,8 +95,9 @@ def tracked_linears(model: nn.Module, specs: Sequence[ParamSpec]
     for spec in specs:
         owner, _, leaf = spec.name.rpartition(".")
         module = modules.get(owner)
-        if type(module) is not nn.Linear or leaf not in ("weight", "bias"):
-            return {}, (f"{spec.name!r} is not the weight or bias of a torch.nn.Linear (its module is "
+        if type(module) not in types or leaf not in ("weight", "bias"):
+            kinds = " or ".join("torch.nn.Linear" if t is nn.Linear else t.__name__ for t in types)
+            return {}, (f"{spec.name!r} is not the weight or bias of a {kinds} (its module is "
                         f"{type(module).__name__})")
         if holders.get(id(named[spec.name]), 0) != 1:
             return {}, f"{spec.name!r} is shared by several modules"

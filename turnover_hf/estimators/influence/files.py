@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ...context import state_of
 from ...errors import ConfigMismatchError, StaleFitError
+from ..fitted import check_saved_fit
 from ...files import PathLike, atomic_path, atomic_write_text, read_format_meta
 from .factorised import FactorisedFit, TrackedLayer
 from .materialised import MaterialisedFit
@@ -105,26 +105,9 @@ def load_fit(scorer_class: Any, model: nn.Module, folder: PathLike, **kwargs: An
     scorer = scorer_class(model, parameters=names, damping_factor=meta["damping_factor"], projection_dim=meta["projection_dim"],
                  projection_seed=meta["projection_seed"], solver=meta["solver"], id_column=meta["id_column"],
                  max_memory_gb=math.inf, **kwargs)
-    if scorer.mask_fields() != meta.get("turnover_config"):
-        raise ConfigMismatchError(
-            f"the influence function in {os.fspath(folder)!r} was fitted on a model with turn-over config "
-            f"{meta.get('turnover_config')}, this one has {scorer.mask_fields()}: the training gradients "
-            "depend on the masks. Fit again with this model."
-        )
-    if scorer.weights_fingerprint() != meta["weights_fingerprint"]:
-        raise StaleFitError(
-            f"the model's weights differ from those the influence function in {os.fspath(folder)!r} was fitted "
-            "on; its factors would belong to another model. Fit again: InfluenceFunctionScorer(model, "
-            "train_data).fit().save(folder) (in another folder)."
-        )
-    record = state_of(model).training_set if scorer.patched else None
+    check_saved_fit(scorer, meta, folder, "influence function",
+                    "Fit again: InfluenceFunctionScorer(model, train_data).fit().save(folder) (in another folder).")
     fitted_on = meta.get("training_set_fingerprint")
-    if record is not None and fitted_on is not None and fitted_on != record.fingerprint:
-        raise StaleFitError(
-            f"the influence function in {os.fspath(folder)!r} was fitted on another training set (fingerprint "
-            f"{fitted_on[:12]}) than the model was trained on ({record.fingerprint[:12]}). Fit again on the "
-            "model's training set."
-        )
     scorer.fit_identity = {"weights_fingerprint": meta["weights_fingerprint"], "training_set_fingerprint": fitted_on}
     tensors = load_file(os.path.join(os.fspath(folder), FACTORS_NAME))
     if factorised:

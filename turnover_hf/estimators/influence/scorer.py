@@ -12,7 +12,6 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import default_data_collator
 
-from ...config import MASK_FIELDS
 from ...context import instance_masks, state_of
 from ...data import BATCH_KEY, InstanceIdCollator, check_id_column, check_ids_known
 from ...errors import MissingExampleIdsError, TurnoverError
@@ -21,6 +20,7 @@ from ...losses import eval_mode, find_labels, is_causal_lm, logits_of, model_inp
 from ...patcher import is_patched
 from ...store import fingerprint
 from ..gradients import PerExampleGrads, linear_calls, param_specs, target_gradients
+from ..fitted import FittedOnModel
 from ..registry import Estimator, EstimatorFallback
 from .budget import FitBudgetError, check_factorised_budget, check_materialised_budget, factorised_gb, materialised_gb
 from .curvature import curvature_blocks, kept_classes
@@ -59,7 +59,7 @@ def _class_labels(batch: Mapping[str, Any]) -> torch.Tensor:
     raise TurnoverError("every training batch needs its labels (a 'labels' or 'label' entry) to fit influence functions.")
 
 
-class InfluenceFunctionScorer(Estimator):
+class InfluenceFunctionScorer(FittedOnModel, Estimator):
     """Damped Gauss-Newton influence of (training id, target) pairs, with ``TurnoverScorer``'s interface.
 
     ``scores[i, j] = g_j^T (G + lambda I)^-1 g_i / N`` (see the module docstring): positive = training example ``i``
@@ -270,12 +270,6 @@ class InfluenceFunctionScorer(Estimator):
         self._preconditioned = None
         self.fit_identity = self.identity()
         return self.attached()
-
-    def identity(self) -> dict[str, Optional[str]]:
-        """What a fit made now belongs to: these weights, and the training set recorded on the model (if any)."""
-        record = state_of(self.model).training_set if self.patched else None
-        return {"weights_fingerprint": self.weights_fingerprint(),
-                "training_set_fingerprint": None if record is None else record.fingerprint}
 
     def attached(self) -> "InfluenceFunctionScorer":
         """This fitted scorer, recorded on the patched model so that its save_pretrained / push_to_hub carry it."""
@@ -548,15 +542,6 @@ class InfluenceFunctionScorer(Estimator):
         return torch.cat(out)
 
     # -- files ------------------------------------------------------------------------------------------------
-    def mask_fields(self) -> Optional[dict[str, Any]]:
-        if not self.patched:
-            return None
-        config = state_of(self.model).config.to_dict()
-        return {name: config[name] for name in MASK_FIELDS}  # what decides the training masks
-
-    def weights_fingerprint(self) -> str:
-        return fingerprint({n: p.detach() for n, p in self.model.named_parameters()})
-
     def save(self, folder: PathLike) -> None:
         """Write the fit to ``folder`` (``influence_factors.safetensors`` + ``influence.json``, atomically, the JSON
         last); fits first if needed.

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ...context import state_of
 from ...errors import ConfigMismatchError, StaleFitError
+from ..fitted import check_saved_fit
 from ...files import PathLike, atomic_path, atomic_write_text, read_format_meta
 from .store import RowStore
 
@@ -97,24 +97,9 @@ def load_fit(scorer_class: Any, model: nn.Module, folder: PathLike, **kwargs: An
                           design=meta["design"], side_dim=meta["side_dim"],
                           damping_factor=meta["damping_factor"], label_samples=meta["label_samples"],
                           id_column=meta["id_column"], **kwargs)
-    if scorer.mask_fields() != meta.get("turnover_config"):
-        raise ConfigMismatchError(
-            f"the projected influence function in {folder!r} was fitted on a model with turn-over config "
-            f"{meta.get('turnover_config')}, this one has {scorer.mask_fields()}: the training gradients depend on "
-            "the masks. Fit again with this model."
-        )
-    if scorer.weights_fingerprint() != meta["weights_fingerprint"]:
-        raise StaleFitError(
-            f"the model's weights differ from those the projected influence function in {folder!r} was fitted on. "
-            "Fit again (remove that folder, or pass another one)."
-        )
-    record = state_of(model).training_set if scorer.patched else None
+    check_saved_fit(scorer, meta, folder, "projected influence function",
+                    "Fit again (remove that folder, or pass another one).")
     fitted_on = meta.get("training_set_fingerprint")
-    if record is not None and fitted_on is not None and fitted_on != record.fingerprint:
-        raise StaleFitError(
-            f"the projected influence function in {folder!r} was fitted on another training set (fingerprint "
-            f"{fitted_on[:12]}) than the model was trained on ({record.fingerprint[:12]}). Fit again."
-        )
     tensors = load_file(os.path.join(folder, TENSORS_NAME))
     for i, layer in enumerate(scorer.layers):  # the projections the fit used (regenerated ones must agree)
         for side in ("inputs", "outputs"):

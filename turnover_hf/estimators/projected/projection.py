@@ -12,7 +12,7 @@ from torch import nn
 
 from ...errors import TurnoverError
 from ...masks import keyed_hash
-from ..gradients import ParamSpec
+from ..gradients import ParamSpec, tracked_linears
 
 
 @dataclass
@@ -101,28 +101,13 @@ def side_rank(sizes: Sequence[tuple[int, int]], budget: int) -> int:
 def projectable_layers(model: nn.Module, specs: Sequence[ParamSpec]
                        ) -> tuple[dict[str, tuple[Optional[ParamSpec], Optional[ParamSpec], bool]], Optional[str]]:
     """``{module: (weight spec, bias spec, transposed)}`` when every tracked parameter is the weight or bias of a
-    ``torch.nn.Linear`` or a transformers ``Conv1D`` (exactly those classes, each parameter held by that one
-    module); else ``{}`` and the reason, naming a parameter."""
+    ``torch.nn.Linear`` or a transformers ``Conv1D`` (transposed: GPT-2's ``(in, out)`` weights); else ``{}`` and
+    the reason, naming a parameter."""
     from transformers.pytorch_utils import Conv1D
 
+    layers, reason = tracked_linears(model, specs, (nn.Linear, Conv1D))
     modules = dict(model.named_modules())
-    holders: dict[int, int] = {}
-    for module in model.modules():
-        for p in module._parameters.values():
-            if p is not None:
-                holders[id(p)] = holders.get(id(p), 0) + 1
-    named = dict(model.named_parameters())
-    layers: dict[str, list] = {}
-    for spec in specs:
-        owner, _, leaf = spec.name.rpartition(".")
-        module = modules.get(owner)
-        if type(module) not in (nn.Linear, Conv1D) or leaf not in ("weight", "bias"):
-            return {}, (f"{spec.name!r} is not the weight or bias of a torch.nn.Linear or Conv1D (its module is "
-                        f"{type(module).__name__})")
-        if holders.get(id(named[spec.name]), 0) != 1:
-            return {}, f"{spec.name!r} is shared by several modules"
-        layers.setdefault(owner, [None, None, type(module) is Conv1D])[0 if leaf == "weight" else 1] = spec
-    return {name: tuple(entry) for name, entry in layers.items()}, None
+    return {name: (w, b, type(modules[name]) is Conv1D) for name, (w, b) in layers.items()}, reason
 
 
 def layer_sizes(module: nn.Module, transposed: bool) -> tuple[int, int]:

@@ -18,7 +18,6 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import default_data_collator
 
-from ...config import MASK_FIELDS
 from ...context import instance_masks, state_of
 from ...data import BATCH_KEY, InstanceIdCollator, check_id_column
 from ...errors import MissingExampleIdsError, TurnoverError
@@ -28,6 +27,7 @@ from ...patcher import is_patched
 from ...store import fingerprint
 from ..gradients import ParamSpec, param_specs
 from ..influence.curvature import curvature_blocks, kept_classes, label_coefficients
+from ..fitted import FittedOnModel
 from ..registry import Estimator
 from ..influence.sketch import CountSketch
 from .gradients import ProjectedGradients
@@ -75,7 +75,7 @@ def split_trainable(model: nn.Module) -> tuple[list[str], list[str]]:
     return names, left
 
 
-class ProjectedInfluenceScorer(Estimator):
+class ProjectedInfluenceScorer(FittedOnModel, Estimator):
     """Damped Gauss-Newton influence in a ``k``-dimensional projection of the gradients, at any training-set size.
 
     ``score(z, t) = (P g_t)^T (P G P^T + lambda I)^-1 (P g_z) / N`` with ``P`` a fixed random Kronecker projection
@@ -420,20 +420,6 @@ class ProjectedInfluenceScorer(Estimator):
         return (rows @ solved / len(self.store)).view(len(rows), n, width).float()
 
     # -- identity and files -----------------------------------------------------------------------------------
-    def mask_fields(self) -> Optional[dict[str, Any]]:
-        if not self.patched:
-            return None
-        config = state_of(self.model).config.to_dict()
-        return {name: config[name] for name in MASK_FIELDS}
-
-    def weights_fingerprint(self) -> str:
-        return fingerprint({n: p.detach() for n, p in self.model.named_parameters()})
-
-    def identity(self) -> dict[str, Optional[str]]:
-        record = state_of(self.model).training_set if self.patched else None
-        return {"weights_fingerprint": self.weights_fingerprint(),
-                "training_set_fingerprint": None if record is None else record.fingerprint}
-
     def save(self, folder: PathLike) -> None:
         """Write the fit to ``folder`` (JSON metadata, the curvature and projections as safetensors, the stored
         gradients as plain ``.npy`` arrays; each file atomically, the JSON last).
