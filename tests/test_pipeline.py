@@ -1,14 +1,12 @@
 import logging
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import turnover_hf as th
 
-from conftest import free_port, text_task, tiny_bert, word_tokenizer
+from conftest import text_task, tiny_bert, torchrun, word_tokenizer
 from test_turnover import naive_influence, _top_layer_adapter
 
 
@@ -245,11 +243,7 @@ def test_two_processes_give_the_single_process_result(tmp_path):
         result = tmp_path / f"result{procs}.safetensors"
         script.write_text(SHARDED.format(tests=tests, tok=str(tmp_path / "tok"), out=str(tmp_path / f"own{procs}"),
                                          result=str(result)))
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(tests))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
-               str(free_port()), str(script)]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+        torchrun(script, procs)
         results[procs] = load_file(result)
     assert int(results[2]["procs"]) == 2
     assert torch.equal(results[1]["ids"], results[2]["ids"]) and torch.equal(results[1]["ids"], torch.arange(40))

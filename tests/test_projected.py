@@ -4,15 +4,13 @@ fits that load only for their model, and auto's choices."""
 
 import logging
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from datasets import Dataset
 
 import turnover_hf as th
-from conftest import VOCAB, free_port, text_task, tiny_bert, tiny_llama_lm, with_bottleneck, word_tokenizer
+from conftest import VOCAB, text_task, tiny_bert, tiny_llama_lm, torchrun, with_bottleneck, word_tokenizer
 from test_cli import in_process, trained  # noqa: F401
 from test_turnover import _top_layer_adapter
 
@@ -189,12 +187,7 @@ def test_two_processes_fit_and_score_as_one(tmp_path):
     results = {}
     for procs in (1, 2):
         result = tmp_path / f"result{procs}.safetensors"
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
-               str(free_port()), str(script), os.path.dirname(__file__), str(tmp_path / "tok"), str(result),
-               str(tmp_path / f"fit{procs}")]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+        torchrun(script, procs, os.path.dirname(__file__), tmp_path / "tok", result, tmp_path / f"fit{procs}")
         results[procs] = load_file(result)
         assert sorted(os.listdir(tmp_path / f"fit{procs}"))[:2 * procs] == sorted(
             [f"{kind}-{r:05d}-of-{procs:05d}.npy" for r in range(procs) for kind in ("example_ids", "gradients")])

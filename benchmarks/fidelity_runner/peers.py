@@ -141,54 +141,61 @@ def gradient_peer_rows(
     return rows
 
 
+def _library_row(p: PeerSetup, method: str, fitted: Callable[[Any, Any, bool], Any]) -> tuple[Row, torch.Tensor]:
+    """A row of a library estimator fitted by ``fitted(module, model, noisy)`` (the fit is the setup, counted in both
+    timing columns and once end to end, as for Kronfluence), and run A's scores of the targets."""
+    fit_seconds: dict[int, float] = {}
+    kept: dict[int, torch.Tensor] = {}
+
+    def score(model: Any, part: Any) -> torch.Tensor:
+        with p.library_model(model) as module:
+            scorer, fit_seconds[id(model)] = timed(fitted, module, model, False)
+            target = p.library_targets(part)
+            scores = scorer.scores({k: v for k, v in target.items() if k != "labels"}, target["labels"], p.train_ids)
+        if part is p.targets:
+            kept[id(model)] = scores
+        return scores
+
+    def self_score(model: Any) -> torch.Tensor:
+        with p.library_model(model) as module:
+            scorer = fitted(module, model, True)
+            return torch.cat([scorer.self_scores(b, b["labels"], b["example_ids"]) for b in p.library_batches(model, True)])
+
+    row = p.scored(method, score, self_score)
+    row.setup_seconds = row.extra["fit_seconds"] = fit_seconds[id(p.a)]
+    return row, kept[id(p.a)]
+
+
+def _pearson_per_target(scores: torch.Tensor, reference: torch.Tensor) -> float:
+    centred = [x - x.mean(0) for x in (scores.double(), reference.double())]
+    return float(((centred[0] * centred[1]).sum(0) / (centred[0].norm(dim=0) * centred[1].norm(dim=0))).mean())
+
+
 def library_influence_rows(p: PeerSetup, damping_factor: float, projections: Sequence[int]) -> list[Row]:
     """``turnover_hf.InfluenceFunctionScorer`` on the patched model: exact, then with each CountSketch projection.
 
-    A fit per model (clean runs A and B, and the flipped labels for self-influence) is the setup, counted in both
-    timing columns and once end to end (as for Kronfluence). Each row records its largest difference from the
-    in-house factorised Gauss-Newton influence (the same definition) and, when sketched, its per-target Pearson
-    correlation with the exact library scores.
+    A fit per model (clean runs A and B, and the flipped labels for self-influence) is the setup. Each row records
+    its largest difference from the in-house factorised Gauss-Newton influence (the same definition) and, when
+    sketched, its per-target Pearson correlation with the exact library scores.
     """
     in_house = ev.gauss_newton_influence(
         p.train_factors(p.a, None, False, True), p.target_factors(p.a, None, p.targets), damping_factor
     )
     rows, exact = [], None
     for dim in (None, *projections):
-        fit_seconds: dict[int, float] = {}
-        kept: dict[int, torch.Tensor] = {}
-
         def fitted(module: Any, model: Any, noisy: bool, dim: int | None = dim) -> th.InfluenceFunctionScorer:
             scorer = th.InfluenceFunctionScorer(module, p.library_batches(model, noisy), damping_factor=damping_factor,
                                                 projection_dim=dim, show_progress=False)
             return scorer.fit()
 
-        def score(model: Any, part: Any) -> torch.Tensor:
-            with p.library_model(model) as module:
-                scorer, fit_seconds[id(model)] = timed(fitted, module, model, False)
-                target = p.library_targets(part)
-                scores = scorer.scores({k: v for k, v in target.items() if k != "labels"}, target["labels"], p.train_ids)
-            if part is p.targets:
-                kept[id(model)] = scores
-            return scores
-
-        def self_score(model: Any) -> torch.Tensor:
-            with p.library_model(model) as module:
-                scorer = fitted(module, model, True)
-                return torch.cat([scorer.self_scores(b, b["labels"], b["example_ids"]) for b in p.library_batches(model, True)])
-
         what = "exact" if dim is None else f"CountSketch d={dim}"
-        row = p.scored(f"(g) Gauss-Newton influence, library InfluenceFunctionScorer ({what})", score, self_score)
-        row.setup_seconds = fit_seconds[id(p.a)]
-        scores_a = kept[id(p.a)]
-        row.extra["fit_seconds"] = fit_seconds[id(p.a)]
+        row, scores_a = _library_row(p, f"(g) Gauss-Newton influence, library InfluenceFunctionScorer ({what})", fitted)
         row.extra["max_abs_difference_vs_in_house"] = float((scores_a - in_house).abs().max())
         row.extra["max_abs_in_house"] = float(in_house.abs().max())
         if dim is None:
             exact = scores_a
         elif exact is not None:
-            centred = [x - x.mean(0) for x in (scores_a.double(), exact.double())]
-            pearson = (centred[0] * centred[1]).sum(0) / (centred[0].norm(dim=0) * centred[1].norm(dim=0))
-            row.extra["pearson_vs_exact_library_per_target_mean"] = float(pearson.mean())
+            row.extra["pearson_vs_exact_library_per_target_mean"] = _pearson_per_target(scores_a, exact)
         rows.append(row)
     return rows
 
@@ -203,8 +210,6 @@ def library_projected_rows(p: PeerSetup, damping_factor: float, variants: Sequen
     for variant in variants:
         options = {"damping_factor": damping_factor, **variant}
         relative = options.pop("damping_rule", "absolute") == "relative"
-        fit_seconds: dict[int, float] = {}
-        kept: dict[int, torch.Tensor] = {}
 
         def fitted(module: Any, model: Any, noisy: bool, options: dict = options, relative: bool = relative) -> Any:
             scorer = th.ProjectedInfluenceScorer(module, show_progress=False, **options)
@@ -213,31 +218,14 @@ def library_projected_rows(p: PeerSetup, damping_factor: float, variants: Sequen
                     **options, "damping_factor": options["damping_factor"] * scorer.num_parameters / scorer.dim})
             return scorer.fit(p.library_batches(model, noisy))
 
-        def score(model: Any, part: Any) -> torch.Tensor:
-            with p.library_model(model) as module:
-                scorer, fit_seconds[id(model)] = timed(fitted, module, model, False)
-                target = p.library_targets(part)
-                scores = scorer.scores({k: v for k, v in target.items() if k != "labels"}, target["labels"], p.train_ids)
-            if part is p.targets:
-                kept[id(model)] = scores
-            return scores
-
-        def self_score(model: Any) -> torch.Tensor:
-            with p.library_model(model) as module:
-                scorer = fitted(module, model, True)
-                return torch.cat([scorer.self_scores(b, b["labels"], b["example_ids"]) for b in p.library_batches(model, True)])
-
         what = ", ".join(f"{k}={v}" for k, v in variant.items())
-        row = p.scored(f"(g) Gauss-Newton influence, library ProjectedInfluenceScorer ({what})", score, self_score)
-        row.setup_seconds = row.extra["fit_seconds"] = fit_seconds[id(p.a)]
+        row, scores_a = _library_row(p, f"(g) Gauss-Newton influence, library ProjectedInfluenceScorer ({what})", fitted)
         with p.library_model(p.a) as module:
             exact = th.InfluenceFunctionScorer(module, p.library_batches(p.a, False),
                                                damping_factor=options["damping_factor"], show_progress=False).fit()
             target = p.library_targets(p.targets)
             reference = exact.scores({k: v for k, v in target.items() if k != "labels"}, target["labels"], p.train_ids)
-        centred = [x - x.mean(0) for x in (kept[id(p.a)].double(), reference.double())]
-        pearson = (centred[0] * centred[1]).sum(0) / (centred[0].norm(dim=0) * centred[1].norm(dim=0))
-        row.extra["pearson_vs_exact_library_per_target_mean"] = float(pearson.mean())
+        row.extra["pearson_vs_exact_library_per_target_mean"] = _pearson_per_target(scores_a, reference)
         rows.append(row)
     return rows
 
