@@ -33,7 +33,8 @@ class ScoringOptions:
     estimator: str = field(
         default="auto",
         metadata={"help": "auto: the most faithful estimator the model allows (the influence function for a "
-                          "classifier, turnover for an ensemble or a language model)."},
+                          "classifier while its exact fit fits --max_memory_gb, else its projected form, also for a "
+                          "language model; turnover for an ensemble)."},
     )
     # the registered estimators' options the user gave as flags (e.g. --projection_dim 8192), by name
     estimator_options: dict = field(default_factory=dict, init=False)
