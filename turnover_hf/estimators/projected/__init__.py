@@ -7,11 +7,15 @@ projection_dim`` (4096):
 
     score(z, t) = (P g_t)^T (P G P^T + lambda I)^-1 (P g_z) / N      (> 0: z lowers the target's loss)
 
-* ``P``: per tracked Linear of ``out x in'`` parameters, a Kronecker projection ``P_out (x) P_in`` of random signs
-  (LoGra, Choe et al. 2024): the layer's per-example gradient ``sum_t dy_t x_t^T`` becomes
-  ``sum_t (P_out dy_t)(P_in x_t)^T``, so the whole gradient is never formed. Every side is cut to the same
-  number of coordinates ``r`` (the largest that fits ``k`` in all); sides no longer than ``r`` are kept whole, so
-  a classifier head or a LoRA matrix's small side is exact.
+* ``P``: per tracked Linear (or GPT-2's ``Conv1D``) of ``out x in'`` parameters, a Kronecker projection
+  ``P_out (x) P_in`` of random signs (LoGra, Choe et al. 2024): the layer's per-example gradient
+  ``sum_t dy_t x_t^T`` becomes ``sum_t (P_out dy_t)(P_in x_t)^T``, so the whole gradient is never formed; sides no
+  longer than ``side_dim`` (256) are kept whole. Then (``design="sketch"``, the default) one CountSketch maps the
+  layers' projected gradients, concatenated, to ``k`` coordinates; when they have at most ``k`` already, nothing
+  more is done (and with every side whole the scores are the exact fit's). ``design="kronecker"`` instead cuts
+  every side to the one length that makes the Kronecker projections alone fit ``k`` (LoGra's design): measured
+  in ``benchmarks/fidelity.py`` it follows the exact fit less closely than the sketch at the same ``k``, because
+  a product of two short random projections distorts inner products more than one projection of the same size.
 * ``G``: the Gauss-Newton matrix of the training loss, each example under the loss it was trained with (its
   turn-over mask when the model is patched). Classifiers: exact over the classes (``C - 1`` backward passes per
   batch, as in the exact fit). Causal LMs: the gradient of the loss against labels sampled from the model's own
@@ -23,7 +27,8 @@ projection_dim`` (4096):
   (``trace / k``) at 5 of 6 (k, damping) pairs.
 
 Cost: one pass over the training set (sharded over processes), ``k^2`` float64 of memory plus one batch, ``N k``
-float32 on disk. Self-influence reads the store (``O(N k^2)``), a target set costs its own gradients and one read
+float32 on disk. Self-influence reads the store (``O(N k^2)``; a turn-over checkpoint also recomputes each example's
+gradient on the full network, as the exact fit does: one more pass), a target set costs its own gradients and one read
 of the store (``O(N k T)``). ``benchmarks/scale.py`` measures the growth; ``benchmarks/fidelity.py`` the fidelity
 against retraining beside the exact fit.
 """
