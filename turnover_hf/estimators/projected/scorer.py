@@ -219,7 +219,8 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
                     )
                 ids = torch.as_tensor(batch[BATCH_KEY]).to(torch.int64).cpu()
                 loss_gradients, curvature_rows = self._training_rows(batch, ids)
-                curvature += (curvature_rows.T @ curvature_rows).double()
+                rows64 = curvature_rows.double()
+                curvature.addmm_(rows64.T, rows64)  # in place: no k x k temporary per batch
                 writer.write(ids, loss_gradients)
         if state.num_processes > 1:
             curvature = reduce(curvature, reduction="sum")
