@@ -56,11 +56,11 @@ class CommonSettings:
     low_is_suspicious: bool = False
     peers: tuple[str, ...] = ("captum", "kronfluence")  # optional peers to run when installed
     influence_projections: tuple[int, ...] = (1024, 4096)  # CountSketch sizes of the library influence rows
-    # the library's projected influence rows: ProjectedInfluenceScorer options, plus "damping_rule": "relative" for
-    # the rejected rule (lambda = factor x trace / k)
+    # the library's projected influence rows: ProjectedInfluenceScorer options, plus "damping_rule": "absolute" for
+    # the rejected rule (lambda = factor x trace / D, the exact fit's)
     projected_variants: tuple[dict[str, Any], ...] = (
         {"projection_dim": 4096}, {"projection_dim": 16384}, {"projection_dim": 4096, "design": "kronecker"},
-        {"projection_dim": 4096, "damping_rule": "relative"}, {"projection_dim": 4096, "damping_factor": 1.0},
+        {"projection_dim": 4096, "damping_rule": "absolute"}, {"projection_dim": 4096, "damping_factor": 1.0},
         {"projection_dim": 4096, "normalise": "relative"},
     )
 

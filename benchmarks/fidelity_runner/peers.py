@@ -202,20 +202,20 @@ def library_influence_rows(p: PeerSetup, damping_factor: float, projections: Seq
 
 def library_projected_rows(p: PeerSetup, damping_factor: float, variants: Sequence[dict[str, Any]]) -> list[Row]:
     """``turnover_hf.ProjectedInfluenceScorer`` (estimator "projected") on the patched model, one row per variant
-    (its options; ``damping_factor`` defaults to the setting's). ``"damping_rule": "relative"`` rescales the factor so
-    that ``lambda = factor x trace / k`` (the same multiple of the projected matrix's mean eigenvalue: the rejected
-    rule) instead of the library's ``trace / D`` (the exact fit's lambda). Each row records its per-target Pearson
+    (its options; ``damping_factor`` defaults to the setting's). ``"damping_rule": "absolute"`` rescales the factor so
+    that ``lambda = factor x trace / D`` (the exact fit's lambda: the rejected rule) instead of the library's
+    ``trace / k`` (the same multiple of the projected matrix's mean eigenvalue). Each row records its per-target Pearson
     correlation with the exact library scores at the same damping factor and its fit time (the setup)."""
     rows = []
     for variant in variants:
         options = {"damping_factor": damping_factor, **variant}
-        relative = options.pop("damping_rule", "absolute") == "relative"
+        absolute = options.pop("damping_rule", "relative") == "absolute"
 
-        def fitted(module: Any, model: Any, noisy: bool, options: dict = options, relative: bool = relative) -> Any:
+        def fitted(module: Any, model: Any, noisy: bool, options: dict = options, absolute: bool = absolute) -> Any:
             scorer = th.ProjectedInfluenceScorer(module, show_progress=False, **options)
-            if relative:  # lambda = factor x trace / k, written as the library rule's factor
+            if absolute:  # lambda = factor x trace / D, written as the library rule's factor
                 scorer = th.ProjectedInfluenceScorer(module, show_progress=False, **{
-                    **options, "damping_factor": options["damping_factor"] * scorer.num_parameters / scorer.dim})
+                    **options, "damping_factor": options["damping_factor"] * scorer.dim / scorer.num_parameters})
             return scorer.fit(p.library_batches(model, noisy))
 
         what = ", ".join(f"{k}={v}" for k, v in variant.items())

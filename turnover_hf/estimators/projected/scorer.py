@@ -82,7 +82,7 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
     per tracked Linear layer (``projection_dim`` coordinates in all; layers small enough stay exact), ``G`` the
     Gauss-Newton matrix of the training loss (classifiers: exact over the classes; causal LMs: from labels sampled
     from the model's own predictions, per token, without a vocabulary-square matrix) and
-    ``lambda = damping_factor x trace(P G P^T) / D``. One pass over the training set (each example under its
+    ``lambda = damping_factor x trace(P G P^T) / k``. One pass over the training set (each example under its
     training mask when the model is patched) accumulates ``P G P^T`` (``k x k``) and writes each example's
     projected loss gradient to disk; with several processes each takes its share of the batches and the
     curvature is summed (accelerate). Self-influence reads the stored gradients; a target set costs one
@@ -162,7 +162,7 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
 
     @property
     def num_parameters(self) -> int:
-        """Tracked parameters (``D``): the damping is the exact fit's, ``damping_factor x trace(G) / D``."""
+        """Tracked parameters (``D``)."""
         return self.specs[-1].offset + self.specs[-1].numel
 
     @property
@@ -268,7 +268,7 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
                 "the tracked parameters are the ones training changed."
             )
         self.store, self.curvature = store, curvature
-        self.damping = self.damping_factor * trace / self.num_parameters
+        self.damping = self.damping_factor * trace / self.dim
         system = curvature + self.damping * torch.eye(self.dim, dtype=torch.float64)
         self._factor = torch.linalg.cholesky(system)
         self._targets = None
