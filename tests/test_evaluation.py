@@ -365,10 +365,12 @@ def test_run_fidelity_core_on_tiny_data(fidelity):
         cleansing_seeds=2,
         cleansing_fraction=0.05,
         peers=("captum",),
+        projected_variants=({"projection_dim": 64}, {"projection_dim": 64, "design": "kronecker"}),
     )
     results = fidelity.run_fidelity(tiny_data(fidelity), settings, log=lambda message: None)
     methods = [row["method"] for row in results["rows"]]
-    expected_rows = 12 + 1 + len(settings.influence_projections) + peer_rows(fidelity)  # + the library IF rows
+    expected_rows = (12 + 1 + len(settings.influence_projections) + len(settings.projected_variants)
+                     + peer_rows(fidelity))  # + the library influence-function rows
     assert (
         len(methods) == expected_rows and methods[0].startswith("(a)") and methods[-1].startswith("(g) training loss")
     )
@@ -380,6 +382,11 @@ def test_run_fidelity_core_on_tiny_data(fidelity):
         assert 0.0 <= row["mislabel_auc"] <= 1.0
         if row["lds"] is not None:
             assert -1.0 <= row["lds"] <= 1.0 and -1.0 <= row["agreement"] <= 1.0
+    projected = [row for row in results["rows"] if "library ProjectedInfluenceScorer" in row["method"]]
+    assert len(projected) == 2 and all(-1 <= r["extra"]["pearson_vs_exact_library_per_target_mean"] <= 1
+                                       for r in projected)
+    repetition = [row["extra"]["top10_repetition"] for row in results["rows"][:-1]]
+    assert all(0.0 <= r <= 1.0 for r in repetition)
     first = results["rows"][0]
     assert first["extra"]["closed_form_gap_vs_patched_model"] < 1e-5
     for row in results["rows"][:-1]:  # every estimator row: the new columns are filled and consistent
@@ -714,11 +721,12 @@ def test_run_adapter_fidelity_core_on_tiny_model(fidelity):
     settings = fidelity.AdapterSettings(
         n_train=40, n_targets=5, n_subsets=5, reduction_factor=2, wide_reduction_factors=(1,), ensembles=(2,), channels=(3,),
         epochs=2, batch_size=8, tracin_checkpoints=2, n_loo=3, loo_seeds=2, cleansing_seeds=2, cleansing_fraction=0.05,
-        peers=("captum",),
+        peers=("captum",), projected_variants=({"projection_dim": 128},),
     )
     results = fidelity.run_adapter_fidelity(tiny_adapter_data(fidelity), settings, log=lambda message: None)
     methods = [row["method"] for row in results["rows"]]
-    library_rows = 1 + len(settings.influence_projections)  # the library InfluenceFunctionScorer, exact and sketched
+    # the library InfluenceFunctionScorer (exact and sketched) and ProjectedInfluenceScorer rows
+    library_rows = 1 + len(settings.influence_projections) + len(settings.projected_variants)
     assert len(methods) == 8 + library_rows + peer_rows(fidelity)
     assert methods[0].startswith("(a)") and methods[2].startswith("(c)")
     channel_row = next(r for r in results["rows"] if r["method"].startswith("(f)"))
