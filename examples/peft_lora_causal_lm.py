@@ -84,7 +84,8 @@ same = torch.equal(turnover_hf.influence(model, target, ids), turnover_hf.influe
 print(f"reloaded from {adapter_dir}: identical masks, identical scores on 64 ids: {same}")
 
 # 4. Explain the completion token by token.
-pipe = turnover_hf.InfluencePipeline(adapter_dir, train_dataset=train, batch_size=128)  # tokenizer from the folder
+# turn-over scores of the masked LoRA (estimator="auto" would fit the projected influence function instead)
+pipe = turnover_hf.InfluencePipeline(adapter_dir, train_dataset=train, batch_size=128, estimator="turnover")
 print(f"scoring path: {pipe.scorer.path}")
 result = pipe((args.prompt, args.completion), top_k=args.top_k)
 tokens = result["tokens"]
