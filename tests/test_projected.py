@@ -229,7 +229,7 @@ if state.is_main_process:
 """
 
 
-def test_auto_hands_over_to_the_projection_when_the_exact_fit_turns_out_too_large(setup, caplog):
+def test_auto_hands_over_to_the_projection_when_the_exact_fit_turns_out_too_large(setup, caplog, tmp_path):
     """Adapters inside the transformer see token sequences: the factorised fit the static estimate expected does not
     apply, and the per-example one exceeds the budget. 'auto' then scores with the projected estimator."""
     _, tokenizer, train = setup
@@ -244,12 +244,14 @@ def test_auto_hands_over_to_the_projection_when_the_exact_fit_turns_out_too_larg
     named = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence", influence_options=budget)
     with pytest.raises(th.TurnoverError, match="above max_memory_gb"):
         named.scores(train.select([1]))  # asked for by name: refused, naming the fixes
-    auto = th.InfluencePipeline(model, tokenizer, train_dataset=train, influence_options={**budget, "damping_factor": 0.5})
+    auto = th.InfluencePipeline(model, tokenizer, train_dataset=train, influence_dir=tmp_path / "influence",
+                                influence_options={**budget, "damping_factor": 0.5})
     assert auto.estimator == "influence"  # the estimate fitted the budget
     with caplog.at_level(logging.WARNING):
         scores = auto.scores(train.select([1, 2]))
     assert auto.estimator == "projected" and "'projected' estimator instead" in caplog.text
     assert auto.scorer.damping_factor == 0.5  # the options both share carry over
+    assert not (tmp_path / "influence").exists()  # the influence function's folder does not get another fit
     direct = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="projected",
                                   options={"damping_factor": 0.5})
     assert torch.equal(scores, direct.scores(train.select([1, 2])))

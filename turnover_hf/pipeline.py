@@ -221,7 +221,6 @@ class InfluencePipeline:
         """
         if self._prepared:
             return self
-        self._prepared = True
         try:
             fitted = self.scorer.prepare(self._train_features, self.collator)
         except EstimatorFallback as handover:
@@ -229,9 +228,12 @@ class InfluencePipeline:
             self.spec = get_estimator(handover.name)
             self._context.options = self.spec.options(_carried_options(self.spec, self._context.options))
             self.scorer, self.estimator = self.spec.build(self._context).estimator, self.spec.name
-            if self._save_fit and self.checkpoint_path is not None and self.spec.state_dir is not None:
+            self._state_dir = self._context.state_dirs.get(self.spec.name)  # never the other estimator's folder
+            if self._state_dir is None and self._save_fit and self.checkpoint_path is not None \
+                    and self.spec.state_dir is not None:
                 self._state_dir = os.path.join(self.checkpoint_path, self.spec.state_dir)
             fitted = self.scorer.prepare(self._train_features, self.collator)
+        self._prepared = True
         if fitted and self._state_dir is not None:
             from accelerate import PartialState
 
