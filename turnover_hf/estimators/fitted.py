@@ -37,6 +37,19 @@ class FittedOnModel:
                 "training_set_fingerprint": None if record is None else record.fingerprint}
 
 
+def saved_parameters(model: nn.Module, meta: Mapping[str, Any], folder: str, what: str) -> list[str]:
+    """The tracked parameter names a saved fit lists (``meta["parameters"]``), refused when ``model`` lacks one or
+    its shape differs."""
+    named = dict(model.named_parameters())
+    bad = [p["name"] for p in meta["parameters"] if p["name"] not in named or list(named[p["name"]].shape) != p["shape"]]
+    if bad:
+        raise ConfigMismatchError(
+            f"the model lacks the parameters {bad[:5]} of the {what} in {os.fspath(folder)!r} (or their shapes "
+            "differ): load it with the model it was fitted on."
+        )
+    return [p["name"] for p in meta["parameters"]]
+
+
 def check_saved_fit(scorer: FittedOnModel, meta: Mapping[str, Any], folder: str, what: str, refit: str) -> None:
     """Refuse a saved fit (its metadata ``meta``) that belongs to other masks, weights or training set than
     ``scorer``'s model; ``what`` names the fit, ``refit`` says how to fit again."""

@@ -23,6 +23,12 @@ def curvature_blocks(probs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor
     return torch.diag_embed(kept) + kept[:, :, None] * kept[:, None, :] / top[:, :, None]
 
 
+def curvature_roots(probs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factors ``R`` of :func:`curvature_blocks` (``R R^T = A``), float64 ``(N, C-1, C-1)``: the
+    curvature rows of an example are ``R^T G'``."""
+    return torch.linalg.cholesky(curvature_blocks(probs, classes))
+
+
 def kept_classes(probs: torch.Tensor) -> torch.Tensor:
     """The pseudo-labels whose gradients carry ``G``: every class but the predicted one, int64 ``(N, C-1)``."""
     n, c = probs.shape

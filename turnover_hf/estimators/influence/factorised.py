@@ -13,7 +13,7 @@ from torch import nn
 
 from ...data import rows_of_ids
 from ..gradients import ParamSpec, tracked_linears
-from .curvature import BLOCK_BYTES, TRIANGLE_BLOCKS, curvature_blocks, label_coefficients, mirror_lower
+from .curvature import BLOCK_BYTES, TRIANGLE_BLOCKS, curvature_roots, label_coefficients, mirror_lower
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ class FactorisedFit:
     def __post_init__(self) -> None:
         self._order = torch.argsort(self.example_ids)
         self._sorted = self.example_ids[self._order]
-        self.roots = torch.linalg.cholesky(curvature_blocks(self.probabilities, self.classes))  # R R^T = A
+        self.roots = curvature_roots(self.probabilities, self.classes)  # R R^T = A
         self.coefficients = label_coefficients(self.probabilities, self.classes, self.labels)
         # c_z: g_z = U^T c_z, float64 (N, C-1)
         self.row_weights = math.sqrt(self.num_examples) * torch.linalg.solve_triangular(

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ...errors import ConfigMismatchError, StaleFitError
-from ..fitted import check_saved_fit
+from ..fitted import check_saved_fit, saved_parameters
 from ...files import PathLike, atomic_path, atomic_write_text, read_format_meta
 from .factorised import FactorisedFit, TrackedLayer
 from .materialised import MaterialisedFit
@@ -94,14 +94,7 @@ def load_fit(scorer_class: Any, model: nn.Module, folder: PathLike, **kwargs: An
             f"{os.fspath(folder)!r} holds a {method} influence fit, and factorised={wanted} asks for the other "
             "method. Drop factorised=..., or fit again in another folder."
         )
-    names = [p["name"] for p in meta["parameters"]]
-    named = dict(model.named_parameters())
-    bad = [p["name"] for p in meta["parameters"] if p["name"] not in named or list(named[p["name"]].shape) != p["shape"]]
-    if bad:
-        raise ConfigMismatchError(
-            f"the model lacks the parameters {bad[:5]} of the saved influence function (or their shapes differ): "
-            "load it with the model it was fitted on."
-        )
+    names = saved_parameters(model, meta, folder, "saved influence function")
     scorer = scorer_class(model, parameters=names, damping_factor=meta["damping_factor"], projection_dim=meta["projection_dim"],
                  projection_seed=meta["projection_seed"], solver=meta["solver"], id_column=meta["id_column"],
                  max_memory_gb=math.inf, **kwargs)

@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 import torch
 
 from ...data import rows_of_ids
-from .curvature import BLOCK_BYTES, TRIANGLE_BLOCKS, curvature_blocks, label_coefficients, mirror_lower
+from .curvature import BLOCK_BYTES, TRIANGLE_BLOCKS, curvature_roots, label_coefficients, mirror_lower
 
 # The float64 curvature rows U are rebuilt from the float32 gradients at every preconditioning unless they are kept;
 # they are kept when at most this large (rebuilding costs more than the products with them).
@@ -35,7 +35,7 @@ class MaterialisedFit:
     def __post_init__(self) -> None:
         self._order = torch.argsort(self.example_ids)
         self._sorted = self.example_ids[self._order]
-        self.roots = torch.linalg.cholesky(curvature_blocks(self.probabilities, self.classes))  # R R^T = A
+        self.roots = curvature_roots(self.probabilities, self.classes)  # R R^T = A
         self.coefficients = label_coefficients(self.probabilities, self.classes, self.labels)
         self._gradients64: Optional[torch.Tensor] = None  # the stored gradients as float64, if they fit ROWS_CACHE_BYTES
 

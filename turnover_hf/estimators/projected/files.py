@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ...errors import ConfigMismatchError, StaleFitError
-from ..fitted import check_saved_fit
+from ..fitted import check_saved_fit, saved_parameters
 from ...files import PathLike, atomic_path, atomic_write_text, read_format_meta
 from .store import RowStore
 
@@ -85,14 +85,7 @@ def load_fit(scorer_class: Any, model: nn.Module, folder: PathLike, **kwargs: An
     fitted on only. ``kwargs``: options that do not change the fit (``batch_size``, ``normalise``, ...)."""
     folder = os.fspath(folder)
     meta = read_fit_meta(folder)
-    named = dict(model.named_parameters())
-    bad = [p["name"] for p in meta["parameters"] if p["name"] not in named or list(named[p["name"]].shape) != p["shape"]]
-    if bad:
-        raise ConfigMismatchError(
-            f"the model lacks the parameters {bad[:5]} of the projected influence function in {folder!r} (or their "
-            "shapes differ): load it with the model it was fitted on."
-        )
-    scorer = scorer_class(model, parameters=[p["name"] for p in meta["parameters"]],
+    scorer = scorer_class(model, parameters=saved_parameters(model, meta, folder, "projected influence function"),
                           projection_dim=meta["projection_dim"], projection_seed=meta["projection_seed"],
                           design=meta["design"], side_dim=meta["side_dim"],
                           damping_factor=meta["damping_factor"], label_samples=meta["label_samples"],

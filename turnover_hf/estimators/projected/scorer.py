@@ -26,7 +26,7 @@ from ...losses import IGNORE_INDEX, find_labels, is_causal_lm, model_inputs, per
 from ...patcher import is_patched
 from ...store import fingerprint
 from ..gradients import ParamSpec, param_specs
-from ..influence.curvature import curvature_blocks, kept_classes, label_coefficients
+from ..influence.curvature import curvature_roots, kept_classes, label_coefficients
 from ..fitted import FittedOnModel
 from ..registry import Estimator
 from ..influence.sketch import CountSketch
@@ -170,10 +170,6 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
         """Coordinates of a projected gradient (``k``)."""
         return self.grads.dim
 
-    @property
-    def num_examples(self) -> int:
-        return len(self._fitted())
-
     # -- as an estimator of InfluencePipeline -----------------------------------------------------------------
     def prepare(self, train: Dataset, collator: Callable) -> bool:
         """Fit on ``train`` unless a fit was loaded (sharded over the processes of ``accelerate launch``)."""
@@ -295,19 +291,19 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
         if labels.dim() != 1 or labels.is_floating_point():
             raise TurnoverError(f"the projected influence function needs one class label per example (classifiers) or "
                                 f"token labels (causal LMs), got labels of shape {tuple(labels.shape)}.")
-        kept: list[torch.Tensor] = []
+        seen: dict[str, torch.Tensor] = {}  # the probabilities and kept classes of the forward that serves the grads
 
         def kept_of(logits: torch.Tensor) -> torch.Tensor:
             if logits.dim() != 2 or logits.shape[1] < 2:
                 raise TurnoverError(f"the projected influence function covers classifiers (logits (batch, classes >= 2)) "
                                     f"and causal LMs; this model gave logits of shape {tuple(logits.shape)}.")
-            kept.append(torch.softmax(logits.double(), -1).cpu())
-            return kept_classes(kept[0]).to(logits.device)
+            seen["probs"] = torch.softmax(logits.double(), -1).cpu()
+            seen["classes"] = kept_classes(seen["probs"])
+            return seen["classes"].to(logits.device)
 
         _, g = self.grads(inputs, kept_of, self._loss, context, row_context)
-        probs = kept[0]
-        classes = kept_classes(probs)
-        roots = torch.linalg.cholesky(curvature_blocks(probs, classes)).to(g.device, g.dtype)  # R R^T = A
+        probs, classes = seen["probs"], seen["classes"]
+        roots = curvature_roots(probs, classes).to(g.device, g.dtype)  # R R^T = A
         rows = torch.einsum("nce,ncd->ned", roots, g).reshape(-1, self.dim)
         coefficients = label_coefficients(probs, classes, labels.cpu()).to(g.device, g.dtype)
         return torch.einsum("nc,ncd->nd", coefficients, g), rows
