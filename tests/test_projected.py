@@ -10,24 +10,11 @@ import torch
 from datasets import Dataset
 
 import turnover_hf as th
-from conftest import VOCAB, text_task, tiny_bert, tiny_llama_lm, torchrun, with_bottleneck, word_tokenizer
+from conftest import VOCAB, tiny_bert, tiny_llama_lm, torchrun, with_bottleneck
 from test_cli import in_process, trained  # noqa: F401
-from test_turnover import _top_layer_adapter
+from test_pipeline import setup  # noqa: F401  (the patched tiny model, tokenizer and training set)
 
 WHOLE = 10**6  # a projection_dim no tracked layer needs: every side kept whole
-
-
-@pytest.fixture
-def setup(tmp_path):
-    tokenizer = word_tokenizer(tmp_path / "tok")
-    train = text_task(40)
-    torch.manual_seed(0)
-    model = th.patch_model(_top_layer_adapter(tiny_bert()), th.TurnoverConfig(seed=6), freeze_leaking=True).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.turnover_config.num_train_examples = len(train)
-    return model, tokenizer, train
 
 
 def _pipe(model, tokenizer, train, **options):
@@ -207,15 +194,10 @@ tests, tok, result, folder = sys.argv[1:5]
 sys.path.insert(0, tests)
 from accelerate import PartialState
 import turnover_hf as th
-from conftest import text_task, tiny_bert, word_tokenizer
-from test_cli import in_process, trained  # noqa: F401
-from test_turnover import _top_layer_adapter
+from conftest import text_task, word_tokenizer
+from test_turnover import perturbed_top_adapter
 state = PartialState(cpu=True)
-torch.manual_seed(0)
-model = th.patch_model(_top_layer_adapter(tiny_bert()), th.TurnoverConfig(seed=6), warn_leaking=False).eval()
-with torch.no_grad():
-    for p in model.parameters():
-        p.add_(torch.randn_like(p) * 0.05)
+model = perturbed_top_adapter(6, warn_leaking=False)
 train = text_task(40)
 model.turnover_config.num_train_examples = len(train)
 pipe = th.InfluencePipeline(model, word_tokenizer(tok), train_dataset=train, estimator="projected", batch_size=6,
@@ -271,6 +253,9 @@ def test_auto_projects_when_the_static_estimate_exceeds_the_budget(setup):
     small = th.InfluencePipeline(linear_only, tokenizer, train_dataset=train, options={"max_memory_gb": exact / 2})
     roomy = th.InfluencePipeline(linear_only, tokenizer, train_dataset=train, options={"max_memory_gb": exact * 2})
     assert small.estimator == "projected" and roomy.estimator == "influence"
+    # options for whichever auto picks: a name no estimator takes is refused, not dropped
+    with pytest.raises(th.TurnoverError, match=r"\['max_memory_bg'\] are options of no registered estimator"):
+        th.InfluencePipeline(linear_only, tokenizer, train_dataset=train, options={"max_memory_bg": exact / 2})
 
 
 def test_bad_inputs_are_named(setup):

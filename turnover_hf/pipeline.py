@@ -23,8 +23,8 @@ from .checkpoint import load_influence_ready, model_class_of, resolve_checkpoint
 from .config import CONFIG_NAME
 from .data import InstanceIdCollator, check_id_column, check_ids_known, default_collator, prompt_completion_features
 from .errors import ConfigMismatchError, ExampleIdError, TurnoverError
-from .estimators import (AUTO, Estimator, EstimatorContext, EstimatorFallback, get_estimator, options_owner,
-                         resolve_estimator)
+from .estimators import (AUTO, Estimator, EstimatorContext, EstimatorFallback, get_estimator, options_classes,
+                         options_owner, resolve_estimator)
 from .estimators.ensemble import member_dirs, split_half_agreement
 from .losses import is_causal_lm
 from .masks import check_example_ids
@@ -177,6 +177,10 @@ class InfluencePipeline:
                     )
                 named_options[self.spec.name] = carried
         if estimator == AUTO and isinstance(options, Mapping):  # options for whichever auto picks: its own fields
+            known = {f.name for kind in options_classes() for f in dataclasses.fields(kind)}
+            unknown = sorted(set(options) - known)
+            if unknown:
+                raise TurnoverError(f"{unknown} are options of no registered estimator; they are {sorted(known)}.")
             options = _carried_options(self.spec, options)
         context.options = self.spec.options(named_options.get(self.spec.name, options))
         self._context = context
