@@ -206,7 +206,8 @@ def library_projected_rows(p: PeerSetup, damping_factor: float, variants: Sequen
     that ``lambda = factor x trace / D`` (the exact fit's lambda: the rejected rule) instead of the library's
     ``trace / k`` (the same multiple of the projected matrix's mean eigenvalue). Each row records its per-target Pearson
     correlation with the exact library scores at the same damping factor and its fit time (the setup)."""
-    rows = []
+    rows: list[Row] = []
+    references: dict[float, torch.Tensor] = {}
     for variant in variants:
         options = {"damping_factor": damping_factor, **variant}
         absolute = options.pop("damping_rule", "relative") == "absolute"
@@ -220,12 +221,15 @@ def library_projected_rows(p: PeerSetup, damping_factor: float, variants: Sequen
 
         what = ", ".join(f"{k}={v}" for k, v in variant.items())
         row, scores_a = _library_row(p, f"(g) Gauss-Newton influence, library ProjectedInfluenceScorer ({what})", fitted)
-        with p.library_model(p.a) as module:
-            exact = th.InfluenceFunctionScorer(module, p.library_batches(p.a, False),
-                                               damping_factor=options["damping_factor"], show_progress=False).fit()
-            target = p.library_targets(p.targets)
-            reference = exact.scores({k: v for k, v in target.items() if k != "labels"}, target["labels"], p.train_ids)
-        row.extra["pearson_vs_exact_library_per_target_mean"] = _pearson_per_target(scores_a, reference)
+        factor = options["damping_factor"]
+        if factor not in references:  # the exact library scores at this damping, fitted once for every variant
+            with p.library_model(p.a) as module:
+                exact = th.InfluenceFunctionScorer(module, p.library_batches(p.a, False), damping_factor=factor,
+                                                   show_progress=False).fit()
+                target = p.library_targets(p.targets)
+                references[factor] = exact.scores({k: v for k, v in target.items() if k != "labels"},
+                                                  target["labels"], p.train_ids)
+        row.extra["pearson_vs_exact_library_per_target_mean"] = _pearson_per_target(scores_a, references[factor])
         rows.append(row)
     return rows
 
