@@ -7,17 +7,14 @@ import torch
 import turnover_hf as th
 
 from conftest import text_task, tiny_bert, torchrun, word_tokenizer
-from test_turnover import naive_influence, _top_layer_adapter
+from test_turnover import _top_layer_adapter, naive_influence, perturbed_top_adapter
 
 
 @pytest.fixture
 def setup(tmp_path):
     tokenizer = word_tokenizer(tmp_path / "tok")
     train = text_task(40)
-    model = th.patch_model(_top_layer_adapter(tiny_bert()), th.TurnoverConfig(seed=6), freeze_leaking=True).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = perturbed_top_adapter(6, freeze_leaking=True)
     model.turnover_config.num_train_examples = len(train)
     return model, tokenizer, train
 
@@ -213,14 +210,10 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 from accelerate import PartialState
 import turnover_hf as th
-from conftest import text_task, tiny_bert, word_tokenizer
-from test_turnover import _top_layer_adapter
+from conftest import text_task, word_tokenizer
+from test_turnover import perturbed_top_adapter
 state = PartialState(cpu=True)
-torch.manual_seed(0)
-model = th.patch_model(_top_layer_adapter(tiny_bert()), th.TurnoverConfig(seed=6), warn_leaking=False).eval()
-with torch.no_grad():
-    for p in model.parameters():
-        p.add_(torch.randn_like(p) * 0.05)
+model = perturbed_top_adapter(6, warn_leaking=False)
 train = text_task(40)
 pipe = th.InfluencePipeline(model, word_tokenizer({tok!r}), train_dataset=train, chunk_size=7)
 scores = pipe.scores(train.select([1, 2, 3]))

@@ -102,6 +102,16 @@ def _top_layer_adapter(model):
     return model
 
 
+def perturbed_top_adapter(mask_seed: int, **patch_kwargs):
+    """A tiny BERT with a bottleneck adapter in its top layer, patched (``patch_kwargs``) with masks of
+    ``mask_seed``, every weight moved off its initialisation (a zero-initialised adapter has no gradients)."""
+    model = th.patch_model(_top_layer_adapter(tiny_bert()), th.TurnoverConfig(seed=mask_seed), **patch_kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
 @pytest.mark.parametrize(
     "factory, path",
     [
