@@ -22,13 +22,20 @@ def _pipe(model, tokenizer, train, **options):
                                 options={"show_progress": False, **options})
 
 
-def test_without_projection_it_is_the_exact_influence_function(setup):
+@pytest.mark.parametrize("design", ["eigen", "sketch"])
+def test_without_projection_it_is_the_exact_influence_function(setup, design):
     model, tokenizer, train = setup
     exact = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence")
-    whole = _pipe(model, tokenizer, train, projection_dim=WHOLE)
-    assert all(layer.inputs is None and layer.outputs is None for layer in whole.scorer.layers)
+    whole = _pipe(model, tokenizer, train, projection_dim=WHOLE, side_dim=WHOLE, design=design)
     targets = train.select(range(6))
     e, w = exact.scores(targets), whole.scores(targets)
+    layers = whole.scorer.layers
+    if design == "sketch":
+        assert all(layer.inputs is None and layer.outputs is None for layer in layers)
+    else:  # every side whole, rotated into its eigenbasis, and every Kronecker pair kept: an orthogonal change of basis
+        assert all(layer.inputs.shape == (layer.in_features,) * 2 and layer.outputs.shape == (layer.out_features,) * 2
+                   for layer in layers)
+        assert whole.scorer.dim == sum(layer.dim for layer in layers)
     assert torch.allclose(e, w, atol=1e-5 * float(e.abs().max()))
     own_e = torch.tensor(exact.self_influence()["self_influence"])
     own_w = torch.tensor(whole.self_influence()["self_influence"])
@@ -295,7 +302,9 @@ def test_sampled_labels_estimate_the_per_token_gauss_newton_matrix():
     sequence = torch.randint(5, VOCAB, (5,), generator=torch.Generator().manual_seed(3)).tolist()
     train = th.add_example_ids(Dataset.from_dict({"input_ids": [sequence]}))
     torch.manual_seed(0)
-    scorer = th.ProjectedInfluenceScorer(model, projection_dim=WHOLE, label_samples=1000, show_progress=False)
+    # nothing projected (design="sketch" with every side whole): the curvature in the parameters' own coordinates
+    scorer = th.ProjectedInfluenceScorer(model, projection_dim=WHOLE, design="sketch", label_samples=1000,
+                                         show_progress=False)
     scorer.fit(train, th.CausalLMCollator())
     batch = th.CausalLMCollator()([{"input_ids": sequence}])
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
@@ -318,7 +327,7 @@ def test_sampled_labels_estimate_the_per_token_gauss_newton_matrix():
     exact = torch.einsum("c,cd,ce->de", weights, g[0].double(), g[0].double())
     error = float((scorer.curvature - exact).norm() / exact.norm())
     assert error < 0.25, error
-    true_labels = th.ProjectedInfluenceScorer(model, projection_dim=WHOLE, show_progress=False)
+    true_labels = th.ProjectedInfluenceScorer(model, projection_dim=WHOLE, design="sketch", show_progress=False)
     _, g_true = true_labels.grads(inputs, lambda _: batch["labels"][:, None], true_labels._loss)
     wrong = torch.outer(g_true[0, 0].double(), g_true[0, 0].double())  # the empirical Fisher: not this matrix
     assert float((wrong - exact).norm() / exact.norm()) > 2 * error

@@ -59,8 +59,8 @@ class CommonSettings:
     # the library's projected influence rows: ProjectedInfluenceScorer options, plus "damping_rule": "absolute" for
     # the rejected rule (lambda = factor x trace / D, the exact fit's)
     projected_variants: tuple[dict[str, Any], ...] = (
-        {"projection_dim": 4096}, {"projection_dim": 16384}, {"projection_dim": 4096, "design": "kronecker"},
-        {"projection_dim": 4096, "damping_rule": "absolute"}, {"projection_dim": 4096, "damping_factor": 1.0},
+        {"projection_dim": 4096}, {"projection_dim": 1024}, {"projection_dim": 4096, "basis_examples": 256},
+        {"projection_dim": 4096, "design": "sketch"}, {"projection_dim": 4096, "design": "kronecker"},
         {"projection_dim": 4096, "normalise": "relative"},
     )
 
@@ -69,7 +69,7 @@ class CommonSettings:
 QUICK_SIZES: dict[str, Any] = {
     "n_train": 200, "n_targets": 20, "n_test": 200, "n_subsets": 10, "ensembles": (4,), "n_loo": 10, "loo_seeds": 2,
     "cleansing_seeds": 2,
-    "projected_variants": ({"projection_dim": 1024}, {"projection_dim": 1024, "design": "kronecker"}),
+    "projected_variants": ({"projection_dim": 1024}, {"projection_dim": 1024, "design": "sketch"}),
 }
 
 

@@ -61,11 +61,15 @@ class ProjectedOptions:
     projection_dim: int = field(default=4096, metadata={"help": "Coordinates of a projected gradient (k): memory k^2, "
                                                                   "disk N k. Larger is closer to the exact fit."})
     projection_seed: int = field(default=0, metadata={"help": "Seed of the random projections."})
-    design: str = field(default="sketch", metadata={"help": "sketch: each layer's sides cut to side_dim, then one "
-                                                            "CountSketch to projection_dim; kronecker: sides cut "
-                                                            "until the layers fit projection_dim (LoGra)."})
-    side_dim: int = field(default=256, metadata={"help": "design=sketch: longest side of a layer's gradient before "
-                                                         "the CountSketch (longer sides are projected)."})
+    design: str = field(default="eigen", metadata={"help": "eigen: each layer's sides rotated into their leading "
+                                                           "side_dim curvature eigenvectors, then the projection_dim "
+                                                           "Kronecker pairs of largest curvature kept; sketch: random "
+                                                           "sides, then one CountSketch; kronecker: random sides cut "
+                                                           "until the layers fit projection_dim (LoGra)."})
+    side_dim: int = field(default=256, metadata={"help": "design=eigen/sketch: longest side of a layer's gradient "
+                                                         "(longer sides are projected)."})
+    basis_examples: int = field(default=2048, metadata={"help": "design=eigen: training examples (spread over the "
+                                                                "set) whose curvature decides the eigenvectors."})
     damping_factor: float = field(default=0.1, metadata={"help": "Damping as a multiple of the mean eigenvalue of G."})
     parameters: Optional[list[str]] = field(
         default=None, metadata={"help": "Tracked parameter names (default: every trainable torch.nn.Linear)."})

@@ -15,6 +15,7 @@ from torch import nn
 from ...errors import ConfigMismatchError, StaleFitError
 from ..fitted import check_saved_fit, saved_parameters
 from ...files import PathLike, atomic_path, atomic_write_text, read_format_meta
+from .projection import CoordinateSelection, LayerProjection, layer_shapes
 from .store import RowStore
 
 FORMAT = "turnover-hf/projected-influence"
@@ -23,8 +24,8 @@ META_NAME = "projected.json"
 TENSORS_NAME = "projected_curvature.safetensors"
 PROJECTED_DIR = "projected"  # beside a saved model: where InfluencePipeline looks for a fit
 # options that decide the fit (a saved fit is refused when one differs); the rest only change how it is used
-FIT_OPTIONS = ("projection_dim", "projection_seed", "design", "side_dim", "damping_factor", "parameters",
-               "label_samples")
+FIT_OPTIONS = ("projection_dim", "projection_seed", "design", "side_dim", "basis_examples", "damping_factor",
+               "parameters", "label_samples")
 
 
 def save_fit(scorer: Any, folder: PathLike) -> None:
@@ -49,6 +50,8 @@ def save_fit(scorer: Any, folder: PathLike) -> None:
             tensors[f"inputs.{i}"] = layer.inputs
         if layer.outputs is not None:
             tensors[f"outputs.{i}"] = layer.outputs
+    if isinstance(scorer.grads.reducer, CoordinateSelection):
+        tensors["selection"] = scorer.grads.reducer.index
     with atomic_path(os.path.join(folder, TENSORS_NAME)) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
     meta = {
@@ -63,6 +66,7 @@ def save_fit(scorer: Any, folder: PathLike) -> None:
         "projection_seed": scorer.projection_seed,
         "design": scorer.design,
         "side_dim": scorer.side_dim,
+        "basis_examples": scorer.basis_examples,
         "damping_factor": scorer.damping_factor,
         "damping": scorer.damping,
         "label_samples": scorer.label_samples,
@@ -88,12 +92,15 @@ def load_fit(scorer_class: Any, model: nn.Module, folder: PathLike, **kwargs: An
     scorer = scorer_class(model, parameters=saved_parameters(model, meta, folder, "projected influence function"),
                           projection_dim=meta["projection_dim"], projection_seed=meta["projection_seed"],
                           design=meta["design"], side_dim=meta["side_dim"],
+                          basis_examples=meta.get("basis_examples", 2048),
                           damping_factor=meta["damping_factor"], label_samples=meta["label_samples"],
                           id_column=meta["id_column"], **kwargs)
     check_saved_fit(scorer, meta, folder, "projected influence function",
                     "Fit again (remove that folder, or pass another one).")
     fitted_on = meta.get("training_set_fingerprint")
     tensors = load_file(os.path.join(folder, TENSORS_NAME))
+    if scorer.design == "eigen":  # the sides were found from the training data: take the saved ones
+        scorer._use_layers(*saved_eigen_layers(scorer, tensors, folder))
     for i, layer in enumerate(scorer.layers):  # the projections the fit used (regenerated ones must agree)
         for side in ("inputs", "outputs"):
             saved, here = tensors.get(f"{side}.{i}"), getattr(layer, side)
@@ -111,3 +118,26 @@ def load_fit(scorer_class: Any, model: nn.Module, folder: PathLike, **kwargs: An
     scorer._set_fit(store, curvature)
     scorer.fit_identity = {"weights_fingerprint": meta["weights_fingerprint"], "training_set_fingerprint": fitted_on}
     return scorer
+
+
+def saved_eigen_layers(scorer: Any, tensors: dict[str, torch.Tensor], folder: str
+                       ) -> tuple[list[LayerProjection], CoordinateSelection]:
+    """The eigen design's saved sides and selection, checked against the model's tracked layers."""
+    layers = []
+    for i, (name, weight, bias, transposed, in_features, out_features) in enumerate(layer_shapes(scorer.model,
+                                                                                               scorer.specs)):
+        inputs, outputs = tensors.get(f"inputs.{i}"), tensors.get(f"outputs.{i}")
+        if (inputs is None or outputs is None or inputs.shape[1] != in_features or outputs.shape[1] != out_features
+                or inputs.shape[0] > scorer.side_dim or outputs.shape[0] > scorer.side_dim):
+            raise ConfigMismatchError(
+                f"{folder!r} holds no eigen projection of {name!r} for this model's layer ({out_features} x "
+                f"{in_features}); it was fitted on another model. Fit again."
+            )
+        layers.append(LayerProjection(name, None if weight is None else weight.name, None if bias is None else bias.name,
+                                      in_features, out_features, inputs, outputs, transposed))
+    selection = tensors.get("selection")
+    total = sum(layer.dim for layer in layers)
+    if selection is None or selection.dim() != 1 or len(selection) != scorer.dim or (
+            len(selection) and (int(selection.min()) < 0 or int(selection.max()) >= total)):
+        raise ConfigMismatchError(f"{folder!r} holds no valid coordinate selection for {scorer.dim} coordinates; fit again.")
+    return layers, CoordinateSelection(selection)

@@ -5,7 +5,7 @@ projected on the way forward and its output gradients on the way back, so a row'
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Optional, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from ...errors import TurnoverError
 from ...losses import eval_mode, logits_of
 from ..gradients import ParamSpec, linear_calls, tracked_requiring_grad
 from ..influence.sketch import CountSketch
-from .projection import LayerProjection
+from .projection import CoordinateSelection, LayerProjection
 
 # loss(logits, labels column) -> (B,) per-example losses
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -22,7 +22,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 class ProjectedGradients:
     """``(B, K, k)`` projected gradients of every row's loss against each of ``K`` label columns: each layer's
-    Kronecker projection, then (with ``sketch``) a CountSketch of them all to ``k`` coordinates.
+    Kronecker projection, then (with ``reducer``) a CountSketch or a coordinate selection of them all to ``k``.
 
     Example:
         >>> grads = ProjectedGradients(model, specs, layer_projections(model, specs, 4096, seed=0))
@@ -30,21 +30,19 @@ class ProjectedGradients:
     """
 
     def __init__(self, model: nn.Module, specs: Sequence[ParamSpec], layers: Sequence[LayerProjection],
-                 sketch: Optional[CountSketch] = None) -> None:
+                 reducer: Optional[Union[CountSketch, CoordinateSelection]] = None) -> None:
         self.model = model
         self.specs = list(specs)
         self.layers = list(layers)
-        self.sketch = sketch  # applied to the layers' projected gradients, concatenated
-        self.dim = sketch.dim if sketch is not None else sum(layer.dim for layer in self.layers)
+        self.reducer = reducer  # applied to the layers' projected gradients, concatenated
+        self.dim = reducer.dim if reducer is not None else sum(layer.dim for layer in self.layers)
         self.checked = False
 
-    def __call__(self, inputs: dict[str, torch.Tensor], labels_of: Callable[[torch.Tensor], torch.Tensor], loss: LossFn,
-                 context: Optional[ContextManager] = None,
-                 row_context: Optional[Callable[[int], ContextManager]] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward of the batch under ``context`` and one backward per column of ``labels_of(logits)``
-        ``(B, K, ...)``: ``(logits, (B, K, k) float32)``. The first call checks row 0 against that row run alone
-        under ``row_context(0)`` (a whole gradient, projected): rows must not interact, and every use of a tracked
-        weight must go through its Linear."""
+    def _columns(self, inputs: dict[str, torch.Tensor], labels_of: Callable[[torch.Tensor], torch.Tensor], loss: LossFn,
+                 context: Optional[ContextManager], on_column: Callable[..., Any]) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """One forward of the batch under ``context``, then one backward per column of ``labels_of(logits)``
+        ``(B, K, ...)``, each handed to ``on_column(calls, projected inputs, output gradients, B)``:
+        ``(logits, labels, [what on_column returned, per column])``."""
         names = [layer.name for layer in self.layers]
         with eval_mode(self.model), tracked_requiring_grad(self.model, self.specs), torch.enable_grad(), \
                 linear_calls(self.model, names) as calls, context or contextlib.nullcontext():
@@ -68,14 +66,57 @@ class ProjectedGradients:
             for k in range(labels.shape[1]):
                 found = torch.autograd.grad(loss(logits, labels[:, k]).sum(), outputs, allow_unused=True,
                                             retain_graph=k < labels.shape[1] - 1)
-                columns.append(self._rows(seen, projected_inputs, found, n))
+                columns.append(on_column(seen, projected_inputs, found, n))
+        return logits.detach(), labels, columns
+
+    def __call__(self, inputs: dict[str, torch.Tensor], labels_of: Callable[[torch.Tensor], torch.Tensor], loss: LossFn,
+                 context: Optional[ContextManager] = None,
+                 row_context: Optional[Callable[[int], ContextManager]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward of the batch under ``context`` and one backward per column of ``labels_of(logits)``
+        ``(B, K, ...)``: ``(logits, (B, K, k) float32)``. The first call checks row 0 against that row run alone
+        under ``row_context(0)`` (a whole gradient, projected): rows must not interact, and every use of a tracked
+        weight must go through its Linear."""
+        logits, labels, columns = self._columns(inputs, labels_of, loss, context, self._rows)
         rows = torch.stack(columns, 1)
         if not self.checked:
             self._check_first_row(inputs, labels[:1, 0], loss, rows[0, 0], row_context)
             self.checked = True
-        if self.sketch is not None:
-            rows = self.sketch(rows.reshape(-1, rows.shape[-1])).view(*rows.shape[:2], self.dim)
-        return logits.detach(), rows
+        if self.reducer is not None:
+            rows = self.reducer(rows.reshape(-1, rows.shape[-1])).view(*rows.shape[:2], self.dim)
+        return logits, rows
+
+    def side_moments(self, inputs: dict[str, torch.Tensor], labels_of: Callable[[torch.Tensor], torch.Tensor],
+                     loss: LossFn, mixing: Callable[[], torch.Tensor], context: Optional[ContextManager] = None
+                     ) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Per layer, ``(sum of x x^T, sum of d d^T, positions)`` over the batch, on the projected sides: ``x`` the
+        inputs at every position whose output gradient is not zero in some column, ``d = sum_k W[b, k, e] dy_k``
+        the output gradients mixed by ``mixing()`` ``(B, K, E)`` (called after the backward; ``W W^T`` per row
+        is the Gauss-Newton weight of the columns' logits), summed over ``e``. float64."""
+        calls: list[tuple[str, torch.Tensor]] = []  # (layer, projected inputs) of every call, from the forward
+
+        def sides(seen: Sequence[tuple[LayerProjection, torch.Tensor]], projected_inputs: Sequence[torch.Tensor],
+                  output_grads: Sequence[Optional[torch.Tensor]], n: int) -> list[Optional[torch.Tensor]]:
+            if not calls:
+                calls.extend((layer.name, x) for (layer, _), x in zip(seen, projected_inputs))
+            return [None if dy is None else layer.project_outputs(dy.reshape(n, -1, dy.shape[-1]).float())
+                    for (layer, _), dy in zip(seen, output_grads)]
+
+        _, _, columns = self._columns(inputs, labels_of, loss, context, sides)
+        weights = mixing()
+        sums = {layer.name: [0.0, 0.0, 0] for layer in self.layers}
+        for call, (name, x) in enumerate(calls):
+            grads = [column[call] for column in columns]
+            if any(g is None for g in grads):
+                continue
+            dy = torch.stack(grads, 1)  # (B, K, T, out)
+            counted = dy.ne(0).any(-1).any(1)  # (B, T): positions that reach the loss
+            xs = x[counted].double()
+            mixed = torch.einsum("bke,bkto->ebto", weights.to(dy.device, dy.dtype), dy).reshape(-1, dy.shape[-1]).double()
+            total = sums[name]
+            total[0] = total[0] + xs.T @ xs
+            total[1] = total[1] + mixed.T @ mixed
+            total[2] += int(counted.sum())
+        return [tuple(sums[layer.name]) for layer in self.layers]
 
     def _rows(self, seen: Sequence[tuple[LayerProjection, torch.Tensor]], projected_inputs: Sequence[torch.Tensor],
               output_grads: Sequence[Optional[torch.Tensor]], n: int) -> torch.Tensor:

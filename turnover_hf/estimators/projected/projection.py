@@ -1,5 +1,10 @@
 """Per-layer Kronecker projections of per-example gradients (LoGra-style): a tracked ``nn.Linear``'s per-example
-gradient ``sum_t dy_t x_t^T`` is projected as ``sum_t (P_out dy_t) (P_in x_t)^T`` without ever being formed."""
+gradient ``sum_t dy_t x_t^T`` is projected as ``sum_t (P_out dy_t) (P_in x_t)^T`` without ever being formed.
+
+The sides are random signs (``design="sketch"`` / ``"kronecker"``) or, for ``design="eigen"``, the leading
+eigenvectors of each layer's input and output-gradient second moments (the Kronecker-factored Gauss-Newton
+eigenbasis, as in K-FAC / EK-FAC), of which :func:`eigen_projections` keeps the ``k`` Kronecker pairs with the
+largest curvature across all layers."""
 
 from __future__ import annotations
 
@@ -117,12 +122,10 @@ def layer_sizes(module: nn.Module, transposed: bool) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
-def layer_projections(model: nn.Module, specs: Sequence[ParamSpec], budget: int, seed: int,
-                      side_dim: Optional[int] = None) -> list[LayerProjection]:
-    """The projections of every tracked Linear (or Conv1D); refuses tracked parameters of other modules (naming
-    one). With ``side_dim``, every side longer than ``side_dim`` is cut to ``side_dim`` coordinates (a CountSketch
-    then takes the layers to ``budget``); without, every side is cut to the same length so that all layers
-    together have at most ``budget`` coordinates (a pure Kronecker projection, LoGra's)."""
+def layer_shapes(model: nn.Module, specs: Sequence[ParamSpec]
+                 ) -> list[tuple[str, Optional[ParamSpec], Optional[ParamSpec], bool, int, int]]:
+    """``(module, weight spec, bias spec, transposed, in', out)`` of every tracked Linear (or Conv1D), ``in'`` with
+    the appended 1 of a tracked bias; refuses tracked parameters of other modules (naming one)."""
     layers, reason = projectable_layers(model, specs)
     if not layers:
         raise TurnoverError(
@@ -131,15 +134,80 @@ def layer_projections(model: nn.Module, specs: Sequence[ParamSpec], budget: int,
             "classifier's weights), or use estimator='influence'."
         )
     modules = dict(model.named_modules())
-    shapes = []
+    out = []
     for name, (weight, bias, transposed) in layers.items():
         in_features, out_features = layer_sizes(modules[name], transposed)
-        shapes.append(((in_features if weight is not None else 0) + (1 if bias is not None else 0), out_features))
-    rank = side_rank(shapes, budget) if side_dim is None else int(side_dim)
+        in_features = (in_features if weight is not None else 0) + (1 if bias is not None else 0)
+        out.append((name, weight, bias, transposed, in_features, out_features))
+    return out
+
+
+def layer_projections(model: nn.Module, specs: Sequence[ParamSpec], budget: int, seed: int,
+                      side_dim: Optional[int] = None) -> list[LayerProjection]:
+    """Random-sign projections of every tracked Linear (or Conv1D). With ``side_dim``, every side longer than
+    ``side_dim`` is cut to ``side_dim`` coordinates (a CountSketch or a selection then takes the layers to
+    ``budget``); without, every side is cut to the same length so that all layers together have at most
+    ``budget`` coordinates (a pure Kronecker projection, LoGra's)."""
+    shapes = layer_shapes(model, specs)
+    rank = side_rank([(i, o) for *_, i, o in shapes], budget) if side_dim is None else int(side_dim)
     out = []
-    for (name, (weight, bias, transposed)), (in_features, out_features) in zip(layers.items(), shapes):
+    for name, weight, bias, transposed, in_features, out_features in shapes:
         inputs = random_signs(seed, f"{name}:inputs", rank, in_features) if in_features > rank else None
         outputs = random_signs(seed, f"{name}:outputs", rank, out_features) if out_features > rank else None
         out.append(LayerProjection(name, None if weight is None else weight.name, None if bias is None else bias.name,
                                    in_features, out_features, inputs, outputs, transposed))
     return out
+
+
+class CoordinateSelection:
+    """Keeps the coordinates ``index`` of a row (``(B, n) -> (B, len(index))``): the eigen design's final step.
+
+    Example:
+        >>> CoordinateSelection(torch.tensor([0, 5, 7]))(torch.arange(10.0)[None])   # tensor([[0., 5., 7.]])
+    """
+
+    def __init__(self, index: torch.Tensor) -> None:
+        self.index = index.to(torch.int64)
+        self.dim = len(self.index)
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.device not in self._on:
+            self._on[rows.device] = self.index.to(rows.device)
+        return rows.index_select(-1, self._on[rows.device])
+
+
+def eigen_dim(shapes: Sequence[tuple[int, int]], budget: int, side_dim: int) -> int:
+    """Coordinates of the eigen design: ``budget``, or fewer when all layers' sides (each cut to ``side_dim``)
+    have fewer Kronecker pairs."""
+    return min(budget, sum(min(i, side_dim) * min(o, side_dim) for i, o in shapes))
+
+
+def eigen_side(moment: torch.Tensor, keep: int, reduction: Optional[torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(projection (keep, side) float32, eigenvalues (keep,) float64)``: the ``keep`` leading eigenvectors of a
+    side's second moment (taken after ``reduction`` when the side was first cut), largest first."""
+    values, vectors = torch.linalg.eigh(moment.double())
+    values, vectors = values.flip(0)[:keep].clamp_min(0.0), vectors.flip(1)[:, :keep]
+    projection = vectors.T if reduction is None else vectors.T @ reduction.double()
+    return projection.float().contiguous(), values
+
+
+def eigen_projections(pre: Sequence[LayerProjection], moments: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                      budget: int, side_dim: int) -> tuple[list[LayerProjection], torch.Tensor]:
+    """The eigen design from each layer's side moments ``(E[x x^T] per position, E[dy dy^T] per example)``, taken
+    on the sides of ``pre`` (whole, or first cut by random signs when very long): each side rotated into its
+    leading ``side_dim`` eigenvectors, and the indices of the ``budget`` Kronecker pairs with the largest
+    eigenvalue products ``lambda_out x lambda_in`` over all layers (the K-FAC estimate of the curvature along each
+    pair), in increasing order."""
+    layers, products = [], []
+    for layer, (inputs, outputs) in zip(pre, moments):
+        p_in, v_in = eigen_side(inputs, min(side_dim, layer.in_dim), layer.inputs)
+        p_out, v_out = eigen_side(outputs, min(side_dim, layer.out_dim), layer.outputs)
+        layers.append(LayerProjection(layer.name, layer.weight, layer.bias, layer.in_features, layer.out_features,
+                                      p_in, p_out, layer.transposed))
+        products.append((v_out[:, None] * v_in[None, :]).reshape(-1))
+    curvature = torch.cat(products)
+    keep = min(budget, len(curvature))
+    order = torch.sort(curvature, descending=True, stable=True).indices[:keep]
+    return layers, torch.sort(order).values

@@ -31,13 +31,15 @@ from ..fitted import FittedOnModel
 from ..registry import Estimator
 from ..influence.sketch import CountSketch
 from .gradients import ProjectedGradients
-from .projection import layer_projections
+from .projection import (CoordinateSelection, LayerProjection, eigen_dim, eigen_projections, layer_projections,
+                         layer_shapes)
 from .store import RowStore, RowWriter, shard_names
 
 logger = logging.getLogger(__name__)
 
 NORMALISATIONS = ("none", "relative")
-DESIGNS = ("sketch", "kronecker")
+DESIGNS = ("eigen", "sketch", "kronecker")
+BASIS_SIDE_FACTOR = 4  # eigen design: sides longer than 4 x side_dim are first cut by random signs (moment memory)
 TrainData = Union[Dataset, Sequence[Mapping[str, Any]]]
 
 
@@ -75,6 +77,25 @@ def split_trainable(model: nn.Module) -> tuple[list[str], list[str]]:
     return names, left
 
 
+def batch_ids(batch: Mapping[str, Any]) -> torch.Tensor:
+    """A training batch's example ids (int64, CPU), or the error that says how to get them."""
+    if batch.get(BATCH_KEY) is None:
+        raise MissingExampleIdsError(
+            "a training batch has no example_ids: fit on a dataset with its id column "
+            "(turnover_hf.add_example_ids) or on batches collated by turnover_hf.InstanceIdCollator."
+        )
+    return torch.as_tensor(batch[BATCH_KEY]).to(torch.int64).cpu()
+
+
+def basis_batches(sizes: Sequence[int], examples: int) -> list[int]:
+    """Indices of batches holding about ``examples`` rows, spread evenly over the whole training set (all batches
+    when it is not larger)."""
+    if sum(sizes) <= examples:
+        return list(range(len(sizes)))
+    wanted = max(1, math.ceil(examples * len(sizes) / sum(sizes)))
+    return sorted({round(i * (len(sizes) - 1) / max(wanted - 1, 1)) for i in range(wanted)})
+
+
 class ProjectedInfluenceScorer(FittedOnModel, Estimator):
     """Damped Gauss-Newton influence in a ``k``-dimensional projection of the gradients, at any training-set size.
 
@@ -106,8 +127,9 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
         *,
         projection_dim: int = 4096,
         projection_seed: int = 0,
-        design: str = "sketch",
+        design: str = "eigen",
         side_dim: int = 256,
+        basis_examples: int = 2048,
         damping_factor: float = 0.1,
         parameters: Optional[Sequence[str]] = None,
         label_samples: int = 1,
@@ -133,16 +155,23 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
             raise TurnoverError(f"design must be one of {DESIGNS}, got {design!r}.")
         if isinstance(side_dim, bool) or not isinstance(side_dim, int) or side_dim < 1:
             raise TurnoverError(f"side_dim must be a positive integer (256 is the default), got {side_dim!r}.")
-        self.design, self.side_dim = design, side_dim
-        self.layers = layer_projections(model, self.specs, projection_dim, self.projection_seed,
-                                        side_dim if design == "sketch" else None)
-        sketch = None
-        widths = [layer.dim for layer in self.layers]
-        if design == "sketch" and sum(widths) > projection_dim:
-            blocks = [ParamSpec(f"{layer.name}:projected", (layer.dim,), sum(widths[:i]))
-                      for i, layer in enumerate(self.layers)]
-            sketch = CountSketch(blocks, projection_dim, self.projection_seed)
-        self.grads = ProjectedGradients(model, self.specs, self.layers, sketch)
+        if isinstance(basis_examples, bool) or not isinstance(basis_examples, int) or basis_examples < 1:
+            raise TurnoverError(f"basis_examples must be a positive integer (2048 is the default), got {basis_examples!r}.")
+        self.design, self.side_dim, self.basis_examples = design, side_dim, basis_examples
+        self.layers: Optional[list[LayerProjection]] = None
+        self.grads: Optional[ProjectedGradients] = None
+        if design == "eigen":  # the sides come from the training data: fit() finds them
+            self._dim = eigen_dim([(i, o) for *_, i, o in layer_shapes(model, self.specs)], projection_dim, side_dim)
+        else:
+            layers = layer_projections(model, self.specs, projection_dim, self.projection_seed,
+                                       side_dim if design == "sketch" else None)
+            sketch = None
+            widths = [layer.dim for layer in layers]
+            if design == "sketch" and sum(widths) > projection_dim:
+                blocks = [ParamSpec(f"{layer.name}:projected", (layer.dim,), sum(widths[:i]))
+                          for i, layer in enumerate(layers)]
+                sketch = CountSketch(blocks, projection_dim, self.projection_seed)
+            self._use_layers(layers, sketch)
         self.damping_factor = float(damping_factor)
         self.label_samples = label_samples
         self.normalise = normalise
@@ -168,7 +197,13 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
     @property
     def dim(self) -> int:
         """Coordinates of a projected gradient (``k``)."""
-        return self.grads.dim
+        return self._dim
+
+    def _use_layers(self, layers: list[LayerProjection], reducer: Optional[Union[CountSketch, CoordinateSelection]]
+                    ) -> None:
+        self.layers = layers
+        self.grads = ProjectedGradients(self.model, self.specs, layers, reducer)
+        self._dim = self.grads.dim
 
     # -- as an estimator of InfluencePipeline -----------------------------------------------------------------
     def prepare(self, train: Dataset, collator: Callable) -> bool:
@@ -181,7 +216,7 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
     def cache_key(self) -> dict[str, Any]:
         return {"parameters": [s.name for s in self.specs], "projection_dim": self.projection_dim,
                 "projection_seed": self.projection_seed, "design": self.design, "side_dim": self.side_dim,
-                "damping_factor": self.damping_factor,
+                "basis_examples": self.basis_examples, "damping_factor": self.damping_factor,
                 "label_samples": self.label_samples, "normalise": self.normalise}
 
     # -- fitting ----------------------------------------------------------------------------------------------
@@ -197,6 +232,8 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
 
         batches, sizes = self._training_batches(train, data_collator)
         state = PartialState(cpu=self.device.type == "cpu")
+        if self.design == "eigen":
+            self._fit_basis(batches, sizes, state)
         folder = [self._new_store_folder() if state.is_main_process else None]
         if state.num_processes > 1:
             broadcast_object_list(folder)
@@ -208,12 +245,7 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
             for index in tqdm(mine, desc="projected influence: training gradients", unit="batch",
                               disable=not (self.show_progress and state.is_local_main_process)):
                 batch = batches(index)
-                if batch.get(BATCH_KEY) is None:
-                    raise MissingExampleIdsError(
-                        "a training batch has no example_ids: fit on a dataset with its id column "
-                        "(turnover_hf.add_example_ids) or on batches collated by turnover_hf.InstanceIdCollator."
-                    )
-                ids = torch.as_tensor(batch[BATCH_KEY]).to(torch.int64).cpu()
+                ids = batch_ids(batch)
                 loss_gradients, curvature_rows = self._training_rows(batch, ids)
                 rows64 = curvature_rows.double()
                 curvature.addmm_(rows64.T, rows64)  # in place: no k x k temporary per batch
@@ -225,6 +257,62 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
         self._set_fit(RowStore(folder, files, self.dim), curvature.cpu() / sum(sizes))
         self.fit_identity = self.identity()
         return self
+
+    def _fit_basis(self, batches: Callable[[int], Mapping[str, Any]], sizes: list[int], state: Any) -> None:
+        """The eigen design's sides: each tracked layer's input and output-gradient second moments over at most
+        ``basis_examples`` training examples (batches spread over the whole set, shared among the processes and
+        summed), their leading eigenvectors, and the ``k`` Kronecker pairs of largest curvature."""
+        from accelerate.utils import broadcast, reduce
+
+        pre = layer_projections(self.model, self.specs, self.projection_dim, self.projection_seed,
+                                BASIS_SIDE_FACTOR * self.side_dim)
+        probe = ProjectedGradients(self.model, self.specs, pre)
+        chosen = basis_batches(sizes, self.basis_examples)
+        with state.split_between_processes(chosen) as mine:
+            mine = list(mine)
+        totals = [[torch.zeros(layer.in_dim, layer.in_dim, dtype=torch.float64, device=self.device),
+                   torch.zeros(layer.out_dim, layer.out_dim, dtype=torch.float64, device=self.device),
+                   torch.zeros((), dtype=torch.float64, device=self.device)] for layer in pre]
+        for index in tqdm(mine, desc="projected influence: curvature eigenbasis", unit="batch",
+                          disable=not (self.show_progress and state.is_local_main_process)):
+            batch = batches(index)
+            for total, (inputs, outputs, positions) in zip(totals, self._basis_moments(probe, batch, batch_ids(batch))):
+                total[0] += inputs
+                total[1] += outputs
+                total[2] += positions
+        if state.num_processes > 1:
+            totals = reduce(totals, reduction="sum")
+        examples = sum(sizes[i] for i in chosen)
+        moments = [(inputs.cpu() / max(float(positions), 1.0), outputs.cpu() / examples)
+                   for inputs, outputs, positions in totals]
+        layers, selection = eigen_projections(pre, moments, self.projection_dim, self.side_dim)
+        if state.num_processes > 1:  # every process scores with the main process's bases, bit for bit
+            shared = broadcast([t.to(self.device) for layer in layers for t in (layer.inputs, layer.outputs)]
+                               + [selection.to(self.device)])
+            for i, layer in enumerate(layers):
+                layer.inputs, layer.outputs = shared[2 * i].cpu(), shared[2 * i + 1].cpu()
+            selection = shared[-1].cpu()
+        self._use_layers(layers, CoordinateSelection(selection))
+
+    def _basis_moments(self, probe: ProjectedGradients, batch: Mapping[str, Any], ids: torch.Tensor
+                       ) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """One batch's side moments under the training masks, from the same curvature as the fit: the classes
+        weighted by the roots of the softmax's Gauss-Newton matrix (classifiers), sampled labels (causal LMs)."""
+        inputs, labels = self._inputs_and_labels(batch)
+        context, _ = self._training_context(ids)
+        if self.causal_lm:
+            samples = self.label_samples
+
+            def sampled(logits: torch.Tensor) -> torch.Tensor:
+                return torch.stack([self._sampled(logits, labels) for _ in range(samples)], 1)
+
+            def mixing() -> torch.Tensor:
+                return torch.eye(samples).expand(len(labels), samples, samples) / math.sqrt(samples)
+
+            return probe.side_moments(inputs, sampled, self._loss, mixing, context)
+        seen: dict[str, torch.Tensor] = {}
+        return probe.side_moments(inputs, self._kept_recorder(seen), self._loss,
+                                  lambda: curvature_roots(seen["probs"], seen["classes"]), context)
 
     def _training_batches(self, train: TrainData, data_collator: Optional[Callable]
                           ) -> tuple[Callable[[int], Mapping[str, Any]], list[int]]:
@@ -276,11 +364,7 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
 
     def _training_rows(self, batch: Mapping[str, Any], ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each example's projected loss gradient ``(B, k)`` and rows ``U`` with ``P G_batch P^T = U^T U``."""
-        inputs = model_inputs(batch, self.device)
-        labels = find_labels(batch)
-        if labels is None:
-            raise TurnoverError("every training batch needs its labels (a 'labels' or 'label' entry) to fit influence.")
-        labels = labels.to(self.device)
+        inputs, labels = self._inputs_and_labels(batch)
         context, row_context = self._training_context(ids)
         if self.causal_lm:
             def with_samples(logits: torch.Tensor) -> torch.Tensor:
@@ -288,11 +372,27 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
 
             _, g = self.grads(inputs, with_samples, self._loss, context, row_context)
             return g[:, 0], g[:, 1:].reshape(-1, self.dim) / math.sqrt(self.label_samples)
-        if labels.dim() != 1 or labels.is_floating_point():
+        seen: dict[str, torch.Tensor] = {}  # the probabilities and kept classes of the forward that serves the grads
+        _, g = self.grads(inputs, self._kept_recorder(seen), self._loss, context, row_context)
+        probs, classes = seen["probs"], seen["classes"]
+        roots = curvature_roots(probs, classes).to(g.device, g.dtype)  # R R^T = A
+        rows = torch.einsum("nce,ncd->ned", roots, g).reshape(-1, self.dim)
+        coefficients = label_coefficients(probs, classes, labels.cpu()).to(g.device, g.dtype)
+        return torch.einsum("nc,ncd->nd", coefficients, g), rows
+
+    def _inputs_and_labels(self, batch: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        labels = find_labels(batch)
+        if labels is None:
+            raise TurnoverError("every training batch needs its labels (a 'labels' or 'label' entry) to fit influence.")
+        if not self.causal_lm and (labels.dim() != 1 or labels.is_floating_point()):
             raise TurnoverError(f"the projected influence function needs one class label per example (classifiers) or "
                                 f"token labels (causal LMs), got labels of shape {tuple(labels.shape)}.")
-        seen: dict[str, torch.Tensor] = {}  # the probabilities and kept classes of the forward that serves the grads
+        return model_inputs(batch, self.device), labels.to(self.device)
 
+    @staticmethod
+    def _kept_recorder(seen: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``labels_of`` for a classifier: the kept classes of each row (as label columns), recording the
+        probabilities and classes in ``seen``."""
         def kept_of(logits: torch.Tensor) -> torch.Tensor:
             if logits.dim() != 2 or logits.shape[1] < 2:
                 raise TurnoverError(f"the projected influence function covers classifiers (logits (batch, classes >= 2)) "
@@ -301,12 +401,7 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
             seen["classes"] = kept_classes(seen["probs"])
             return seen["classes"].to(logits.device)
 
-        _, g = self.grads(inputs, kept_of, self._loss, context, row_context)
-        probs, classes = seen["probs"], seen["classes"]
-        roots = curvature_roots(probs, classes).to(g.device, g.dtype)  # R R^T = A
-        rows = torch.einsum("nce,ncd->ned", roots, g).reshape(-1, self.dim)
-        coefficients = label_coefficients(probs, classes, labels.cpu()).to(g.device, g.dtype)
-        return torch.einsum("nc,ncd->nd", coefficients, g), rows
+        return kept_of
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return per_example_loss(logits, labels, shift=self.causal_lm)
@@ -333,6 +428,7 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
     # -- scoring ----------------------------------------------------------------------------------------------
     def target_gradients(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """Projected gradients of the targets' losses (eval mode, full network), float32 ``(T, k)``."""
+        self._fitted()
         inputs = model_inputs(targets, self.device)
         labels = torch.as_tensor(labels).to(self.device)
         out = []
@@ -392,6 +488,7 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
         summed loss."""
         if not self.causal_lm:
             raise TurnoverError("token_scores is for causal language models; use scores(...).")
+        self._fitted()
         labels = torch.as_tensor(labels).to(self.device)
         inputs = model_inputs(targets, self.device)
         n, width = labels.shape
