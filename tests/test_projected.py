@@ -48,12 +48,51 @@ def test_projected_scores_follow_the_exact_ones_and_improve_with_k(setup):
     exact = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence",
                                  influence_options={"damping_factor": 10.0}).scores(targets)
 
-    def agreement(dim):
-        scores = _pipe(model, tokenizer, train, projection_dim=dim, damping_factor=10.0).scores(targets)
+    def agreement(dim, design="eigen"):
+        scores = _pipe(model, tokenizer, train, projection_dim=dim, damping_factor=10.0, design=design).scores(targets)
         return float(torch.corrcoef(torch.stack([scores.flatten(), exact.flatten()]))[0, 1])
 
     small, large = agreement(64), agreement(600)
-    assert large > small and large > 0.5  # a Kronecker projection keeps less than a dense one of the same k
+    assert large > small and large > 0.5
+    # the curvature's own eigenbasis keeps more of the exact fit than random signs of the same k
+    assert small > agreement(64, "sketch") and large > agreement(600, "sketch")
+
+
+def test_the_eigen_design_keeps_the_pairs_of_largest_curvature():
+    from turnover_hf.estimators.projected.projection import LayerProjection, eigen_projections
+
+    def layer(name, n_in, n_out):
+        return LayerProjection(name, f"{name}.weight", None, n_in, n_out, None, None)
+
+    rotation = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0)))[0].double()
+    spectrum_in = torch.tensor([5.0, 3.0, 1.0, 0.5], dtype=torch.float64)
+    moments = [(rotation @ torch.diag(spectrum_in) @ rotation.T, torch.diag(torch.tensor([2.0, 1.0], dtype=torch.float64))),
+               (torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64)), torch.diag(torch.tensor([10.0], dtype=torch.float64)))]
+    layers, selection = eigen_projections([layer("a", 4, 2), layer("b", 2, 1)], moments, budget=4, side_dim=3)
+    # sides cut to their 3 leading eigenvectors, largest first: the rotation's columns up to sign
+    a, b = layers
+    assert a.inputs.shape == (3, 4) and a.outputs.shape == (2, 2) and b.inputs.shape == (2, 2)
+    assert torch.allclose((a.inputs.double() @ rotation[:, :3]).abs(), torch.eye(3, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(a.inputs.double() @ moments[0][0] @ a.inputs.double().T, torch.diag(spectrum_in[:3]), atol=1e-5)
+    # products: a (out x in) = [[10, 6, 2], [5, 3, 1]], then b = [[40, 10]] after layer a's 6 coordinates
+    assert selection.tolist() == [0, 1, 6, 7]
+    assert eigen_projections([layer("a", 4, 2), layer("b", 2, 1)], moments, budget=2, side_dim=3)[1].tolist() == [0, 6]
+
+
+def test_the_eigen_basis_comes_from_a_spread_sample(setup):
+    from turnover_hf.estimators.projected.scorer import basis_batches
+
+    assert basis_batches([8] * 10, 100) == list(range(10))
+    spread = basis_batches([8] * 10, 24)
+    assert spread == [0, 4, 9] and sum(8 for _ in spread) >= 24
+    model, tokenizer, train = setup
+    full, part = (th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="projected", batch_size=4,
+                                       options={"show_progress": False, "projection_dim": 128, **more})
+                  for more in ({}, {"basis_examples": 4}))
+    full.fit(), part.fit()
+    full, part = full.scorer, part.scorer
+    assert not torch.equal(full.layers[0].inputs, part.layers[0].inputs)
+    assert part.dim == full.dim == 128 and len(part.store) == len(train)
 
 
 def test_projections_are_deterministic_and_sized_by_the_budget(setup):

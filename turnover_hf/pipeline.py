@@ -82,7 +82,7 @@ class InfluencePipeline:
             training by :class:`~turnover_hf.HydraTrainer`, loaded from ``hydra_dir``, by default
             ``<checkpoint>/hydra``), ``"influence"`` (the damped Gauss-Newton influence function of
             :class:`~turnover_hf.InfluenceFunctionScorer`, classifiers only, exact) or ``"projected"`` (the same in
-            a 4096-dimensional projection of the gradients, :class:`~turnover_hf.ProjectedInfluenceScorer`: any
+            the 4096 directions of largest curvature of the gradients, :class:`~turnover_hf.ProjectedInfluenceScorer`: any
             training-set size, classifiers and causal LMs, its fit sharded over processes). A fitting estimator
             fits on ``train_dataset`` once, on the first call or :meth:`fit`, unless its folder (``influence_dir``,
             ``<checkpoint>/influence``, ``<checkpoint>/projected``) holds a fit of this model; scoring is sharded

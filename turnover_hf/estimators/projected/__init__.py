@@ -1,6 +1,5 @@
 """The projected influence function: the damped Gauss-Newton influence function of ``estimator="influence"`` in a
-fixed ``k``-dimensional random projection of the gradients, for any training-set size and for causal language
-models.
+``k``-dimensional projection of the gradients, for any training-set size and for causal language models.
 
 For N training examples, tracked Linear layers (default: every trainable ``torch.nn.Linear``) and ``k =
 projection_dim`` (4096):
@@ -8,26 +7,34 @@ projection_dim`` (4096):
     score(z, t) = (P g_t)^T (P G P^T + lambda I)^-1 (P g_z) / N      (> 0: z lowers the target's loss)
 
 * ``P``: per tracked Linear (or GPT-2's ``Conv1D``) of ``out x in'`` parameters, a Kronecker projection
-  ``P_out (x) P_in`` of random signs (LoGra, Choe et al. 2024): the layer's per-example gradient
-  ``sum_t dy_t x_t^T`` becomes ``sum_t (P_out dy_t)(P_in x_t)^T``, so the whole gradient is never formed; sides no
-  longer than ``side_dim`` (256) are kept whole. Then (``design="sketch"``, the default) one CountSketch maps the
-  layers' projected gradients, concatenated, to ``k`` coordinates; when they have at most ``k`` already, nothing
-  more is done (and with every side whole the scores are the exact fit's). ``design="kronecker"`` instead cuts
-  every side to the one length that makes the Kronecker projections alone fit ``k`` (LoGra's design): measured
-  in ``benchmarks/fidelity.py`` it follows the exact fit less closely than the sketch at the same ``k``, because
-  a product of two short random projections distorts inner products more than one projection of the same size.
+  ``P_out (x) P_in``: the layer's per-example gradient ``sum_t dy_t x_t^T`` becomes ``sum_t (P_out dy_t)(P_in
+  x_t)^T`` (LoGra, Choe et al. 2024), so the whole gradient is never formed.
+
+  ``design="eigen"`` (the default): ``P_in`` and ``P_out`` are the leading ``side_dim`` (256) eigenvectors of the
+  layer's input second moment ``E[x x^T]`` and of its Gauss-Newton output-gradient moment ``E[dy dy^T]`` (the
+  Kronecker-factored curvature's eigenbasis, as in K-FAC / EK-FAC), estimated on ``basis_examples`` (2,048)
+  training examples spread over the set, before the fit's pass; of the resulting Kronecker pairs of all layers
+  the ``k`` with the largest eigenvalue products (the curvature along them) are kept. ``P`` has orthonormal rows,
+  so it neither stretches nor mixes directions: it leaves out the flattest ones. Sides longer than 4 x
+  ``side_dim`` are first cut by random signs (the moments' memory). Measured in ``benchmarks/fidelity.py``
+  (N = 2,000, k = 4,096) its scores follow the exact fit's closely where random projections do not (see the
+  README's table).
+
+  ``design="sketch"``: random-sign sides cut to ``side_dim``, then one CountSketch of all layers to ``k``;
+  ``design="kronecker"``: random-sign sides cut until the layers fit ``k`` (LoGra's design). Both are
+  data-independent (no basis pass) and both distort the geometry the inverse depends on: a random ``k x D`` map
+  has singular values spread far from 1 on the gradients' span, so they follow the exact fit less closely.
+  With every side whole and ``k`` at least the layers' size, every design gives the exact fit's scores.
 * ``G``: the Gauss-Newton matrix of the training loss, each example under the loss it was trained with (its
   turn-over mask when the model is patched). Classifiers: exact over the classes (``C - 1`` backward passes per
   batch, as in the exact fit). Causal LMs: the gradient of the loss against labels sampled from the model's own
   next-token distribution has, in expectation, the per-token Gauss-Newton matrix as its outer product (no
   vocabulary-square matrix); ``label_samples`` draws per sequence.
 * ``lambda = damping_factor x trace(P G P^T) / k``: the same multiple of the mean eigenvalue as the exact fit, taken
-  in the projected space (with nothing projected, ``k = D`` and it is the exact fit's). Since ``E[P^T P] = I``
-  keeps the trace, this damps ``D / k`` times more than the exact fit's absolute ``lambda``; measured in
-  ``benchmarks/fidelity.py`` (head on MiniLM features, N = 2,000, k = 4,096) it predicts retraining better (LDS
-  0.465 against 0.348 with the exact fit's absolute ``lambda``): a random projection's distortion is damped down.
+  in the projected space (with nothing projected, ``k = D`` and it is the exact fit's).
 
-Cost: one pass over the training set (sharded over processes), ``k^2`` float64 of memory plus one batch, ``N k``
+Cost: one pass over the training set (sharded over processes), plus (eigen) one over at most ``basis_examples``;
+``k^2`` float64 of memory plus one batch (and the side moments, at most ``(4 side_dim)^2`` per side), ``N k``
 float32 on disk. Self-influence reads the store (``O(N k^2)``; a turn-over checkpoint also recomputes each example's
 gradient on the full network, as the exact fit does: one more pass), a target set costs its own gradients and one read
 of the store (``O(N k T)``). ``benchmarks/scale.py`` measures the growth; ``benchmarks/fidelity.py`` the fidelity
@@ -108,22 +115,23 @@ def _exact_fit_too_large(context: EstimatorContext) -> Optional[str]:
     if needed <= exact.max_memory_gb:
         return None
     return (f"an exact influence fit of {context.num_train_examples} examples would take about {needed:.1f} GB "
-            f"(above max_memory_gb={exact.max_memory_gb:g}); projected to 4096 coordinates instead")
+            f"(above max_memory_gb={exact.max_memory_gb:g}); the 4096 directions of largest curvature instead")
 
 
 @register_estimator(
     "projected",
-    description="damped Gauss-Newton influence function in a k-dimensional Kronecker projection of the gradients "
+    description="damped Gauss-Newton influence function in the k directions of largest curvature of a Kronecker "
+                "eigenbasis of the gradients "
                 "(any training-set size, classifiers and causal LMs; one pass over the training set, sharded "
                 f"over processes; kept in <model>/{PROJECTED_DIR}/).",
     definition="the first-order change of the target's loss if the example were removed and the model re-fitted "
-               "(damped Gauss-Newton influence function, in a random projection of the gradients).",
+               "(damped Gauss-Newton influence function, in a projection of the gradients).",
     options_class=ProjectedOptions,
     auto=_exact_fit_too_large,
     auto_priority=15,
     state_dir=PROJECTED_DIR,
-    worth="Scored by the damped Gauss-Newton influence function in a 4096-dimensional projection of the gradients "
-          "(benchmarks/fidelity.py compares it with the exact fit).",
+    worth="Scored by the damped Gauss-Newton influence function in the k (default 4096) directions of largest curvature "
+          "(Kronecker eigenbasis) of the gradients (benchmarks/fidelity.py compares it with the exact fit).",
     low_self_influence="Lowest: examples the rest of the data already predicts.",
 )
 def build(context: EstimatorContext) -> BuiltEstimator:

@@ -99,8 +99,10 @@ def basis_batches(sizes: Sequence[int], examples: int) -> list[int]:
 class ProjectedInfluenceScorer(FittedOnModel, Estimator):
     """Damped Gauss-Newton influence in a ``k``-dimensional projection of the gradients, at any training-set size.
 
-    ``score(z, t) = (P g_t)^T (P G P^T + lambda I)^-1 (P g_z) / N`` with ``P`` a fixed random Kronecker projection
-    per tracked Linear layer (``projection_dim`` coordinates in all; layers small enough stay exact), ``G`` the
+    ``score(z, t) = (P g_t)^T (P G P^T + lambda I)^-1 (P g_z) / N`` with ``P`` a Kronecker projection per tracked
+    Linear layer, ``projection_dim`` coordinates in all (``design="eigen"``: the Kronecker pairs of largest curvature
+    in the eigenbases of each layer's input and output-gradient moments, found on ``basis_examples`` training
+    examples before the fit's pass; ``"sketch"`` / ``"kronecker"``: random signs), ``G`` the
     Gauss-Newton matrix of the training loss (classifiers: exact over the classes; causal LMs: from labels sampled
     from the model's own predictions, per token, without a vocabulary-square matrix) and
     ``lambda = damping_factor x trace(P G P^T) / k``. One pass over the training set (each example under its
@@ -110,7 +112,7 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
     projected gradient per target, one solve and one read of the store.
 
     Memory: ``k^2`` float64 plus one batch, whatever N; disk: ``N k`` float32. Time: one gradient pass (with a
-    backward per kept class: ``C - 1``; two for a causal LM), plus ``O(N k^2)`` for self-influence and
+    backward per kept class: ``C - 1``; two for a causal LM), one more over at most ``basis_examples`` (eigen), plus ``O(N k^2)`` for self-influence and
     ``O(N k T)`` for ``T`` targets.
 
     Example:
