@@ -112,8 +112,8 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
     projected gradient per target, one solve and one read of the store.
 
     Memory: ``k^2`` float64 plus one batch, whatever N; disk: ``N k`` float32. Time: one gradient pass (with a
-    backward per kept class: ``C - 1``; two for a causal LM), one more over at most ``basis_examples`` (eigen), plus ``O(N k^2)`` for self-influence and
-    ``O(N k T)`` for ``T`` targets.
+    backward per kept class: ``C - 1``; two for a causal LM), one more over at most ``basis_examples`` (eigen),
+    plus ``O(N k^2)`` for self-influence and ``O(N k T)`` for ``T`` targets.
 
     Example:
         >>> scorer = ProjectedInfluenceScorer(model, projection_dim=4096)
