@@ -57,7 +57,7 @@ Run from the repository root:
 
     PYTHONPATH=. python benchmarks/fidelity.py                     # head setting, default size (~6 CPU minutes)
     PYTHONPATH=. python benchmarks/fidelity.py --setting adapters  # adapter setting, default size (~25 CPU minutes)
-    PYTHONPATH=. python benchmarks/fidelity.py --setting lm        # causal-LM setting, default size (~15 CPU minutes)
+    PYTHONPATH=. python benchmarks/fidelity.py --setting lm        # causal-LM setting, default size (~13 CPU minutes)
     PYTHONPATH=. python benchmarks/fidelity.py --quick [--setting adapters]   # smoke runs (about a minute)
     PYTHONPATH=. python benchmarks/fidelity.py --render benchmarks/results/fidelity.json   # rewrite the Markdown
 
