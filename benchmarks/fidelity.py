@@ -15,7 +15,14 @@ output is computed once and cached (``turnover_hf.evaluation.cached``); the adap
 pooler and the classifier then run with the model's own modules, exactly (checked against
 ``turnover_hf.TurnoverScorer`` on the full model), and retraining a model takes about a second.
 
-Measured for every method, in one table:
+``--setting lm``: a causal LM. A 2-layer GPT-2 (BPE tokenizer trained here) trained plainly on Rotten Tomatoes
+snippets, then PEFT LoRA on ``c_attn`` of every layer, patched with turn-over dropout and fine-tuned with
+``turnover_hf.TurnoverTrainer`` on other snippets; targets are held-out snippets (summed token cross-entropy). Its
+rows are fewer (turn-over single model and seed ensemble, the library's projected influence function, Kronfluence's
+EK-FAC on the LoRA Linears) and so are its columns (LDS, seed agreement, top-10 repetition, seconds); it is written
+in ``fidelity_runner/lm.py`` (table: ``lm_report.py``), apart from the classifier skeleton below.
+
+Measured for every method of the classifier settings, in one table:
 
 * LDS: Spearman, per validation target, between the loss predicted for a model trained on a random half of the
   training set (``const - sum of the included examples' scores``) and the loss of a model actually retrained on
@@ -50,17 +57,19 @@ Run from the repository root:
 
     PYTHONPATH=. python benchmarks/fidelity.py                     # head setting, default size (~6 CPU minutes)
     PYTHONPATH=. python benchmarks/fidelity.py --setting adapters  # adapter setting, default size (~25 CPU minutes)
+    PYTHONPATH=. python benchmarks/fidelity.py --setting lm        # causal-LM setting, default size (~13 CPU minutes)
     PYTHONPATH=. python benchmarks/fidelity.py --quick [--setting adapters]   # smoke runs (about a minute)
     PYTHONPATH=. python benchmarks/fidelity.py --render benchmarks/results/fidelity.json   # rewrite the Markdown
 
 The first run of a setting embeds / caches the corpus (a few minutes on 2 cores); quick runs compute only their
 own rows when there is no cache. Everything runs on one torch thread, so on a shared machine the wall-clock time
 grows with the load; each results file records both. Results:
-``benchmarks/results/fidelity{,_adapters}{,_quick}.{json,md}``.
+``benchmarks/results/fidelity{,_adapters,_lm}{,_quick}.{json,md}``.
 
 The runner lives beside this script in ``benchmarks/fidelity_runner/``: the skeleton of rows (a)-(g), metrics,
 results and Markdown are written once (``rows.py``, ``core.py``, ``peers.py``, ``report.py``); each setting
-(``head.py``, ``adapter.py``) says only what differs: its data, model, training recipe and scoring.
+(``head.py``, ``adapter.py``) says only what differs: its data, model, training recipe and scoring. The
+causal-LM setting (``lm.py``, ``lm_report.py``) has its own rows and table.
 """
 
 from __future__ import annotations
@@ -93,6 +102,8 @@ from fidelity_runner.head import (
     self_turnover,
     turnover_scores,
 )
+from fidelity_runner.lm import LMSettings, run_lm, settings_for
+from fidelity_runner.lm_report import render as render_lm
 from fidelity_runner.peers import captum_available
 
 from turnover_hf.files import atomic_write_text
@@ -102,6 +113,7 @@ __all__ = [
     "AdapterData",
     "AdapterSettings",
     "FidelityData",
+    "LMSettings",
     "Settings",
     "Split",
     "captum_available",
@@ -111,8 +123,10 @@ __all__ = [
     "main",
     "markdown",
     "notes",
+    "render_lm",
     "run_adapter_fidelity",
     "run_fidelity",
+    "run_lm",
     "self_turnover",
     "turnover_scores",
     "with_flipped_labels",
@@ -133,8 +147,10 @@ def run_adapter_fidelity(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--setting", choices=tuple(SETTINGS), default="head", help="which model is trained")
-    parser.add_argument("--quick", action="store_true", help="smoke run: N=200, 20 targets, 10 subsets")
+    parser.add_argument("--setting", choices=(*SETTINGS, "lm"), default="head", help="which model is trained")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: N=200, 20 targets, 10 subsets (lm: N=40, 6 targets, 6 subsets)"
+    )
     parser.add_argument("--subsets", type=int, help="number of ground-truth subsets (default 50)")
     parser.add_argument("--epochs", type=int, help="training epochs of every model")
     parser.add_argument("--ensembles", type=int, nargs="+", help="seed-ensemble sizes")
@@ -156,11 +172,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     if args.render is not None:
         results = json.loads(args.render.read_text(encoding="utf-8"))
-        table, page = render(results)
+        table, page = (render_lm if results.get("setting") == "lm" else render)(results)
         atomic_write_text(args.render.with_suffix(".md"), page)
         print(table)
         return results
 
+    def log(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    if args.setting == "lm":
+        return lm_main(args, log)
     setting_class = SETTINGS[args.setting]
     settings = setting_class.quick if args.quick else setting_class.settings_class()
     changes = {
@@ -178,10 +199,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.low_is_suspicious:
         changes["low_is_suspicious"] = True
     settings = replace(settings, **changes)
-
-    def log(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
     started = time.perf_counter()
     setting = setting_class.load(settings, full_cache=not args.quick)
     log(f"{setting_class.data_label} ready in {time.perf_counter() - started:.0f}s")
@@ -193,6 +210,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(table)
     name = "fidelity" + ("" if args.setting == "head" else f"_{args.setting}") + ("_quick" if args.quick else "")
     stem = args.output or RESULTS_DIR / name
+    atomic_write_text(f"{stem}.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(f"{stem}.md", page)
+    return results
+
+
+def lm_main(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """``--setting lm``: the causal-LM setting (``fidelity_runner/lm.py``) at the parsed sizes (``--subsets``,
+    ``--epochs``, the first of ``--ensembles``), results written to ``fidelity_lm[_quick].{json,md}``."""
+    settings = settings_for(args.quick, args.subsets, args.epochs, args.ensembles[0] if args.ensembles else None)
+    results = run_lm(settings, log)
+    results["environment"] = environment()
+    results["cpu_seconds_process"] = time.process_time()
+    table, page = render_lm(results)
+    print(table)
+    stem = args.output or RESULTS_DIR / ("fidelity_lm" + ("_quick" if args.quick else ""))
     atomic_write_text(f"{stem}.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(f"{stem}.md", page)
     return results

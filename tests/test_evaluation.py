@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import math
 import os
 import sys
@@ -743,3 +744,28 @@ def test_run_adapter_fidelity_core_on_tiny_model(fidelity):
     assert results["model"]["adapter_units"] == 16
     table = fidelity.markdown(results)
     assert "bottleneck adapter (16 units)" in table and table.count("\n| (") == len(methods)
+
+
+def test_lm_setting_quick_run_writes_its_table(fidelity, tmp_path):
+    """``--setting lm --quick``: the causal-LM setting end to end at a tiny size, through the command line."""
+    pytest.importorskip("peft")
+    stem, threads = tmp_path / "fidelity_lm_quick", torch.get_num_threads()
+    try:
+        results = fidelity.main(["--setting", "lm", "--quick", "--subsets", "5", "--output", str(stem)])
+    finally:
+        torch.set_num_threads(threads)  # main() runs on one thread
+    methods = [row["method"] for row in results["rows"]]
+    kronfluence = len(results["settings"]["kronfluence_masks"]) if results["kronfluence"] is not None else 0
+    projected = len(results["settings"]["projected_variants"])
+    assert len(methods) == 2 + projected + kronfluence
+    assert methods[0].startswith("(a) turn-over") and methods[1].startswith("(b) turn-over, seed ensemble")
+    assert sum("projected influence" in m for m in methods) == projected
+    assert sum("Kronfluence" in m for m in methods) == kronfluence
+    for row in results["rows"]:
+        assert np.isfinite(row["lds"]) and -1.0 <= row["lds"] <= 1.0
+        assert np.isfinite(row["agreement"]) and 0.0 <= row["top10_repetition"] <= 1.0
+        assert row["score_seconds"] > 0.0 and row["end_to_end_seconds"] >= row["train_seconds"]
+    assert results["ground_truth"]["subsets"] == 5 and results["ground_truth"]["replicates"] == 2
+    page = (tmp_path / "fidelity_lm_quick.md").read_text(encoding="utf-8")
+    assert page.count("\n| (") == len(methods) and "split-half reliability" in page
+    assert json.loads((tmp_path / "fidelity_lm_quick.json").read_text(encoding="utf-8"))["rows"] == results["rows"]

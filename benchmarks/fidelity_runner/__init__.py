@@ -4,8 +4,10 @@
 ``data.py``: the corpus, its fingerprint, on-disk caches and flipped labels;
 ``rows.py``: the skeleton of rows (a)-(g), written once for every setting; ``peers.py``: row (g)'s peers;
 ``report.py``: the Markdown table and notes; ``head.py`` / ``adapter.py``: the two settings (what differs: data,
-model building, training recipe, scoring). A new setting is a registered :class:`Setting` subclass in a new module
-imported below; a new method is a registered row group (``rows.row_group``) named in the settings that run it.
+model building, training recipe, scoring); ``lm.py`` / ``lm_report.py``: the causal-LM setting (GPT-2 + PEFT
+LoRA) and its table, with rows of its own (``fidelity.py --setting lm``). A new setting is a registered
+:class:`Setting` subclass in a new module imported below; a new method is a registered row group
+(``rows.row_group``) named in the settings that run it.
 """
 
 import os
