@@ -270,7 +270,7 @@ def test_auto_hands_over_to_the_projection_when_the_exact_fit_turns_out_too_larg
     assert estimated < materialised
     budget = {"max_memory_gb": (estimated + materialised) / 2}
     named = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence", influence_options=budget)
-    with pytest.raises(th.TurnoverError, match="above max_memory_gb"):
+    with pytest.raises(th.TurnoverError, match="above max_memory_gb.*estimator='projected'"):
         named.scores(train.select([1]))  # asked for by name: refused, naming the fixes
     auto = th.InfluencePipeline(model, tokenizer, train_dataset=train, influence_dir=tmp_path / "influence",
                                 influence_options={**budget, "damping_factor": 0.5})
@@ -278,6 +278,7 @@ def test_auto_hands_over_to_the_projection_when_the_exact_fit_turns_out_too_larg
     with caplog.at_level(logging.WARNING):
         scores = auto.scores(train.select([1, 2]))
     assert auto.estimator == "projected" and "'projected' estimator instead" in caplog.text
+    assert "Pass projection_dim" not in caplog.text  # the hand-over says why, not what the user could pass
     assert auto.scorer.damping_factor == 0.5  # the options both share carry over
     assert not (tmp_path / "influence").exists()  # the influence function's folder does not get another fit
     direct = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="projected",

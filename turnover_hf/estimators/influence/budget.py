@@ -6,7 +6,11 @@ from ...errors import TurnoverError
 
 
 class FitBudgetError(TurnoverError):
-    """A fit would keep more than ``max_memory_gb``."""
+    """A fit would keep more than ``max_memory_gb``; ``need`` says how much, without the ways out."""
+
+    def __init__(self, message: str, need: str = "") -> None:
+        super().__init__(message)
+        self.need = need or message
 
 
 def materialised_gb(examples: int, kept_classes: int, width: int, solver: str) -> float:
@@ -24,12 +28,12 @@ def check_materialised_budget(examples: int, kept_classes: int, width: int, solv
     needed = materialised_gb(examples, kept_classes, width, solver)
     if needed > max_memory_gb:
         what = f"{examples} examples x {kept_classes} class gradient(s) x {width} coordinates"
+        need = (f"fitting the influence function needs about {needed:.1f} GB ({what} as float32, plus a "
+                f"{side} x {side} factor), above max_memory_gb={max_memory_gb:g}.")
         raise FitBudgetError(
-            f"fitting the influence function needs about {needed:.1f} GB ({what} as float32, plus a "
-            f"{side} x {side} factor), above max_memory_gb={max_memory_gb:g}. Pass projection_dim=4096 (a "
-            "CountSketch of every gradient: an approximation whose error shrinks as it grows), select fewer "
-            "parameters=[...], or raise max_memory_gb."
-        )
+            f"{need} Use estimator='projected' (the same influence function in the directions of largest "
+            "curvature, at any size), pass projection_dim=4096 (a CountSketch of every gradient: an approximation "
+            "whose error shrinks as it grows), select fewer parameters=[...], or raise max_memory_gb.", need)
 
 
 def factorised_gb(examples: int, kept_classes: int, per_example: int) -> float:
@@ -46,10 +50,10 @@ def check_factorised_budget(examples: int, kept_classes: int, per_example: int, 
     needed = factorised_gb(examples, kept_classes, per_example)
     if needed > max_memory_gb:
         rows = examples * kept_classes
+        need = (f"fitting the influence function (factorised) needs about {needed:.1f} GB ({examples} examples x "
+                f"{per_example} layer inputs and output gradients as float32, plus {rows} x {rows} float64 "
+                f"kernels), above max_memory_gb={max_memory_gb:g}.")
         raise FitBudgetError(
-            f"fitting the influence function (factorised) needs about {needed:.1f} GB ({examples} examples x "
-            f"{per_example} layer inputs and output gradients as float32, plus {rows} x {rows} float64 kernels), "
-            f"above max_memory_gb={max_memory_gb:g}. Pass factorised=False (per-example gradients, solved "
-            "in parameter space when that is smaller), projection_dim=4096 (a CountSketch: an approximation), or "
-            "raise max_memory_gb."
-        )
+            f"{need} Pass factorised=False (per-example gradients, solved in parameter space when that is "
+            "smaller), use estimator='projected' (any size), projection_dim=4096 (a CountSketch: an "
+            "approximation), or raise max_memory_gb.", need)

@@ -173,7 +173,7 @@ class InfluenceFunctionScorer(FittedOnModel, Estimator):
             if self.fallback is None:
                 raise
             # The size of an exact fit is known for sure only once the first batch shows which fit applies.
-            raise EstimatorFallback(self.fallback, str(err)) from None
+            raise EstimatorFallback(self.fallback, err.need) from None
         return True
 
     def self_score_columns(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
