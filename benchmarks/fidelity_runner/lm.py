@@ -369,16 +369,16 @@ def kronfluence_scores(model: FineTuned, data: LMData, masked: bool, seed: int =
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
 
-    # the library's helper for its own Kronfluence peer: lora_A's output masks move onto a wrapper, so the hooks
-    # Kronfluence puts on the Linear see its raw output and the chain rule through the mask stays right
-    from turnover_hf.evaluation.peers import _masks_outside_linears
+    # as for the library's own Kronfluence peer: lora_A's output masks move onto a wrapper, so the hooks Kronfluence
+    # puts on the Linear see its raw output and the chain rule through the mask stays right
+    from turnover_hf.evaluation.peers import masks_outside_linears
 
     collate = th.CausalLMCollator(data.tokenizer)
     ids = torch.as_tensor(data.train["example_id"]) if masked else None
     train_rows = _SequenceRows(collate([{"input_ids": row} for row in data.train["input_ids"]]), ids)
     target_rows = _SequenceRows(data.target_batch)
     module = copy.deepcopy(model.model).eval()
-    renamed = _masks_outside_linears(module, lora_linears(module))
+    renamed = masks_outside_linears(module, lora_linears(module))
     modules = dict(module.named_modules())
     for old, new in renamed.items():
         if new != old:  # PEFT reads lora_A's weight (its dtype) through the wrapper

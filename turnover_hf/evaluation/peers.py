@@ -175,7 +175,7 @@ def gauss_newton_influence(
 
 
 # -- optional peers -------------------------------------------------------------------------------------------------
-def _masks_outside_linears(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
+def masks_outside_linears(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
     """Move output-mask hooks off the tracked Linears (into a wrapping Sequential); map old to new module names.
 
     Captum and Kronfluence take a layer's output gradient from hooks on the layer itself, i.e. after a mask that
@@ -306,7 +306,7 @@ def _captum_tracin(model, train_rows, checkpoints, target_rows, layers, final_la
     model = copy.deepcopy(model).eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     if layers is not None:
-        renamed = _masks_outside_linears(model, list(layers))
+        renamed = masks_outside_linears(model, list(layers))
         _frozen_biases_as_buffers(model, list(renamed.values()))
         tracin = TracInCP(
             model, train_rows, list(checkpoints), lambda m, path: load_trainer_checkpoint(m, path, renamed),
@@ -355,7 +355,7 @@ class KronfluenceEKFAC:
         from kronfluence.task import Task
 
         model = copy.deepcopy(model).eval()
-        names = list(_masks_outside_linears(model, list(tracked)).values()) if tracked is not None else None
+        names = list(masks_outside_linears(model, list(tracked)).values()) if tracked is not None else None
 
         class RowsTask(Task):
             def compute_train_loss(self, batch, model, sample: bool = False) -> torch.Tensor:
