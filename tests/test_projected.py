@@ -216,6 +216,56 @@ def test_causal_lm_sequence_and_token_scores_with_peft_lora(caplog):
         assert person["score"] == pytest.approx(person["score_sum"] / len(person["token_scores"]), rel=1e-4, abs=1e-9)
 
 
+def test_causal_lms_invert_the_curvature_s_diagonal_in_its_eigenbasis(setup, tmp_path):
+    """auto: a causal LM's curvature is the diagonal of the full matrix (the same sampled labels: each draw is fixed
+    by the example's id, whatever the batches), inverted coordinate by coordinate; a classifier keeps the full one."""
+    model, train, collator = _lora_llama(), _lm_corpus(), th.CausalLMCollator()
+
+    def fit(**options):
+        return th.ProjectedInfluenceScorer(model, show_progress=False, **options).fit(train, collator)
+
+    diagonal, full = fit(batch_size=4), fit(batch_size=3, curvature="full")
+    assert (diagonal.curvature_form, full.curvature_form) == ("diagonal", "full")
+    assert diagonal.curvature.shape == (diagonal.dim,)
+    assert torch.allclose(diagonal.curvature, torch.diagonal(full.curvature), rtol=1e-4)
+    targets = collator([{"input_ids": r} for r in _lm_corpus(3, seed=5)["input_ids"]])
+    ids = torch.tensor(train["example_id"])
+    rows = diagonal.store.read(ids).double()
+    inverse = 1 / (diagonal.curvature + diagonal.damping)
+    solved = diagonal.target_gradients(targets, targets["labels"]).double() * inverse
+    scores = diagonal.scores(targets, targets["labels"], ids).double()
+    assert torch.allclose(scores, rows @ solved.T / len(ids), rtol=1e-4, atol=1e-6 * float(scores.abs().max()))
+    assert not torch.allclose(scores.float(), full.scores(targets, targets["labels"], ids), rtol=0.05)
+    own = diagonal.self_score_columns([{"example_ids": ids}])[:, 0].double()
+    assert torch.allclose(own, (rows.square() * inverse).sum(1) / len(ids), rtol=1e-4)
+    diagonal.save(tmp_path / "fit")
+    loaded = th.ProjectedInfluenceScorer.load(model, tmp_path / "fit", show_progress=False)
+    assert loaded.curvature_form == "diagonal"
+    assert torch.equal(loaded.scores(targets, targets["labels"], ids), scores.float())
+    classifier = setup[0]
+    assert th.ProjectedInfluenceScorer(classifier, projection_dim=64).curvature_form == "full"
+    for bad, match in [({"curvature": "diag"}, "curvature must be one of"),
+                       ({"curvature": "diagonal", "design": "sketch"}, "needs design='eigen'")]:
+        with pytest.raises(th.TurnoverError, match=match):
+            th.ProjectedInfluenceScorer(classifier, projection_dim=64, **bad)
+
+
+def test_training_masks_false_fits_on_the_full_network(setup):
+    """A turn-over model's training gradients are taken under each example's own mask (as it was trained), or with
+    training_masks=False on the full network: then a stored row is the example's full-network gradient."""
+    model, tokenizer, train = setup
+    rows = train.select(range(5))
+    for masks in (True, False):
+        pipe = _pipe(model, tokenizer, train, projection_dim=200, training_masks=masks).fit()
+        batch, labels = _target_batch(pipe, rows)
+        stored = pipe.scorer.store.read(torch.tensor(rows["example_id"]))
+        full = pipe.scorer.target_gradients(batch, labels)
+        assert pipe.scorer.masked is masks
+        assert torch.allclose(stored, full, rtol=1e-4, atol=1e-6 * float(full.abs().max())) is not masks
+    with pytest.raises(th.TurnoverError, match="training_masks"):
+        _pipe(model, tokenizer, train, training_masks="no")
+
+
 def test_two_processes_fit_and_score_as_one(tmp_path):
     from safetensors.torch import load_file
 
@@ -334,8 +384,8 @@ def test_the_cli_scores_with_it_and_says_so(trained, capsys):  # noqa: F811
 
 def test_sampled_labels_estimate_the_per_token_gauss_newton_matrix():
     """For one sequence, the fit's curvature from sampled labels approaches sum_t sum_v p_tv g_tv g_tv^T (g_tv: the
-    gradient of the mean loss with token t's label set to v), the Gauss-Newton matrix of softmax cross-entropy,
-    computed here by brute force over the vocabulary."""
+    gradient of the summed token loss, the loss training weighs, with token t's label set to v), the Gauss-Newton
+    matrix of softmax cross-entropy, computed here by brute force over the vocabulary."""
     from turnover_hf.losses import per_token_loss
 
     model = _lora_llama()
@@ -359,15 +409,15 @@ def test_sampled_labels_estimate_the_per_token_gauss_newton_matrix():
             columns.append(column)
     labels = torch.stack(columns, 1)  # (1, (T - 1) V, T)
 
-    def mean_loss(logits, column):
-        return per_token_loss(logits, column, shift=True).sum(-1) / len(positions)
+    def summed_loss(logits, column):
+        return per_token_loss(logits, column, shift=True).sum(-1)
 
-    _, g = scorer.grads(inputs, lambda _: labels, mean_loss)
+    _, g = scorer.grads(inputs, lambda _: labels, summed_loss)
     weights = torch.cat([probs[t - 1] for t in positions]).double()
     exact = torch.einsum("c,cd,ce->de", weights, g[0].double(), g[0].double())
     error = float((scorer.curvature - exact).norm() / exact.norm())
     assert error < 0.25, error
     true_labels = th.ProjectedInfluenceScorer(model, projection_dim=WHOLE, design="sketch", show_progress=False)
-    _, g_true = true_labels.grads(inputs, lambda _: batch["labels"][:, None], true_labels._loss)
+    _, g_true = true_labels.grads(inputs, lambda _: batch["labels"][:, None], summed_loss)
     wrong = torch.outer(g_true[0, 0].double(), g_true[0, 0].double())  # the empirical Fisher: not this matrix
     assert float((wrong - exact).norm() / exact.norm()) > 2 * error

@@ -83,7 +83,10 @@ class LMSettings:
     lora_alpha: int = 64
     p: float = 0.5  # turn-over drop ratio on the LoRA rank units
     score_batch_size: int = 128  # (id, target) rows per forward of the turn-over scorer
-    projected_variants: tuple[dict[str, Any], ...] = ({}, {"design": "sketch"})
+    projected_variants: tuple[dict[str, Any], ...] = (
+        {}, {"damping_factor": 1.0}, {"curvature": "full"}, {"curvature": "full", "damping_factor": 10.0},
+        {"training_masks": False}, {"design": "sketch"},
+    )
     kronfluence: bool = True  # run the Kronfluence rows when the package imports
     kronfluence_masks: tuple[bool, ...] = (True, False)  # one row each: training gradients masked / full network
 
@@ -486,7 +489,7 @@ def run_lm(settings: LMSettings, log: Callable[[str], None] = print) -> dict[str
         rows[-1].extra["agreement_between"] = "two disjoint ensembles" if second is not None else None
 
         for options in settings.projected_variants:
-            what = ", ".join(f"{key}={value}" for key, value in options.items()) or "default options: design=eigen"
+            what = ", ".join(f"{key}={value}" for key, value in options.items()) or "default options: design=eigen, curvature=auto"
             log(f"(g) projected influence ({what}) ...")
             rows.append(judged(f"(g) library projected influence function ({what})", projected_scores(a, data, options),
                                projected_scores(b, data, options), truth, a.seconds))

@@ -97,10 +97,13 @@ def notes(results: dict[str, Any]) -> list[str]:
         (
             "- (g) projected: `InfluencePipeline(..., estimator=\"projected\", options=...)`, the library's damped "
             "Gauss-Newton influence function in a projection of the LoRA gradients (default: design `eigen`, 4096 "
-            "coordinates; `design=sketch`: random sides and one CountSketch); training gradients under each "
-            "example's own mask, per-token Gauss-Newton curvature from labels sampled from the model, targets on the "
-            "full network, summed token cross-entropy; positive = helps, as LDS expects. fit s = `pipe.fit()` (the "
-            "pass over the training set), score s = the targets."
+            "coordinates, `curvature=auto` = the diagonal of the curvature in its Kronecker eigenbasis (EK-FAC's "
+            "eigenvalue correction), damping 0.1 x its mean; `curvature=full`: the whole 4096 x 4096 matrix; "
+            "`design=sketch`: random sides, one CountSketch and the full matrix); training gradients of the summed "
+            "token cross-entropy under each example's own mask (`training_masks=False`: on the full network), "
+            "per-token Gauss-Newton curvature from labels sampled from the model (each draw fixed by the example's "
+            "id), targets' summed token cross-entropy on the full network; positive = helps, as LDS expects. fit s = "
+            "`pipe.fit()` (the pass over the training set), score s = the targets."
         ),
     ]
     if results.get("kronfluence"):

@@ -29,13 +29,19 @@ projection_dim`` (4096):
   turn-over mask when the model is patched). Classifiers: exact over the classes (``C - 1`` backward passes per
   batch, as in the exact fit). Causal LMs: the gradient of the loss against labels sampled from the model's own
   next-token distribution has, in expectation, the per-token Gauss-Newton matrix as its outer product (no
-  vocabulary-square matrix); ``label_samples`` draws per sequence.
+  vocabulary-square matrix); ``label_samples`` draws per sequence, each fixed by the example's id and position.
+* ``curvature``: ``"full"`` inverts the whole ``k x k`` matrix ``P G P^T``; ``"diagonal"`` (eigen design) keeps
+  its diagonal, the curvature along each kept Kronecker eigenvector (EK-FAC's eigenvalue correction, Grosse et al.
+  2023): ``k`` numbers to keep and invert instead of ``k^2``. ``"auto"`` (default) takes the diagonal for causal
+  LMs, where the full matrix is estimated from few sampled sequences and its inverse follows the noise (measured
+  in ``benchmarks/fidelity.py --setting lm``), and the full matrix for classifiers, whose exact curvature it
+  follows closely.
 * ``lambda = damping_factor x trace(P G P^T) / k``: the same multiple of the mean eigenvalue as the exact fit, taken
   in the projected space (with nothing projected, ``k = D`` and it is the exact fit's).
 
 Cost: one pass over the training set (sharded over processes), plus (eigen) one over at most ``basis_examples``;
-``k^2`` float64 of memory plus one batch (and the side moments, at most ``(4 side_dim)^2`` per side), ``N k``
-float32 on disk. Self-influence reads the store (``O(N k^2)``; a turn-over checkpoint also recomputes each example's
+``k^2`` float64 of memory (diagonal: ``k``) plus one batch (and the side moments, at most ``(4 side_dim)^2`` per
+side), ``N k`` float32 on disk. Self-influence reads the store (``O(N k^2)``, diagonal ``O(N k)``; a turn-over checkpoint also recomputes each example's
 gradient on the full network, as the exact fit does: one more pass), a target set costs its own gradients and one read
 of the store (``O(N k T)``). ``benchmarks/scale.py`` measures the growth; ``benchmarks/fidelity.py`` the fidelity
 against retraining beside the exact fit.
@@ -78,6 +84,13 @@ class ProjectedOptions:
     basis_examples: int = field(default=2048, metadata={"help": "design=eigen: training examples (spread over the "
                                                                 "set) whose curvature decides the eigenvectors."})
     damping_factor: float = field(default=0.1, metadata={"help": "Damping as a multiple of the mean eigenvalue of G."})
+    curvature: str = field(default="auto", metadata={"help": "full: the k x k Gauss-Newton matrix in the projection; "
+                                                             "diagonal (design=eigen): its diagonal, the curvature "
+                                                             "along each kept eigenvector (EK-FAC); auto: diagonal "
+                                                             "for causal LMs, full for classifiers."})
+    training_masks: bool = field(default=True, metadata={"help": "Turn-over models: each training example's "
+                                                                 "gradient under its own mask (as it was trained); "
+                                                                 "false: on the full network."})
     parameters: Optional[list[str]] = field(
         default=None, metadata={"help": "Tracked parameter names (default: every trainable torch.nn.Linear)."})
     label_samples: int = field(default=1, metadata={"help": "Causal LMs: sampled label sequences per training "

@@ -25,7 +25,7 @@ TENSORS_NAME = "projected_curvature.safetensors"
 PROJECTED_DIR = "projected"  # beside a saved model: where InfluencePipeline looks for a fit
 # options that decide the fit (a saved fit is refused when one differs); the rest only change how it is used
 FIT_OPTIONS = ("projection_dim", "projection_seed", "design", "side_dim", "basis_examples", "damping_factor",
-               "parameters", "label_samples")
+               "curvature", "training_masks", "parameters", "label_samples")
 
 
 def save_fit(scorer: Any, folder: PathLike) -> None:
@@ -57,7 +57,8 @@ def save_fit(scorer: Any, folder: PathLike) -> None:
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "score": "(P g_t)^T (P G P^T + lambda I)^-1 (P g_z) / N, G the Gauss-Newton matrix of the training loss",
+        "score": "(P g_t)^T (P G P^T + lambda I)^-1 (P g_z) / N, G the Gauss-Newton matrix of the training loss "
+                 "(curvature 'diagonal': the diagonal of P G P^T)",
         "parameters": [{"name": s.name, "shape": list(s.shape)} for s in scorer.specs],
         "layers": [{"name": layer.name, "weight": layer.weight, "bias": layer.bias, "in_dim": layer.in_dim,
                     "out_dim": layer.out_dim} for layer in scorer.layers],
@@ -68,6 +69,8 @@ def save_fit(scorer: Any, folder: PathLike) -> None:
         "side_dim": scorer.side_dim,
         "basis_examples": scorer.basis_examples,
         "damping_factor": scorer.damping_factor,
+        "curvature": scorer.curvature_form,
+        "training_masks": scorer.training_masks,
         "damping": scorer.damping,
         "label_samples": scorer.label_samples,
         "num_examples": len(store),
@@ -93,7 +96,9 @@ def load_fit(scorer_class: Any, model: nn.Module, folder: PathLike, **kwargs: An
                           projection_dim=meta["projection_dim"], projection_seed=meta["projection_seed"],
                           design=meta["design"], side_dim=meta["side_dim"],
                           basis_examples=meta.get("basis_examples", 2048),
-                          damping_factor=meta["damping_factor"], label_samples=meta["label_samples"],
+                          damping_factor=meta["damping_factor"], curvature=meta.get("curvature", "full"),
+                          training_masks=meta.get("training_masks", True),
+                          label_samples=meta["label_samples"],
                           id_column=meta["id_column"], **kwargs)
     check_saved_fit(scorer, meta, folder, "projected influence function",
                     "Fit again (remove that folder, or pass another one).")
@@ -109,9 +114,10 @@ def load_fit(scorer_class: Any, model: nn.Module, folder: PathLike, **kwargs: An
                     f"the {side} projection of {layer.name!r} in {folder!r} differs from this version's; fit again."
                 )
     curvature = tensors["curvature"]
-    if curvature.shape != (scorer.dim, scorer.dim):
+    expected = (scorer.dim,) if scorer.curvature_form == "diagonal" else (scorer.dim, scorer.dim)
+    if curvature.shape != expected:
         raise ConfigMismatchError(f"{TENSORS_NAME} holds a curvature of shape {tuple(curvature.shape)}, expected "
-                                  f"({scorer.dim}, {scorer.dim}).")
+                                  f"{expected} ({scorer.curvature_form} curvature); fit again.")
     store = RowStore(folder, meta["gradient_files"], scorer.dim)
     if len(store) != meta["num_examples"]:
         raise ConfigMismatchError(f"{folder!r} stores {len(store)} gradients; its metadata says {meta['num_examples']}.")

@@ -23,6 +23,7 @@ from ...data import BATCH_KEY, InstanceIdCollator, check_id_column
 from ...errors import MissingExampleIdsError, TurnoverError
 from ...files import PathLike
 from ...losses import IGNORE_INDEX, find_labels, is_causal_lm, model_inputs, per_example_loss, per_token_loss
+from ...masks import keyed_hash, salted_hash
 from ...patcher import is_patched
 from ...store import fingerprint
 from ..gradients import ParamSpec, param_specs
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 NORMALISATIONS = ("none", "relative")
 DESIGNS = ("eigen", "sketch", "kronecker")
+CURVATURES = ("auto", "full", "diagonal")
 BASIS_SIDE_FACTOR = 4  # eigen design: sides longer than 4 x side_dim are first cut by random signs (moment memory)
 TrainData = Union[Dataset, Sequence[Mapping[str, Any]]]
 
@@ -102,18 +104,24 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
     ``score(z, t) = (P g_t)^T (P G P^T + lambda I)^-1 (P g_z) / N`` with ``P`` a Kronecker projection per tracked
     Linear layer, ``projection_dim`` coordinates in all (``design="eigen"``: the Kronecker pairs of largest curvature
     in the eigenbases of each layer's input and output-gradient moments, found on ``basis_examples`` training
-    examples before the fit's pass; ``"sketch"`` / ``"kronecker"``: random signs), ``G`` the
+    examples before the fit's pass; ``"sketch"`` / ``"kronecker"``: random signs), ``g_z`` the gradient of the
+    loss training weighs (a causal LM's summed token cross-entropy; targets: their mean), ``G`` the
     Gauss-Newton matrix of the training loss (classifiers: exact over the classes; causal LMs: from labels sampled
-    from the model's own predictions, per token, without a vocabulary-square matrix) and
-    ``lambda = damping_factor x trace(P G P^T) / k``. One pass over the training set (each example under its
-    training mask when the model is patched) accumulates ``P G P^T`` (``k x k``) and writes each example's
-    projected loss gradient to disk; with several processes each takes its share of the batches and the
+    from the model's own predictions, per token, without a vocabulary-square matrix; each draw fixed by the
+    example's id) and ``lambda = damping_factor x trace(P G P^T) / k``. ``curvature="full"`` keeps the whole
+    ``k x k`` matrix ``P G P^T``; ``"diagonal"`` (eigen design only) keeps its diagonal, the curvature along each
+    kept Kronecker eigenvector (EK-FAC's eigenvalue correction, Grosse et al. 2023); ``"auto"``: diagonal for a
+    causal LM, full for a classifier (the better of the two in ``benchmarks/fidelity.py``). One pass over the
+    training set (each example under its training mask when the model is patched, unless ``training_masks=False``:
+    then on the full network, the mean over masks) accumulates ``P G P^T`` and
+    writes each example's projected loss gradient to disk; with several processes each takes its share of the batches and the
     curvature is summed (accelerate). Self-influence reads the stored gradients; a target set costs one
     projected gradient per target, one solve and one read of the store.
 
-    Memory: ``k^2`` float64 plus one batch, whatever N; disk: ``N k`` float32. Time: one gradient pass (with a
-    backward per kept class: ``C - 1``; two for a causal LM), one more over at most ``basis_examples`` (eigen),
-    plus ``O(N k^2)`` for self-influence and ``O(N k T)`` for ``T`` targets.
+    Memory: ``k^2`` float64 (diagonal: ``k``) plus one batch, whatever N; disk: ``N k`` float32. Time: one
+    gradient pass (with a backward per kept class: ``C - 1``; two for a causal LM), one more over at most
+    ``basis_examples`` (eigen), plus ``O(N k^2)`` (diagonal: ``O(N k)``) for self-influence and ``O(N k T)`` for
+    ``T`` targets.
 
     Example:
         >>> scorer = ProjectedInfluenceScorer(model, projection_dim=4096)
@@ -133,6 +141,8 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
         side_dim: int = 256,
         basis_examples: int = 2048,
         damping_factor: float = 0.1,
+        curvature: str = "auto",
+        training_masks: bool = True,
         parameters: Optional[Sequence[str]] = None,
         label_samples: int = 1,
         normalise: str = "none",
@@ -175,21 +185,39 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
                 sketch = CountSketch(blocks, projection_dim, self.projection_seed)
             self._use_layers(layers, sketch)
         self.damping_factor = float(damping_factor)
+        self.curvature_form = self._curvature_form(curvature, design, is_causal_lm(model))
         self.label_samples = label_samples
         self.normalise = normalise
         self.batch_size = max(1, int(batch_size))
         self.patched = is_patched(model)
+        if not isinstance(training_masks, bool):
+            raise TurnoverError(f"training_masks must be True or False, got {training_masks!r}.")
+        self.training_masks = training_masks
+        self.masked = self.patched and training_masks  # training gradients under each example's own mask
         self.id_column = id_column or (state_of(model).config.id_column if self.patched else "example_id")
         self.store_dir = None if store_dir is None else os.fspath(store_dir)
         self.show_progress = show_progress
         self.causal_lm = is_causal_lm(model)
         # the fit
         self.store: Optional[RowStore] = None
-        self.curvature: Optional[torch.Tensor] = None  # P G P^T, float64 (k, k)
+        self.curvature: Optional[torch.Tensor] = None  # P G P^T, float64 (k, k), or its diagonal (k,)
         self.damping: Optional[float] = None
         self.fit_identity: Optional[dict[str, Optional[str]]] = None
-        self._factor: Optional[torch.Tensor] = None
+        self._factor: Optional[torch.Tensor] = None  # Cholesky factor (k, k), or the inverse diagonal (k,)
         self._targets: Optional[tuple[str, torch.Tensor]] = None
+
+    @staticmethod
+    def _curvature_form(curvature: str, design: str, causal_lm: bool) -> str:
+        if curvature not in CURVATURES:
+            raise TurnoverError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
+        if curvature == "diagonal" and design != "eigen":
+            raise TurnoverError(
+                f"curvature='diagonal' is the curvature along each kept eigenvector, so it needs design='eigen' "
+                f"(got design={design!r}); with random projections use curvature='full'."
+            )
+        if curvature == "auto":
+            return "diagonal" if causal_lm and design == "eigen" else "full"
+        return curvature
 
     @property
     def num_parameters(self) -> int:
@@ -219,6 +247,7 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
         return {"parameters": [s.name for s in self.specs], "projection_dim": self.projection_dim,
                 "projection_seed": self.projection_seed, "design": self.design, "side_dim": self.side_dim,
                 "basis_examples": self.basis_examples, "damping_factor": self.damping_factor,
+                "curvature": self.curvature_form, "training_masks": self.training_masks,
                 "label_samples": self.label_samples, "normalise": self.normalise}
 
     # -- fitting ----------------------------------------------------------------------------------------------
@@ -242,7 +271,9 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
         folder = folder[0]
         with state.split_between_processes(list(range(len(sizes)))) as mine:
             mine = list(mine)
-        curvature = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+        diagonal = self.curvature_form == "diagonal"
+        curvature = torch.zeros((self.dim,) if diagonal else (self.dim, self.dim), dtype=torch.float64,
+                                device=self.device)
         with RowWriter(folder, state.process_index, state.num_processes, sum(sizes[i] for i in mine), self.dim) as writer:
             for index in tqdm(mine, desc="projected influence: training gradients", unit="batch",
                               disable=not (self.show_progress and state.is_local_main_process)):
@@ -250,7 +281,10 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
                 ids = batch_ids(batch)
                 loss_gradients, curvature_rows = self._training_rows(batch, ids)
                 rows64 = curvature_rows.double()
-                curvature.addmm_(rows64.T, rows64)  # in place: no k x k temporary per batch
+                if diagonal:
+                    curvature += rows64.square().sum(0)
+                else:
+                    curvature.addmm_(rows64.T, rows64)  # in place: no k x k temporary per batch
                 writer.write(ids, loss_gradients)
         if state.num_processes > 1:
             curvature = reduce(curvature, reduction="sum")
@@ -306,14 +340,14 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
             samples = self.label_samples
 
             def sampled(logits: torch.Tensor) -> torch.Tensor:
-                return torch.stack([self._sampled(logits, labels) for _ in range(samples)], 1)
+                return torch.stack([self._sampled(logits, labels, ids, draw) for draw in range(samples)], 1)
 
             def mixing() -> torch.Tensor:
                 return torch.eye(samples).expand(len(labels), samples, samples) / math.sqrt(samples)
 
-            return probe.side_moments(inputs, sampled, self._loss, mixing, context)
+            return probe.side_moments(inputs, sampled, self._training_loss, mixing, context)
         seen: dict[str, torch.Tensor] = {}
-        return probe.side_moments(inputs, self._kept_recorder(seen), self._loss,
+        return probe.side_moments(inputs, self._kept_recorder(seen), self._training_loss,
                                   lambda: curvature_roots(seen["probs"], seen["classes"]), context)
 
     def _training_batches(self, train: TrainData, data_collator: Optional[Callable]
@@ -347,7 +381,8 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
         return folder
 
     def _set_fit(self, store: RowStore, curvature: torch.Tensor) -> None:
-        trace = float(torch.diagonal(curvature).sum())
+        diagonal = curvature.dim() == 1
+        trace = float(curvature.sum() if diagonal else torch.diagonal(curvature).sum())
         if not trace > 0:
             raise TurnoverError(
                 "the Gauss-Newton matrix is zero (every training gradient vanished): nothing to invert. Check that "
@@ -355,12 +390,14 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
             )
         self.store, self.curvature = store, curvature
         self.damping = self.damping_factor * trace / self.dim
-        system = curvature + self.damping * torch.eye(self.dim, dtype=torch.float64)
-        self._factor = torch.linalg.cholesky(system)
+        if diagonal:
+            self._factor = (curvature + self.damping).reciprocal()
+        else:
+            self._factor = torch.linalg.cholesky(curvature + self.damping * torch.eye(self.dim, dtype=torch.float64))
         self._targets = None
 
     def _training_context(self, ids: torch.Tensor) -> tuple[Optional[ContextManager], Optional[Callable[[int], ContextManager]]]:
-        if not self.patched:
+        if not self.masked:
             return None, None
         return instance_masks(self.model, ids, mode="train"), lambda k: instance_masks(self.model, ids[k : k + 1], mode="train")
 
@@ -370,12 +407,13 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
         context, row_context = self._training_context(ids)
         if self.causal_lm:
             def with_samples(logits: torch.Tensor) -> torch.Tensor:
-                return torch.stack([labels] + [self._sampled(logits, labels) for _ in range(self.label_samples)], 1)
+                return torch.stack([labels] + [self._sampled(logits, labels, ids, draw)
+                                               for draw in range(self.label_samples)], 1)
 
-            _, g = self.grads(inputs, with_samples, self._loss, context, row_context)
+            _, g = self.grads(inputs, with_samples, self._training_loss, context, row_context)
             return g[:, 0], g[:, 1:].reshape(-1, self.dim) / math.sqrt(self.label_samples)
         seen: dict[str, torch.Tensor] = {}  # the probabilities and kept classes of the forward that serves the grads
-        _, g = self.grads(inputs, self._kept_recorder(seen), self._loss, context, row_context)
+        _, g = self.grads(inputs, self._kept_recorder(seen), self._training_loss, context, row_context)
         probs, classes = seen["probs"], seen["classes"]
         roots = curvature_roots(probs, classes).to(g.device, g.dtype)  # R R^T = A
         rows = torch.einsum("nce,ncd->ned", roots, g).reshape(-1, self.dim)
@@ -406,15 +444,28 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
         return kept_of
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """A target's loss: a causal LM's mean token cross-entropy (``scores``' unit), a classifier's cross-entropy."""
         return per_example_loss(logits, labels, shift=self.causal_lm)
 
-    @staticmethod
-    def _sampled(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _training_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """A training example's loss as training weighs it: a causal LM's summed token cross-entropy (the causal-LM
+        loss of ``transformers`` weighs every token of a batch alike, so a sequence counts by its tokens)."""
+        return per_example_loss(logits, labels, shift=self.causal_lm, reduction="sum")
+
+    def _sampled(self, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, draw: int) -> torch.Tensor:
         """Labels drawn from the model's own next-token distribution at every counted position (the rest -100):
-        their loss gradient's outer product is, in expectation, the per-token Gauss-Newton matrix."""
+        their loss gradient's outer product is, in expectation, the per-token Gauss-Newton matrix. Draw ``draw`` of
+        example ``id`` at position ``t`` inverts the distribution's CDF at a uniform hashed from ``(projection_seed,
+        draw, id, t)``: the same labels in every batch composition and process count, and on every device where
+        the model's probabilities agree."""
         sampled = torch.full_like(labels, IGNORE_INDEX)
-        probs = torch.softmax(logits[:, :-1].float(), -1)
-        draws = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view(probs.shape[:2])
+        cumulative = torch.softmax(logits[:, :-1].float(), -1).cumsum_(-1)
+        rows = keyed_hash(self.projection_seed, f"sampled labels {draw}", ids.to(logits.device))
+        positions = keyed_hash(self.projection_seed, "sampled label positions",
+                               torch.arange(cumulative.shape[1], device=logits.device))
+        uniform = (salted_hash(rows[:, None], positions[None, :]).double() + 0.5) / 2.0 ** 32
+        draws = torch.searchsorted(cumulative, (uniform * cumulative[..., -1].double()).float()[..., None])
+        draws = draws.squeeze(-1).clamp_max_(cumulative.shape[-1] - 1)
         counted = labels[:, 1:] != IGNORE_INDEX
         sampled[:, 1:] = torch.where(counted, draws, sampled[:, 1:])
         return sampled
@@ -428,20 +479,25 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
         return self.store
 
     # -- scoring ----------------------------------------------------------------------------------------------
-    def target_gradients(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """Projected gradients of the targets' losses (eval mode, full network), float32 ``(T, k)``."""
+    def target_gradients(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor,
+                         loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        """Projected gradients of the targets' losses (eval mode, full network; ``loss`` defaults to the targets'),
+        float32 ``(T, k)``."""
         self._fitted()
+        loss = loss or self._loss
         inputs = model_inputs(targets, self.device)
         labels = torch.as_tensor(labels).to(self.device)
         out = []
         for start in range(0, len(labels), self.batch_size):
             part = slice(start, start + self.batch_size)
-            _, g = self.grads({k: v[part] for k, v in inputs.items()}, lambda _: labels[part, None], self._loss)
+            _, g = self.grads({k: v[part] for k, v in inputs.items()}, lambda _: labels[part, None], loss)
             out.append(g[:, 0].cpu())
         return torch.cat(out)
 
     def _solve(self, vectors: torch.Tensor) -> torch.Tensor:
         """``(P G P^T + lambda I)^-1 vectors^T``, float64 ``(k, T)``."""
+        if self._factor.dim() == 1:
+            return vectors.double().T * self._factor[:, None]
         return torch.cholesky_solve(vectors.double().T, self._factor)
 
     def _preconditioned(self, targets: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -463,23 +519,26 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
         return self._normalised(rows, scores).float()
 
     def _self_influence(self, rows: torch.Tensor) -> torch.Tensor:
+        if self._factor.dim() == 1:
+            return (rows.double().square() * self._factor).sum(1) / len(self.store)
         whitened = torch.linalg.solve_triangular(self._factor, rows.double().T, upper=False)
         return (whitened ** 2).sum(0) / len(self.store)
 
     def self_scores(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
         """Self-influence ``(P g_z)^T (P G P^T + lambda I)^-1 (P g_z(train)) / N`` of each row, float32 ``(n,)``: as
         the exact fit, the full network's gradient against the one the example was trained with (its mask). A
-        model without masks has one gradient: the stored one serves both sides (no gradient is recomputed)."""
+        model without masks (or a fit with ``training_masks=False``) has one gradient: the stored one serves both
+        sides (no gradient is recomputed)."""
         rows = self._fitted().read(example_ids)
-        if not self.patched:
+        if not self.masked:
             return self._self_influence(rows).float()
-        full = self.target_gradients(batch, labels)
+        full = self.target_gradients(batch, labels, self._training_loss)
         return ((full.double().T * self._solve(rows)).sum(0) / len(self.store)).float()
 
     def self_score_columns(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
         if not batches:
             return torch.zeros(0, 1)
-        if self.patched:
+        if self.masked:
             return torch.cat([self.self_scores(b, b["labels"], b["example_ids"]) for b in batches])[:, None]
         ids = torch.cat([torch.as_tensor(b["example_ids"]) for b in batches])
         return self._self_influence(self._fitted().read(ids)).float()[:, None]
