@@ -41,9 +41,9 @@ projection_dim`` (4096):
 
 Cost: one pass over the training set (sharded over processes), plus (eigen) one over at most ``basis_examples``;
 ``k^2`` float64 of memory (diagonal: ``k``) plus one batch (and the side moments, at most ``(4 side_dim)^2`` per
-side), ``N k`` float32 on disk. Self-influence reads the store (``O(N k^2)``, diagonal ``O(N k)``; a turn-over checkpoint also recomputes each example's
-gradient on the full network, as the exact fit does: one more pass), a target set costs its own gradients and one read
-of the store (``O(N k T)``). ``benchmarks/scale.py`` measures the growth; ``benchmarks/fidelity.py`` the fidelity
+side), ``N k`` float32 on disk. Self-influence reads the store (``O(N k^2)``, diagonal ``O(N k)``; a turn-over
+checkpoint also recomputes each example's gradient on the full network, as the exact fit does: one more pass), a
+target set costs its own gradients and one read of the store (``O(N k T)``). ``benchmarks/scale.py`` measures the growth; ``benchmarks/fidelity.py`` the fidelity
 against retraining beside the exact fit.
 """
 

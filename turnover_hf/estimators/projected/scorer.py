@@ -113,9 +113,9 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
     kept Kronecker eigenvector (EK-FAC's eigenvalue correction, Grosse et al. 2023); ``"auto"``: diagonal for a
     causal LM, full for a classifier (the better of the two in ``benchmarks/fidelity.py``). One pass over the
     training set (each example under its training mask when the model is patched, unless ``training_masks=False``:
-    then on the full network, the mean over masks) accumulates ``P G P^T`` and
-    writes each example's projected loss gradient to disk; with several processes each takes its share of the batches and the
-    curvature is summed (accelerate). Self-influence reads the stored gradients; a target set costs one
+    then on the full network, the mean over masks) accumulates ``P G P^T`` and writes each example's projected loss
+    gradient to disk; with several processes each takes its share of the batches and the curvature is summed
+    (accelerate). Self-influence reads the stored gradients; a target set costs one
     projected gradient per target, one solve and one read of the store.
 
     Memory: ``k^2`` float64 (diagonal: ``k``) plus one batch, whatever N; disk: ``N k`` float32. Time: one
@@ -185,7 +185,8 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
                 sketch = CountSketch(blocks, projection_dim, self.projection_seed)
             self._use_layers(layers, sketch)
         self.damping_factor = float(damping_factor)
-        self.curvature_form = self._curvature_form(curvature, design, is_causal_lm(model))
+        self.causal_lm = is_causal_lm(model)
+        self.curvature_form = self._curvature_form(curvature, design, self.causal_lm)
         self.label_samples = label_samples
         self.normalise = normalise
         self.batch_size = max(1, int(batch_size))
@@ -197,7 +198,6 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
         self.id_column = id_column or (state_of(model).config.id_column if self.patched else "example_id")
         self.store_dir = None if store_dir is None else os.fspath(store_dir)
         self.show_progress = show_progress
-        self.causal_lm = is_causal_lm(model)
         # the fit
         self.store: Optional[RowStore] = None
         self.curvature: Optional[torch.Tensor] = None  # P G P^T, float64 (k, k), or its diagonal (k,)
