@@ -59,6 +59,7 @@ Run from the repository root:
     PYTHONPATH=. python benchmarks/fidelity.py --setting adapters  # adapter setting, default size (~25 CPU minutes)
     PYTHONPATH=. python benchmarks/fidelity.py --setting lm        # causal-LM setting, default size (~13 CPU minutes)
     PYTHONPATH=. python benchmarks/fidelity.py --quick [--setting adapters]   # smoke runs (about a minute)
+    PYTHONPATH=. python benchmarks/fidelity.py --setting adapters --rows g loss   # only the peers, library estimators, loss
     PYTHONPATH=. python benchmarks/fidelity.py --render benchmarks/results/fidelity.json   # rewrite the Markdown
 
 The first run of a setting embeds / caches the corpus (a few minutes on 2 cores); quick runs compute only their
@@ -133,9 +134,11 @@ __all__ = [
 ]
 
 
-def run_fidelity(data: FidelityData, settings: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Head setting on given data: train everything, score every row, return the JSON-ready results."""
-    return run(HeadSetting(data, settings), log)
+def run_fidelity(data: FidelityData, settings: Settings, log: Callable[[str], None] = print,
+                 groups: Sequence[str] | None = None) -> dict[str, Any]:
+    """Head setting on given data: train everything, score every row (or row (a) and ``groups``), return the
+    JSON-ready results."""
+    return run(HeadSetting(data, settings), log, groups)
 
 
 def run_adapter_fidelity(
@@ -164,6 +167,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--low-is-suspicious",
         action="store_true",
         help="rank low turn-over/gradient self-influence as suspicious (default: high)",
+    )
+    parser.add_argument(
+        "--rows", nargs="+",
+        help="row groups to run after the single model (a) (default: all of the setting's; e.g. 'g loss': the peers, "
+             "the library estimators and the training loss, minutes instead of an hour); the same rows, same numbers",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run best on one)")
     parser.add_argument("--output", type=Path, help="results stem (default benchmarks/results/fidelity[_adapters][_quick])")
@@ -202,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     setting = setting_class.load(settings, full_cache=not args.quick)
     log(f"{setting_class.data_label} ready in {time.perf_counter() - started:.0f}s")
-    results = run(setting, log)
+    results = run(setting, log, args.rows)
     results["seconds_data"] = time.perf_counter() - started - results["seconds_total"]
     results["environment"] = environment()
     results["cpu_seconds_process"] = time.process_time()  # on one thread: the wall time an idle machine would take

@@ -27,6 +27,7 @@ from turnover_hf.evaluation import (
     TopRecipe,
     TurnoverHead,
     cache_top_inputs,
+    auc_difference,
     captum_tracin,
     explained_variance,
     gauss_newton_influence,
@@ -167,6 +168,42 @@ def test_mislabel_detection_direction_and_recall():
     ) == {"auc": 1.0, "recall@2%": 0.2}
     with pytest.raises(TypeError):
         mislabel_detection(influence, flipped)  # the direction must be chosen
+
+
+def test_weighted_auc_is_the_auc_of_the_resampled_examples():
+    from turnover_hf.evaluation.metrics import _weighted_auc
+
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 6, size=50).astype(float)  # many ties
+    labels = rng.random(50) < 0.3
+    weights = rng.integers(0, 4, size=(5, 50)).astype(float)
+    weights[:, np.flatnonzero(labels)[0]] += 1
+    weights[:, np.flatnonzero(~labels)[0]] += 1
+    for row, w in zip(_weighted_auc(scores, labels, weights), weights.astype(int)):
+        assert row == pytest.approx(roc_auc(np.repeat(scores, w), np.repeat(labels, w)))
+
+
+def test_auc_difference_is_paired():
+    rng = np.random.default_rng(0)
+    labels = rng.random(600) < 0.1
+    signal = labels + rng.normal(size=600)
+    close = signal + 0.1 * rng.normal(size=600)  # a slightly different detector of the same thing
+    found = auc_difference(signal, close, labels, resamples=500)
+    assert found["difference"] == pytest.approx(roc_auc(signal, labels) - roc_auc(close, labels))
+    assert found["low"] <= found["difference"] <= found["high"]
+    alone = auc_difference(signal, np.zeros(600), labels, resamples=500)  # a constant has AUC 0.5 in every resample
+    assert alone["difference"] == pytest.approx(roc_auc(signal, labels) - 0.5)
+    assert found["high"] - found["low"] < 0.5 * (alone["high"] - alone["low"])  # resampled together: far narrower
+    noise = auc_difference(signal, rng.normal(size=600), labels, resamples=500)
+    assert noise["low"] > 0  # a real detector against noise: the whole interval above zero
+    same = auc_difference(torch.tensor(signal), signal, torch.tensor(labels), resamples=50)
+    assert same["difference"] == same["low"] == same["high"] == 0.0
+    assert auc_difference(signal, close, labels, resamples=200, seed=4) == auc_difference(
+        signal, close, labels, resamples=200, seed=4)
+    with pytest.raises(ValueError, match="differ in length"):
+        auc_difference(signal, close[:-1], labels)
+    with pytest.raises(ValueError, match="level"):
+        auc_difference(signal, close, labels, level=1.5)
 
 
 def test_linear_residuals_remove_exactly_linear_parts():
@@ -376,7 +413,8 @@ def test_run_fidelity_core_on_tiny_data(fidelity):
         len(methods) == expected_rows and methods[0].startswith("(a)") and methods[-1].startswith("(g) training loss")
     )
     library = {row["method"]: row for row in results["rows"] if "library InfluenceFunctionScorer" in row["method"]}
-    exact = library["(g) Gauss-Newton influence, library InfluenceFunctionScorer (exact)"]["extra"]
+    exact_row = library["(g) Gauss-Newton influence, library InfluenceFunctionScorer (exact)"]
+    exact = exact_row["extra"]
     # The library estimator on the patched model computes what the benchmark's factorised in-house version does.
     assert exact["max_abs_difference_vs_in_house"] < 1e-4 * max(1.0, exact["max_abs_in_house"])
     for row in results["rows"]:
@@ -386,6 +424,10 @@ def test_run_fidelity_core_on_tiny_data(fidelity):
     projected = [row for row in results["rows"] if "library ProjectedInfluenceScorer" in row["method"]]
     assert len(projected) == 2 and all(-1 <= r["extra"]["pearson_vs_exact_library_per_target_mean"] <= 1
                                        for r in projected)
+    for row in projected:  # the paired comparison of its mislabel AUC with the exact fit's
+        versus = row["extra"]["mislabel_auc_vs_exact"]
+        assert versus["difference"] == pytest.approx(row["mislabel_auc"] - exact_row["mislabel_auc"])
+        assert versus["low"] <= versus["difference"] <= versus["high"]
     repetition = [row["extra"]["top10_repetition"] for row in results["rows"][:-1]]
     assert all(0.0 <= r <= 1.0 for r in repetition)
     first = results["rows"][0]
@@ -400,8 +442,20 @@ def test_run_fidelity_core_on_tiny_data(fidelity):
     assert gt["loo_examples"] == 4 and gt["loo_seeds"] == 2 and gt["cleansing"]["removed"] == 2
     table = fidelity.markdown(results)
     assert table.count("\n| (") == expected_rows and "LOO corr." in table and "end-to-end s" in table
-    assert any("Leave-one-out" in line for line in fidelity.notes({**results, "environment": {}}))
+    written = fidelity.notes({**results, "environment": {}})
+    assert any("Leave-one-out" in line for line in written)
+    assert sum("mislabel AUC minus the exact fit's" in line for line in written) == len(projected)
 
+
+
+def test_run_fidelity_selected_row_groups(fidelity):
+    settings = fidelity.Settings(n_train=40, n_targets=6, n_subsets=6, width=6, epochs=2, batch_size=8, n_loo=4,
+                                 loo_seeds=2, cleansing_seeds=2, cleansing_fraction=0.05)
+    results = fidelity.run_fidelity(tiny_data(fidelity), settings, log=lambda message: None, groups=["loss"])
+    assert [row["method"][:3] for row in results["rows"]] == ["(a)", "(g)"]
+    assert results["rows"][-1]["method"].startswith("(g) training loss")
+    with pytest.raises(ValueError, match=r"row groups \['h'\] are not in the head setting"):
+        fidelity.run_fidelity(tiny_data(fidelity), settings, log=lambda message: None, groups=["loss", "h"])
 
 # -- leave-one-out, cleansing and accuracy-cost building blocks -----------------------------------------------------
 def test_loo_correlation_and_most_harmful():

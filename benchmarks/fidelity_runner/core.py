@@ -150,6 +150,7 @@ class Judge:
     flipped: np.ndarray
     low_is_suspicious: bool
     seconds: dict[str, float] = field(default_factory=dict)
+    suspicions: dict[str, np.ndarray] = field(default_factory=dict)  # each judged row's mislabel suspicion (high = flagged)
 
     def fidelity(self, row: Row, score_a: torch.Tensor, score_b: torch.Tensor) -> Row:
         """LDS, LOO correlation and cleansing gain of run A's scores; agreement of runs A and B."""
@@ -170,6 +171,8 @@ class Judge:
     def mislabels(self, row: Row, suspicion: torch.Tensor, low_is_suspicious: bool | None = None) -> Row:
         low = self.low_is_suspicious if low_is_suspicious is None else low_is_suspicious
         found = mislabel_detection(suspicion, self.flipped, low_is_suspicious=low)
+        values = np.asarray(suspicion, dtype=np.float64).ravel()
+        self.suspicions[row.method] = -values if low else values
         row.mislabel_auc, row.recall_at_10 = found["auc"], found["recall@10%"]
         row.extra["mislabel"] = found
         return row

@@ -23,6 +23,9 @@ from turnover_hf.evaluation.peers import captum_version, kronfluence_version  # 
 
 from .core import Judge, Row, timed
 
+# the exact library fit's row: the reference of the projected rows' paired mislabel-AUC comparison
+EXACT_LIBRARY_ROW = "(g) Gauss-Newton influence, library InfluenceFunctionScorer (exact)"
+
 
 def library_batches(
     inputs: dict[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor, batch_size: int = 256
@@ -189,7 +192,8 @@ def library_influence_rows(p: PeerSetup, damping_factor: float, projections: Seq
             return scorer.fit()
 
         what = "exact" if dim is None else f"CountSketch d={dim}"
-        row, scores_a = _library_row(p, f"(g) Gauss-Newton influence, library InfluenceFunctionScorer ({what})", fitted)
+        row, scores_a = _library_row(p, EXACT_LIBRARY_ROW if dim is None else
+                                     f"(g) Gauss-Newton influence, library InfluenceFunctionScorer ({what})", fitted)
         row.extra["max_abs_difference_vs_in_house"] = float((scores_a - in_house).abs().max())
         row.extra["max_abs_in_house"] = float(in_house.abs().max())
         if dim is None:
@@ -230,6 +234,10 @@ def library_projected_rows(p: PeerSetup, damping_factor: float, variants: Sequen
                 references[factor] = exact.scores({k: v for k, v in target.items() if k != "labels"},
                                                   target["labels"], p.train_ids)
         row.extra["pearson_vs_exact_library_per_target_mean"] = _pearson_per_target(scores_a, references[factor])
+        exact_suspicion = p.judge.suspicions.get(EXACT_LIBRARY_ROW)
+        if exact_suspicion is not None and factor == damping_factor:  # paired bootstrap against the exact fit's AUC
+            row.extra["mislabel_auc_vs_exact"] = ev.auc_difference(
+                p.judge.suspicions[row.method], exact_suspicion, p.judge.flipped)
         rows.append(row)
     return rows
 

@@ -147,9 +147,13 @@ def notes(results: dict[str, Any]) -> list[str]:
                 + (f"; per-target Pearson with the exact library scores {sketch:.3f}." if sketch is not None else ".")
             )
         if "max_abs_difference_vs_in_house" not in extra and "pearson_vs_exact_library_per_target_mean" in extra:
+            versus = extra.get("mislabel_auc_vs_exact")
             out.append(
                 f"- {row['method']}: fit {extra['fit_seconds']:.1f} s (the setup); per-target Pearson with the exact "
-                f"library scores {extra['pearson_vs_exact_library_per_target_mean']:.3f}."
+                f"library scores {extra['pearson_vs_exact_library_per_target_mean']:.3f}"
+                + (f"; mislabel AUC minus the exact fit's {versus['difference']:+.4f} ({versus['level']:.0%} paired "
+                   f"bootstrap interval {versus['low']:+.4f} to {versus['high']:+.4f}, {versus['resamples']} "
+                   f"resamples)." if versus else ".")
             )
         if extra.get("accuracy_cost_sem") is not None:
             out.append(

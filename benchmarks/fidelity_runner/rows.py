@@ -259,15 +259,20 @@ def training_loss(run: Run) -> list[Row]:
     return [run.judge.mislabels(row, loss_noisy, low_is_suspicious=False)]
 
 
-def run(setting: Setting, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train everything, score every row group of the setting, and return the rows plus diagnostics (JSON-ready)."""
+def run(setting: Setting, log: Callable[[str], None] = print, groups: Sequence[str] | None = None) -> dict[str, Any]:
+    """Train everything, score every row group of the setting (or only ``groups`` of them, after row (a)), and return
+    the rows plus diagnostics (JSON-ready)."""
+    unknown = sorted(set(groups or ()) - set(setting.row_groups))
+    if unknown:
+        raise ValueError(f"row groups {unknown} are not in the {setting.name} setting; it has {list(setting.row_groups)}.")
     started = time.perf_counter()
     settings = setting.settings
     epochs = checkpoint_epochs(settings.epochs, settings.tracin_checkpoints)
     current = Run(setting, ground_truth(setting, log), Pool(setting), epochs, log)
     rows = single_model(current)  # every other row compares with or reuses model (a)
     for name in setting.row_groups:
-        rows.extend(ROW_GROUPS[name](current))
+        if groups is None or name in groups:
+            rows.extend(ROW_GROUPS[name](current))
     return {**results_dict(setting, current.judge, epochs, rows, started), **setting.results_extra()}
 
 

@@ -26,6 +26,7 @@ from .cached import (
     train_top,
 )
 from .metrics import (
+    auc_difference,
     explained_variance,
     lds,
     lds_per_target,
@@ -77,6 +78,7 @@ __all__ = [
     "TrainedHead",
     "TrainedTop",
     "TurnoverHead",
+    "auc_difference",
     "cache_top_inputs",
     "captum_tracin",
     "explained_variance",
