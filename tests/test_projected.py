@@ -139,6 +139,20 @@ def test_the_saved_fit_loads_back_only_for_its_model(setup, tmp_path):
         th.ProjectedInfluenceScorer.load(model, folder)
 
 
+
+def test_a_store_dir_holding_a_fit_is_never_overwritten(setup, tmp_path):
+    model, tokenizer, train = setup
+    folder = tmp_path / "store"
+    folder.mkdir()  # an existing empty folder is fine
+    first = _pipe(model, tokenizer, train, projection_dim=64, store_dir=str(folder))
+    first.scores(train.select([0]))
+    first.scorer.save(folder)  # the fit saved where its gradients are
+    kept = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+    again = _pipe(model, tokenizer, train, projection_dim=128, store_dir=str(folder))
+    with pytest.raises(th.TurnoverError, match="already holds a projected-gradient store.*new or empty folder"):
+        again.scores(train.select([0]))
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == kept
+
 def _target_batch(pipe, targets):
     batch, labels, _ = pipe.prepare_targets(targets)
     return batch, labels

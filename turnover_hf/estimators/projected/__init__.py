@@ -98,7 +98,9 @@ class ProjectedOptions:
     normalise: str = field(default="none", metadata={"help": "none, or relative: each training example's scores "
                                                              "divided by the square root of its self-influence."})
     store_dir: Optional[str] = field(default=None, metadata={"help": "Folder for the projected training gradients "
-                                                                     "(N x k float32; default: a temporary folder)."})
+                                                                     "(N x k float32; default: a temporary folder); "
+                                                                     "new or empty: a folder already holding a store "
+                                                                     "is refused, never overwritten."})
     show_progress: bool = field(default=True, metadata={"help": "Show a progress bar while fitting."})
 
 

@@ -31,6 +31,7 @@ from ..influence.curvature import curvature_roots, kept_classes, label_coefficie
 from ..fitted import FittedOnModel
 from ..registry import Estimator
 from ..influence.sketch import CountSketch
+from .files import META_NAME
 from .gradients import ProjectedGradients
 from .projection import (CoordinateSelection, LayerProjection, eigen_dim, eigen_projections, layer_projections,
                          layer_shapes)
@@ -263,6 +264,8 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
 
         batches, sizes = self._training_batches(train, data_collator)
         state = PartialState(cpu=self.device.type == "cpu")
+        self._check_store_dir()  # in every process, before any of them writes
+        state.wait_for_everyone()
         if self.design == "eigen":
             self._fit_basis(batches, sizes, state)
         folder = [self._new_store_folder() if state.is_main_process else None]
@@ -371,6 +374,20 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
         if not sum(sizes):
             raise TurnoverError("the training data is empty: nothing to fit the influence function on.")
         return batch, sizes
+
+    def _check_store_dir(self) -> None:
+        """Refuse a ``store_dir`` that already holds a gradient store or a saved fit: a new fit would replace files
+        a saved fit (its ``projected.json``) still refers to."""
+        if self.store_dir is None or not os.path.isdir(self.store_dir):
+            return
+        held = sorted(name for name in os.listdir(self.store_dir) if name == META_NAME
+                      or (name.startswith(("gradients-", "example_ids-")) and name.endswith(".npy")))
+        if held:
+            raise TurnoverError(
+                f"store_dir {self.store_dir!r} already holds a projected-gradient store ({', '.join(held[:3])}"
+                f"{', ...' if len(held) > 3 else ''}); a new fit would overwrite it. Pass a new or empty folder as "
+                "store_dir, load the saved fit instead (ProjectedInfluenceScorer.load), or delete that folder."
+            )
 
     def _new_store_folder(self) -> str:
         if self.store_dir is not None:
