@@ -152,6 +152,10 @@ def test_a_store_dir_holding_a_fit_is_never_overwritten(setup, tmp_path):
     with pytest.raises(th.TurnoverError, match="already holds a projected-gradient store.*new or empty folder"):
         again.scores(train.select([0]))
     assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == kept
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(th.TurnoverError, match="is a file, not a folder"):
+        _pipe(model, tokenizer, train, projection_dim=64, store_dir=str(tmp_path / "a_file")).scores(train.select([0]))
+    assert (tmp_path / "a_file").read_text() == "mine"
 
 def _target_batch(pipe, targets):
     batch, labels, _ = pipe.prepare_targets(targets)

@@ -378,8 +378,10 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
     def _check_store_dir(self) -> None:
         """Refuse a ``store_dir`` that already holds a gradient store or a saved fit: a new fit would replace files
         a saved fit (its ``projected.json``) still refers to."""
-        if self.store_dir is None or not os.path.isdir(self.store_dir):
+        if self.store_dir is None or not os.path.exists(self.store_dir):
             return
+        if not os.path.isdir(self.store_dir):
+            raise TurnoverError(f"store_dir {self.store_dir!r} is a file, not a folder: pass a new or empty folder.")
         held = sorted(name for name in os.listdir(self.store_dir) if name == META_NAME
                       or (name.startswith(("gradients-", "example_ids-")) and name.endswith(".npy")))
         if held:
