@@ -10,7 +10,8 @@ import torch
 from datasets import Dataset
 
 import turnover_hf as th
-from conftest import VOCAB, tiny_bert, tiny_llama_lm, torchrun, with_bottleneck
+from turnover_hf.estimators.projected.scorer import split_trainable
+from conftest import VOCAB, tiny_bert, tiny_gpt2_lm, tiny_llama_lm, torchrun, with_bottleneck, with_lora
 from test_cli import in_process, trained  # noqa: F401
 from test_pipeline import setup  # noqa: F401  (the patched tiny model, tokenizer and training set)
 
@@ -233,6 +234,43 @@ def test_causal_lm_sequence_and_token_scores_with_peft_lora(caplog):
         assert person["score_sum"] == pytest.approx(sum(person["token_scores"]))
         assert person["score"] == pytest.approx(person["score_sum"] / len(person["token_scores"]), rel=1e-4, abs=1e-9)
 
+
+
+@pytest.mark.parametrize("patched", [True, False])
+def test_the_adapters_library_s_lora_matrices_are_tracked_exactly(setup, patched):
+    """adapters' LoRA keeps A and B as bare parameters: each is tracked as a Linear without bias (a patched model
+    masks the rank units between them); with nothing projected the scores are the exact fit's."""
+    _, tokenizer, train = setup
+    model = with_lora(tiny_bert())
+    if patched:
+        model = th.patch_model(model, th.TurnoverConfig(seed=1), freeze_leaking=True)
+        model.turnover_config.num_train_examples = len(train)
+    exact = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence")
+    whole = _pipe(model, tokenizer, train, projection_dim=WHOLE, side_dim=WHOLE)
+    targets = train.select(range(5))
+    e, w = exact.scores(targets), whole.scores(targets)
+    names = [layer.name for layer in whole.scorer.layers]
+    assert sum(name.endswith((".lora_A", ".lora_B")) for name in names) == 8  # 2 layers x query, value x A, B
+    assert torch.allclose(w, e, rtol=1e-4, atol=1e-5 * float(e.abs().max()))
+    own_e, own_w = (torch.tensor(p.self_influence()["self_influence"]) for p in (exact, whole))
+    assert torch.allclose(own_w, own_e, rtol=1e-4, atol=1e-5 * float(own_e.abs().max()))
+
+
+def test_causal_lms_with_the_adapters_library_s_lora():
+    train = _lm_corpus()
+    llama = th.patch_model(with_lora(tiny_llama_lm()), th.TurnoverConfig(seed=2))
+    llama.turnover_config.num_train_examples = len(train)
+    pipe = th.InfluencePipeline(llama, train_dataset=train, options={"show_progress": False})
+    assert pipe.estimator == "projected"
+    assert all(s.name.endswith((".lora_A", ".lora_B")) for s in pipe.fit().scorer.specs)
+    scores = pipe.scores([{"input_ids": r} for r in _lm_corpus(2, seed=5)["input_ids"]])
+    assert scores.shape == (len(train), 2) and bool(scores.abs().sum() > 0)
+    # GPT-2's merged c_attn multiplies by B as a grouped convolution, never calling the LoRA module: not covered
+    gpt2 = th.patch_model(with_lora(tiny_gpt2_lm()), th.TurnoverConfig(seed=2))
+    gpt2.turnover_config.num_train_examples = len(train)
+    covered, left = split_trainable(gpt2)
+    assert not covered and all(".lora_" in name for name in left)
+    assert th.InfluencePipeline(gpt2, train_dataset=train).estimator != "projected"
 
 def test_causal_lms_invert_the_curvature_s_diagonal_in_its_eigenbasis(setup, tmp_path):
     """auto: a causal LM's curvature is the diagonal of the full matrix (the same sampled labels: each draw is fixed

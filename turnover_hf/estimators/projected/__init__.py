@@ -1,8 +1,9 @@
 """The projected influence function: the damped Gauss-Newton influence function of ``estimator="influence"`` in a
 ``k``-dimensional projection of the gradients, for any training-set size and for causal language models.
 
-For N training examples, tracked Linear layers (default: every trainable ``torch.nn.Linear``) and ``k =
-projection_dim`` (4096):
+For N training examples, tracked Linear layers (default: every trainable ``torch.nn.Linear`` / ``Conv1D``, and the
+``adapters`` library's LoRA matrices as Linears without bias: :mod:`.adapters_lora`) and ``k = projection_dim``
+(4096):
 
     score(z, t) = (P g_t)^T (P G P^T + lambda I)^-1 (P g_z) / N      (> 0: z lowers the target's loss)
 

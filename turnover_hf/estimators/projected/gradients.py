@@ -14,6 +14,7 @@ from ...errors import TurnoverError
 from ...losses import eval_mode, logits_of
 from ..gradients import ParamSpec, linear_calls, tracked_requiring_grad
 from ..influence.sketch import CountSketch
+from .adapters_lora import lora_calls
 from .projection import CoordinateSelection, LayerProjection
 
 # loss(logits, labels column) -> (B,) per-example losses
@@ -43,21 +44,26 @@ class ProjectedGradients:
         """One forward of the batch under ``context``, then one backward per column of ``labels_of(logits)``
         ``(B, K, ...)``, each handed to ``on_column(calls, projected inputs, output gradients, B)``:
         ``(logits, labels, [what on_column returned, per column])``."""
-        names = [layer.name for layer in self.layers]
+        modules = dict(self.model.named_modules())
+        matrices = [layer.name for layer in self.layers if layer.name not in modules]  # adapters' LoRA A and B
+        names = [layer.name for layer in self.layers if layer.name in modules]
         with eval_mode(self.model), tracked_requiring_grad(self.model, self.specs), torch.enable_grad(), \
-                linear_calls(self.model, names) as calls, context or contextlib.nullcontext():
+                linear_calls(self.model, names) as linear, lora_calls(self.model, matrices) as lora, \
+                context or contextlib.nullcontext():
             logits = logits_of(self.model(**inputs))
             labels = labels_of(logits.detach())
             n = logits.shape[0]
-            seen, projected_inputs = [], []
+            calls = {**{name: [(x, out, None) for x, out in found] for name, found in linear.items()}, **lora}
+            seen, projected_inputs, maps = [], [], []
             for layer in self.layers:
-                for x, out in calls[layer.name]:
+                for x, out, to_output_gradient in calls[layer.name]:
                     if not isinstance(x, torch.Tensor) or x.shape[0] != n or out.shape[0] != n:
                         raise TurnoverError(
                             f"the Linear {layer.name!r} sees an input that is not split by rows of the batch; the "
                             "projected influence function needs one row per example in every tracked Linear."
                         )
                     seen.append((layer, out))
+                    maps.append(to_output_gradient)
                     projected_inputs.append(layer.project_inputs(x.detach().reshape(n, -1, x.shape[-1]).float()))
             if not seen:
                 raise TurnoverError("no tracked Linear layer ran in the forward: nothing to differentiate.")
@@ -66,6 +72,7 @@ class ProjectedGradients:
             for k in range(labels.shape[1]):
                 found = torch.autograd.grad(loss(logits, labels[:, k]).sum(), outputs, allow_unused=True,
                                             retain_graph=k < labels.shape[1] - 1)
+                found = [g if g is None or to_output is None else to_output(g) for g, to_output in zip(found, maps)]
                 columns.append(on_column(seen, projected_inputs, found, n))
         return logits.detach(), labels, columns
 

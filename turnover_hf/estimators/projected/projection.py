@@ -18,6 +18,7 @@ from torch import nn
 from ...errors import TurnoverError
 from ...masks import keyed_hash
 from ..gradients import ParamSpec, tracked_linears
+from .adapters_lora import lora_matrix_sizes
 
 
 @dataclass
@@ -106,13 +107,19 @@ def side_rank(sizes: Sequence[tuple[int, int]], budget: int) -> int:
 def projectable_layers(model: nn.Module, specs: Sequence[ParamSpec]
                        ) -> tuple[dict[str, tuple[Optional[ParamSpec], Optional[ParamSpec], bool]], Optional[str]]:
     """``{module: (weight spec, bias spec, transposed)}`` when every tracked parameter is the weight or bias of a
-    ``torch.nn.Linear`` or a transformers ``Conv1D`` (transposed: GPT-2's ``(in, out)`` weights); else ``{}`` and
-    the reason, naming a parameter."""
+    ``torch.nn.Linear`` or a transformers ``Conv1D`` (transposed: GPT-2's ``(in, out)`` weights) or a LoRA matrix
+    of the ``adapters`` library (keyed by its parameter name, see :mod:`.adapters_lora`); else ``{}`` and the
+    reason, naming a parameter."""
     from transformers.pytorch_utils import Conv1D
 
-    layers, reason = tracked_linears(model, specs, (nn.Linear, Conv1D))
     modules = dict(model.named_modules())
-    return {name: (w, b, type(modules[name]) is Conv1D) for name, (w, b) in layers.items()}, reason
+    matrices = [s for s in specs if lora_matrix_sizes(modules, s.name) is not None]  # the adapters library's LoRA
+    rest = [s for s in specs if lora_matrix_sizes(modules, s.name) is None]
+    layers, reason = tracked_linears(model, rest, (nn.Linear, Conv1D)) if rest else ({}, None)
+    if rest and not layers:
+        return {}, reason
+    found = {name: (w, b, type(modules[name]) is Conv1D) for name, (w, b) in layers.items()}
+    return {**found, **{s.name: (s, None, False) for s in matrices}}, reason
 
 
 def layer_sizes(module: nn.Module, transposed: bool) -> tuple[int, int]:
@@ -136,7 +143,7 @@ def layer_shapes(model: nn.Module, specs: Sequence[ParamSpec]
     modules = dict(model.named_modules())
     out = []
     for name, (weight, bias, transposed) in layers.items():
-        in_features, out_features = layer_sizes(modules[name], transposed)
+        in_features, out_features = lora_matrix_sizes(modules, name) or layer_sizes(modules[name], transposed)
         in_features = (in_features if weight is not None else 0) + (1 if bias is not None else 0)
         out.append((name, weight, bias, transposed, in_features, out_features))
     return out

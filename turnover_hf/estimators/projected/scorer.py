@@ -31,6 +31,7 @@ from ..influence.curvature import curvature_roots, kept_classes, label_coefficie
 from ..fitted import FittedOnModel
 from ..registry import Estimator
 from ..influence.sketch import CountSketch
+from .adapters_lora import lora_matrix_sizes
 from .files import META_NAME
 from .gradients import ProjectedGradients
 from .projection import (CoordinateSelection, LayerProjection, eigen_dim, eigen_projections, layer_projections,
@@ -67,7 +68,8 @@ def linear_parameters(model: nn.Module) -> list[ParamSpec]:
 
 
 def split_trainable(model: nn.Module) -> tuple[list[str], list[str]]:
-    """Names of the trainable parameters the projection covers (Linear / Conv1D weights and biases), and the rest."""
+    """Names of the trainable parameters the projection covers (Linear / Conv1D weights and biases, the ``adapters``
+    library's LoRA matrices), and the rest."""
     from transformers.pytorch_utils import Conv1D
 
     modules = dict(model.named_modules())
@@ -75,7 +77,8 @@ def split_trainable(model: nn.Module) -> tuple[list[str], list[str]]:
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             owner, _, leaf = name.rpartition(".")
-            covered = type(modules.get(owner)) in (nn.Linear, Conv1D) and leaf in ("weight", "bias")
+            covered = ((type(modules.get(owner)) in (nn.Linear, Conv1D) and leaf in ("weight", "bias"))
+                       or lora_matrix_sizes(modules, name) is not None)
             (names if covered else left).append(name)
     return names, left
 
