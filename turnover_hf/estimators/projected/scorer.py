@@ -53,15 +53,15 @@ def linear_parameters(model: nn.Module) -> list[ParamSpec]:
     names, left = split_trainable(model)
     if not names:
         raise TurnoverError(
-            "the projected influence function tracks trainable torch.nn.Linear (or Conv1D) layers, and this model "
-            f"has none (trainable: {left[:3]}...). Name such parameters with parameters=[...], or use "
+            "the projected influence function tracks trainable torch.nn.Linear, Conv1D and adapters-LoRA layers, and "
+            f"this model has none (trainable: {left[:3]}...). Name such parameters with parameters=[...], or use "
             "estimator='influence'."
         )
     if left:
         named = dict(model.named_parameters())
         share = sum(named[n].numel() for n in left) / sum(named[n].numel() for n in names + left)
         (logger.warning if share > 0.01 else logger.info)(
-            "projected influence: tracking the %d trainable Linear / Conv1D parameters; %d other trainable "
+            "projected influence: tracking the %d trainable Linear / Conv1D / LoRA parameters; %d other trainable "
             "parameters (e.g. %s, %.0f%% of the trainable count) are left out. Name the tracked ones with "
             "parameters=[...] to silence this.", len(names), len(left), left[0], 100 * share)
     return param_specs(model, names)
