@@ -113,8 +113,8 @@ def projectable_layers(model: nn.Module, specs: Sequence[ParamSpec]
     from transformers.pytorch_utils import Conv1D
 
     modules = dict(model.named_modules())
-    matrices = [s for s in specs if lora_matrix_sizes(modules, s.name) is not None]  # the adapters library's LoRA
-    rest = [s for s in specs if lora_matrix_sizes(modules, s.name) is None]
+    is_lora = {s.name: lora_matrix_sizes(modules, s.name) is not None for s in specs}  # the adapters library's LoRA
+    matrices, rest = [s for s in specs if is_lora[s.name]], [s for s in specs if not is_lora[s.name]]
     layers, reason = tracked_linears(model, rest, (nn.Linear, Conv1D)) if rest else ({}, None)
     if rest and not layers:
         return {}, reason
