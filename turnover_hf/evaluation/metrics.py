@@ -118,8 +118,8 @@ def roc_auc(scores: ArrayLike, positives: ArrayLike) -> float:
 def _weighted_auc(scores: np.ndarray, positives: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """ROC AUC of ``scores`` ``(n,)`` under each row of ``weights`` ``(R, n)`` (how often each example is counted:
     a bootstrap resample), ties counted as one half, float64 ``(R,)``; one sort for all rows."""
-    negatives = np.sort(scores[~positives])
     order = np.argsort(scores[~positives], kind="mergesort")
+    negatives = scores[~positives][order]
     below = np.concatenate([np.zeros((len(weights), 1)), np.cumsum(weights[:, ~positives][:, order], axis=1)], axis=1)
     lo = np.searchsorted(negatives, scores[positives], side="left")
     hi = np.searchsorted(negatives, scores[positives], side="right")

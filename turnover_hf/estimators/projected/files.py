@@ -16,7 +16,7 @@ from ...errors import ConfigMismatchError, StaleFitError
 from ..fitted import check_saved_fit, saved_parameters
 from ...files import PathLike, atomic_path, atomic_write_text, read_format_meta
 from .projection import CoordinateSelection, LayerProjection, layer_shapes
-from .store import RowStore
+from .store import RowStore, ids_name
 
 FORMAT = "turnover-hf/projected-influence"
 FORMAT_VERSION = 1
@@ -41,7 +41,7 @@ def save_fit(scorer: Any, folder: PathLike) -> None:
     os.makedirs(folder, exist_ok=True)
     if os.path.realpath(store.folder) != os.path.realpath(folder):
         for name in store.files:
-            for each in (name, name.replace("gradients-", "example_ids-", 1)):
+            for each in (name, ids_name(name)):
                 with atomic_path(os.path.join(folder, each)) as tmp:
                     shutil.copyfile(os.path.join(store.folder, each), tmp)
     tensors = {"curvature": scorer.curvature}

@@ -38,17 +38,17 @@ class ProjectedGradients:
         self.reducer = reducer  # applied to the layers' projected gradients, concatenated
         self.dim = reducer.dim if reducer is not None else sum(layer.dim for layer in self.layers)
         self.checked = False
+        modules = dict(model.named_modules())  # a layer not named after a module is an adapters LoRA matrix
+        self._linears = [layer.name for layer in self.layers if layer.name in modules]
+        self._matrices = [layer.name for layer in self.layers if layer.name not in modules]
 
     def _columns(self, inputs: dict[str, torch.Tensor], labels_of: Callable[[torch.Tensor], torch.Tensor], loss: LossFn,
                  context: Optional[ContextManager], on_column: Callable[..., Any]) -> tuple[torch.Tensor, torch.Tensor, list]:
         """One forward of the batch under ``context``, then one backward per column of ``labels_of(logits)``
         ``(B, K, ...)``, each handed to ``on_column(calls, projected inputs, output gradients, B)``:
         ``(logits, labels, [what on_column returned, per column])``."""
-        modules = dict(self.model.named_modules())
-        matrices = [layer.name for layer in self.layers if layer.name not in modules]  # adapters' LoRA A and B
-        names = [layer.name for layer in self.layers if layer.name in modules]
         with eval_mode(self.model), tracked_requiring_grad(self.model, self.specs), torch.enable_grad(), \
-                linear_calls(self.model, names) as linear, lora_calls(self.model, matrices) as lora, \
+                linear_calls(self.model, self._linears) as linear, lora_calls(self.model, self._matrices) as lora, \
                 context or contextlib.nullcontext():
             logits = logits_of(self.model(**inputs))
             labels = labels_of(logits.detach())

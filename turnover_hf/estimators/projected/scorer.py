@@ -36,7 +36,7 @@ from .files import META_NAME
 from .gradients import ProjectedGradients
 from .projection import (CoordinateSelection, LayerProjection, eigen_dim, eigen_projections, layer_projections,
                          layer_shapes)
-from .store import RowStore, RowWriter, shard_names
+from .store import RowStore, RowWriter, is_shard_file, shard_names
 
 logger = logging.getLogger(__name__)
 
@@ -385,8 +385,7 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
             return
         if not os.path.isdir(self.store_dir):
             raise TurnoverError(f"store_dir {self.store_dir!r} is a file, not a folder: pass a new or empty folder.")
-        held = sorted(name for name in os.listdir(self.store_dir) if name == META_NAME
-                      or (name.startswith(("gradients-", "example_ids-")) and name.endswith(".npy")))
+        held = sorted(name for name in os.listdir(self.store_dir) if name == META_NAME or is_shard_file(name))
         if held:
             raise TurnoverError(
                 f"store_dir {self.store_dir!r} already holds a projected-gradient store ({', '.join(held[:3])}"

@@ -18,10 +18,23 @@ from ...files import PathLike, atomic_path
 BLOCK_ROWS = 4096  # rows read from a shard at once
 
 
+SHARD_PREFIXES = ("gradients-", "example_ids-")
+
+
 def shard_names(rank: int, world: int) -> tuple[str, str]:
     """File names of the gradients and ids written by process ``rank`` of ``world``."""
     tag = f"{rank:05d}-of-{world:05d}"
-    return f"gradients-{tag}.npy", f"example_ids-{tag}.npy"
+    return f"{SHARD_PREFIXES[0]}{tag}.npy", f"{SHARD_PREFIXES[1]}{tag}.npy"
+
+
+def ids_name(gradients_name: str) -> str:
+    """The ids file beside a gradients file of the store."""
+    return gradients_name.replace(SHARD_PREFIXES[0], SHARD_PREFIXES[1], 1)
+
+
+def is_shard_file(name: str) -> bool:
+    """Whether a file name is one a :class:`RowWriter` writes (gradients or ids of some process)."""
+    return name.startswith(SHARD_PREFIXES) and name.endswith(".npy")
 
 
 class RowWriter:
@@ -89,7 +102,7 @@ class RowStore:
         ids = []
         for name in self.files:
             path = os.path.join(self.folder, name)
-            id_path = os.path.join(self.folder, name.replace("gradients-", "example_ids-", 1))
+            id_path = os.path.join(self.folder, ids_name(name))
             if not os.path.isfile(path) or not os.path.isfile(id_path):
                 raise ConfigMismatchError(
                     f"the projected-gradient store in {self.folder!r} lacks {name!r} or its ids: the fit is "
