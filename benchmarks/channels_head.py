@@ -5,7 +5,7 @@ puts channels on input-masked ``nn.Linear`` layers (a BERT-style ``classifier``)
 library's version: frozen all-MiniLM-L6-v2 features of Rotten Tomatoes (the fidelity benchmark's cache), a linear
 classifier 384 -> 2 patched with ``turnover_hf.patch_model`` (input masks, biases frozen by ``freeze_leaking``),
 trained with each example under its own masks (Adam, 10 epochs, batch 64), scored with the library's closed form
-(``turnover_hf.estimators.prefix.head_logits``). For each K, in the same run:
+(``turnover_hf.prefix.head_logits``). For each K, in the same run:
 
 * seed agreement: per-target Spearman between two models with different mask and init seeds;
 * LDS (``--subsets S``, off by default: with channels every retraining hashes K x 384 mask bits per example and
@@ -36,7 +36,7 @@ import turnover_hf as th
 from turnover_hf.evaluation import lds, random_subsets, seed_agreement
 from turnover_hf.files import atomic_write_text
 from turnover_hf.masks import mask_for, scale_of
-from turnover_hf.estimators.prefix import head_logits
+from turnover_hf.prefix import head_logits
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

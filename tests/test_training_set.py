@@ -11,7 +11,7 @@ from datasets import Dataset, Value, load_dataset, load_from_disk
 from transformers import TrainingArguments
 
 import turnover_hf as th
-from turnover_hf.training_set import TRAINING_SET_NAME, DatasetSource, record_training_set
+from turnover_hf.training_set import TRAINING_SET_NAME, DatasetSource, record_training_set, training_set_of
 
 from conftest import text_task, tiny_bert, word_tokenizer
 
@@ -84,7 +84,7 @@ def test_trainer_records_the_training_set_and_the_checkpoint_carries_it(trained)
     assert config["training_set"]["columns"] == ["input_ids", "labels", "text"]
     assert os.path.isfile(os.path.join(path, TRAINING_SET_NAME))
     loaded = th.load_influence_ready(path)
-    assert loaded.turnover_state.training_set.fingerprint == model.turnover_state.training_set.fingerprint
+    assert training_set_of(loaded).fingerprint == training_set_of(model).fingerprint
     assert "fingerprint" in open(os.path.join(path, "README.md")).read()
 
 
@@ -122,7 +122,7 @@ def test_checkpoints_without_a_record_still_load_with_a_warning(trained, tmp_pat
     os.remove(old / TRAINING_SET_NAME)
     with caplog.at_level(logging.WARNING, logger="turnover_hf.checkpoint.load"):
         model = th.load_influence_ready(old)
-    assert model.turnover_state.training_set is None and "records no training-set fingerprint" in caplog.text
+    assert training_set_of(model) is None and "records no training-set fingerprint" in caplog.text
     th.InfluencePipeline(str(old), train_dataset=train, estimator="turnover")  # the size check alone, as before
 
 

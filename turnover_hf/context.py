@@ -11,7 +11,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional, Union
+from typing import Any, Iterator, Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -20,28 +20,22 @@ from .config import TurnoverConfig
 from .errors import ExampleIdError, MissingExampleIdsError, NotPatchedError
 from .masks import check_example_ids, mask_for
 
-if TYPE_CHECKING:
-    from .layers import MaskSite
-    from .training_set import TrainingSet
-
 Mode = Literal["train", "flip", "off"]
 MODES: tuple[str, ...] = ("train", "flip", "off")
 
 
 class MaskState:
-    """What the masked layers of one model need for the current forward: ids, which rows are flipped, mode; and
-    what the patch made of the model: its mask sites, the hooks to remove when unpatching, and the training set
-    the masks were (or are being) trained on."""
+    """The mask state of one patched model: the config that decides the masks, the mask sites and hooks the patch
+    made (to find and to remove them), and for the current forward the ids, which rows are flipped and the mode.
 
-    def __init__(self, config: TurnoverConfig, sites: Optional[list["MaskSite"]] = None,
-                 handles: Optional[list[Any]] = None, training_set: Optional["TrainingSet"] = None,
-                 influence: Any = None) -> None:
+    What higher layers keep about a model (its training-set record, fitted estimators, the folder it came from)
+    lives on the model itself (:func:`patched_root`), owned by those layers."""
+
+    def __init__(self, config: TurnoverConfig, sites: Optional[list[Any]] = None,
+                 handles: Optional[list[Any]] = None) -> None:
         self.config = config
-        self.sites: list["MaskSite"] = list(sites or [])
+        self.sites: list[Any] = list(sites or [])  # turnover_hf.sites.MaskSite, one per masked module
         self.handles: list[Any] = list(handles or [])  # torch hook handles (RemovableHandle)
-        self.training_set = training_set  # recorded by TurnoverTrainer, or loaded with the checkpoint
-        self.influence = influence  # a fitted influence scorer of these weights: saved with the model
-        self.checkpoint_dir: Optional[str] = None  # the folder the model was loaded from (its fits may come along)
         self.example_ids: Optional[torch.Tensor] = None
         self.flipped: Union[bool, torch.Tensor] = False
         self.mode: Optional[str] = None  # None: no context open
@@ -71,13 +65,13 @@ class MaskState:
         return cached
 
 
-def state_of(model: nn.Module) -> MaskState:
-    """The :class:`MaskState` of a patched model, looking through wrappers (DDP, accelerate, compile)."""
+def patched_root(model: nn.Module) -> nn.Module:
+    """The module of a patched model that owns its :class:`MaskState`, looking through wrappers (DDP, accelerate,
+    compile); higher layers keep their per-model attributes (``turnover_*``) on it."""
     seen = model
     for _ in range(8):
-        state = getattr(seen, "turnover_state", None)
-        if isinstance(state, MaskState):
-            return state
+        if isinstance(getattr(seen, "turnover_state", None), MaskState):
+            return seen
         inner = getattr(seen, "module", None) or getattr(seen, "_orig_mod", None)
         if inner is None:
             break
@@ -87,6 +81,11 @@ def state_of(model: nn.Module) -> MaskState:
         "`model = turnover_hf.patch_model(model, turnover_hf.TurnoverConfig())`, or load an influence-ready "
         "checkpoint with `turnover_hf.load_influence_ready(path)`."
     )
+
+
+def state_of(model: nn.Module) -> MaskState:
+    """The :class:`MaskState` of a patched model, looking through wrappers (DDP, accelerate, compile)."""
+    return patched_root(model).turnover_state
 
 
 @contextlib.contextmanager

@@ -19,9 +19,11 @@ from datasets import Dataset
 from torch import nn
 from transformers import DataCollatorWithPadding, default_data_collator
 
-from .errors import ExampleIdError, MissingExampleIdsError
+from .errors import ExampleIdError, MissingExampleIdsError, TurnoverError
 from .losses import IGNORE_INDEX, is_causal_lm
 from .masks import check_example_ids
+
+
 
 BATCH_KEY = "example_ids"
 
@@ -136,7 +138,6 @@ def prompt_completion_features(
         >>> row = prompt_completion_features(tokenizer, "The film was", " a triumph")
         >>> row["labels"]       # [-100, -100, -100, 257, 15499]
     """
-    from .errors import TurnoverError
 
     if completion is None:
         ids = list(tokenizer(prompt)["input_ids"])
@@ -177,7 +178,6 @@ class CausalLMCollator:
         self.pad_token_id = int(pad_token_id or 0)
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        from .errors import TurnoverError
 
         if not features or any("input_ids" not in f for f in features):
             raise TurnoverError("CausalLMCollator needs rows with input_ids (tokenize the text first).")

@@ -61,6 +61,8 @@ from .errors import TurnoverError
 from .estimators import estimator_names, get_estimator
 from .files import atomic_write_text
 from .losses import model_inputs
+from . import plots
+from .report import write_report
 
 ADAPTER_NAME = "rt"
 NUM_LAYERS = 6  # all-MiniLM-L6-v2
@@ -345,7 +347,6 @@ def demo_figures(
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The demo's plots (also saved as PNGs in ``output_dir/plots``) and their captions; none without matplotlib."""
     try:
-        from . import plots
 
         folder = os.path.join(output_dir, "plots")
         figures = {
@@ -378,7 +379,6 @@ def write_html_report(
     captions: dict[str, str], output_dir: str,
 ) -> str:
     """``report.html``: the run's settings, metrics, explained errors, suspects and plots on one page."""
-    from .report import write_report
 
     s, si = results["settings"], results["self_influence"]
     metrics = {f"{split} accuracy": acc for split, (_, acc) in results["accuracy"].items()}

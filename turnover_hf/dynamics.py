@@ -33,6 +33,7 @@ from .context import instance_masks
 from .data import BATCH_KEY
 from .errors import TurnoverError
 from .files import atomic_path, atomic_write_text
+from .prefix import PrefixReplay
 
 DYNAMICS_WEIGHTS = "training_dynamics.safetensors"
 DYNAMICS_CONFIG = "training_dynamics.json"
@@ -146,7 +147,7 @@ class TrainingDynamics:
 
 def keep_prefix_outputs(replay: Any) -> list[Any]:
     """Forward hooks that keep (detached) what the mask-free lower modules of a
-    :class:`~turnover_hf.estimators.prefix.PrefixReplay` output in every forward, so that a following forward
+    :class:`~turnover_hf.prefix.PrefixReplay` output in every forward, so that a following forward
     under other masks can replay them instead of recomputing; returns the hook handles (``.remove()`` them)."""
 
     def keeper(name: str) -> Any:
@@ -251,8 +252,6 @@ class TrainingDynamicsCallback(TrainerCallback):
         self._handles: list[Any] = []
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        from .estimators.prefix import PrefixReplay
-
         self._replay = PrefixReplay.for_model(model) if model is not None else None
         if self._replay is None:
             return

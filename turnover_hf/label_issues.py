@@ -39,8 +39,11 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from .dynamics import TrainingDynamics, _loss, _margin
-from .errors import TurnoverError
+from .context import instance_masks, state_of
+from .data import BATCH_KEY
+from .dynamics import TrainingDynamics, _loss, _margin, keep_prefix_outputs
+from .errors import NotPatchedError, TurnoverError
+from .prefix import PrefixReplay
 
 DEFAULT_METHOD = "loss_classnorm"
 
@@ -273,12 +276,6 @@ def model_signals(
     Example:
         >>> signals = model_signals([model], train_features, InstanceIdCollator(DataCollatorWithPadding(tok)))
     """
-    from .context import instance_masks, state_of
-    from .data import BATCH_KEY
-    from .dynamics import keep_prefix_outputs
-    from .errors import NotPatchedError
-    from .estimators.prefix import PrefixReplay
-
     full, flip, ids, labels = [], [], [], []
     patched = flipped
     # length-sorted batches pad less; the rows are put back in their order at the end

@@ -17,7 +17,6 @@ half-networks, which dominates a single model's scores, shrinks about like ``1/s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -25,23 +24,7 @@ from torch import nn
 
 from .context import MaskState
 from .errors import ConfigMismatchError, ExampleIdError
-
-
-@dataclass(frozen=True)
-class MaskSite:
-    """A masked module: its qualified name (also the mask's layer key), which units are masked and how many."""
-
-    name: str
-    side: str  # "output": output units; "input": input features; "rank": LoRA rank units
-    units: int
-    channels: int = 1  # > 1: parallel masked copies of an input-masked nn.Linear (see the module docstring)
-
-    def as_dict(self) -> dict[str, Any]:
-        # "channels" only when used, so configs written before channels existed compare equal.
-        spec: dict[str, Any] = {"side": self.side, "units": self.units}
-        if self.channels > 1:
-            spec["channels"] = self.channels
-        return spec
+from .sites import MaskSite, is_adapters_lora
 
 
 def _batch_mask(site: MaskSite, state: MaskState, x: torch.Tensor, module_training: bool) -> Optional[torch.Tensor]:
@@ -85,11 +68,6 @@ class InputMaskHook:
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
         return (apply_mask(self.site, self.state, args[0], module.training), *args[1:])
-
-
-def is_adapters_lora(module: nn.Module) -> bool:
-    """True for the ``adapters`` library's plain LoRA module (raw ``lora_A``/``lora_B`` factors)."""
-    return type(module).__name__ == "LoRA" and type(module).__module__.startswith("adapters.")
 
 
 def _masked_lora_forward(self: nn.Module, hidden_states: Optional[torch.Tensor], layer_input: torch.Tensor):

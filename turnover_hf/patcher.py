@@ -187,8 +187,8 @@ def unpatch_model(model: nn.Module) -> nn.Module:
             module.__class__ = original
             del module.turnover_site, module.turnover_state
     for holder in _wrappers(model):
-        for attr in ("turnover_state", "turnover_config"):
-            holder.__dict__.pop(attr, None)
+        for attr in [a for a in holder.__dict__ if a.startswith("turnover_") and a != "turnover_unpatched_class"]:
+            holder.__dict__.pop(attr)  # the mask state and what higher layers kept about the patched model
         original = holder.__dict__.pop("turnover_unpatched_class", None)
         if original is not None:
             holder.__class__ = original

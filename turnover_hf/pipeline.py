@@ -8,7 +8,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -23,14 +22,16 @@ from .checkpoint import load_influence_ready, model_class_of, resolve_checkpoint
 from .config import CONFIG_NAME
 from .data import InstanceIdCollator, check_id_column, check_ids_known, default_collator, prompt_completion_features
 from .errors import ConfigMismatchError, ExampleIdError, TurnoverError
-from .estimators import (AUTO, Estimator, EstimatorContext, EstimatorFallback, get_estimator, options_classes,
-                         options_owner, resolve_estimator)
+from .estimators import (AUTO, Estimator, EstimatorContext, EstimatorFallback, EstimatorSpec, carried_options,
+                         choose_estimator, get_estimator)
 from .estimators.ensemble import member_dirs, split_half_agreement
 from .losses import is_causal_lm
 from .masks import check_example_ids
-from .store import ScoreStore, fingerprint
+from .fingerprints import fingerprint
+from .store import ScoreStore
 from .training_set import load_recorded_training_set, verify_training_set
 from .validation import check_input_lengths, check_labels, model_max_length, positive_int
+from .label_issues import pipeline_label_issues
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,21 @@ def _members(model: Any) -> tuple[list[Any], Optional[str]]:
             return member_dirs(path), path
         return [path], path
     return [model], None
+
+
+def _load_models(model: Any, tokenizer: Optional[PreTrainedTokenizerBase], estimator: str
+                 ) -> tuple[list[nn.Module], Optional[str], Optional[PreTrainedTokenizerBase]]:
+    """The models behind ``model`` (loaded when given as paths), the checkpoint folder, and the tokenizer (the
+    checkpoint's when none is given). An unknown estimator name is refused before anything is loaded."""
+    models, path = _members(model)
+    needs_masks = estimator != AUTO and get_estimator(estimator).needs_masks
+    for k, member in enumerate(models):
+        if isinstance(member, (str, os.PathLike)):
+            member_path = os.fspath(member)
+            models[k] = _load_model(member_path, needs_masks)
+            if tokenizer is None and os.path.isfile(os.path.join(member_path, "tokenizer_config.json")):
+                tokenizer = AutoTokenizer.from_pretrained(member_path)
+    return models, path, tokenizer
 
 
 class InfluencePipeline:
@@ -137,63 +153,15 @@ class InfluencePipeline:
         positive_int("top_k", top_k)
         if max_length is not None:
             positive_int("max_length", max_length, " (tokens) or None")
-        models, path = _members(model)
-        if estimator != AUTO:
-            get_estimator(estimator)  # an unknown name is refused before anything is loaded
-        needs_masks = estimator != AUTO and get_estimator(estimator).needs_masks
-        for k, member in enumerate(models):
-            if isinstance(member, (str, os.PathLike)):
-                member_path = os.fspath(member)
-                models[k] = _load_model(member_path, needs_masks)
-                if tokenizer is None and os.path.isfile(os.path.join(member_path, "tokenizer_config.json")):
-                    tokenizer = AutoTokenizer.from_pretrained(member_path)
+        models, self.checkpoint_path, tokenizer = _load_models(model, tokenizer, estimator)
         if train_dataset is None:
             train_dataset = load_recorded_training_set(models)  # the data the checkpoint names, or a clear refusal
-        self.checkpoint_path = path  # where the model was loaded from (None for an in-memory model)
         self.models = [(m.to(device) if device is not None else m).eval() for m in models]
         self.model = self.models[0]
         self.causal_lm = is_causal_lm(self.model)  # targets are token sequences: labels = their ids, scores per token
-        # hydra_dir, influence_dir and influence_options belong to the estimators of those names
-        state_dirs = {name: os.fspath(folder) for name, folder in (("hydra", hydra_dir), ("influence", influence_dir))
-                      if folder is not None}
-        named_options = {"influence": influence_options} if influence_options else {}
-        if options is not None and not isinstance(options, Mapping):  # an options dataclass names its estimator
-            named_options[options_owner(options).name], options = options, None
-        given = next(iter(named_options.values()), options)
-        # the options as given inform "auto" (e.g. a memory budget); the chosen estimator's are typed below
-        context = EstimatorContext(self.models, path, len(train_dataset), batch_size=batch_size, fast=fast,
-                                   automatic=estimator == AUTO, options=given, state_dirs=state_dirs)
-        self.spec, reason = resolve_estimator(estimator, context)
-        if reason is not None:
-            logger.info("estimator='auto' scores with %r: %s.", self.spec.name, reason)
-        for owner in named_options:
-            if owner != self.spec.name:
-                carried = _carried_options(self.spec, named_options[owner]) if estimator == AUTO else None
-                if carried is None:
-                    raise TurnoverError(
-                        f"options of the {owner!r} estimator were given, but estimator={estimator!r} scores with "
-                        f"{self.spec.name!r}" + (f" ({reason})" if reason else "") + f". Drop them, or pass "
-                        f"estimator={owner!r}."
-                    )
-                named_options[self.spec.name] = carried
-        if estimator == AUTO and isinstance(options, Mapping):  # options for whichever auto picks: its own fields
-            known = {f.name for kind in options_classes() for f in dataclasses.fields(kind)}
-            unknown = sorted(set(options) - known)
-            if unknown:
-                raise TurnoverError(f"{unknown} are options of no registered estimator; they are {sorted(known)}.")
-            options = _carried_options(self.spec, options)
-        context.options = self.spec.options(named_options.get(self.spec.name, options))
-        self._context = context
-        built = self.spec.build(context)
-        self.scorer = built.estimator
-        self.estimator = self.spec.name
-        self.id_column, expected = built.id_column, built.expected_examples
-        # where a state fitted on first use is saved: the folder named for this estimator, or beside the checkpoint
-        self._state_dir = state_dirs.get(self.spec.name)
         self._save_fit = save_fit
-        if self._state_dir is None and save_fit and path is not None and self.spec.state_dir is not None:
-            self._state_dir = os.path.join(path, self.spec.state_dir)
-        self._prepared = False
+        self._choose_estimator(estimator, len(train_dataset), batch_size, fast,
+                               {"hydra": hydra_dir, "influence": influence_dir}, influence_options, options)
         self.tokenizer = tokenizer
         self.text_column = text_column
         limit = model_max_length(self.model, tokenizer)
@@ -202,11 +170,38 @@ class InfluencePipeline:
         self.batch_size = batch_size
         self.chunk_size = chunk_size
         self.collator = InstanceIdCollator(data_collator or default_collator(self.model, tokenizer), self.id_column)
+        self._use_training_set(train_dataset)
+
+    def _choose_estimator(self, name: str, num_train_examples: int, batch_size: int, fast: bool,
+                          state_dirs: Mapping[str, Any], influence_options: Any, options: Any) -> None:
+        """Resolve ``name`` (``"auto"`` included) with its typed options, then build it."""
+        state_dirs = {k: os.fspath(v) for k, v in state_dirs.items() if v is not None}
+        context = EstimatorContext(self.models, self.checkpoint_path, num_train_examples, batch_size=batch_size,
+                                   fast=fast, automatic=name == AUTO, state_dirs=state_dirs)
+        named = {"influence": influence_options} if influence_options else {}  # the influence function's own argument
+        spec, context.options = choose_estimator(name, context, options, named)
+        self._context = context
+        self._build(spec)
+
+    def _build(self, spec: EstimatorSpec) -> None:
+        """Build the estimator ``spec`` from the pipeline's context; its state folder is where a fit is saved."""
+        self._context.name = spec.name
+        built = spec.build(self._context)
+        self.spec, self.scorer, self.estimator = spec, built.estimator, spec.name
+        self.id_column, self._expected_examples = built.id_column, built.expected_examples
+        # a state fitted on first use is saved in the folder named for this estimator, or beside the checkpoint
+        named = spec.name in self._context.state_dirs
+        self._state_dir = self._context.state_dir() if named or self._save_fit else None
+        self._prepared = False
+
+    def _use_training_set(self, train_dataset: Dataset) -> None:
+        """Check ``train_dataset`` against what the models were trained on and keep its model features."""
         self.train_dataset = train_dataset
         self.train_ids = check_id_column(train_dataset, self.id_column)
         # the rows the models were trained on (or a subset, unless the estimator fits on the training set first)
         fits = type(self.scorer).prepare is not Estimator.prepare
         recorded = verify_training_set(self.models, train_dataset, require_all=fits)
+        expected = self._expected_examples
         if not recorded and expected is not None and expected != len(train_dataset):
             raise ConfigMismatchError(
                 f"the model was trained on {expected} examples but train_dataset has {len(train_dataset)} rows. Pass "
@@ -229,13 +224,9 @@ class InfluencePipeline:
             fitted = self.scorer.prepare(self._train_features, self.collator)
         except EstimatorFallback as handover:
             logger.warning("%s", handover)
-            self.spec = get_estimator(handover.name)
-            self._context.options = self.spec.options(_carried_options(self.spec, self._context.options))
-            self.scorer, self.estimator = self.spec.build(self._context).estimator, self.spec.name
-            self._state_dir = self._context.state_dirs.get(self.spec.name)  # never the other estimator's folder
-            if self._state_dir is None and self._save_fit and self.checkpoint_path is not None \
-                    and self.spec.state_dir is not None:
-                self._state_dir = os.path.join(self.checkpoint_path, self.spec.state_dir)
+            spec = get_estimator(handover.name)
+            self._context.options = spec.options(carried_options(spec, self._context.options))
+            self._build(spec)  # its own state folder, never the other estimator's
             fitted = self.scorer.prepare(self._train_features, self.collator)
         self._prepared = True
         if fitted and self._state_dir is not None:
@@ -494,7 +485,6 @@ class InfluencePipeline:
         Example:
             >>> pipe.label_issues(top_k=20).filter(lambda row: row["is_issue"])["text"]
         """
-        from .label_issues import pipeline_label_issues
 
         return pipeline_label_issues(self, method, top_k=top_k, num_issues=num_issues)
 
@@ -586,23 +576,6 @@ class InfluencePipeline:
             {"example_id": int(i), "score": float(v), **{c: rows[n][c] for c in shown}}
             for n, (i, v) in enumerate(zip(ids.tolist(), values.tolist()))
         ]
-
-
-def _carried_options(spec: Any, options: Any) -> Optional[dict[str, Any]]:
-    """The fields of another estimator's ``options`` that ``spec``'s options share and that differ from their
-    defaults (``auto`` chose ``spec``; e.g. ``damping_factor`` carries over from the influence function to its
-    projected form), or None when ``spec`` takes no options."""
-    if spec.options_class is None:
-        return None
-    if options is None:
-        return {}
-    values = dict(options) if isinstance(options, Mapping) else {f.name: getattr(options, f.name)
-                                                                   for f in dataclasses.fields(options)}
-    defaults = {} if isinstance(options, Mapping) else {f.name: getattr(type(options)(), f.name)
-                                                         for f in dataclasses.fields(options)}
-    shared = {f.name for f in dataclasses.fields(spec.options_class)}
-    return {k: v for k, v in values.items() if k in shared and (k not in defaults or v != defaults[k])
-            and v is not None}
 
 
 def _is_prompt_completion(target: Any) -> bool:

@@ -31,6 +31,7 @@ from .errors import TurnoverError
 from .estimators import get_estimator
 from .files import PathLike, atomic_path, atomic_write_text
 from .version import __version__
+from .plots import figure_png
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SCORE_COLUMNS = ("score", "self_influence", "mean_influence")
@@ -119,7 +120,6 @@ def _label(value: Any, label_names: LabelNames) -> str:
 def _png(figure: FigureLike, name: str) -> bytes:
     """PNG bytes of a matplotlib Figure, of bytes that are a PNG, or of a PNG file."""
     if hasattr(figure, "savefig"):
-        from .plots import figure_png
 
         return figure_png(figure)
     if isinstance(figure, (bytes, bytearray)):

@@ -15,20 +15,42 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Any, Optional, Union
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import TurnoverConfig
 from .errors import NoTargetMatchedError
-from .layers import MaskSite, is_adapters_lora
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 _BOTTLENECK = re.compile(r".*\.adapters\.[^.]+\.adapter_(down|up)")
 _PEFT_A = re.compile(r"(.+)\.lora_A\.([^.]+)")
 # PEFT's frozen originals and LoRA factors are not heads, whatever their position in the model.
 _NOT_A_HEAD = re.compile(r"(.*\.)?(original_module|lora_A|lora_B|base_layer)(\..*)?")
+
+
+@dataclass(frozen=True)
+class MaskSite:
+    """A masked module: its qualified name (also the mask's layer key), which units are masked and how many."""
+
+    name: str
+    side: str  # "output": output units; "input": input features; "rank": LoRA rank units
+    units: int
+    channels: int = 1  # > 1: parallel masked copies of an input-masked nn.Linear (see the module docstring)
+
+    def as_dict(self) -> dict[str, Any]:
+        # "channels" only when used, so configs written before channels existed compare equal.
+        spec: dict[str, Any] = {"side": self.side, "units": self.units}
+        if self.channels > 1:
+            spec["channels"] = self.channels
+        return spec
+
+
+def is_adapters_lora(module: nn.Module) -> bool:
+    """True for the ``adapters`` library's plain LoRA module (raw ``lora_A``/``lora_B`` factors)."""
+    return type(module).__name__ == "LoRA" and type(module).__module__.startswith("adapters.")
 
 
 def _is_peft(module: nn.Module) -> bool:

@@ -7,7 +7,6 @@ different question is refused instead of overwriting anything. Every file is wri
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,29 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import TurnoverError
+from .fingerprints import fingerprint
 from .files import atomic_path, atomic_write_text
 
 MANIFEST = "manifest.json"
 RESULT = "scores.safetensors"
 
 logger = logging.getLogger(__name__)
-
-
-def fingerprint(*parts: Any) -> str:
-    """A sha256 over tensors (their bytes, shape and dtype) and JSON-able values."""
-    digest = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, torch.Tensor):
-            t = part.detach().cpu().contiguous()
-            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(part, dict) and part and all(isinstance(v, torch.Tensor) for v in part.values()):
-            for key in sorted(part):
-                digest.update(key.encode())
-                digest.update(fingerprint(part[key]).encode())
-        else:
-            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
 
 
 class ScoreStore:

@@ -18,7 +18,7 @@ from .context import instance_masks, state_of
 from .data import BATCH_KEY, InstanceIdCollator, check_id_column, default_collator
 from .dynamics import dynamics_callback
 from .errors import MissingExampleIdsError
-from .training_set import DatasetSource, record_training_set
+from .training_set import DatasetSource, attach_training_set, record_training_set
 
 
 class ExampleIdTrainer(Trainer):
@@ -79,8 +79,9 @@ class TurnoverTrainer(ExampleIdTrainer):
         if train_dataset is not None:
             state.config.num_train_examples = len(train_dataset)
             # the checkpoint will name these rows: the pipeline refuses any other training set
-            state.training_set = record_training_set(train_dataset, self.id_column, source=train_dataset_source)
-            state.config.training_set = state.training_set.summary()
+            record = record_training_set(train_dataset, self.id_column, source=train_dataset_source)
+            attach_training_set(model, record)
+            state.config.training_set = record.summary()
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         example_ids = inputs.pop(BATCH_KEY, None)

@@ -26,12 +26,16 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Union
 
 import numpy as np
+import datasets
 import pyarrow as pa
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from .errors import ConfigMismatchError, TurnoverError
+from .context import patched_root
+from .data import add_example_ids
+from .errors import ConfigMismatchError, NotPatchedError, TurnoverError
 from .files import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -144,10 +148,6 @@ class DatasetSource:
 
     def load(self, id_column: str = "example_id", **load_kwargs: Any) -> Dataset:
         """The training set, with its id column."""
-        import datasets
-
-        from .data import add_example_ids
-
         if self.from_disk:
             loaded = datasets.load_from_disk(self.path, **load_kwargs)
             if isinstance(loaded, datasets.DatasetDict):
@@ -325,16 +325,32 @@ def record_training_set(dataset: Dataset, id_column: str = "example_id", *,
     return TrainingSet(id_column, ids, hashes, source if source is not None else _detect_source(dataset))
 
 
-def _recorded(models: Iterable[Any]) -> list[TrainingSet]:
-    from .context import state_of
-    from .errors import NotPatchedError
+TRAINING_SET_ATTRIBUTE = "turnover_training_set"  # on the patched model (context.patched_root)
 
+
+def training_set_of(model: nn.Module) -> Optional[TrainingSet]:
+    """The record of the training set a patched model was trained on (None: nothing recorded, or not patched).
+
+    Example:
+        >>> training_set_of(model).summary()["num_examples"]
+        8530
+    """
+    try:
+        root = patched_root(model)
+    except NotPatchedError:
+        return None
+    return getattr(root, TRAINING_SET_ATTRIBUTE, None)
+
+
+def attach_training_set(model: nn.Module, record: Optional[TrainingSet]) -> None:
+    """Keep ``record`` on the patched ``model`` (the trainer records it; a loaded checkpoint brings it)."""
+    setattr(patched_root(model), TRAINING_SET_ATTRIBUTE, record)
+
+
+def _recorded(models: Iterable[Any]) -> list[TrainingSet]:
     found = []
     for model in models:
-        try:
-            record = state_of(model).training_set
-        except NotPatchedError:
-            continue
+        record = training_set_of(model)
         if record is not None and all(r.fingerprint != record.fingerprint for r in found):
             found.append(record)
     return found

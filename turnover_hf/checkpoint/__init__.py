@@ -1,5 +1,5 @@
-"""Influence-ready checkpoints: HF weights + ``turnover_config.json`` + training-set record + model card (+ a fitted
-influence function); :mod:`.save` writes them as one consistent folder, :mod:`.load` re-creates identical masks.
+"""Influence-ready checkpoints: HF weights + ``turnover_config.json`` + training-set record + model card (+ the
+estimators' saved states); :mod:`.save` writes them as one consistent folder, :mod:`.load` re-creates identical masks.
 
 Example:
     >>> model.save_pretrained("out")                    # a patched model: weights, adapters, turnover_config.json
@@ -10,7 +10,6 @@ Example:
 from ..patcher import register_model_mixin
 from .load import load_influence_ready, model_class_of, resolve_checkpoint
 from .save import (
-    INFLUENCE_DIR,
     InfluenceReadyMixin,
     finish_interrupted_save,
     push_influence_ready,
@@ -21,7 +20,6 @@ from .save import (
 register_model_mixin(InfluenceReadyMixin)  # every patched model saves influence-ready folders
 
 __all__ = [
-    "INFLUENCE_DIR",
     "InfluenceReadyMixin",
     "finish_interrupted_save",
     "load_influence_ready",

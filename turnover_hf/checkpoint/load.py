@@ -1,5 +1,6 @@
-"""Loading influence-ready checkpoints: the model re-patched with identical masks, its training-set record and, when
-the folder has one that fits these weights, its fitted influence function.
+"""Loading influence-ready checkpoints: the model re-patched with identical masks and its training-set record; the
+estimators' saved states beside it are loaded by the pipeline (and carried by the next save while they belong to
+the weights).
 
 Example:
     >>> model = load_influence_ready("out")             # re-patched, bit-identical masks
@@ -30,8 +31,8 @@ from ..errors import ConfigMismatchError
 from ..layers import CHANNEL_BIAS, CHANNEL_WEIGHT
 from ..patcher import patch_model
 from ..sites import inner_model
-from ..training_set import TrainingSet
-from .save import finish_interrupted_save
+from ..training_set import TrainingSet, attach_training_set
+from .save import finish_interrupted_save, remember_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -236,9 +237,7 @@ def load_influence_ready(
         base = _base_model(base_model, adapters[0][1], model_class, hub_kwargs, dict(from_pretrained_kwargs))
         model = _load_peft(adapters, base).eval()
         model = _restore_trainable(patch_model(model, saved, warn_leaking=False), saved)
-        state_of(model).training_set = training_set
-        state_of(model).checkpoint_dir = folder
-        return model
+        return _loaded(model, training_set, folder)
     if base_model is not None:
         raise ConfigMismatchError(f"base_model is for PEFT adapters, but {folder!r} holds a whole model; leave it out.")
     model_class = model_class or model_class_of(folder)
@@ -257,8 +256,14 @@ def load_influence_ready(
     model = patch_model(model, saved, warn_leaking=False)
     _restore_channels(model, folder)
     model = _restore_trainable(model, saved)
-    state_of(model).training_set = training_set
-    state_of(model).checkpoint_dir = folder
+    return _loaded(model, training_set, folder)
+
+
+def _loaded(model: nn.Module, training_set: Optional[TrainingSet], folder: str) -> nn.Module:
+    """``model`` with what its folder brings: the training-set record, and where it came from (its saved estimator
+    states may be carried to the next save)."""
+    attach_training_set(model, training_set)
+    remember_checkpoint(model, folder)
     return model
 
 

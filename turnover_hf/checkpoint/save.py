@@ -1,5 +1,5 @@
 """Writing influence-ready folders: weights (adapters included) + ``turnover_config.json`` + training-set record +
-model card (+ a fitted influence function), swapped into place as one checkpoint.
+model card (+ the estimators' saved states), swapped into place as one checkpoint.
 
 Example:
     >>> model = patch_model(model, TurnoverConfig(seed=0))
@@ -7,8 +7,8 @@ Example:
     >>> model.push_to_hub("me/my-influence-ready-model")
 
 A save writes the whole checkpoint into a staging folder beside the target first; only then are its files moved in,
-the previous checkpoint's files that the new one does not have (other weight shards, an index, adapter files, a
-stale influence fit) removed, with a journal that lets the next save or load finish an interrupted move. The
+the previous checkpoint's files that the new one does not have (other weight shards, an index, adapter files, any
+registered estimator's state folder that does not belong to the new weights) removed, with a journal that lets the next save or load finish an interrupted move. The
 folder therefore holds either the previous checkpoint untouched or exactly the new one, never a mix.
 """
 
@@ -27,30 +27,38 @@ from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
 from ..config import CONFIG_NAME, TurnoverConfig
-from ..context import state_of
+from ..context import patched_root, state_of
 from ..errors import StaleFitError, TurnoverError
 from ..files import atomic_write_text, umask
 from ..sites import inner_model
-from ..store import fingerprint
-from ..training_set import TRAINING_SET_NAME
+from ..estimators.registry import fitted_of, attach_fitted, saved_states
+from ..training_set import TRAINING_SET_NAME, training_set_of
 
 logger = logging.getLogger(__name__)
 
 CARD_START = "<!-- turnover-hf:start -->"
 CARD_END = "<!-- turnover-hf:end -->"
 CARD_TAGS = ("turnover-hf", "influence-ready", "turn-over-dropout")
-INFLUENCE_DIR = "influence"  # the fitted influence function beside the weights (see turnover_hf.estimators.influence)
+LOADED_FROM = "turnover_checkpoint_dir"  # on a loaded model: the folder it came from (its states may be carried)
 JOURNAL = ".turnover-save.json"  # present only while a finished staging folder is being moved in
 # Files and folders that belong to one saved model; a save removes those of the previous model it does not rewrite.
 _MODEL_FILE = re.compile(
     r"(?:model|pytorch_model|adapter_model|tf_model|flax_model)(?:-\d+-of-\d+)?\.(?:safetensors|bin|h5|msgpack)"
     r"(?:\.index\.json)?"
 )
-_MODEL_NAMES = {"config.json", "generation_config.json", "adapter_config.json", CONFIG_NAME, TRAINING_SET_NAME,
-                INFLUENCE_DIR, "hydra"}
+_MODEL_NAMES = {"config.json", "generation_config.json", "adapter_config.json", CONFIG_NAME, TRAINING_SET_NAME}
 
 
-def _card_section(config: TurnoverConfig, repo_or_path: str, influence: bool) -> str:
+def remember_checkpoint(model: nn.Module, folder: str) -> None:
+    """Record on a loaded patched model the folder it came from."""
+    setattr(patched_root(model), LOADED_FROM, folder)
+
+
+def _loaded_from(model: nn.Module) -> Optional[str]:
+    return getattr(patched_root(model), LOADED_FROM, None)
+
+
+def _card_section(config: TurnoverConfig, repo_or_path: str, states: list[str]) -> str:
     sites = config.mask_sites or {}
     record = config.training_set or {}
     source = record.get("source")
@@ -63,8 +71,8 @@ def _card_section(config: TurnoverConfig, repo_or_path: str, influence: bool) ->
                 f"(columns {', '.join(record['columns'])}); pass them as `train_dataset`, they are verified row by row.")
     else:
         data = f"Training data: {config.num_train_examples or 'an unrecorded number of'} examples (not fingerprinted)."
-    fit = ("Included: a fitted influence function (`influence/`), so explanations need no refit."
-           if influence else "No fitted influence function is included; the pipeline fits one on first use.")
+    fit = (f"Included: fitted estimator state ({', '.join(f'`{s}/`' for s in states)}), so explanations need no refit."
+           if states else "No fitted estimator state is included; the pipeline fits one on first use.")
     return f"""{CARD_START}
 ## Influence-ready (turn-over dropout)
 
@@ -94,8 +102,8 @@ def write_model_card(save_directory: str, config: TurnoverConfig, repo_or_path: 
     else the user wrote (read from ``previous``, default the same file)."""
     path = os.path.join(save_directory, "README.md")
     previous = previous or path
-    influence = os.path.isdir(os.path.join(save_directory, INFLUENCE_DIR))
-    section = _card_section(config, repo_or_path or save_directory, influence)
+    states = sorted(s.folder for s in saved_states().values() if s.saved_in(save_directory))
+    section = _card_section(config, repo_or_path or save_directory, states)
     if os.path.isfile(previous):
         card = ModelCard.load(previous)
         text = card.text
@@ -113,7 +121,8 @@ def write_model_card(save_directory: str, config: TurnoverConfig, repo_or_path: 
 
 
 def _is_model_entry(folder: str, name: str) -> bool:
-    if name in _MODEL_NAMES or _MODEL_FILE.fullmatch(name):
+    states = {state.folder for state in saved_states().values()}
+    if name in _MODEL_NAMES or name in states or _MODEL_FILE.fullmatch(name):
         return True
     # a PEFT adapter other than "default" lives in its own subfolder
     return os.path.isfile(os.path.join(folder, name, "adapter_config.json"))
@@ -195,19 +204,25 @@ def _clean_stale_staging(folder: str) -> None:
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
-def _carried_fit(model: nn.Module, loaded_from: Optional[str]) -> Optional[str]:
-    """The fitted influence function of the checkpoint ``model`` was loaded from, if it fits these very weights (a
-    model loaded, then saved or pushed elsewhere, keeps its fit; one trained further does not)."""
-    if loaded_from is None:
-        return None
-    folder = os.path.join(loaded_from, INFLUENCE_DIR)
-    try:
-        with open(os.path.join(folder, "influence.json"), encoding="utf-8") as handle:
-            fitted_on = json.load(handle).get("weights_fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
-    current = fingerprint({n: p.detach() for n, p in model.named_parameters()})
-    return folder if fitted_on == current else None
+def _save_states(model: nn.Module, staging: str, given: Optional[dict[str, Any]]) -> None:
+    """Write into ``staging`` every registered estimator state that belongs to ``model``'s weights: the fitted
+    estimators it carries (or ``given``), else those of the folder it was loaded from that still fit its weights
+    (a model loaded, then saved or pushed elsewhere, keeps them; one trained further does not)."""
+    fitted = {**fitted_of(model), **(given or {})}
+    loaded_from = _loaded_from(model)
+    for name, state in saved_states().items():
+        target = os.path.join(staging, state.folder)
+        if name in fitted:
+            try:
+                fitted[name].save(target)
+                continue
+            except StaleFitError as err:
+                logger.warning("the checkpoint is saved without the %s estimator's state: %s", name, err)
+                shutil.rmtree(target, ignore_errors=True)
+                attach_fitted(model, name, None)
+        carried = state.saved_in(loaded_from)
+        if carried is not None and state.belongs_to(carried, model):
+            shutil.copytree(carried, target)
 
 
 def save_influence_ready(
@@ -220,11 +235,12 @@ def save_influence_ready(
     **kwargs: Any,
 ) -> None:
     """``save_pretrained`` of a patched model: weights (adapters included) + ``turnover_config.json`` + the training
-    set's record + model card (+ ``influence``, a fitted influence scorer, or the one fitted on this model).
+    set's record + model card (+ the estimator states that belong to these weights: see
+    :class:`~turnover_hf.estimators.SavedState`; ``influence``: a fitted influence scorer to save with them).
 
     The folder afterwards holds exactly this model's checkpoint: files the previous model there had and this one does
-    not write (other weight shards and their index, adapter files, an influence fit) are removed; files that are not
-    part of a model (a README's text, tokenizer files, your own artefacts) are kept.
+    not write (other weight shards and their index, adapter files, any estimator's state folder) are removed; files
+    that are not part of a model (a README's text, tokenizer files, your own artefacts) are kept.
 
     Example:
         >>> save_influence_ready(model, "out")     # what model.save_pretrained("out") does on a patched model
@@ -243,7 +259,6 @@ def save_influence_ready(
     finish_interrupted_save(save_directory)
     _clean_stale_staging(save_directory)
     state = state_of(model)
-    influence = influence if influence is not None else state.influence
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save_directory))}.turnover-save-",
                                dir=os.path.dirname(os.path.abspath(save_directory)))
     committed = False
@@ -251,19 +266,11 @@ def save_influence_ready(
         original(staging, is_main_process=True, **kwargs)
         saved = copy.deepcopy(state.config)  # the live config keeps deciding the masks, untouched
         saved.trainable_parameters = [n for n, p in inner_model(model).named_parameters() if p.requires_grad]
-        if state.training_set is not None:
-            state.training_set.save(staging)
-            saved.training_set = state.training_set.summary()
-        if influence is not None:
-            try:
-                influence.save(os.path.join(staging, INFLUENCE_DIR))
-            except StaleFitError as err:
-                logger.warning("the checkpoint is saved without its influence function: %s", err)
-                shutil.rmtree(os.path.join(staging, INFLUENCE_DIR), ignore_errors=True)
-                if state.influence is influence:
-                    state.influence = None
-        elif _carried_fit(model, state.checkpoint_dir) is not None:
-            shutil.copytree(_carried_fit(model, state.checkpoint_dir), os.path.join(staging, INFLUENCE_DIR))
+        record = training_set_of(model)
+        if record is not None:
+            record.save(staging)
+            saved.training_set = record.summary()
+        _save_states(model, staging, None if influence is None else {"influence": influence})
         saved.save_pretrained(staging)
         repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory))) if push_to_hub else None
         previous = os.path.join(save_directory, "README.md")  # the user's card, else the one the save wrote (PEFT)

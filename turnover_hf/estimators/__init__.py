@@ -18,13 +18,19 @@ from .registry import (
     EstimatorContext,
     EstimatorFallback,
     EstimatorSpec,
+    SavedState,
+    attach_fitted,
+    carried_options,
+    choose_estimator,
     describe_estimators,
     estimator_names,
+    fitted_of,
     get_estimator,
     options_classes,
     options_owner,
     register_estimator,
     resolve_estimator,
+    saved_states,
     unregister_estimator,
 )
 
@@ -32,8 +38,8 @@ from .registry import (
 from . import ensemble, influence, hydra, projected  # noqa: E402,F401  isort: skip
 
 __all__ = [
-    "AUTO", "BuiltEstimator", "Estimator", "EstimatorContext", "EstimatorFallback", "EstimatorSpec", "describe_estimators",
-    "estimator_names", "get_estimator", "options_classes", "options_owner",
-    "register_estimator", "resolve_estimator",
+    "AUTO", "BuiltEstimator", "Estimator", "EstimatorContext", "EstimatorFallback", "EstimatorSpec", "SavedState",
+    "attach_fitted", "carried_options", "choose_estimator", "describe_estimators", "estimator_names", "fitted_of",
+    "get_estimator", "options_classes", "options_owner", "register_estimator", "resolve_estimator", "saved_states",
     "unregister_estimator",
 ]

@@ -29,6 +29,9 @@ from ..errors import ConfigMismatchError, TurnoverError
 from ..losses import eval_mode, is_causal_lm, model_inputs
 from .registry import BuiltEstimator, Estimator, EstimatorContext, register_estimator
 from .turnover import TurnoverScorer, masks_key
+from ..ranks import spearman_columns
+from ..patcher import patch_model
+from ..trainer import TurnoverTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +80,6 @@ def split_half_agreement(member_scores: torch.Tensor) -> dict[str, Any]:
     Example:
         >>> split_half_agreement(torch.randn(8, 100, 3))["estimated"]     # ~0 for pure noise
     """
-    from ..ranks import spearman_columns
 
     k, n = member_scores.shape[:2]
     if k < 2 or n < 3:
@@ -184,8 +186,6 @@ def train_ensemble(
         >>> train_ensemble(lambda: AutoModelForSequenceClassification.from_pretrained(base), TurnoverConfig(),
         ...                args, train, num_members=16, processing_class=tokenizer)
     """
-    from ..patcher import patch_model
-    from ..trainer import TurnoverTrainer
 
     if num_members < 1:
         raise TurnoverError(f"num_members must be at least 1, got {num_members}.")

@@ -10,8 +10,9 @@ from torch import nn
 
 from ..config import MASK_FIELDS
 from ..context import state_of
+from ..training_set import training_set_of
 from ..errors import ConfigMismatchError, StaleFitError
-from ..store import fingerprint
+from ..fingerprints import weights_fingerprint
 
 
 class FittedOnModel:
@@ -28,11 +29,11 @@ class FittedOnModel:
         return {name: config[name] for name in MASK_FIELDS}
 
     def weights_fingerprint(self) -> str:
-        return fingerprint({n: p.detach() for n, p in self.model.named_parameters()})
+        return weights_fingerprint(self.model)
 
     def identity(self) -> dict[str, Optional[str]]:
         """What a fit made now belongs to: these weights, and the training set recorded on the model (if any)."""
-        record = state_of(self.model).training_set if self.patched else None
+        record = training_set_of(self.model) if self.patched else None
         return {"weights_fingerprint": self.weights_fingerprint(),
                 "training_set_fingerprint": None if record is None else record.fingerprint}
 
@@ -65,7 +66,7 @@ def check_saved_fit(scorer: FittedOnModel, meta: Mapping[str, Any], folder: str,
             f"the model's weights differ from those the {what} in {folder!r} was fitted on; its factors would "
             f"belong to another model. {refit}"
         )
-    record = state_of(scorer.model).training_set if scorer.patched else None
+    record = training_set_of(scorer.model) if scorer.patched else None
     fitted_on = meta.get("training_set_fingerprint")
     if record is not None and fitted_on is not None and fitted_on != record.fingerprint:
         raise StaleFitError(

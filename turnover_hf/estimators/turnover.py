@@ -39,6 +39,7 @@ from ..losses import (
     predicted_labels,
 )
 from ..masks import mask_for, scale_of
+from ..prefix import PrefixReplay, closed_form_head, head_features, head_logits
 from ..sites import inner_model
 from .registry import Estimator
 
@@ -63,7 +64,7 @@ class TurnoverScorer(Estimator):
 
     Paths: ``"closed_form"`` (only the head's Linear is masked, on its inputs: all pairs from one matrix product),
     ``"prefix"`` (the layers below the lowest mask run once per target and are replayed for every mask; see
-    :mod:`turnover_hf.estimators.prefix`), ``"batched"`` (every (id, target, mask-or-flip) row a full forward). A fast path
+    :mod:`turnover_hf.prefix`), ``"batched"`` (every (id, target, mask-or-flip) row a full forward). A fast path
     is checked against the batched path on its first use and abandoned, with a warning, if they disagree.
 
     Causal LMs (PEFT-wrapped or not) score the shifted next-token loss of the counted tokens of each target; the
@@ -78,7 +79,6 @@ class TurnoverScorer(Estimator):
     """
 
     def __init__(self, model: nn.Module, *, batch_size: int = 64, fast: bool = True) -> None:
-        from .prefix import PrefixReplay, closed_form_head
 
         self.model = model
         self.state = state_of(model)
@@ -211,7 +211,6 @@ class TurnoverScorer(Estimator):
 
     # -- closed-form head path -----------------------------------------------------------------------------------
     def _features(self, inputs):
-        from .prefix import head_features
 
         return head_features(self.model, self._head, inputs)
 
@@ -227,7 +226,6 @@ class TurnoverScorer(Estimator):
         return per_example_loss(flip_logits, labels) - per_example_loss(mask_logits, labels)
 
     def _closed_form_scores(self, inputs, labels, example_ids) -> torch.Tensor:
-        from .prefix import head_logits
 
         head = dict(self._inner.named_modules())[self._head]
         features, _ = self._features(inputs)  # (T, d)
@@ -247,7 +245,6 @@ class TurnoverScorer(Estimator):
     # -- safety net ----------------------------------------------------------------------------------------------
     def _verify(self, inputs, labels, example_ids) -> None:
         """Compare the fast path with the batched definition on a few pairs; fall back to batched if they differ."""
-        from .prefix import PrefixReplay
 
         self._verified = True
         ids = example_ids[:3]

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..config import TurnoverConfig
 from ..masks import mask_for, scale_of
+from ..patcher import patch_model
 
 HEAD_PREFIX = "head."
 MASKINGS: tuple[str, ...] = ("turnover", "dropout", "none")
@@ -151,7 +152,6 @@ def patched_classifier(head: TurnoverHead, mask_seed: int) -> HeadClassifier:
     Under ``turnover_hf.instance_masks(model, ids, mode=...)`` the wrapper applies the library's own masks, which
     is how tests and benchmarks check that :func:`head_masks` reproduces them bit for bit.
     """
-    from ..patcher import patch_model
 
     recipe = head.recipe
     config = TurnoverConfig(p=recipe.p, seed=mask_seed, target_modules=list(recipe.layer_keys))

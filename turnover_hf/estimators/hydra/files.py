@@ -7,7 +7,7 @@ from typing import Sequence
 
 from torch import nn
 
-from ...store import fingerprint
+from ...fingerprints import weights_fingerprint
 from ..gradients import ParamSpec
 
 logger = logging.getLogger(__name__)
@@ -28,6 +28,6 @@ HYDRA_MODES = ("full", "lean")
 
 
 
-def weights_fingerprint(model: nn.Module, specs: Sequence[ParamSpec]) -> str:
-    named = dict(model.named_parameters())
-    return fingerprint({s.name: named[s.name].detach() for s in specs})
+def tracked_weights_fingerprint(model: nn.Module, specs: Sequence[ParamSpec]) -> str:
+    """The weights fingerprint of the tracked parameters only (what the hypergradients depend on)."""
+    return weights_fingerprint(model, [s.name for s in specs])

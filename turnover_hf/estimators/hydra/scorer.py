@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Union
 
 import torch
@@ -12,8 +11,8 @@ from ...data import check_ids_known
 from ...errors import ConfigMismatchError, TurnoverError
 from ...files import PathLike
 from ..gradients import PerExampleGrads, target_gradients
-from ..registry import BuiltEstimator, Estimator, EstimatorContext, register_estimator
-from .files import HYDRA_DIR, weights_fingerprint
+from ..registry import BuiltEstimator, Estimator, EstimatorContext, SavedState, register_estimator
+from .files import HYDRA_DIR, META_NAME, tracked_weights_fingerprint
 from .table import SavedHypergradients
 from .tracker import HydraTracker, check_seen
 
@@ -56,7 +55,7 @@ class HydraScorer(Estimator):
                 f"the model lacks the tracked parameters {bad[:5]} (or their shapes differ): score with the model "
                 "whose training was tracked."
             )
-        if strict and expected is not None and weights_fingerprint(model, specs) != expected:
+        if strict and expected is not None and tracked_weights_fingerprint(model, specs) != expected:
             raise ConfigMismatchError(
                 "the model's tracked parameters differ from the weights the tracked training ended with; HYDRA "
                 "scores need that final model (pass strict=False to score another one anyway)."
@@ -111,11 +110,11 @@ class HydraScorer(Estimator):
                "tracked through the optimiser's updates (HYDRA).",
     auto=lambda context: "hydra_dir was given" if "hydra" in context.state_dirs else None,
     auto_priority=10,
-    state_dir=HYDRA_DIR,
+    saved_state=SavedState(HYDRA_DIR, META_NAME, tracked_only=True),
 )
 def build(context: EstimatorContext) -> BuiltEstimator:
     """The hypergradients a HYDRA trainer saved (``hydra_dir``, by default ``<checkpoint>/hydra``)."""
-    folder = context.state_dirs.get("hydra") or (os.path.join(context.path, HYDRA_DIR) if context.path else None)
+    folder = context.state_dir()
     if folder is None:
         raise TurnoverError("estimator='hydra' needs hydra_dir=... (the folder trainer.hydra.save(...) wrote).")
     saved = SavedHypergradients.load(folder)

@@ -18,7 +18,7 @@ from ...errors import ConfigMismatchError, ExampleIdError, TurnoverError
 from ...files import PathLike, atomic_write_text
 from ...losses import IGNORE_INDEX, eval_mode, logits_of, model_inputs, per_example_loss
 from ..gradients import PerExampleGrads, labels_in, param_specs
-from .files import FORMAT, FORMAT_VERSION, META_NAME, NORMALISATION, ROW_CHUNK, weights_fingerprint
+from .files import FORMAT, FORMAT_VERSION, META_NAME, NORMALISATION, ROW_CHUNK, tracked_weights_fingerprint
 from .table import Hypergradients, ProjectedHypergradients
 
 logger = logging.getLogger(__name__)
@@ -359,7 +359,7 @@ class HydraTracker:
             "optimizer": self.optimizer_name,
             "steps": self.steps,
             "max_residual": self.max_residual,
-            "weights_fingerprint": weights_fingerprint(self.model, self.specs),
+            "weights_fingerprint": tracked_weights_fingerprint(self.model, self.specs),
         }
         atomic_write_text(os.path.join(os.fspath(folder), META_NAME), json.dumps(meta, indent=2) + "\n")
 

@@ -23,6 +23,7 @@ from ...trainer import ExampleIdTrainer, TurnoverTrainer
 from ..gradients import PerExampleGrads, labels_in, param_specs, target_gradients
 from .files import HYDRA_DIR, HYDRA_MODES
 from .tracker import HydraTracker, LeanTracker, check_lean_optimizer, check_seen
+from ...context import instance_masks
 
 logger = logging.getLogger(__name__)
 
@@ -434,7 +435,6 @@ class HydraTurnoverTrainer(HydraTrainingMixin, TurnoverTrainer):
     def __init__(self, model: Optional[nn.Module] = None, args: Any = None, data_collator: Any = None, *pos: Any,
                  hessian: bool = False, hydra_storage_dir: Optional[PathLike] = None,
                  hydra_parameters: Optional[Sequence[str]] = None, hydra_mode: str = "full", **kwargs: Any) -> None:
-        from ...context import instance_masks
 
         super().__init__(model, args, data_collator, *pos, **kwargs)
         train_dataset = kwargs.get("train_dataset", pos[0] if pos else None)

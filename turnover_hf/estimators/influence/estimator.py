@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ...context import state_of
 from ...errors import TurnoverError
-from ..registry import BuiltEstimator, EstimatorContext, register_estimator
+from ..registry import BuiltEstimator, EstimatorContext, SavedState, register_estimator
 from .files import INFLUENCE_DIR, META_NAME
 from .scorer import InfluenceFunctionScorer
 
@@ -65,7 +64,7 @@ def _given(options: InfluenceOptions) -> dict:
     options_class=InfluenceOptions,
     auto=lambda context: "the influence function is the most faithful estimator for a classifier",
     auto_priority=90,
-    state_dir=INFLUENCE_DIR,
+    saved_state=SavedState(INFLUENCE_DIR, META_NAME),
     worth="Scored by the damped Gauss-Newton influence function on the adapters and the classifier: in "
           "benchmarks/fidelity.py its rankings predict retraining best (LDS 0.41 on a MiniLM adapter) and two "
           "seeds agree (0.38).",
@@ -79,10 +78,8 @@ def build(context: EstimatorContext) -> BuiltEstimator:
     model = context.model
     options = context.options or InfluenceOptions()
     given = _given(options)
-    folder = context.state_dirs.get("influence")
-    if folder is None and context.path is not None and os.path.isfile(os.path.join(context.path, INFLUENCE_DIR, META_NAME)):
-        folder = os.path.join(context.path, INFLUENCE_DIR)
-    if folder is not None and os.path.isfile(os.path.join(folder, META_NAME)):
+    folder = context.saved_folder()
+    if folder is not None:
         runtime = {k: given.pop(k) for k in RUNTIME_OPTIONS if k in given}
         saved = InfluenceFunctionScorer.read_meta(folder)
         changed = sorted(k for k, v in given.items() if saved.get(k, v) != v or k not in saved)

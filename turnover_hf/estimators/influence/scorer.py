@@ -18,10 +18,10 @@ from ...errors import MissingExampleIdsError, TurnoverError
 from ...files import PathLike
 from ...losses import eval_mode, find_labels, is_causal_lm, logits_of, model_inputs
 from ...patcher import is_patched
-from ...store import fingerprint
+from ...fingerprints import fingerprint
 from ..gradients import PerExampleGrads, linear_calls, param_specs, target_gradients
 from ..fitted import FittedOnModel
-from ..registry import Estimator, EstimatorFallback
+from ..registry import Estimator, EstimatorFallback, attach_fitted
 from .budget import FitBudgetError, check_factorised_budget, check_materialised_budget, factorised_gb, materialised_gb
 from .curvature import curvature_blocks, kept_classes
 from .factorised import FactorisedFit, NotFactorisable, layer_inputs, linear_layers, one_row_each, output_gradients
@@ -274,7 +274,7 @@ class InfluenceFunctionScorer(FittedOnModel, Estimator):
     def attached(self) -> "InfluenceFunctionScorer":
         """This fitted scorer, recorded on the patched model so that its save_pretrained / push_to_hub carry it."""
         if self.patched:
-            state_of(self.model).influence = self
+            attach_fitted(self.model, "influence", self)
         return self
 
     def _factorisable(self) -> bool:

@@ -51,14 +51,15 @@ against retraining beside the exact fit.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from ...losses import is_causal_lm
-from ..registry import BuiltEstimator, EstimatorContext, register_estimator
+from ..registry import BuiltEstimator, EstimatorContext, SavedState, register_estimator
 from .files import FIT_OPTIONS, META_NAME, PROJECTED_DIR, read_fit_meta
 from .scorer import ProjectedInfluenceScorer, split_trainable
+from ..influence import InfluenceFunctionScorer
+from ...errors import TurnoverError
 
 __all__ = ["ProjectedInfluenceScorer", "ProjectedOptions", "PROJECTED_DIR"]
 
@@ -117,7 +118,6 @@ def _exact_fit_too_large(context: EstimatorContext) -> Optional[str]:
     if is_causal_lm(model):
         return ("a causal language model: the projected influence function covers it with per-token Gauss-Newton "
                 "curvature")
-    from ..influence import InfluenceFunctionScorer  # noqa: PLC0415  (the exact fit's size, asked lazily)
 
     options = context.options
     budget = (options.get("max_memory_gb") if isinstance(options, Mapping) else getattr(options, "max_memory_gb", None))
@@ -145,7 +145,7 @@ def _exact_fit_too_large(context: EstimatorContext) -> Optional[str]:
     options_class=ProjectedOptions,
     auto=_exact_fit_too_large,
     auto_priority=15,
-    state_dir=PROJECTED_DIR,
+    saved_state=SavedState(PROJECTED_DIR, META_NAME),
     worth="Scored by the damped Gauss-Newton influence function in the k (default 4096) directions of largest curvature "
           "(Kronecker eigenbasis) of the gradients (benchmarks/fidelity.py compares it with the exact fit).",
     low_self_influence="Lowest: examples the rest of the data already predicts.",
@@ -153,14 +153,11 @@ def _exact_fit_too_large(context: EstimatorContext) -> Optional[str]:
 def build(context: EstimatorContext) -> BuiltEstimator:
     """Load the fit kept in the state folder when there is one (options that would change it are refused), else a
     scorer that fits on the training set when first used."""
-    from ...errors import TurnoverError
 
     options = context.options or ProjectedOptions()
     given = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
-    folder = context.state_dirs.get("projected")
-    if folder is None and context.path is not None and os.path.isfile(os.path.join(context.path, PROJECTED_DIR, META_NAME)):
-        folder = os.path.join(context.path, PROJECTED_DIR)
-    if folder is not None and os.path.isfile(os.path.join(folder, META_NAME)):
+    folder = context.saved_folder()
+    if folder is not None:
         saved = read_fit_meta(folder)
         defaults = ProjectedOptions()
         changed = sorted(k for k in FIT_OPTIONS if k != "parameters" and given[k] != getattr(defaults, k)

@@ -25,7 +25,7 @@ from ...files import PathLike
 from ...losses import IGNORE_INDEX, find_labels, is_causal_lm, model_inputs, per_example_loss, per_token_loss
 from ...masks import keyed_hash, salted_hash
 from ...patcher import is_patched
-from ...store import fingerprint
+from ...fingerprints import fingerprint
 from ..gradients import ParamSpec, param_specs
 from ..influence.curvature import curvature_roots, kept_classes, label_coefficients
 from ..fitted import FittedOnModel
@@ -37,6 +37,8 @@ from .gradients import ProjectedGradients
 from .projection import (CoordinateSelection, LayerProjection, eigen_dim, eigen_projections, layer_projections,
                          layer_shapes)
 from .store import RowStore, RowWriter, is_shard_file, shard_names
+from .files import load_fit, save_fit
+
 
 logger = logging.getLogger(__name__)
 
@@ -603,7 +605,6 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
         Example:
             >>> scorer.save("out/model/projected")     # InfluencePipeline("out/model", estimator="projected")
         """
-        from .files import save_fit
 
         save_fit(self, folder)
 
@@ -614,6 +615,5 @@ class ProjectedInfluenceScorer(FittedOnModel, Estimator):
         Example:
             >>> scorer = ProjectedInfluenceScorer.load(model, "out/model/projected")
         """
-        from .files import load_fit
 
         return load_fit(cls, model, folder, **kwargs)

@@ -23,9 +23,9 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from ..context import instance_masks, state_of
-from ..layers import channel_stack
-from ..sites import head_linears, inner_model
+from .context import instance_masks, state_of
+from .layers import channel_stack
+from .sites import head_linears, inner_model
 
 
 def _layer_list(base: nn.Module) -> tuple[str, Optional[nn.ModuleList]]:
