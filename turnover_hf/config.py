@@ -13,6 +13,7 @@ from transformers.utils import PushToHubMixin
 
 from .errors import ConfigMismatchError
 from .files import atomic_write_text
+from .fingerprints import fingerprint
 from .masks import SCHEMES, validate_drop_ratio, validate_seed
 from .version import __version__
 
@@ -89,6 +90,13 @@ class TurnoverConfig(PushToHubMixin):
         metadata={"help": "Filled by TurnoverTrainer: the training set's size, fingerprint, hashed columns and, when "
                           "known, where it can be loaded from (see turnover_hf.training_set); per-row hashes are in "
                           "training_set.safetensors beside the config."},
+    )
+    trained_weights: Optional[dict[str, str]] = field(
+        default=None,
+        metadata={"help": "Filled by TurnoverTrainer at the end of training and at each save it makes: fingerprints "
+                          "of the mask fields ('masks') and of the trainable weights masked training produced "
+                          "('weights'). A load refuses mask fields edited since, and names weights changed since "
+                          "(trained further without masks)."},
     )
     library_version: str = field(default=__version__, metadata={"help": "turnover-hf version that wrote this config."})
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Version of this file's format."})
@@ -216,6 +224,11 @@ class TurnoverConfig(PushToHubMixin):
                 "save the model again with model.save_pretrained."
             ) from None
         return cls.from_dict(data, source=os.fspath(file))
+
+    def masks_fingerprint(self) -> str:
+        """A fingerprint of the fields that decide the masks (see ``trained_weights``)."""
+        values = self.to_dict()
+        return fingerprint({name: values[name] for name in MASK_FIELDS})
 
     def check_same_masks(self, other: "TurnoverConfig") -> None:
         """Raise :class:`ConfigMismatchError` unless ``other`` gives exactly the same masks."""

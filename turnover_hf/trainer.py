@@ -18,7 +18,39 @@ from .context import instance_masks, state_of
 from .data import BATCH_KEY, InstanceIdCollator, check_id_column, default_collator
 from .dynamics import dynamics_callback
 from .errors import MissingExampleIdsError
+from .fingerprints import fingerprint
+from .sites import inner_model
 from .training_set import DatasetSource, attach_training_set, record_training_set
+
+
+def _trainable_fingerprint(model: nn.Module) -> str:
+    """The fingerprint of the trainable weights (float32 values, by their transformers names)."""
+    return fingerprint({n: p.detach().float() for n, p in inner_model(model).named_parameters() if p.requires_grad})
+
+
+def bind_trained_weights(model: nn.Module) -> None:
+    """Record in the patched model's config that its current trainable weights are what masked training with its
+    current mask fields produced (``TurnoverConfig.trained_weights``)."""
+    config = state_of(model).config
+    config.trained_weights = {"masks": config.masks_fingerprint(), "weights": _trainable_fingerprint(model)}
+
+
+def trained_weights_problem(model: nn.Module) -> Optional[str]:
+    """Why turn-over scores of ``model`` would be wrong: its mask fields or trainable weights differ from those
+    masked training bound together (None when they agree, or nothing was bound: older checkpoints)."""
+    config = state_of(model).config
+    bound = config.trained_weights
+    if not bound:
+        return None
+    if bound.get("masks") != config.masks_fingerprint():
+        return ("its turn-over mask fields (p, seed, scheme, mask sites) differ from those its weights were trained "
+                "with: turnover_config.json was edited after training. Restore the file as it was saved")
+    if bound.get("weights") != _trainable_fingerprint(model):
+        return ("its trainable weights differ from those turn-over training produced (trained further without "
+                "masks, or loaded in another dtype), so every example may have trained its flipped sub-network. "
+                "Train it with TurnoverTrainer again, or score it with an estimator that does not need the masks "
+                "(estimator='influence' or 'projected')")
+    return None
 
 
 class ExampleIdTrainer(Trainer):
@@ -110,7 +142,13 @@ class TurnoverTrainer(ExampleIdTrainer):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().train(*args, **kwargs)
+        bind_trained_weights(self.model)
+        return output
+
     def _save(self, output_dir: Optional[str] = None, state_dict: Any = None) -> None:
+        bind_trained_weights(self.model)  # checkpoints during training and save_model: weights the masks trained
         super()._save(output_dir, state_dict)
         recording = dynamics_callback(self.callback_handler)
         if recording is not None and len(recording.recorder):

@@ -30,6 +30,7 @@ from ..context import state_of
 from ..errors import ConfigMismatchError
 from ..layers import CHANNEL_BIAS, CHANNEL_WEIGHT
 from ..patcher import patch_model
+from ..trainer import trained_weights_problem
 from ..sites import inner_model
 from ..training_set import TrainingSet, attach_training_set
 from .save import finish_interrupted_save, remember_checkpoint
@@ -225,6 +226,12 @@ def load_influence_ready(
         saved.check_same_masks(config)
     if saved.mask_sites is None:
         raise ConfigMismatchError(f"{CONFIG_NAME} in {folder!r} records no mask_sites; it was not written by patch_model.")
+    if saved.trained_weights and saved.trained_weights.get("masks") != saved.masks_fingerprint():
+        raise ConfigMismatchError(
+            f"{CONFIG_NAME} in {folder!r} has other mask fields (p, seed, scheme, mask sites) than its weights were "
+            "trained with: the file was edited after training, and every score would use other masks. Restore it "
+            "as it was saved (or save the trained model again)."
+        )
     _check_one_set_of_weights(folder)
     training_set = None if saved.training_set is None else TrainingSet.load(folder, saved.training_set)
     if training_set is None:
@@ -264,6 +271,9 @@ def _loaded(model: nn.Module, training_set: Optional[TrainingSet], folder: str) 
     states may be carried to the next save)."""
     attach_training_set(model, training_set)
     remember_checkpoint(model, folder)
+    problem = trained_weights_problem(model)
+    if problem is not None:
+        logger.warning("%s: %s.", folder, problem)
     return model
 
 

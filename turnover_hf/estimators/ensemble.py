@@ -31,7 +31,7 @@ from .registry import BuiltEstimator, Estimator, EstimatorContext, register_esti
 from .turnover import TurnoverScorer, masks_key
 from ..ranks import spearman_columns
 from ..patcher import patch_model
-from ..trainer import TurnoverTrainer
+from ..trainer import TurnoverTrainer, trained_weights_problem
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +263,11 @@ SINGLE_MODEL_WARNING = (
 def _build(context: EstimatorContext) -> BuiltEstimator:
     """One patched model, or an ensemble of them (their mean score, with a measured agreement)."""
     config = state_of(context.model).config
+    for k, model in enumerate(context.models):
+        problem = trained_weights_problem(model)
+        if problem is not None:
+            raise ConfigMismatchError(f"turn-over scores of {'member ' + str(k) if len(context.models) > 1 else 'this model'} "
+                                      f"would be wrong: {problem}.")
     if len(context.models) > 1:
         scorer: Estimator = EnsembleScorer(context.models, batch_size=context.batch_size, fast=context.fast)
     else:
