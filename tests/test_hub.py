@@ -41,7 +41,7 @@ def test_the_saved_checkpoint_carries_the_fit_and_the_card_says_so(published):
     root, _ = published
     assert os.path.isfile(root / "published" / "influence" / "influence.json")
     card = (root / "published" / "README.md").read_text()
-    assert "Included: a fitted influence function" in card and str(root / "data") in card
+    assert "Included: the fitted state of the influence estimator (`influence/`)" in card and str(root / "data") in card
 
 
 def test_a_downstream_user_explains_without_refitting(published):

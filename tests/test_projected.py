@@ -81,7 +81,7 @@ def test_the_eigen_design_keeps_the_pairs_of_largest_curvature():
 
 
 def test_the_eigen_basis_comes_from_a_spread_sample(setup):
-    from turnover_hf.estimators.projected.scorer import basis_batches
+    from turnover_hf.estimators.projected.fitting import basis_batches
 
     assert basis_batches([8] * 10, 100) == list(range(10))
     spread = basis_batches([8] * 10, 24)
@@ -214,7 +214,7 @@ def _lora_llama():
 def test_causal_lm_sequence_and_token_scores_with_peft_lora(caplog):
     model = _lora_llama()
     train = _lm_corpus()
-    with caplog.at_level(logging.INFO, logger="turnover_hf.pipeline"):
+    with caplog.at_level(logging.INFO, logger="turnover_hf.estimators.registry"):
         pipe = th.InfluencePipeline(model, train_dataset=train, options={"show_progress": False, "projection_dim": WHOLE})
     assert pipe.estimator == "projected" and "causal language model" in caplog.text
     assert all(".lora_" in s.name for s in pipe.fit().scorer.specs)

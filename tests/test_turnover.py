@@ -143,7 +143,7 @@ def test_each_fast_path_equals_the_naive_definition(factory, path, train_set, ca
 
 def test_a_wrong_fast_path_is_caught_and_abandoned(train_set, caplog, monkeypatch):
     """The safety net: if replaying the prefix gave other numbers than the model, scores fall back to batched."""
-    from turnover_hf.estimators import prefix
+    from turnover_hf import prefix
 
     model = th.patch_model(_top_layer_adapter(tiny_bert()), th.TurnoverConfig(seed=4), warn_leaking=False).eval()
     with torch.no_grad():

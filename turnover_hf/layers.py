@@ -17,14 +17,14 @@ half-networks, which dominates a single model's scores, shrinks about like ``1/s
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .context import MaskState
 from .errors import ConfigMismatchError, ExampleIdError
-from .sites import MaskSite, is_adapters_lora
+from .sites import MaskSite
 
 
 def _batch_mask(site: MaskSite, state: MaskState, x: torch.Tensor, module_training: bool) -> Optional[torch.Tensor]:

@@ -11,8 +11,8 @@ from torch import nn
 from .config import TurnoverConfig
 from .context import MaskState, state_of
 from .errors import ConfigMismatchError, NotPatchedError, TurnoverError
-from .layers import InputMaskHook, OutputMaskHook, add_channels, fold_channels, is_adapters_lora, masked_lora_class
-from .sites import covered_parameters, inner_model, resolve_sites, units_of
+from .layers import InputMaskHook, OutputMaskHook, add_channels, fold_channels, masked_lora_class
+from .sites import covered_parameters, inner_model, is_adapters_lora, resolve_sites, units_of
 
 logger = logging.getLogger(__name__)
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import TurnoverError
-from .fingerprints import fingerprint
 from .files import atomic_path, atomic_write_text
 
 MANIFEST = "manifest.json"

@@ -26,7 +26,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..config import CONFIG_NAME, TurnoverConfig
-from ..context import state_of
 from ..errors import ConfigMismatchError
 from ..layers import CHANNEL_BIAS, CHANNEL_WEIGHT
 from ..patcher import patch_model

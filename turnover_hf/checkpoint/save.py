@@ -58,7 +58,7 @@ def _loaded_from(model: nn.Module) -> Optional[str]:
     return getattr(patched_root(model), LOADED_FROM, None)
 
 
-def _card_section(config: TurnoverConfig, repo_or_path: str, states: list[str]) -> str:
+def _card_section(config: TurnoverConfig, repo_or_path: str, states: list[tuple[str, str]]) -> str:
     sites = config.mask_sites or {}
     record = config.training_set or {}
     source = record.get("source")
@@ -71,8 +71,9 @@ def _card_section(config: TurnoverConfig, repo_or_path: str, states: list[str]) 
                 f"(columns {', '.join(record['columns'])}); pass them as `train_dataset`, they are verified row by row.")
     else:
         data = f"Training data: {config.num_train_examples or 'an unrecorded number of'} examples (not fingerprinted)."
-    fit = (f"Included: fitted estimator state ({', '.join(f'`{s}/`' for s in states)}), so explanations need no refit."
-           if states else "No fitted estimator state is included; the pipeline fits one on first use.")
+    fit = (f"Included: the fitted state of the {', '.join(f'{name} estimator (`{folder}/`)' for name, folder in states)}, "
+           "so explanations need no refit." if states else
+           "No fitted estimator state is included; the pipeline fits one on first use.")
     return f"""{CARD_START}
 ## Influence-ready (turn-over dropout)
 
@@ -102,7 +103,7 @@ def write_model_card(save_directory: str, config: TurnoverConfig, repo_or_path: 
     else the user wrote (read from ``previous``, default the same file)."""
     path = os.path.join(save_directory, "README.md")
     previous = previous or path
-    states = sorted(s.folder for s in saved_states().values() if s.saved_in(save_directory))
+    states = sorted((name, s.folder) for name, s in saved_states().items() if s.saved_in(save_directory))
     section = _card_section(config, repo_or_path or save_directory, states)
     if os.path.isfile(previous):
         card = ModelCard.load(previous)
