@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ..errors import TurnoverError
+from ..data import BATCH_KEY
+from ..errors import MissingExampleIdsError, TurnoverError
 from ..losses import eval_mode, find_labels, is_causal_lm, logits_of, model_inputs, per_example_loss
 
 logger = logging.getLogger(__name__)
@@ -322,3 +323,13 @@ def tracked_requiring_grad(model: nn.Module, specs: Sequence[ParamSpec]) -> Iter
     finally:
         for t, flag in zip(tensors, flags):
             t.requires_grad_(flag)
+
+
+def batch_ids(batch: Mapping[str, Any]) -> torch.Tensor:
+    """A training batch's example ids (int64, CPU), or the error that says how to get them."""
+    if batch.get(BATCH_KEY) is None:
+        raise MissingExampleIdsError(
+            "a training batch has no example_ids: fit on a dataset with its id column "
+            "(turnover_hf.add_example_ids) or on batches collated by turnover_hf.InstanceIdCollator."
+        )
+    return torch.as_tensor(batch[BATCH_KEY]).to(torch.int64).cpu()

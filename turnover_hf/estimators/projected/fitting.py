@@ -19,25 +19,16 @@ from tqdm.auto import tqdm
 from transformers import default_data_collator
 
 from ...data import BATCH_KEY, InstanceIdCollator, check_id_column
-from ...errors import MissingExampleIdsError, TurnoverError
+from ...errors import TurnoverError
 from ..influence.curvature import curvature_roots
 from .files import META_NAME
+from ..gradients import batch_ids
 from .gradients import ProjectedGradients
 from .projection import CoordinateSelection, eigen_projections, layer_projections
 from .store import RowStore, RowWriter, is_shard_file, shard_names
 
 BASIS_SIDE_FACTOR = 4  # eigen design: sides longer than 4 x side_dim are first cut by random signs (moment memory)
 TrainData = Union[Dataset, Sequence[Mapping[str, Any]]]
-
-
-def batch_ids(batch: Mapping[str, Any]) -> torch.Tensor:
-    """A training batch's example ids (int64, CPU), or the error that says how to get them."""
-    if batch.get(BATCH_KEY) is None:
-        raise MissingExampleIdsError(
-            "a training batch has no example_ids: fit on a dataset with its id column "
-            "(turnover_hf.add_example_ids) or on batches collated by turnover_hf.InstanceIdCollator."
-        )
-    return torch.as_tensor(batch[BATCH_KEY]).to(torch.int64).cpu()
 
 
 def basis_batches(sizes: Sequence[int], examples: int) -> list[int]:
