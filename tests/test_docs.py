@@ -120,3 +120,18 @@ def test_the_estimator_guide_registers_an_estimator_the_pipeline_uses():
         assert torch.equal(pipe.scores(targets), same.float() * 2 - 1)
     finally:
         unregister_estimator("same-label")
+
+
+def test_every_command_line_in_the_docs_and_readme_uses_real_commands_and_flags():
+    lines = [(p, line) for p in [ROOT / "README.md", *markdown_pages()]
+             for block in re.findall(r"^```bash\n(.*?)^```", p.read_text(), re.S | re.M)
+             for line in block.splitlines() if line.startswith("turnover-hf ")]
+    assert len(lines) >= 5
+    takes = {}
+    for path, line in lines:
+        command = line.split()[1]
+        if command not in takes:
+            usage = _help([command, "--help"]).split("\n\n", 1)[0]
+            takes[command] = {flag.replace("-", "_").lstrip("_") for flag in re.findall(r"(?<=[\[\s])--[\w-]+", usage)}
+        for flag in re.findall(r"(?<=\s)--[\w-]+", line.split("#", 1)[0]):
+            assert flag.replace("-", "_").lstrip("_") in takes[command], f"{path.name}: `{line}` uses {flag}"
