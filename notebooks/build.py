@@ -310,7 +310,7 @@ top = lambda m: set(m[:, 0].topk(10).indices.tolist())
 print("top-10 proponents of target 0 in common:", len(top(a) & top(b)))"""),
     md("""
 The agreement is moderate: both see which class an example belongs to, but a single turn-over model's ranking
-within a class is mostly mask noise. See the README's fidelity table for how each compares with retraining."""),
+within a class is mostly mask noise. See the fidelity table in docs/method/quality.md for how each compares with retraining."""),
 ]
 
 

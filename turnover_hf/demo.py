@@ -505,7 +505,7 @@ def run(settings: DemoSettings, output_dir: str) -> dict[str, Any]:
     n = settings.listed_self_influence
     lap("self-influence")
 
-    # Suspected label errors as benchmarks/label_errors.py measured best (not self-influence; see the README)
+    # Suspected label errors as benchmarks/label_errors.py measured best (not self-influence; see docs/method/label-errors.md)
     issues = pipe.label_issues()
     row_of = {int(i): r for r, i in enumerate(raw["train"]["example_id"])}
     label_issues = {
@@ -567,7 +567,7 @@ def print_summary(results: dict[str, Any], output_dir: str) -> None:
     caveat = get_estimator(results["estimator"]).one_model_caveat
     if results["errors"] and caveat:
         print(f"\n  (one model: {html.unescape(re.sub('<[^>]+>', '', caveat))} The class means above carry the signal;\n"
-              "   see README, 'How trustworthy are the scores?')")
+              "   see docs/method/quality.md: what each estimator is worth)")
     print(f"\nscores by InfluencePipeline(estimator={results['settings']['estimator']!r}): {results['estimator']}")
     si = results["self_influence"]
     print(

@@ -274,7 +274,27 @@ def render_report(
     max_suspects: int = 10,
     estimator: str = "turnover",
 ) -> str:
-    """The HTML text of a report; see :func:`write_report` for the arguments.
+    """The HTML text of a report.
+
+    Args:
+        title: the heading.
+        summary: an optional paragraph under the heading.
+        config: the model's :class:`TurnoverConfig` (``model.turnover_config``) or its dict.
+        model: the model's name or path.
+        dataset_sizes: e.g. ``{"training examples": 2000, "targets": 486}``.
+        metrics: e.g. ``{"validation accuracy": 0.81}``.
+        explanations: what ``InfluencePipeline.__call__`` returns (one dict or a list), each optionally with the
+            target's ``text`` and ``predicted`` / ``confidence``.
+        suspects: :meth:`InfluencePipeline.self_influence` (or rows with a score); the highest ``max_suspects``
+            are listed.
+        max_suspects: how many suspects are listed.
+        figures: title -> matplotlib Figure, PNG bytes or PNG file.
+        captions: title -> a sentence under the figure.
+        label_names: names of the integer labels (a list, or ``model.config.id2label``).
+        text_column: the text field of training rows and targets.
+        top_k: rows per proponent/opponent table.
+        estimator: the ``InfluencePipeline`` estimator that made the scores (``"turnover"``, ``"influence"`` or
+            ``"hydra"``): the page says what a score means for it.
 
     Example:
         >>> page = render_report(config=model.turnover_config, suspects=pipe.self_influence())
@@ -348,20 +368,10 @@ def write_report(path: PathLike, *, overwrite: bool = False, **kwargs: Any) -> s
     """Write a self-contained HTML report atomically; returns its path.
 
     Args:
-        path: the ``.html`` file to write. An existing file is kept unless ``overwrite=True``.
-        title, summary: the heading and an optional paragraph under it.
-        config: the model's :class:`TurnoverConfig` (``model.turnover_config``) or its dict.
-        model: the model's name or path; dataset_sizes: e.g. ``{"training examples": 2000, "targets": 486}``;
-        metrics: e.g. ``{"validation accuracy": 0.81}``.
-        explanations: what ``InfluencePipeline.__call__`` returns (one dict or a list), each optionally with the
-            target's ``text`` and ``predicted`` / ``confidence``.
-        suspects: :meth:`InfluencePipeline.self_influence` (or rows with a score); the highest ``max_suspects``
-            are listed.
-        figures: title -> matplotlib Figure, PNG bytes or PNG file; captions: title -> a sentence under it.
-        label_names: names of the integer labels (a list, or ``model.config.id2label``).
-        text_column: the text field of training rows and targets. top_k: rows per proponent/opponent table.
-        estimator: the ``InfluencePipeline`` estimator that made the scores (``"turnover"``, ``"influence"`` or
-            ``"hydra"``): the page says what a score means for it.
+        path: the ``.html`` file to write.
+        overwrite: replace an existing file (without it, an existing file is kept and an error raised).
+
+        **kwargs: what to show: the keyword arguments of :func:`render_report`.
 
     Example:
         >>> write_report("runs/report.html", config=model.turnover_config, suspects=pipe.self_influence(),

@@ -32,7 +32,7 @@ from .scoring import (
     command_report,
     command_self_influence,
 )
-from .train import command_train
+from .train import command_train, train_parser
 from . import labels
 
 
@@ -143,6 +143,19 @@ def _command_parser(name: str) -> Any:
             action.choices = estimator_names()
             action.help = f"{action.help} {describe_estimators()}"
     return parser
+
+
+def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each command's full parser, as ``main`` builds them (the docs' CLI page uses them).
+
+    Example:
+        >>> top, commands = parsers()
+        >>> sorted(commands)
+        ['cleanse', 'explain', 'label-issues', 'report', 'self-influence', 'train']
+    """
+    top = _top_parser()
+    names = [name for action in top._actions if isinstance(action, argparse._SubParsersAction) for name in action.choices]
+    return top, {name: train_parser(False) if name == "train" else _command_parser(name) for name in names}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -19,7 +19,7 @@ For N training examples, tracked Linear layers (default: every trainable ``torch
   so it neither stretches nor mixes directions: it leaves out the flattest ones. Sides longer than 4 x
   ``side_dim`` are first cut by random signs (the moments' memory). Measured in ``benchmarks/fidelity.py``
   (N = 2,000, k = 4,096) its scores follow the exact fit's closely where random projections do not (see the
-  README's table).
+  table in docs/method/quality.md).
 
   ``design="sketch"``: random-sign sides cut to ``side_dim``, then one CountSketch of all layers to ``k``;
   ``design="kronecker"``: random-sign sides cut until the layers fit ``k`` (LoGra's design). Both are
