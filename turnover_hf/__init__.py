@@ -30,7 +30,7 @@ from .dynamics import TrainingDynamics, TrainingDynamicsCallback
 from .label_issues import LabelSignals, cleansing_report, rank_label_issues
 from . import assets
 from .checkpoint import load_influence_ready
-from .estimators import register_estimator
+from .estimators import Estimator, EstimatorContext, SavedState, register_estimator, unregister_estimator
 from .estimators.ensemble import EnsembleScorer, split_half_agreement, train_ensemble
 from .estimators.hydra import HydraScorer, HydraTrainer, HydraTurnoverTrainer
 from .estimators.influence import InfluenceFunctionScorer, InfluenceOptions
@@ -44,6 +44,8 @@ __all__ = [
     "ConfigMismatchError",
     "DatasetSource",
     "EnsembleScorer",
+    "Estimator",
+    "EstimatorContext",
     "ExampleIdError",
     "FlipSanityCallback",
     "HydraScorer",
@@ -85,5 +87,7 @@ __all__ = [
     "prompt_completion_features",
     "record_training_set",
     "register_estimator",
+    "SavedState",
+    "unregister_estimator",
     "unpatch_model",
 ]
