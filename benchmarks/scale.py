@@ -300,7 +300,7 @@ def prepare(n: int, folder: Path, max_length: int, batch_size: int, n_targets: i
 def describe_scorer(pipe: Any) -> str:
     """The estimator the pipeline resolved, its class and how it fitted (method, projection), when it says."""
     scorer = pipe.scorer
-    details = [f"{name}={getattr(scorer, name)}" for name in ("method", "projection_dim")
+    details = [f"{name}={getattr(scorer, name)}" for name in ("method", "sketch_dim", "projection_dim")
                if getattr(scorer, name, None) is not None]
     return f"{pipe.estimator} ({type(scorer).__name__}{', ' + ', '.join(details) if details else ''})"
 

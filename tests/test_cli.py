@@ -239,7 +239,7 @@ def test_the_influence_estimator_fits_once_and_is_reused(trained, capsys):
     assert [r["score"] for r in written[0]["proponents"]] != [r["score"] for r in turnover[0]["proponents"]]  # another estimator
     capsys.readouterr()
     assert in_process(root, "explain", "--model", "out/model", "--text", texts[0], "--estimator", "influence",
-                      "--projection_dim", "64") == 1  # a fit with other options is not silently reused
+                      "--sketch_dim", "64") == 1  # a fit with other options is not silently reused
     assert "remove that folder" in capsys.readouterr().err
     assert in_process(root, "report", "--model", "out/model", "--estimator", "influence",
                       "--output", "influence_report.html") == 0

@@ -9,6 +9,7 @@ from datasets import load_from_disk
 
 import turnover_hf as th
 from turnover_hf import report
+from turnover_hf.cli import parsers
 from turnover_hf.errors import TurnoverError
 from turnover_hf.estimators import (
     Estimator, EstimatorContext, estimator_names, get_estimator, resolve_estimator, unregister_estimator,
@@ -100,9 +101,16 @@ def test_an_options_dataclass_picks_its_estimator_and_the_cli_makes_flags_of_it(
     train = th.add_example_ids(token_task(8, seed=0))
     with pytest.raises(TurnoverError, match="options of the 'influence' estimator were given.*'turnover'"):
         th.InfluencePipeline([tiny_bert(), tiny_bert(seed=1)], train_dataset=train, options=th.InfluenceOptions(solver="direct"))
-    pipe = th.InfluencePipeline(tiny_bert(), train_dataset=train, options=th.InfluenceOptions(projection_dim=16))
-    assert pipe.estimator == "influence" and pipe.scorer.projection_dim == 16
+    pipe = th.InfluencePipeline(tiny_bert(), train_dataset=train, options=th.InfluenceOptions(sketch_dim=16))
+    assert pipe.estimator == "influence" and pipe.scorer.sketch_dim == 16
+    with pytest.warns(DeprecationWarning, match="sketch_dim"):  # the old name still works, and says the new one
+        old = th.InfluencePipeline(tiny_bert(), train_dataset=train, influence_options={"projection_dim": 16})
+    assert old.scorer.sketch_dim == 16
     root, _ = trained
     assert in_process(root, "explain", "--model", "out/model", "--text", "w5 w6", "--estimator", "turnover",
                       "--damping_factor", "0.5") == 1
     assert "'turnover' takes no options" in (err := capsys.readouterr().err) and "'influence' and 'projected'" in err
+    flags = {action.dest: action.help for action in parsers()[1]["explain"]._actions}
+    assert "projection_seed" in flags and "sketch_dim" in flags  # one meaning per flag: no deprecated name
+    assert "InfluenceOptions default 0.1" in flags["damping_factor"] and "ProjectedOptions default 0.1" in flags["damping_factor"]
+    assert "ProjectedOptions default 4096" in flags["projection_dim"] and "InfluenceOptions" not in flags["projection_dim"]

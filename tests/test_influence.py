@@ -278,13 +278,13 @@ def test_count_sketch_is_deterministic_and_close_to_exact_when_wide():
     # |a| |b| / sqrt(d): at d = 2048 (30 x the rank) ~2%, and the scores correlate > 0.95 with exact ones; at d = 16,
     # below the rank, the sketch loses most of the structure.
     exact_scores = exact.scores({"features": tx}, ty, ids)
-    wide = InfluenceFunctionScorer(model, batches, projection_dim=2048, show_progress=False)
+    wide = InfluenceFunctionScorer(model, batches, sketch_dim=2048, show_progress=False)
     wide_scores = wide.scores({"features": tx}, ty, ids)
-    again = InfluenceFunctionScorer(model, batches, projection_dim=2048, show_progress=False)
+    again = InfluenceFunctionScorer(model, batches, sketch_dim=2048, show_progress=False)
     assert torch.equal(wide_scores, again.scores({"features": tx}, ty, ids))
     assert wide.factors.damping == pytest.approx(exact.factors.damping, rel=1e-9)  # lambda from exact gradients
     assert bool((_correlations(wide_scores, exact_scores) > 0.95).all())
-    narrow = InfluenceFunctionScorer(model, batches, projection_dim=16, show_progress=False)
+    narrow = InfluenceFunctionScorer(model, batches, sketch_dim=16, show_progress=False)
     assert float(_correlations(narrow.scores({"features": tx}, ty, ids), exact_scores).mean()) < 0.9
 
 
@@ -295,11 +295,11 @@ def test_save_load_gives_identical_scores_and_refuses_changed_weights(tmp_path):
     inputs = {k: v for k, v in targets.items() if k != "labels"}
     for projection in (None, 300):
         folder = tmp_path / f"fit-{projection}"
-        scorer = InfluenceFunctionScorer(model, train, projection_dim=projection, show_progress=False)
+        scorer = InfluenceFunctionScorer(model, train, sketch_dim=projection, show_progress=False)
         scores = scorer.scores(inputs, targets["labels"], torch.arange(10))
         scorer.save(folder)
         loaded = InfluenceFunctionScorer.load(model, folder)
-        assert loaded.factors.solver == scorer.factors.solver and loaded.projection_dim == projection
+        assert loaded.factors.solver == scorer.factors.solver and loaded.sketch_dim == projection
         assert torch.equal(loaded.scores(inputs, targets["labels"], torch.arange(10)), scores)
     with torch.no_grad():
         model.classifier.weight[0, 0] += 0.01
@@ -311,7 +311,7 @@ def test_unknown_ids_and_too_large_fits_are_refused():
     model = _frozen_bert(num_labels=2)
     train = th.add_example_ids(_labelled(token_task(6, seed=12), 2))
     scorer = InfluenceFunctionScorer(model, train, show_progress=False, max_memory_gb=1e-6)
-    with pytest.raises(TurnoverError, match="projection_dim"):
+    with pytest.raises(TurnoverError, match="sketch_dim"):
         scorer.fit()
     scorer = InfluenceFunctionScorer(model, train, show_progress=False)
     targets = batch_of(train, [0])
@@ -331,7 +331,7 @@ def test_missing_ids_and_bad_pipeline_options_are_refused(tmp_path):
     InfluenceFunctionScorer(model, train, show_progress=False).fit().save(tmp_path / "fit")
     with pytest.raises(TurnoverError, match="holds a fitted influence function"):
         th.InfluencePipeline(model, train_dataset=train, estimator="influence", influence_dir=tmp_path / "fit",
-                             influence_options={"projection_dim": 64})
+                             influence_options={"sketch_dim": 64})
 
 
 def test_causal_language_models_are_refused():
@@ -527,7 +527,7 @@ def test_the_factorised_path_is_chosen_only_where_it_is_exact(bert_bottleneck):
     train = th.add_example_ids(_labelled(token_task(8, seed=1), 3))
     assert InfluenceFunctionScorer(_frozen_bert(), train, show_progress=False).fit().method == "factorised"
     # not factorised: a sketch, the direct solver, or N (C - 1) > D (parameter space is smaller)
-    assert InfluenceFunctionScorer(TanhNet(), batches, projection_dim=64, show_progress=False).fit().method == "materialised"
+    assert InfluenceFunctionScorer(TanhNet(), batches, sketch_dim=64, show_progress=False).fit().method == "materialised"
     assert InfluenceFunctionScorer(TanhNet(), batches, solver="direct", show_progress=False).fit().method == "materialised"
     tiny = SoftmaxRegression(12, 3).float()  # D = 39 < 24 x 2 rows
     assert InfluenceFunctionScorer(tiny, batches, show_progress=False).fit().method == "materialised"
@@ -547,8 +547,8 @@ def test_forcing_the_factorised_path_on_an_ineligible_model_raises():
     _, _, _, normed = _head_batches(20, 6, 3, seed=5)
     with pytest.raises(TurnoverError, match="factorised=True.*'norm.weight'.*LayerNorm"):
         InfluenceFunctionScorer(NormedHead(), normed, factorised=True)
-    with pytest.raises(TurnoverError, match="factorised=True.*projection_dim"):
-        InfluenceFunctionScorer(TanhNet(), normed, factorised=True, projection_dim=64)
+    with pytest.raises(TurnoverError, match="factorised=True.*sketch_dim"):
+        InfluenceFunctionScorer(TanhNet(), normed, factorised=True, sketch_dim=64)
     _, _, _, sequences = _head_batches(20, 6, 2, seed=4, sequence=5)
     with pytest.raises(TurnoverError, match="'token' sees an input of shape \\(16, 5, 6\\).*factorised=False"):
         InfluenceFunctionScorer(SequenceHead(), sequences, factorised=True, show_progress=False).fit()
@@ -565,7 +565,7 @@ def test_the_memory_budget_counts_the_factorised_size():
     x, y, ids, batches = _head_batches(30, 12, 3, seed=7)
     scorer = InfluenceFunctionScorer(TanhNet(), batches, max_memory_gb=1.5e-4, show_progress=False).fit()
     assert scorer.method == "factorised"
-    with pytest.raises(TurnoverError, match="projection_dim"):
+    with pytest.raises(TurnoverError, match="sketch_dim"):
         InfluenceFunctionScorer(TanhNet(), batches, max_memory_gb=1.5e-4, factorised=False, show_progress=False).fit()
     with pytest.raises(TurnoverError, match="factorised.*factorised=False"):
         InfluenceFunctionScorer(TanhNet(), batches, max_memory_gb=5e-5, factorised=True, show_progress=False).fit()

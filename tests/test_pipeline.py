@@ -190,7 +190,7 @@ def test_auto_scores_with_the_most_faithful_estimator_the_model_allows(setup, tm
     auto = th.InfluencePipeline(model, tokenizer, train_dataset=train)
     chosen = th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence")
     assert auto.estimator == "influence" and isinstance(auto.scorer, th.InfluenceFunctionScorer)
-    assert auto.scorer.projection_dim is None
+    assert auto.scorer.sketch_dim is None
     assert torch.equal(auto.scores(targets), chosen.scores(targets))
     # a plain (unpatched) classifier: the influence function needs no masks
     plain = tiny_bert()

@@ -188,7 +188,7 @@ def library_influence_rows(p: PeerSetup, damping_factor: float, projections: Seq
     for dim in (None, *projections):
         def fitted(module: Any, model: Any, noisy: bool, dim: int | None = dim) -> th.InfluenceFunctionScorer:
             scorer = th.InfluenceFunctionScorer(module, p.library_batches(model, noisy), damping_factor=damping_factor,
-                                                projection_dim=dim, show_progress=False)
+                                                sketch_dim=dim, show_progress=False)
             return scorer.fit()
 
         what = "exact" if dim is None else f"CountSketch d={dim}"

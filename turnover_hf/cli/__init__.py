@@ -109,21 +109,24 @@ def _top_parser() -> argparse.ArgumentParser:
 
 def estimator_flags() -> type:
     """One dataclass holding every registered estimator's options as flags, each name once (estimators share
-    ``--damping_factor``, ``--projection_dim``, ...); every default is None (not given), so the flags a user gave
-    become the chosen estimator's options and the rest keep that estimator's own defaults."""
+    ``--damping_factor``, ``--max_memory_gb``, ...); every default is None (not given), so the flags a user gave
+    become the chosen estimator's options and the rest keep that estimator's own defaults. Deprecated field names
+    get no flag; a shared flag's help gives each estimator's default."""
     owners: dict[str, list[str]] = {}
     fields: dict[str, tuple[Any, dataclasses.Field]] = {}
     for options_class in options_classes():
         hints = typing.get_type_hints(options_class)
         for f in dataclasses.fields(options_class):
-            owners.setdefault(f.name, []).append(options_class.__name__)
+            if "deprecated" in f.metadata:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else None
+            owners.setdefault(f.name, []).append(f"{options_class.__name__} default {default!r}")
             fields.setdefault(f.name, (hints[f.name], f))
     made = []
     for name, (kind, f) in fields.items():
         if typing.get_origin(kind) is typing.Union:  # Optional[X] -> X: None already means "not given"
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{f.metadata.get('help', '')} ({', '.join(owners[name])}; default {default!r})"
+        help_text = f"{f.metadata.get('help', '')} ({'; '.join(owners[name])})"
         made.append((name, Optional[kind], dataclasses.field(default=None, metadata={"help": help_text})))
     return dataclasses.make_dataclass("EstimatorFlags", made)
 

@@ -62,7 +62,7 @@ Example:
     >>> scorer.scores(targets, labels, example_ids)           # (n_ids, n_targets), positive = helped
 """
 
-from .files import HYDRA_DIR
+from .saved import HYDRA_DIR
 from .scorer import HydraScorer
 from .table import Hypergradients, ProjectedHypergradients, SavedHypergradients
 from .tracker import HydraTracker

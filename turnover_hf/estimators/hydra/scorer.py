@@ -12,7 +12,7 @@ from ...errors import ConfigMismatchError, TurnoverError
 from ...files import PathLike
 from ..gradients import PerExampleGrads, target_gradients
 from ..registry import BuiltEstimator, Estimator, EstimatorContext, SavedState, register_estimator
-from .files import HYDRA_DIR, META_NAME, tracked_weights_fingerprint
+from .saved import HYDRA_DIR, META_NAME, tracked_weights_fingerprint
 from .table import SavedHypergradients
 from .tracker import HydraTracker, check_seen
 

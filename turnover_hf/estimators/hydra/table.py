@@ -16,7 +16,7 @@ from ...data import check_ids_known, rows_of_ids
 from ...errors import ConfigMismatchError, TurnoverError
 from ...files import PathLike, atomic_path, read_format_meta
 from ..gradients import ParamSpec
-from .files import FORMAT, FORMAT_VERSION, IDS_NAME, META_NAME, ROW_CHUNK, TABLE_NPY, TABLE_SAFETENSORS
+from .saved import FORMAT, FORMAT_VERSION, IDS_NAME, META_NAME, ROW_CHUNK, TABLE_NPY, TABLE_SAFETENSORS
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from ...errors import ConfigMismatchError, ExampleIdError, TurnoverError
 from ...files import PathLike, atomic_write_text
 from ...losses import IGNORE_INDEX, eval_mode, logits_of, model_inputs, per_example_loss
 from ..gradients import PerExampleGrads, labels_in, param_specs
-from .files import FORMAT, FORMAT_VERSION, META_NAME, NORMALISATION, ROW_CHUNK, tracked_weights_fingerprint
+from .saved import FORMAT, FORMAT_VERSION, META_NAME, NORMALISATION, ROW_CHUNK, tracked_weights_fingerprint
 from .table import Hypergradients, ProjectedHypergradients
 
 logger = logging.getLogger(__name__)

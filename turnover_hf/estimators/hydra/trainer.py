@@ -21,7 +21,7 @@ from ...errors import MissingExampleIdsError, TurnoverError
 from ...files import PathLike
 from ...trainer import ExampleIdTrainer, TurnoverTrainer
 from ..gradients import PerExampleGrads, labels_in, param_specs, target_gradients
-from .files import HYDRA_DIR, HYDRA_MODES
+from .saved import HYDRA_DIR, HYDRA_MODES
 from .tracker import HydraTracker, LeanTracker, check_lean_optimizer, check_seen
 from ...context import instance_masks
 

@@ -67,9 +67,9 @@ Scale. The materialised fit keeps ``N x (C - 1) x D`` float32 gradients; the fac
 ``N x (sum(in') + (C - 1) sum(out))`` float32 factors (and a float64 copy), float64 ``N (C - 1)``-square
 matrices (``S``, its factors as they are needed, ``S^-1`` once self-influence is asked for) and, when they take at
 most :data:`INPUT_GRAMS_BYTES` together, the layers' ``N x N`` input Gram matrices. When the fit's size exceeds
-``max_memory_gb`` the scorer refuses and asks for ``projection_dim=d`` (or, factorised, ``factorised=False``); with
+``max_memory_gb`` the scorer refuses and asks for ``sketch_dim=d`` (or, factorised, ``factorised=False``); with
 a projection every gradient is sketched with a fixed, seeded CountSketch (each parameter coordinate hashed to one
-of ``d`` buckets with a random sign, from the package's integer hash of ``(projection_seed, parameter name,
+of ``d`` buckets with a random sign, from the package's integer hash of ``(sketch_seed, parameter name,
 index)``: ``O(D)`` memory, identical on every device). The sketch preserves inner products in expectation (variance ``~ |a|^2 |b|^2 / d``), so scores approach the exact ones
 as ``d`` grows past the rank of the gradients; it is an approximation (``benchmarks/results/fidelity*.md`` measures
 how close it stays). ``lambda`` is computed from the exact gradients in both modes.
@@ -84,7 +84,7 @@ Example:
 """
 
 from .estimator import InfluenceOptions
-from .files import FACTORS_NAME, INFLUENCE_DIR, META_NAME
+from .saved import FACTORS_NAME, INFLUENCE_DIR, META_NAME
 from .scorer import InfluenceFunctionScorer
 from .sketch import CountSketch
 

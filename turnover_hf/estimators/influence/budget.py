@@ -32,7 +32,7 @@ def check_materialised_budget(examples: int, kept_classes: int, width: int, solv
                 f"{side} x {side} factor), above max_memory_gb={max_memory_gb:g}.")
         raise FitBudgetError(
             f"{need} Use estimator='projected' (the same influence function in the directions of largest "
-            "curvature, at any size), pass projection_dim=4096 (a CountSketch of every gradient: an approximation "
+            "curvature, at any size), pass sketch_dim=4096 (a CountSketch of every gradient: an approximation "
             "whose error shrinks as it grows), select fewer parameters=[...], or raise max_memory_gb.", need)
 
 
@@ -55,5 +55,5 @@ def check_factorised_budget(examples: int, kept_classes: int, per_example: int, 
                 f"kernels), above max_memory_gb={max_memory_gb:g}.")
         raise FitBudgetError(
             f"{need} Pass factorised=False (per-example gradients, solved in parameter space when that is "
-            "smaller), use estimator='projected' (any size), projection_dim=4096 (a CountSketch: an "
+            "smaller), use estimator='projected' (any size), sketch_dim=4096 (a CountSketch: an "
             "approximation), or raise max_memory_gb.", need)

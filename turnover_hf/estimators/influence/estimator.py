@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ...context import state_of
 from ...errors import TurnoverError
 from ..registry import BuiltEstimator, EstimatorContext, SavedState, register_estimator
-from .files import INFLUENCE_DIR, META_NAME
+from .saved import INFLUENCE_DIR, META_NAME
 from .scorer import InfluenceFunctionScorer
 
 logger = logging.getLogger(__name__)
@@ -26,16 +27,16 @@ class InfluenceOptions:
 
     Example:
         >>> InfluencePipeline(model, train_dataset=train, estimator="influence",
-        ...                   influence_options=InfluenceOptions(projection_dim=4096))
+        ...                   influence_options=InfluenceOptions(sketch_dim=4096))
     """
 
     damping_factor: float = field(default=0.1, metadata={"help": "Damping as a multiple of the mean eigenvalue of G."})
-    projection_dim: Optional[int] = field(
+    sketch_dim: Optional[int] = field(
         default=None,
-        metadata={"help": "Sketch gradients to this many dimensions (for many trainable parameters; an "
-                          "approximation). Default: exact while it fits in memory."},
+        metadata={"help": "Sketch gradients to this many dimensions with a CountSketch (for many trainable "
+                          "parameters; an approximation). Default: exact while it fits in memory."},
     )
-    projection_seed: int = field(default=0, metadata={"help": "Seed of the gradient sketch."})
+    sketch_seed: int = field(default=0, metadata={"help": "Seed of the gradient sketch."})
     parameters: Optional[list[str]] = field(
         default=None, metadata={"help": "Tracked parameter names (default: those with requires_grad)."}
     )
@@ -46,13 +47,24 @@ class InfluenceOptions:
     )
     show_progress: bool = field(default=True, metadata={"help": "Show a progress bar while fitting."})
     id_column: Optional[str] = field(default=None, metadata={"help": "The training set's id column."})
+    projection_dim: Optional[int] = field(default=None, metadata={"deprecated": "sketch_dim"})
+    projection_seed: Optional[int] = field(default=None, metadata={"deprecated": "sketch_seed"})
+
+    def __post_init__(self) -> None:
+        for old, new in (("projection_dim", "sketch_dim"), ("projection_seed", "sketch_seed")):
+            value = getattr(self, old)
+            if value is not None:
+                warnings.warn(f"InfluenceOptions({old}=...) is deprecated (it meant the sketch's width, not the "
+                              f"projected estimator's directions); pass {new}=...", DeprecationWarning, stacklevel=3)
+                setattr(self, new, value)
+                setattr(self, old, None)
 
 
 def _given(options: InfluenceOptions) -> dict:
     """The options that differ from the defaults (what the user asked for)."""
     defaults = InfluenceOptions()
     return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
-            if getattr(options, f.name) != getattr(defaults, f.name)}
+            if getattr(options, f.name) != getattr(defaults, f.name) and "deprecated" not in f.metadata}
 
 
 @register_estimator(

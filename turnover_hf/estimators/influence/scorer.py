@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from typing import Any, Callable, ContextManager, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -23,7 +24,7 @@ from ..fitted import FittedOnModel
 from ..registry import Estimator, EstimatorFallback, attach_fitted
 from .budget import FitBudgetError, factorised_gb, materialised_gb
 from .factorised import FactorisedFit, NotFactorisable, layer_inputs, linear_layers, output_gradients
-from .files import load_fit, read_fit_meta, save_fit
+from .saved import load_fit, read_fit_meta, save_fit
 from .fitting import FitPass, TrainData
 from .materialised import MaterialisedFit, materialised_self_influence, precondition
 from .sketch import CountSketch
@@ -54,10 +55,10 @@ class InfluenceFunctionScorer(FitPass, FittedOnModel, Estimator):
         data_collator: collates dataset rows (wrapped in :class:`~turnover_hf.data.InstanceIdCollator`).
         parameters: names of the parameters to differentiate (default: those with ``requires_grad``).
         damping_factor: ``lambda = damping_factor x trace(G) / D``.
-        projection_dim: sketch every gradient to this many coordinates with a CountSketch (None: exact).
-        projection_seed: seed of the sketch.
+        sketch_dim: sketch every gradient to this many coordinates with a CountSketch (None: exact).
+        sketch_seed: seed of the sketch. (``projection_dim`` / ``projection_seed``: deprecated names of both.)
         max_memory_gb: largest fit kept without a projection (a factorised fit counts its own, smaller size);
-            beyond it the scorer asks for ``projection_dim``. Materialised scoring also keeps a float64 copy of the
+            beyond it the scorer asks for ``sketch_dim``. Materialised scoring also keeps a float64 copy of the
             stored gradients when it takes at most :data:`ROWS_CACHE_BYTES` (1 GiB), which halves the time of every
             target set after the first (``benchmarks/influence_scoring.py``).
         solver: ``"auto"`` (the smaller space), ``"woodbury"`` (``N (C-1)``-space) or ``"direct"`` (parameters;
@@ -71,7 +72,7 @@ class InfluenceFunctionScorer(FitPass, FittedOnModel, Estimator):
         show_progress: a tqdm bar while fitting.
 
     Example:
-        >>> scorer = InfluenceFunctionScorer(model, train, data_collator=collator, projection_dim=4096)
+        >>> scorer = InfluenceFunctionScorer(model, train, data_collator=collator, sketch_dim=4096)
         >>> scorer.fit().save("out/influence")
         >>> scorer.scores(targets, targets["labels"], example_ids=torch.arange(100))   # (100, n_targets)
     """
@@ -84,15 +85,22 @@ class InfluenceFunctionScorer(FitPass, FittedOnModel, Estimator):
         data_collator: Optional[Callable] = None,
         parameters: Optional[Sequence[str]] = None,
         damping_factor: float = 0.1,
-        projection_dim: Optional[int] = None,
-        projection_seed: int = 0,
+        sketch_dim: Optional[int] = None,
+        sketch_seed: int = 0,
         max_memory_gb: float = 4.0,
         solver: str = "auto",
         factorised: Optional[bool] = None,
         batch_size: int = 64,
         id_column: Optional[str] = None,
         show_progress: bool = True,
+        projection_dim: Optional[int] = None,
+        projection_seed: Optional[int] = None,
     ) -> None:
+        if projection_dim is not None or projection_seed is not None:
+            warnings.warn("InfluenceFunctionScorer(projection_dim=..., projection_seed=...) are deprecated; pass "
+                          "sketch_dim=..., sketch_seed=...", DeprecationWarning, stacklevel=2)
+            sketch_dim = projection_dim if projection_dim is not None else sketch_dim
+            sketch_seed = projection_seed if projection_seed is not None else sketch_seed
         if is_causal_lm(model):
             raise TurnoverError(
                 f"the influence estimator covers classifiers, and {type(model).__name__} is a causal language model. "
@@ -113,14 +121,14 @@ class InfluenceFunctionScorer(FitPass, FittedOnModel, Estimator):
         self.patched = is_patched(model)
         self.id_column = id_column or (state_of(model).config.id_column if self.patched else "example_id")
         self.damping_factor = float(damping_factor)
-        self.sketch = CountSketch(self.specs, projection_dim, projection_seed) if projection_dim is not None else None
-        self.projection_seed = int(projection_seed)
+        self.sketch = CountSketch(self.specs, sketch_dim, sketch_seed) if sketch_dim is not None else None
+        self.sketch_seed = int(sketch_seed)
         self.max_memory_gb = float(max_memory_gb)
         self.solver = solver
         self.factorised = factorised
         self._layers, self._ineligible = linear_layers(model, self.specs)
         if factorised:
-            reason = self._ineligible or ("it sketches gradients (projection_dim)" if self.sketch is not None else None)
+            reason = self._ineligible or ("it sketches gradients (sketch_dim)" if self.sketch is not None else None)
             reason = reason or ("solver='direct' works in parameter space" if solver == "direct" else None)
             if reason:
                 raise TurnoverError(
@@ -159,14 +167,15 @@ class InfluenceFunctionScorer(FitPass, FittedOnModel, Estimator):
 
     def cache_key(self) -> dict[str, Any]:
         key = {"parameters": [s.name for s in self.specs], "damping_factor": self.damping_factor,
-               "projection_dim": self.projection_dim, "projection_seed": self.projection_seed, "solver": self.solver}
+               "sketch_dim": self.sketch_dim, "sketch_seed": self.sketch_seed, "solver": self.solver}
         if self.fallback is not None:  # the fit may yet hand over to another estimator: its budget decides
             key |= {"fallback": self.fallback, "max_memory_gb": self.max_memory_gb}
         return key
 
     # -- fitting ----------------------------------------------------------------------------------------------
     @property
-    def projection_dim(self) -> Optional[int]:
+    def sketch_dim(self) -> Optional[int]:
+        """The sketch's width (None: exact gradients)."""
         return self.sketch.dim if self.sketch is not None else None
 
     @property

@@ -56,7 +56,7 @@ from typing import Mapping, Optional
 
 from ...losses import is_causal_lm
 from ..registry import BuiltEstimator, EstimatorContext, SavedState, register_estimator
-from .files import FIT_OPTIONS, META_NAME, PROJECTED_DIR, read_fit_meta
+from .saved import FIT_OPTIONS, META_NAME, PROJECTED_DIR, read_fit_meta
 from .scorer import ProjectedInfluenceScorer, split_trainable
 from ..influence import InfluenceFunctionScorer
 from ...errors import TurnoverError

@@ -26,11 +26,11 @@ from ..fitted import FittedOnModel
 from ..registry import Estimator
 from ..influence.sketch import CountSketch
 from .adapters_lora import lora_matrix_sizes
-from .gradients import ProjectedGradients
+from .projected_gradients import ProjectedGradients
 from .projection import (CoordinateSelection, LayerProjection, eigen_dim, layer_projections,
                          layer_shapes)
-from .store import RowStore
-from .files import load_fit, save_fit
+from .gradient_store import RowStore
+from .saved import load_fit, save_fit
 from .fitting import FitPass
 
 

@@ -50,8 +50,8 @@ def save_fit(scorer: Any, folder: PathLike) -> None:
         "method": factors.method,
         "parameters": [{"name": s.name, "shape": list(s.shape)} for s in scorer.specs],
         "num_parameters": scorer.num_parameters,
-        "projection_dim": scorer.projection_dim,
-        "projection_seed": scorer.projection_seed,
+        "sketch_dim": scorer.sketch_dim,
+        "sketch_seed": scorer.sketch_seed,
         "damping_factor": scorer.damping_factor,
         "damping": factors.damping,
         "trace": factors.trace,
@@ -68,7 +68,16 @@ def save_fit(scorer: Any, folder: PathLike) -> None:
 
 
 def read_fit_meta(folder: PathLike) -> dict[str, Any]:
-    """The checked metadata of a saved fit (format versions 3, 2 and 1)."""
+    """The checked metadata of a saved fit (format versions 3, 2 and 1; the sketch's width and seed under the names
+    ``sketch_dim`` / ``sketch_seed``, also where older files wrote ``projection_dim`` / ``projection_seed``)."""
+    meta = _read_any_version(folder)
+    for old, new in (("projection_dim", "sketch_dim"), ("projection_seed", "sketch_seed")):
+        if old in meta:
+            meta.setdefault(new, meta.pop(old))
+    return meta
+
+
+def _read_any_version(folder: PathLike) -> dict[str, Any]:
     try:
         return read_format_meta(folder, META_NAME, FORMAT, FORMAT_VERSION, "fitted influence function")
     except ConfigMismatchError as err:
@@ -95,8 +104,8 @@ def load_fit(scorer_class: Any, model: nn.Module, folder: PathLike, **kwargs: An
             "method. Drop factorised=..., or fit again in another folder."
         )
     names = saved_parameters(model, meta, folder, "saved influence function")
-    scorer = scorer_class(model, parameters=names, damping_factor=meta["damping_factor"], projection_dim=meta["projection_dim"],
-                 projection_seed=meta["projection_seed"], solver=meta["solver"], id_column=meta["id_column"],
+    scorer = scorer_class(model, parameters=names, damping_factor=meta["damping_factor"], sketch_dim=meta["sketch_dim"],
+                 sketch_seed=meta["sketch_seed"], solver=meta["solver"], id_column=meta["id_column"],
                  max_memory_gb=math.inf, **kwargs)
     check_saved_fit(scorer, meta, folder, "influence function",
                     "Fit again: InfluenceFunctionScorer(model, train_data).fit().save(folder) (in another folder).")

@@ -16,7 +16,7 @@ from ...errors import ConfigMismatchError, StaleFitError
 from ..fitted import check_saved_fit, saved_parameters
 from ...files import PathLike, atomic_path, atomic_write_text, read_format_meta
 from .projection import CoordinateSelection, LayerProjection, layer_shapes
-from .store import RowStore, ids_name
+from .gradient_store import RowStore, ids_name
 
 FORMAT = "turnover-hf/projected-influence"
 FORMAT_VERSION = 1
