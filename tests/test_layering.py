@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("checkpoint",),                  # influence-ready folders; asks the registry which state folders to carry
     ("pipeline", "label_issues", "evaluation", "audit", "duplicates", "targets"),
     ("plots", "report"),
-    ("cli", "demo", "__main__"),
+    ("cli", "demo", "demo_report", "__main__"),
 ]
 
 # Function-level imports of the package's own modules: none. (Optional third-party dependencies may be imported
