@@ -170,3 +170,17 @@ def test_names_and_state_folders_are_not_registered_twice():
     with pytest.raises(TurnoverError, match="plain file or folder name"):
         SavedState("a/b", "meta.json")
     assert TOY in saved_states() and saved_states()["influence"].folder == "influence"
+
+
+def test_state_dir_names_the_folder_of_whichever_estimator_is_chosen(tmp_path):
+    train = th.add_example_ids(token_task(10, seed=0))
+    model = patched()
+    pipe = th.InfluencePipeline(model, train_dataset=train, estimator=TOY, state_dir=tmp_path / "mine").fit()
+    assert pipe.scorer.fits == 1 and os.path.isfile(tmp_path / "mine" / TOY_STATE.meta_name)
+    again = th.InfluencePipeline(model, train_dataset=train, estimator=TOY, state_dir=tmp_path / "mine").fit()
+    assert again.scorer.fits == 0  # loaded from the folder it was given
+    with pytest.raises(TurnoverError, match="keeps no saved state"):
+        th.InfluencePipeline(model, train_dataset=train, estimator="turnover", state_dir=tmp_path / "x")
+    with pytest.raises(TurnoverError, match="name two folders"):
+        th.InfluencePipeline(model, train_dataset=train, estimator="influence", state_dir=tmp_path / "a",
+                             influence_dir=tmp_path / "b")

@@ -107,6 +107,10 @@ class InfluencePipeline:
             when the first training batch shows it), ``"turnover"`` for an ensemble, and ``"influence"`` for any
             other classifier (patched or not). ``pipe.estimator`` says which was chosen. Any estimator registered
             with :func:`turnover_hf.register_estimator` is accepted by its name.
+        state_dir: where the chosen estimator's fitted state is loaded from, or saved to after fitting (default:
+            its folder beside the checkpoint, see :class:`~turnover_hf.SavedState`). ``hydra_dir`` and
+            ``influence_dir`` name the folder of those two estimators (``hydra_dir`` also makes ``"auto"`` pick
+            HYDRA).
         influence_dir: where a fitted influence function is loaded from, or saved to after fitting.
         influence_options: options of the influence function: an :class:`~turnover_hf.InfluenceOptions` or a
             dict of its fields (``damping_factor``, ``projection_dim``, ``projection_seed``, ``parameters``,
@@ -147,6 +151,7 @@ class InfluencePipeline:
         influence_options: Optional[Any] = None,
         options: Optional[Any] = None,
         save_fit: bool = False,
+        state_dir: Optional[Union[str, os.PathLike]] = None,
     ) -> None:
         positive_int("batch_size", batch_size)
         positive_int("chunk_size", chunk_size, " (training ids per saved chunk)")
@@ -161,7 +166,7 @@ class InfluencePipeline:
         self.causal_lm = is_causal_lm(self.model)  # targets are token sequences: labels = their ids, scores per token
         self._save_fit = save_fit
         self._choose_estimator(estimator, len(train_dataset), batch_size, fast,
-                               {"hydra": hydra_dir, "influence": influence_dir}, influence_options, options)
+                               {"hydra": hydra_dir, "influence": influence_dir}, influence_options, options, state_dir)
         self.tokenizer = tokenizer
         self.text_column = text_column
         limit = model_max_length(self.model, tokenizer)
@@ -173,13 +178,22 @@ class InfluencePipeline:
         self._use_training_set(train_dataset)
 
     def _choose_estimator(self, name: str, num_train_examples: int, batch_size: int, fast: bool,
-                          state_dirs: Mapping[str, Any], influence_options: Any, options: Any) -> None:
+                          state_dirs: Mapping[str, Any], influence_options: Any, options: Any,
+                          state_dir: Optional[Union[str, os.PathLike]]) -> None:
         """Resolve ``name`` (``"auto"`` included) with its typed options, then build it."""
         state_dirs = {k: os.fspath(v) for k, v in state_dirs.items() if v is not None}
         context = EstimatorContext(self.models, self.checkpoint_path, num_train_examples, batch_size=batch_size,
                                    fast=fast, automatic=name == AUTO, state_dirs=state_dirs)
         named = {"influence": influence_options} if influence_options else {}  # the influence function's own argument
         spec, context.options = choose_estimator(name, context, options, named)
+        if state_dir is not None:
+            if spec.saved_state is None:
+                raise TurnoverError(f"state_dir was given, but the {spec.name!r} estimator keeps no saved state; "
+                                    "drop state_dir, or choose an estimator that fits (e.g. 'influence').")
+            if state_dirs.get(spec.name, os.fspath(state_dir)) != os.fspath(state_dir):
+                raise TurnoverError(f"state_dir={os.fspath(state_dir)!r} and {spec.name}_dir="
+                                    f"{state_dirs[spec.name]!r} name two folders; give one.")
+            state_dirs[spec.name] = os.fspath(state_dir)
         self._context = context
         self._build(spec)
 
