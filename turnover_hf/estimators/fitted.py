@@ -11,7 +11,7 @@ from torch import nn
 from ..config import MASK_FIELDS
 from ..context import state_of
 from ..training_set import training_set_of
-from ..errors import ConfigMismatchError, StaleFitError
+from ..errors import ConfigMismatchError, StaleFitError, TurnoverError
 from ..fingerprints import weights_fingerprint
 
 
@@ -72,4 +72,16 @@ def check_saved_fit(scorer: FittedOnModel, meta: Mapping[str, Any], folder: str,
         raise StaleFitError(
             f"the {what} in {folder!r} was fitted on another training set (fingerprint {fitted_on[:12]}) than the "
             f"model was trained on ({record.fingerprint[:12]}). Fit again on the model's training set."
+        )
+
+
+def refuse_changed_options(folder: str, saved: Mapping[str, Any], asked: Mapping[str, Any], what: str) -> None:
+    """Refuse options the user set (``asked``: those that decide the fit and differ from their defaults) that the
+    saved fit in ``folder`` (its metadata ``saved``) was not fitted with: loading it would silently ignore them."""
+    changed = sorted(k for k, v in asked.items() if k not in saved or saved[k] != v)
+    if changed:
+        raise TurnoverError(
+            f"{folder!r} holds a fitted {what}; options {changed} would change it (it was fitted with "
+            f"{', '.join(f'{k}={saved.get(k)!r}' for k in changed)}). Drop them, or remove that folder (or pass "
+            "another state_dir) to fit again."
         )

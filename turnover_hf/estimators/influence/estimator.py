@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ...context import state_of
-from ...errors import TurnoverError
+from ..fitted import refuse_changed_options
 from ..registry import BuiltEstimator, EstimatorContext, SavedState, register_estimator
 from .saved import INFLUENCE_DIR, META_NAME
 from .scorer import InfluenceFunctionScorer
@@ -93,14 +93,7 @@ def build(context: EstimatorContext) -> BuiltEstimator:
     folder = context.saved_folder()
     if folder is not None:
         runtime = {k: given.pop(k) for k in RUNTIME_OPTIONS if k in given}
-        saved = InfluenceFunctionScorer.read_meta(folder)
-        changed = sorted(k for k, v in given.items() if saved.get(k, v) != v or k not in saved)
-        if changed:
-            raise TurnoverError(
-                f"{folder!r} holds a fitted influence function; influence_options {changed} would change it "
-                f"(it was fitted with {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}). Drop them, or remove "
-                "that folder (or choose another influence_dir) to fit again."
-            )
+        refuse_changed_options(folder, InfluenceFunctionScorer.read_meta(folder), given, "influence function")
         scorer = InfluenceFunctionScorer.load(model, folder, batch_size=context.batch_size, **runtime)
     else:
         scorer = InfluenceFunctionScorer(model, batch_size=context.batch_size, **given)

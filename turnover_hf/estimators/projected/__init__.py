@@ -55,11 +55,11 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from ...losses import is_causal_lm
+from ..fitted import refuse_changed_options
 from ..registry import BuiltEstimator, EstimatorContext, SavedState, register_estimator
 from .saved import FIT_OPTIONS, META_NAME, PROJECTED_DIR, read_fit_meta
 from .scorer import ProjectedInfluenceScorer, split_trainable
 from ..influence import InfluenceFunctionScorer
-from ...errors import TurnoverError
 
 __all__ = ["ProjectedInfluenceScorer", "ProjectedOptions", "PROJECTED_DIR"]
 
@@ -158,16 +158,9 @@ def build(context: EstimatorContext) -> BuiltEstimator:
     given = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
     folder = context.saved_folder()
     if folder is not None:
-        saved = read_fit_meta(folder)
         defaults = ProjectedOptions()
-        changed = sorted(k for k in FIT_OPTIONS if k != "parameters" and given[k] != getattr(defaults, k)
-                         and saved.get(k) != given[k])
-        if changed:
-            raise TurnoverError(
-                f"{folder!r} holds a fitted projected influence function; options {changed} would change it (it "
-                f"was fitted with {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}). Drop them, or remove "
-                "that folder to fit again."
-            )
+        asked = {k: given[k] for k in FIT_OPTIONS if k != "parameters" and given[k] != getattr(defaults, k)}
+        refuse_changed_options(folder, read_fit_meta(folder), asked, "projected influence function")
         scorer = ProjectedInfluenceScorer.load(context.model, folder, batch_size=context.batch_size,
                                                normalise=given["normalise"], show_progress=given["show_progress"])
     else:
