@@ -30,7 +30,7 @@ from .estimators.ensemble import ensemble_members, is_ensemble_folder, split_hal
 from .losses import is_causal_lm
 from .masks import check_example_ids
 from .store import ScoreStore, fingerprint
-from .training_set import load_recorded_training_set, verify_training_ids, verify_training_set
+from .training_set import load_recorded_training_set, verify_training_set
 from .validation import check_input_lengths, check_labels, model_max_length, positive_int
 
 logger = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ class InfluencePipeline:
         they trained on: its ids first, then its rows tokenized as the pipeline scores them, beside their texts.
         Returns ``train_dataset`` with its model inputs."""
         fits = type(self.scorer).prepare is not Estimator.prepare  # it fits on the whole training set first
-        if verify_training_ids(self.models, train_dataset, require_all=fits):  # cheap: before tokenizing
+        if verify_training_set(self.models, train_dataset, require_all=fits, ids_only=True):  # before tokenizing
             tokenized = self._with_inputs(train_dataset)
             verify_training_set(self.models, tokenized, require_all=fits)
             return tokenized

@@ -267,11 +267,7 @@ class TrainingSet:
         Example:
             >>> record.verify(train)              # silent if train is (a subset of) the training set
         """
-        if self.id_column not in dataset.column_names:
-            raise ConfigMismatchError(
-                f"{what} has no {self.id_column!r} column, the id column the model was trained with (columns: "
-                f"{dataset.column_names}). Pass the training set with its ids."
-            )
+        self._check_id_column(dataset, what)
         given = {canonical_column(c): c for c in content_columns(dataset, self.id_column)}
         common = sorted(set(given) & set(self.hashes))
         if not common:
@@ -299,14 +295,17 @@ class TrainingSet:
         Example:
             >>> record.verify_ids(train)            # before tokenizing train for the full check
         """
+        self._check_id_column(dataset, what)
+        ids, _ = _row_hashes(dataset, [], self.id_column)
+        self._positions(ids, what)
+        self._check_size(len(ids), require_all, what)
+
+    def _check_id_column(self, dataset: Dataset, what: str) -> None:
         if self.id_column not in dataset.column_names:
             raise ConfigMismatchError(
                 f"{what} has no {self.id_column!r} column, the id column the model was trained with (columns: "
                 f"{dataset.column_names}). Pass the training set with its ids."
             )
-        ids, _ = _row_hashes(dataset, [], self.id_column)
-        self._positions(ids, what)
-        self._check_size(len(ids), require_all, what)
 
     def _positions(self, ids: torch.Tensor, what: str) -> tuple[Any, torch.Tensor]:
         """(the trained ids sorted, the position of each of ``ids`` among them); refuses ids never trained on."""
@@ -423,29 +422,18 @@ def _recorded(models: Iterable[Any]) -> list[TrainingSet]:
     return found
 
 
-def verify_training_set(models: Iterable[Any], dataset: Dataset, *, require_all: bool = False) -> bool:
-    """Check ``dataset`` against the training set recorded on each model (see :meth:`TrainingSet.verify`); False if
-    no model records one (checkpoints saved before the record existed).
+def verify_training_set(models: Iterable[Any], dataset: Dataset, *, require_all: bool = False,
+                        ids_only: bool = False) -> bool:
+    """Check ``dataset`` against the training set recorded on each model (see :meth:`TrainingSet.verify`; with
+    ``ids_only``, its cheap first part :meth:`TrainingSet.verify_ids`); False if no model records one (checkpoints
+    saved before the record existed).
 
     Example:
         >>> verify_training_set([model], train)       # True, or ConfigMismatchError naming what differs
     """
     records = _recorded(models)
     for record in records:
-        record.verify(dataset, require_all=require_all)
-    return bool(records)
-
-
-def verify_training_ids(models: Iterable[Any], dataset: Dataset, *, require_all: bool = False) -> bool:
-    """The cheap first part of :func:`verify_training_set` (ids and size, from the id column alone), so that a wrong
-    set is refused before it is tokenized; False if no model records a training set.
-
-    Example:
-        >>> verify_training_ids([model], train)       # True, or ConfigMismatchError naming unknown ids
-    """
-    records = _recorded(models)
-    for record in records:
-        record.verify_ids(dataset, require_all=require_all)
+        (record.verify_ids if ids_only else record.verify)(dataset, require_all=require_all)
     return bool(records)
 
 
