@@ -200,7 +200,7 @@ def ensemble_members(path: Union[str, os.PathLike]) -> list[str]:
         return _unrecorded_members(root)
     names = [str(entry["folder"]) for entry in recorded]
     folders = [_check_member(root, entry, names) for entry in recorded]
-    extra = sorted(set(os.path.basename(d) for d in member_dirs(root)) - set(names))
+    extra = sorted({os.path.basename(d) for d in member_dirs(root)} - set(names))
     if extra:
         raise ConfigMismatchError(
             f"{root!r} holds member folders {extra} that its {MANIFEST_NAME} does not record ({names}). Remove them, or "
