@@ -1,6 +1,11 @@
 """Property: a training set with any one cell edited (a random row, a random column, a random new text or label) is
 refused by the pipeline with the row's id and the column named, whether the model recorded its texts or its tokens
-only; an edit that leaves what the model trained on unchanged is accepted."""
+only; an edit that leaves what the model trained on unchanged is accepted.
+
+A longer run (1,000 examples per property): HYPOTHESIS_PROFILE=long python -m pytest tests/test_training_set_properties.py
+"""
+
+import os
 
 import pytest
 from datasets import Dataset
@@ -16,7 +21,8 @@ from test_training_set import _top_layer_adapter
 N = 24
 WORDS = st.lists(st.sampled_from([f"w{i}" for i in range(5, VOCAB)]), min_size=1, max_size=10).map(" ".join)
 TEXTS = st.one_of(WORDS, st.text(max_size=40))
-CELLS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+CELLS = settings(max_examples=1000 if os.environ.get("HYPOTHESIS_PROFILE") == "long" else 30, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module")
