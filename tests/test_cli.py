@@ -261,3 +261,23 @@ def test_train_with_mask_channels_and_explain_from_the_saved_model(trained, caps
     assert in_process(root, "train", "--model", "base", "--train_file", "train.csv", "--text_column", "review",
                       "--label_column", "sentiment", "--channels", "0", "--output_dir", "chan0", "--use_cpu") == 1
     assert "channels must be an integer" in capsys.readouterr().err
+
+
+def test_the_training_set_is_checked_on_its_texts_and_a_correct_run_says_nothing_of_it(trained, capsys, caplog):
+    import logging
+
+    root, _ = trained
+    config = json.loads((root / "out" / "model" / th.CONFIG_NAME).read_text())
+    assert config["training_set"]["columns"] == ["input_ids", "labels", "text"]  # the trainer saw the texts too
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO):
+        assert in_process(root, "self-influence", "--model", "out/model", "--output", "checked.csv") == 0
+    notes = capsys.readouterr().err + caplog.text
+    assert "labels only" not in notes and "training set" not in notes and "train_dataset" not in notes
+    edited = load_from_disk(root / "out" / "train").map(lambda r: {"text": "w9 w9" if r["example_id"] == 7 else r["text"]})
+    edited.save_to_disk(root / "edited")
+    capsys.readouterr()
+    assert in_process(root, "self-influence", "--model", "out/model", "--train", "edited", "--output", "x.csv") == 1
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Map")]
+    assert len(err) == 1 and "column 'text' differs in 1 rows (e.g. ids [7])" in err[0] and "edited" in err[0]
+    assert not (root / "x.csv").exists()

@@ -117,3 +117,135 @@ def test_train_ensemble_writes_members_the_pipeline_loads_and_resumes(task, tmp_
     with pytest.raises(th.ConfigMismatchError, match="training examples: 30 vs 20"):
         th.train_ensemble(make, th.TurnoverConfig(seed=20), args, train.select(range(20)), num_members=1,
                           processing_class=tokenizer)
+
+
+# -- an ensemble folder records its members (ensemble.json) and loading refuses a missing or changed one -----------
+@pytest.fixture(scope="module")
+def ensemble(tmp_path_factory):
+    """Three members trained once by train_ensemble (each test damages a copy)."""
+    folder = tmp_path_factory.mktemp("ensemble")
+    tokenizer = word_tokenizer(folder / "tok")
+    train = text_task(30).map(lambda rows: tokenizer(rows["text"]), batched=True)
+    args = TrainingArguments(str(folder / "ens"), max_steps=2, per_device_train_batch_size=8, report_to=[],
+                             save_strategy="no", use_cpu=True, seed=3, learning_rate=1e-2)
+    th.train_ensemble(lambda: _top_layer_adapter(tiny_bert()), th.TurnoverConfig(seed=30), args, train, num_members=3,
+                      freeze_leaking=True, processing_class=tokenizer)
+    return folder / "ens", train, tokenizer
+
+
+def _copy(ensemble, tmp_path):
+    import shutil
+
+    shutil.copytree(ensemble[0], tmp_path / "ens")
+    return tmp_path / "ens"
+
+
+def _change_weights(member):
+    from safetensors.torch import load_file, save_file
+
+    path = str(member / "model.safetensors")
+    tensors = load_file(path)
+    name = next(n for n in tensors if "adapter_up" in n)
+    tensors[name] = tensors[name] + 0.01  # as further training saved into the folder would
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _set_config(member, **fields):
+    import json
+
+    config = json.loads((member / th.CONFIG_NAME).read_text())
+    (member / th.CONFIG_NAME).write_text(json.dumps({**config, **fields}))
+
+
+def test_an_ensemble_folder_records_its_members_and_loads_silently(ensemble, caplog):
+    import json
+    import logging
+
+    folder, train, _ = ensemble
+    manifest = json.loads((folder / "ensemble.json").read_text())
+    assert [m["folder"] for m in manifest["members"]] == ["member-0", "member-1", "member-2"]
+    assert [m["seed"] for m in manifest["members"]] == [30, 31, 32]
+    assert all("model.safetensors" in m["weights_sha256"] and m["config_sha256"] for m in manifest["members"])
+    with caplog.at_level(logging.INFO, logger="turnover_hf"):
+        pipe = th.InfluencePipeline(str(folder), train_dataset=train)
+    assert pipe.num_members == 3 and pipe.estimator == "turnover"
+    assert not [r for r in caplog.records if "member" in r.getMessage() or "training set" in r.getMessage()]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("member deleted", r"member 'member-1' of .* is missing .*records 3 members.*train_ensemble again"),
+    ("two members deleted", r"member 'member-1' of .* is missing"),
+    ("member config deleted", r"member 'member-2' of .* has no turnover_config\.json.*train_ensemble again"),
+    ("member weights changed", r"member 'member-1' of .*: its weights changed.*\['model\.safetensors'\].*record_ensemble"),
+    ("member seed changed", r"member 'member-0' of .* has mask seed 77 .*recorded seed 30"),
+    ("member config edited", r"member 'member-2' of .*: its turnover_config\.json changed"),
+    ("member added", r"holds member folders \['member-3'\] that its ensemble\.json does not record"),
+    ("record damaged", r"ensemble\.json is damaged"),
+])
+def test_a_missing_or_changed_member_is_refused_naming_it(ensemble, tmp_path, damage, message):
+    import shutil
+
+    folder = _copy(ensemble, tmp_path)
+    {
+        "member deleted": lambda: shutil.rmtree(folder / "member-1"),
+        "two members deleted": lambda: (shutil.rmtree(folder / "member-1"), shutil.rmtree(folder / "member-2")),
+        "member config deleted": lambda: os.remove(folder / "member-2" / th.CONFIG_NAME),
+        "member weights changed": lambda: _change_weights(folder / "member-1"),
+        "member seed changed": lambda: _set_config(folder / "member-0", seed=77),
+        "member config edited": lambda: _set_config(folder / "member-2", num_train_examples=31),
+        "member added": lambda: shutil.copytree(folder / "member-2", folder / "member-3"),
+        "record damaged": lambda: (folder / "ensemble.json").write_text("{\"members\": [", encoding="utf-8"),
+    }[damage]()
+    for estimator in ("auto", "turnover"):  # never scored with the rest, nor handed to another estimator
+        with pytest.raises(th.ConfigMismatchError, match=message):
+            th.InfluencePipeline(str(folder), train_dataset=ensemble[1], estimator=estimator)
+
+
+def test_an_ensemble_folder_without_a_record_loads_with_a_warning_unless_damage_shows(ensemble, tmp_path, caplog):
+    import logging
+    import shutil
+
+    folder = _copy(ensemble, tmp_path)
+    os.remove(folder / "ensemble.json")  # as written before the record existed
+    with caplog.at_level(logging.WARNING, logger="turnover_hf.estimators.ensemble"):
+        assert th.InfluencePipeline(str(folder), train_dataset=ensemble[1]).num_members == 3
+    assert "records no member list" in caplog.text and "record_ensemble" in caplog.text
+    gap = _copy(ensemble, tmp_path / "gap")
+    os.remove(gap / "ensemble.json")
+    shutil.rmtree(gap / "member-1")
+    with pytest.raises(th.ConfigMismatchError, match=r"missing members \['member-1'\]"):
+        th.InfluencePipeline(str(gap), train_dataset=ensemble[1])
+    no_config = _copy(ensemble, tmp_path / "noconfig")
+    os.remove(no_config / "ensemble.json")
+    os.remove(no_config / "member-1" / th.CONFIG_NAME)
+    with pytest.raises(th.ConfigMismatchError, match=r"members \['member-1'\] of .* have no turnover_config\.json"):
+        th.InfluencePipeline(str(no_config), train_dataset=ensemble[1])
+    th.record_ensemble(folder)  # recorded as it is now: silent, and a later change is refused
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="turnover_hf.estimators.ensemble"):
+        th.InfluencePipeline(str(folder), train_dataset=ensemble[1])
+    assert "records no member list" not in caplog.text
+    _change_weights(folder / "member-0")
+    with pytest.raises(th.ConfigMismatchError, match="its weights changed"):
+        th.ensemble_members(folder)
+
+
+def test_resuming_train_ensemble_refuses_a_recorded_member_changed_since(ensemble, tmp_path):
+    folder = _copy(ensemble, tmp_path)
+    _, train, tokenizer = ensemble
+    _change_weights(folder / "member-1")
+    args = TrainingArguments(str(folder), max_steps=2, per_device_train_batch_size=8, report_to=[],
+                             save_strategy="no", use_cpu=True, seed=3, learning_rate=1e-2)
+    with pytest.raises(th.ConfigMismatchError, match="member 'member-1' .*its weights changed"):
+        th.train_ensemble(lambda: _top_layer_adapter(tiny_bert()), th.TurnoverConfig(seed=30), args, train,
+                          num_members=4, freeze_leaking=True, processing_class=tokenizer)
+    assert not (folder / "member-3").exists()  # refused before training anything
+
+
+def test_members_trained_on_different_training_sets_are_refused(task):
+    tokenizer, train = task
+    a, b = _member(5, len(train)), _member(6, len(train))
+    th.attach_training_set(a, train)
+    th.attach_training_set(b, text_task(30, seed=4))
+    with pytest.raises(th.ConfigMismatchError, match="member 1 was trained on another training set than member 0"):
+        th.InfluencePipeline([a, b], tokenizer, train_dataset=train, estimator="turnover")

@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 from test_plots import PNG, run  # noqa: F401  (the trained tiny run, shared fixture)
 
 from turnover_hf import plots, report
-from turnover_hf.training_set import attach_training_set
+from turnover_hf.training_set import keep_training_record
 
 HTML_BIT = ' <script>alert("x")</script> & co'
 LABEL_NAMES = ["absent", "present"]
@@ -54,7 +54,7 @@ def page_inputs(run):  # noqa: F811
     # These texts are not the ones the model trained on, and the pipeline refuses them against the recorded training
     # set; this test is about escaping only, so a copy of the model forgets that record.
     model = copy.deepcopy(run["pipe"].model)
-    attach_training_set(model, None)
+    keep_training_record(model, None)
     pipe = th.InfluencePipeline(model, run["pipe"].tokenizer, train_dataset=train)
     valid = run["valid"]
     explanations = pipe([{"text": t, "label": y} for t, y in zip(valid["text"][:2], valid["label"][:2])], top_k=3)

@@ -172,3 +172,99 @@ def test_a_checkpoint_names_a_datasets_repository_and_the_pipeline_loads_it(tmp_
     assert pipe.train_dataset["text"] == train["text"]
     with pytest.raises(th.TurnoverError, match="needs train_dataset"):
         th.InfluencePipeline(th.patch_model(tiny_bert(), warn_leaking=False), estimator="turnover")
+
+
+# -- the check compares what the model trained on: tokens (as the pipeline tokenizes) and, where recorded, texts --
+@pytest.fixture(scope="module")
+def trained_on_tokens(tmp_path_factory):
+    """A model whose trainer saw the tokens only (the texts removed first): its record holds no texts."""
+    folder = tmp_path_factory.mktemp("tokens")
+    tokenizer = word_tokenizer(folder / "tok")
+    train = text_task(40)
+    model = th.patch_model(_top_layer_adapter(tiny_bert()), th.TurnoverConfig(seed=6), freeze_leaking=True)
+    encoded = train.map(lambda rows: tokenizer(rows["text"], truncation=True), batched=True, remove_columns=["text"])
+    args = TrainingArguments(str(folder / "run"), per_device_train_batch_size=8, num_train_epochs=1, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True, learning_rate=1e-2)
+    th.TurnoverTrainer(model=model, args=args, train_dataset=encoded, processing_class=tokenizer).train()
+    model.save_pretrained(str(folder / "model"))
+    tokenizer.save_pretrained(str(folder / "model"))
+    return model, str(folder / "model"), train, tokenizer
+
+
+def _edit_text(train: Dataset, ids, words=("w9", "w9", "w9")) -> Dataset:
+    chosen = set(ids)
+    return train.map(lambda r: {"text": " ".join(words) if r["example_id"] in chosen else r["text"]})
+
+
+def _identity_notes(caplog) -> list[str]:
+    """Log lines (INFO and above) about the training set's identity."""
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO
+            and any(word in r.getMessage() for word in ("training set", "train_dataset", "labels only"))]
+
+
+@pytest.mark.parametrize("recorded", ["texts and tokens", "tokens only"])
+@pytest.mark.parametrize("edit", ["one text edited", "rows replaced, labels kept"])
+def test_an_edited_training_text_is_refused_naming_the_row_and_column(trained, trained_on_tokens, recorded, edit):
+    path, train = (trained[1], trained[2]) if recorded == "texts and tokens" else (trained_on_tokens[1], trained_on_tokens[2])
+    if edit == "one text edited":
+        edited, first = _edit_text(train, [17]), 17
+    else:  # other texts under the same ids and labels
+        other = text_task(40, seed=9)
+        edited = train.map(lambda r: {"text": other[r["example_id"]]["text"]} if r["example_id"] >= 10 else {"text": r["text"]})
+        first = 10
+    column = "text" if recorded == "texts and tokens" else "input_ids"
+    with pytest.raises(th.ConfigMismatchError, match=rf"column '{column}' differs in \d+ rows \(e\.g\. ids \[{first}[,\]].*"
+                                                        r"edited or replaced since training.*Pass the training set exactly as it was"):
+        th.InfluencePipeline(path, train_dataset=edited, estimator="turnover")
+
+
+@pytest.mark.parametrize("recorded", ["texts and tokens", "tokens only"])
+def test_the_right_training_set_passes_silently(trained, trained_on_tokens, recorded, caplog):
+    path, train = (trained[1], trained[2]) if recorded == "texts and tokens" else (trained_on_tokens[1], trained_on_tokens[2])
+    with caplog.at_level(logging.INFO):
+        th.InfluencePipeline(path, train_dataset=train, estimator="influence")  # texts: tokenized, then compared
+        th.InfluencePipeline(path, train_dataset=train.select([3, 8]), estimator="turnover")  # a subset
+    assert _identity_notes(caplog) == []
+
+
+def test_a_tokenized_training_set_is_checked_on_its_tokens(trained_on_tokens, caplog):
+    _, path, train, tokenizer = trained_on_tokens
+    tokens = train.map(lambda rows: tokenizer(rows["text"], truncation=True), batched=True)
+    with caplog.at_level(logging.INFO):
+        th.InfluencePipeline(path, train_dataset=tokens, estimator="turnover")
+        th.InfluencePipeline(path, train_dataset=tokens.remove_columns("text"), estimator="turnover")
+    assert _identity_notes(caplog) == []
+    changed = tokens.map(lambda r: {"input_ids": r["input_ids"][:-2] + r["input_ids"][-1:]} if r["example_id"] == 5 else {})
+    with pytest.raises(th.ConfigMismatchError, match=r"column 'input_ids' differs in 1 rows \(e\.g\. ids \[5\]\)"):
+        th.InfluencePipeline(path, train_dataset=changed, estimator="turnover")
+
+
+def test_texts_tokenized_otherwise_than_in_training_are_named(trained):
+    _, path, train = trained
+    with pytest.raises(th.ConfigMismatchError, match=r"column 'input_ids' differs in 40 rows.*\['text'\] match the "
+                                                        r"training rows.*not tokenized as in training.*max_length"):
+        th.InfluencePipeline(path, train_dataset=train, estimator="turnover", max_length=5)
+
+
+def test_ids_reassigned_after_a_shuffle_are_named_as_such(trained):
+    _, path, train = trained
+    with pytest.raises(th.ConfigMismatchError, match="training rows under other ids.*add_example_ids"):
+        th.InfluencePipeline(path, train_dataset=_reassigned(train), estimator="turnover")
+
+
+def test_an_in_memory_model_without_a_record_says_so_once_and_can_be_given_one(tmp_path, caplog):
+    tokenizer = word_tokenizer(tmp_path / "tok")
+    train = text_task(24)
+    model = th.patch_model(_top_layer_adapter(tiny_bert()), th.TurnoverConfig(seed=3), freeze_leaking=True)
+    model.turnover_config.num_train_examples = len(train)
+    with caplog.at_level(logging.WARNING, logger="turnover_hf.pipeline"):
+        th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence")
+    notes = [r.getMessage() for r in caplog.records if "records no training set" in r.getMessage()]
+    assert len(notes) == 1 and "TurnoverTrainer" in notes[0] and "attach_training_set" in notes[0]
+    caplog.clear()
+    th.attach_training_set(model, train.map(lambda rows: tokenizer(rows["text"], truncation=True), batched=True))
+    with caplog.at_level(logging.INFO):
+        th.InfluencePipeline(model, tokenizer, train_dataset=train, estimator="influence")
+    assert _identity_notes(caplog) == []
+    with pytest.raises(th.ConfigMismatchError, match=r"column 'text' differs in 1 rows \(e\.g\. ids \[2\]\)"):
+        th.InfluencePipeline(model, tokenizer, train_dataset=_edit_text(train, [2]), estimator="influence")

@@ -24,14 +24,14 @@ from .data import CausalLMCollator, InstanceIdCollator, add_example_ids, prompt_
 from .losses import per_example_loss, per_token_loss
 from .estimators.turnover import TurnoverScorer, influence
 from .trainer import TurnoverTrainer
-from .training_set import DatasetSource, record_training_set
+from .training_set import DatasetSource, attach_training_set, record_training_set
 from .callbacks import FlipSanityCallback
 from .dynamics import TrainingDynamics, TrainingDynamicsCallback
 from .label_issues import LabelSignals, cleansing_report, rank_label_issues
 from . import assets
 from .checkpoint import load_influence_ready
 from .estimators import Estimator, EstimatorContext, SavedState, register_estimator, unregister_estimator
-from .estimators.ensemble import EnsembleScorer, split_half_agreement, train_ensemble
+from .estimators.ensemble import EnsembleScorer, ensemble_members, record_ensemble, split_half_agreement, train_ensemble
 from .estimators.hydra import HydraScorer, HydraTrainer, HydraTurnoverTrainer
 from .estimators.influence import InfluenceFunctionScorer, InfluenceOptions
 from .estimators.projected import ProjectedInfluenceScorer, ProjectedOptions
@@ -82,9 +82,12 @@ __all__ = [
     "patch_model",
     "split_half_agreement",
     "train_ensemble",
+    "record_ensemble",
+    "ensemble_members",
     "per_example_loss",
     "per_token_loss",
     "prompt_completion_features",
+    "attach_training_set",
     "record_training_set",
     "register_estimator",
     "SavedState",

@@ -24,12 +24,13 @@ from .data import InstanceIdCollator, check_id_column, check_ids_known, default_
 from .errors import ConfigMismatchError, ExampleIdError, TurnoverError
 from .estimators import (AUTO, Estimator, EstimatorContext, EstimatorFallback, EstimatorSpec, carried_options,
                          choose_estimator, get_estimator)
-from .estimators.ensemble import member_dirs, split_half_agreement
+from .estimators.ensemble import ensemble_members, is_ensemble_folder, split_half_agreement
 from .losses import is_causal_lm
 from .masks import check_example_ids
 from .fingerprints import fingerprint
 from .store import ScoreStore
-from .training_set import load_recorded_training_set, verify_training_set
+from .patcher import is_patched
+from .training_set import load_recorded_training_set, training_set_of, verify_training_set
 from .validation import check_input_lengths, check_labels, model_max_length, positive_int
 from .label_issues import pipeline_label_issues
 
@@ -54,8 +55,8 @@ def _members(model: Any) -> tuple[list[Any], Optional[str]]:
         return list(model), None
     if isinstance(model, (str, os.PathLike)):
         path = resolve_checkpoint(model)  # a local folder, or the snapshot of a Hub repository
-        if not os.path.isfile(os.path.join(path, CONFIG_NAME)) and member_dirs(path):
-            return member_dirs(path), path
+        if is_ensemble_folder(path):  # its members, each checked against the ensemble's record
+            return ensemble_members(path), path
         return [path], path
     return [model], None
 
@@ -212,17 +213,9 @@ class InfluencePipeline:
         """Check ``train_dataset`` against what the models were trained on and keep its model features."""
         self.train_dataset = train_dataset
         self.train_ids = check_id_column(train_dataset, self.id_column)
-        # the rows the models were trained on (or a subset, unless the estimator fits on the training set first)
-        fits = type(self.scorer).prepare is not Estimator.prepare
-        recorded = verify_training_set(self.models, train_dataset, require_all=fits)
-        expected = self._expected_examples
-        if not recorded and expected is not None and expected != len(train_dataset):
-            raise ConfigMismatchError(
-                f"the model was trained on {expected} examples but train_dataset has {len(train_dataset)} rows. Pass "
-                "the full training set (with the same id column) and choose ids to score with example_ids=..."
-            )
+        tokenized = self._verify_training_set(train_dataset, self._expected_examples)  # tokenized once: checked, then scored
         self._order = torch.argsort(self.train_ids)
-        self._train_features = self._model_features(train_dataset)
+        self._train_features = self._model_features(tokenized)
 
     def fit(self) -> "InfluencePipeline":
         """Let the estimator see the training set once (e.g. fit the influence function) and keep what it fitted
@@ -258,8 +251,32 @@ class InfluencePipeline:
             raise TurnoverError("text needs a tokenizer: pass tokenizer=... to InfluencePipeline.")
         return self.tokenizer(texts, truncation=True, max_length=self.max_length)
 
-    def _model_features(self, dataset: Dataset) -> Dataset:
-        """``dataset`` with model inputs (tokenizing ``text_column`` if there are no ``input_ids``) and ``labels``."""
+    def _verify_training_set(self, train_dataset: Dataset, expected: Optional[int]) -> Dataset:
+        """Refuse a training set that is not (a subset of) the rows the models were trained on, compared on what
+        they trained on: its ids first, then its rows tokenized as the pipeline scores them, beside their texts.
+        Returns ``train_dataset`` with its model inputs."""
+        fits = type(self.scorer).prepare is not Estimator.prepare  # it fits on the whole training set first
+        if verify_training_set(self.models, train_dataset, require_all=fits, ids_only=True):  # before tokenizing
+            tokenized = self._with_inputs(train_dataset)
+            verify_training_set(self.models, tokenized, require_all=fits)
+            return tokenized
+        if any(_unrecorded(m) for m in self.models):
+            logger.warning(
+                "the model records no training set (it was not trained with TurnoverTrainer), so train_dataset "
+                "cannot be checked: rows edited or reassigned since training would be explained as if the model had "
+                "trained on them. Train with turnover_hf.TurnoverTrainer, or record the data the model was trained "
+                "on with turnover_hf.attach_training_set(model, train)."
+            )
+        if expected is not None and expected != len(train_dataset):
+            raise ConfigMismatchError(
+                f"the model was trained on {expected} examples but train_dataset has {len(train_dataset)} rows. Pass "
+                "the full training set (with the same id column) and choose ids to score with example_ids=..."
+            )
+        return self._with_inputs(train_dataset)
+
+    def _with_inputs(self, dataset: Dataset) -> Dataset:
+        """``dataset`` with model inputs beside its other columns (tokenizing ``text_column`` if there are no
+        ``input_ids``)."""
         if "input_ids" not in dataset.column_names:
             if self.text_column not in dataset.column_names:
                 raise TurnoverError(
@@ -267,6 +284,11 @@ class InfluencePipeline:
                     f"{dataset.column_names}); pass text_column=... or tokenized data."
                 )
             dataset = dataset.map(lambda rows: self._tokenize(rows[self.text_column]), batched=True)
+        return dataset
+
+    def _model_features(self, dataset: Dataset) -> Dataset:
+        """``dataset`` with model inputs (tokenizing ``text_column`` if there are no ``input_ids``) and ``labels``."""
+        dataset = self._with_inputs(dataset)
         if "label" in dataset.column_names and "labels" not in dataset.column_names and not self.causal_lm:
             dataset = dataset.rename_column("label", "labels")  # (a language model's labels are its tokens)
         keep = {"input_ids", "attention_mask", "token_type_ids", "labels", self.id_column}
@@ -590,6 +612,15 @@ class InfluencePipeline:
             {"example_id": int(i), "score": float(v), **{c: rows[n][c] for c in shown}}
             for n, (i, v) in enumerate(zip(ids.tolist(), values.tolist()))
         ]
+
+
+def _unrecorded(model: Any) -> bool:
+    """A patched model that records no training set and was not loaded from a checkpoint folder (loading one
+    without a record warns already); an unpatched model never records one."""
+    if not is_patched(model):
+        return False
+    loaded_from = getattr(model, "name_or_path", "") or ""
+    return training_set_of(model) is None and not os.path.isfile(os.path.join(loaded_from, CONFIG_NAME))
 
 
 def _is_prompt_completion(target: Any) -> bool:

@@ -20,7 +20,7 @@ from .dynamics import dynamics_callback
 from .errors import MissingExampleIdsError
 from .fingerprints import fingerprint
 from .sites import inner_model
-from .training_set import DatasetSource, attach_training_set, record_training_set
+from .training_set import DatasetSource, attach_training_set
 
 
 def _trainable_fingerprint(model: nn.Module) -> str:
@@ -109,11 +109,8 @@ class TurnoverTrainer(ExampleIdTrainer):
         train_dataset = kwargs.get("train_dataset", pos[0] if pos else None)
         super().__init__(model, args, data_collator, *pos, id_column=state.config.id_column, **kwargs)
         if train_dataset is not None:
-            state.config.num_train_examples = len(train_dataset)
-            # the checkpoint will name these rows: the pipeline refuses any other training set
-            record = record_training_set(train_dataset, self.id_column, source=train_dataset_source)
-            attach_training_set(model, record)
-            state.config.training_set = record.summary()
+            # the checkpoint will name these rows (ids, inputs, texts, labels): the pipeline refuses any other set
+            attach_training_set(model, train_dataset, source=train_dataset_source)
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         example_ids = inputs.pop(BATCH_KEY, None)

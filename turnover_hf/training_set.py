@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 TRAINING_SET_NAME = "training_set.safetensors"
 # Columns derived from the inputs (or bookkeeping): not part of a row's identity.
 DERIVED_COLUMNS = frozenset({"attention_mask", "token_type_ids", "position_ids", "special_tokens_mask", "length"})
+# Columns a tokenizer derives from the texts: equal texts with other tokens mean another tokenizer or max_length.
+INPUT_COLUMNS = frozenset({"input_ids"})
 _BATCH = 4096
 _MASK63 = (1 << 63) - 1
 
@@ -122,6 +124,15 @@ def _digest(ids: torch.Tensor, hashes: dict[str, torch.Tensor]) -> str:
         digest.update(hashes[column][order].numpy().tobytes())
     return digest.hexdigest()
 
+
+
+def _row_keys(hashes: dict[str, torch.Tensor], columns: list[str]) -> torch.Tensor:
+    """One int64 key per row over ``columns``' hashes (rows equal in every column share a key)."""
+    key = np.zeros(len(next(iter(hashes.values()))), dtype=np.int64)
+    with np.errstate(over="ignore"):
+        for column in columns:
+            key = key * np.int64(1_000_003) ^ hashes[column].numpy()
+    return torch.from_numpy(key)
 
 @dataclass
 class DatasetSource:
@@ -256,11 +267,7 @@ class TrainingSet:
         Example:
             >>> record.verify(train)              # silent if train is (a subset of) the training set
         """
-        if self.id_column not in dataset.column_names:
-            raise ConfigMismatchError(
-                f"{what} has no {self.id_column!r} column, the id column the model was trained with (columns: "
-                f"{dataset.column_names}). Pass the training set with its ids."
-            )
+        self._check_id_column(dataset, what)
         given = {canonical_column(c): c for c in content_columns(dataset, self.id_column)}
         common = sorted(set(given) & set(self.hashes))
         if not common:
@@ -270,6 +277,38 @@ class TrainingSet:
                 "set with those columns."
             )
         ids, hashes = _row_hashes(dataset, [given[c] for c in common], self.id_column)
+        trained, position = self._positions(ids, what)
+        rows = trained.indices[position]
+        differs = {c: hashes[c] != self.hashes[c][rows] for c in common}
+        if any(bool(d.any()) for d in differs.values()):
+            raise ConfigMismatchError(self._mismatch(what, ids, hashes, differs))
+        self._check_size(len(ids), require_all, what)
+        unchecked = sorted(set(self.hashes) - set(common))
+        if unchecked and common == ["labels"]:
+            logger.warning("%s was checked against the training set on its labels only (recorded columns %s absent).",
+                           what, unchecked)
+
+    def verify_ids(self, dataset: Dataset, *, require_all: bool = False, what: str = "train_dataset") -> None:
+        """The first, cheap part of :meth:`verify`: every id of ``dataset`` was trained on (and, with
+        ``require_all``, every trained id is there), read from the id column alone.
+
+        Example:
+            >>> record.verify_ids(train)            # before tokenizing train for the full check
+        """
+        self._check_id_column(dataset, what)
+        ids, _ = _row_hashes(dataset, [], self.id_column)
+        self._positions(ids, what)
+        self._check_size(len(ids), require_all, what)
+
+    def _check_id_column(self, dataset: Dataset, what: str) -> None:
+        if self.id_column not in dataset.column_names:
+            raise ConfigMismatchError(
+                f"{what} has no {self.id_column!r} column, the id column the model was trained with (columns: "
+                f"{dataset.column_names}). Pass the training set with its ids."
+            )
+
+    def _positions(self, ids: torch.Tensor, what: str) -> tuple[Any, torch.Tensor]:
+        """(the trained ids sorted, the position of each of ``ids`` among them); refuses ids never trained on."""
         trained = torch.sort(self.example_ids)
         position = torch.searchsorted(trained.values, ids).clamp(max=max(len(trained.values) - 1, 0))
         known = trained.values[position] == ids if len(trained.values) else torch.zeros_like(ids, dtype=torch.bool)
@@ -281,27 +320,50 @@ class TrainingSet:
                 f"{self.fingerprint[:12]}). Pass the training set (or a subset of its rows) with the ids it had in "
                 "training."
             )
-        rows = trained.indices[position]
-        differing = {c: ids[hashes[c] != self.hashes[c][rows]] for c in common}
-        differing = {c: d for c, d in differing.items() if len(d)}
-        if differing:
-            detail = "; ".join(f"column {c!r} differs in {len(d)} rows (e.g. ids {d[:5].tolist()})" for c, d in differing.items())
+        return trained, position
+
+    def _check_size(self, size: int, require_all: bool, what: str) -> None:
+        if require_all and size != self.num_examples:
             raise ConfigMismatchError(
-                f"{what} is not the data the model was trained on: {detail}. The ids point at other rows than in "
-                "training (were ids reassigned after a shuffle or split, or is this another dataset of the same size?). "
-                "Pass the training set with the ids it had in training: add ids once with add_example_ids before "
-                "shuffling or splitting, and keep them."
-            )
-        if require_all and len(ids) != self.num_examples:
-            raise ConfigMismatchError(
-                f"the model was trained on {self.num_examples} examples but {what} has {len(ids)} of them, and this "
+                f"the model was trained on {self.num_examples} examples but {what} has {size} of them, and this "
                 "estimator fits on the whole training set first. Pass the whole training set; choose the ids to score "
                 "with example_ids=..."
             )
-        unchecked = sorted(set(self.hashes) - set(common))
-        if unchecked and common == ["labels"]:
-            logger.warning("%s was checked against the training set on its labels only (recorded columns %s absent).",
-                           what, unchecked)
+
+    def _mismatch(self, what: str, ids: torch.Tensor, hashes: dict[str, torch.Tensor],
+                  differs: dict[str, torch.Tensor]) -> str:
+        """The refusal of rows that differ from the training rows of the same ids: which columns, the first ids,
+        and the likely cause (ids reassigned, texts tokenized another way, or rows edited) with its fix."""
+        detail = "; ".join(
+            f"column {c!r} differs in {int(d.sum())} rows (e.g. ids {torch.sort(ids[d]).values[:5].tolist()})"
+            for c, d in differs.items() if bool(d.any())
+        )
+        head = f"{what} is not the data the model was trained on: {detail}."
+        bad = torch.zeros_like(ids, dtype=torch.bool)
+        for d in differs.values():
+            bad |= d
+        columns = sorted(differs)
+        if bool(torch.isin(_row_keys(hashes, columns)[bad], _row_keys(self.hashes, columns)).float().mean() >= 0.5):
+            return (
+                f"{head} These rows are training rows under other ids (were ids reassigned after a shuffle or "
+                "split?). Pass the training set with the ids it had in training: add ids once with add_example_ids "
+                "before shuffling or splitting, and keep them."
+            )
+        changed = {c for c, d in differs.items() if bool(d.any())}
+        texts = [c for c in columns if c not in INPUT_COLUMNS and c != "labels"]
+        if changed <= INPUT_COLUMNS and texts:
+            return (
+                f"{head} Their {texts} match the training rows, so the texts are the training texts but they are "
+                "not tokenized as in training. Pass the tokenizer and max_length used in training to "
+                "InfluencePipeline (tokenizer=..., max_length=...), or the training set as it was tokenized for "
+                "training (with its input_ids)."
+            )
+        tokens = " (or tokenized with another tokenizer or max_length than in training)" if changed & INPUT_COLUMNS else ""
+        return (
+            f"{head} These rows were edited or replaced since training{tokens}; the model would be explained with "
+            "rows it never trained on. Pass the training set exactly as it was in training (restore these rows from "
+            "its source), or train again on the edited data."
+        )
 
 
 def record_training_set(dataset: Dataset, id_column: str = "example_id", *,
@@ -342,9 +404,28 @@ def training_set_of(model: nn.Module) -> Optional[TrainingSet]:
     return getattr(root, TRAINING_SET_ATTRIBUTE, None)
 
 
-def attach_training_set(model: nn.Module, record: Optional[TrainingSet]) -> None:
-    """Keep ``record`` on the patched ``model`` (the trainer records it; a loaded checkpoint brings it)."""
+def keep_training_record(model: nn.Module, record: Optional[TrainingSet]) -> None:
+    """Keep ``record`` on the patched ``model`` (a loaded checkpoint brings it; :func:`attach_training_set` makes
+    it)."""
     setattr(patched_root(model), TRAINING_SET_ATTRIBUTE, record)
+
+
+def attach_training_set(model: Any, dataset: Dataset, *,
+                        source: Optional[Union[DatasetSource, dict[str, Any], str]] = None) -> TrainingSet:
+    """Record ``dataset`` as the training set of a patched ``model`` trained without :class:`TurnoverTrainer`
+    (what that trainer does by itself), so that the pipeline checks the rows it is given and the checkpoint carries
+    the record. Pass the dataset exactly as the model trained on it (its ids, inputs and labels).
+
+    Example:
+        >>> my_training_loop(model, train)                  # a patched model trained by your own loop
+        >>> attach_training_set(model, train)               # InfluencePipeline(model, ...) now checks train_dataset
+    """
+    state = patched_root(model).turnover_state
+    record = record_training_set(dataset, state.config.id_column, source=source)
+    keep_training_record(model, record)
+    state.config.training_set = record.summary()
+    state.config.num_train_examples = record.num_examples
+    return record
 
 
 def _recorded(models: Iterable[Any]) -> list[TrainingSet]:
@@ -356,16 +437,18 @@ def _recorded(models: Iterable[Any]) -> list[TrainingSet]:
     return found
 
 
-def verify_training_set(models: Iterable[Any], dataset: Dataset, *, require_all: bool = False) -> bool:
-    """Check ``dataset`` against the training set recorded on each model (see :meth:`TrainingSet.verify`); False if
-    no model records one (checkpoints saved before the record existed).
+def verify_training_set(models: Iterable[Any], dataset: Dataset, *, require_all: bool = False,
+                        ids_only: bool = False) -> bool:
+    """Check ``dataset`` against the training set recorded on each model (see :meth:`TrainingSet.verify`; with
+    ``ids_only``, its cheap first part :meth:`TrainingSet.verify_ids`); False if no model records one (checkpoints
+    saved before the record existed).
 
     Example:
         >>> verify_training_set([model], train)       # True, or ConfigMismatchError naming what differs
     """
     records = _recorded(models)
     for record in records:
-        record.verify(dataset, require_all=require_all)
+        (record.verify_ids if ids_only else record.verify)(dataset, require_all=require_all)
     return bool(records)
 
 

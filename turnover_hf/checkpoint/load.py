@@ -31,7 +31,7 @@ from ..layers import CHANNEL_BIAS, CHANNEL_WEIGHT
 from ..patcher import patch_model
 from ..trainer import trained_weights_problem
 from ..sites import inner_model
-from ..training_set import TrainingSet, attach_training_set
+from ..training_set import TrainingSet, keep_training_record
 from .save import finish_interrupted_save, remember_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ def load_influence_ready(
 def _loaded(model: nn.Module, training_set: Optional[TrainingSet], folder: str) -> nn.Module:
     """``model`` with what its folder brings: the training-set record, and where it came from (its saved estimator
     states may be carried to the next save)."""
-    attach_training_set(model, training_set)
+    keep_training_record(model, training_set)
     remember_checkpoint(model, folder)
     problem = trained_weights_problem(model)
     if problem is not None:

@@ -26,7 +26,11 @@ class ScoringOptions:
     text_column: str = field(default="text", metadata={"help": "Text column of the training set and target files."})
     label_column: str = field(default="label", metadata={"help": "Label column of the training set and target files."})
     batch_size: int = field(default=64, metadata={"help": "(training example, target) rows per forward pass."})
-    max_length: int = field(default=128, metadata={"help": "Truncate texts to this many tokens."})
+    max_length: Optional[int] = field(
+        default=None,
+        metadata={"help": "Truncate texts to this many tokens. Default: the length the model was trained with (its "
+                          "tokenizer's model_max_length, which `turnover-hf train` sets)."},
+    )
     device: Optional[str] = field(
         default=None, metadata={"help": "Where to run the model, e.g. cpu or cuda:0 (default: where it loads)."}
     )

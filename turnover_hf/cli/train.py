@@ -135,11 +135,14 @@ def run_train(options: TrainOptions, training_args: Any) -> dict[str, Any]:
     if tokenizer.pad_token is None:  # GPT-style tokenizers: pad with the end-of-text token
         tokenizer.pad_token = tokenizer.eos_token
 
-    def tokenize(data: Any) -> Any:
+    def tokenize(data: Any, keep_text: bool = False) -> Any:
         return data.map(lambda rows: tokenizer(rows["text"], truncation=True, max_length=options.max_length),
-                        batched=True, remove_columns=["text"], desc="tokenize")
+                        batched=True, remove_columns=[] if keep_text else ["text"], desc="tokenize")
 
-    train_tokens = tokenize(train)
+    # the texts stay beside their tokens, so the model records (and the pipeline checks) both; the Trainer drops
+    # them from its batches (remove_unused_columns)
+    train_tokens = tokenize(train, keep_text=training_args.remove_unused_columns)
+    tokenizer.model_max_length = options.max_length  # saved with the model: scoring truncates as training did
     valid_tokens = None
     if valid is not None:
         valid_tokens = tokenize(valid.select_columns(["text", "label"]))
@@ -159,7 +162,8 @@ def run_train(options: TrainOptions, training_args: Any) -> dict[str, Any]:
     if options.num_members == 1:
         callbacks = []
         if valid_tokens is not None and options.sanity_examples > 0:
-            sample = train_tokens.select(range(min(options.sanity_examples, len(train_tokens))))
+            sample = train_tokens.select(range(min(options.sanity_examples, len(train_tokens)))).select_columns(
+                [c for c in train_tokens.column_names if c != "text"])
             callbacks.append(FlipSanityCallback(sample, collator))
         model = patch_model(model_init(), config, freeze_leaking=True)
         trainer = TurnoverTrainer(model=model, args=training_args, train_dataset=train_tokens, callbacks=callbacks,

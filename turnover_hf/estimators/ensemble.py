@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import glob
+import hashlib
+import json
 import logging
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -26,6 +28,7 @@ from torch import nn
 from ..config import CONFIG_NAME, TurnoverConfig
 from ..context import state_of
 from ..errors import ConfigMismatchError, TurnoverError
+from ..files import atomic_write_text
 from ..losses import eval_mode, is_causal_lm, model_inputs
 from .registry import BuiltEstimator, Estimator, EstimatorContext, register_estimator
 from .turnover import TurnoverScorer, masks_key
@@ -38,11 +41,199 @@ logger = logging.getLogger(__name__)
 MEMBER_PREFIX = "member-"
 
 
+MANIFEST_NAME = "ensemble.json"
+MANIFEST_FORMAT, MANIFEST_VERSION = "turnover-hf-ensemble", 1
+_RETRAIN = ("retrain it: run train_ensemble again with the same arguments and output_dir (it trains the members "
+            "that are missing and records them), or `turnover-hf train --num_members K` again")
+
+
 def member_dirs(path: Union[str, os.PathLike]) -> list[str]:
     """The member folders (``member-0``, ``member-1``, ...) of an ensemble folder, in member order; [] if none."""
     found = [d for d in glob.glob(os.path.join(os.fspath(path), MEMBER_PREFIX + "*")) if os.path.isfile(os.path.join(d, CONFIG_NAME))]
     suffix = lambda d: os.path.basename(d)[len(MEMBER_PREFIX):]
     return sorted((d for d in found if suffix(d).isdigit()), key=lambda d: int(suffix(d)))
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _member_record(folder: str) -> dict[str, Any]:
+    """What identifies a saved member: its mask seed, a digest of its config's content and of each weights file."""
+    with open(os.path.join(folder, CONFIG_NAME), encoding="utf-8") as handle:
+        config = json.load(handle)
+    weights = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors") and os.path.isfile(os.path.join(folder, f)))
+    return {
+        "folder": os.path.basename(folder),
+        "seed": config.get("seed"),
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+        "weights_sha256": {f: _file_digest(os.path.join(folder, f)) for f in weights},
+    }
+
+
+def record_ensemble(path: Union[str, os.PathLike], members: Optional[Sequence[Union[str, os.PathLike]]] = None) -> str:
+    """Write ``ensemble.json`` (atomically) into an ensemble folder: its members' folder names, mask seeds and the
+    digests of their configs and weights, so that loading refuses a member deleted or changed since. ``train_ensemble``
+    writes it; call this for a folder written before it did, or after replacing a member on purpose.
+
+    Example:
+        >>> record_ensemble("out/ensemble")                  # records member-0 ... member-K-1 as they are now
+        >>> InfluencePipeline("out/ensemble", tokenizer, train_dataset=train)   # refuses a member changed later
+    """
+    root = os.fspath(path)
+    folders = [os.fspath(m) for m in members] if members is not None else _numbered_members(root)
+    if not folders:
+        raise TurnoverError(f"{root!r} holds no ensemble members ({MEMBER_PREFIX}0, {MEMBER_PREFIX}1, ...) to record.")
+    records = []
+    for folder in folders:
+        if os.path.dirname(os.path.abspath(folder)) != os.path.abspath(root):
+            raise TurnoverError(f"ensemble member {folder!r} is not a folder of {root!r}; members live inside it.")
+        if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            raise ConfigMismatchError(
+                f"ensemble member {folder!r} has no {CONFIG_NAME}, so it is not a complete influence-ready model; "
+                f"{_RETRAIN}, or remove the folder."
+            )
+        records.append(_member_record(folder))
+    seeds = [r["seed"] for r in records]
+    if len(set(map(str, seeds))) != len(seeds):
+        raise ConfigMismatchError(f"the members of {root!r} share mask seeds ({seeds}); each member needs its own seed.")
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "members": records}
+    target = os.path.join(root, MANIFEST_NAME)
+    atomic_write_text(target, json.dumps(manifest, indent=2) + "\n")
+    return target
+
+
+def _numbered_members(root: str) -> list[str]:
+    """Every ``member-<k>`` folder of ``root`` (complete or not), in member order."""
+    found = [d for d in glob.glob(os.path.join(root, MEMBER_PREFIX + "*")) if os.path.isdir(d)]
+    numbered = [d for d in found if os.path.basename(d)[len(MEMBER_PREFIX):].isdigit()]
+    return sorted(numbered, key=lambda d: int(os.path.basename(d)[len(MEMBER_PREFIX):]))
+
+
+def is_ensemble_folder(path: Union[str, os.PathLike]) -> bool:
+    """A folder of ensemble members: it records them (``ensemble.json``) or holds ``member-<k>`` folders, and is not
+    itself a checkpoint."""
+    root = os.fspath(path)
+    if os.path.isfile(os.path.join(root, CONFIG_NAME)):
+        return False
+    return os.path.isfile(os.path.join(root, MANIFEST_NAME)) or bool(_numbered_members(root))
+
+
+def _read_manifest(root: str) -> Optional[list[dict[str, Any]]]:
+    """The members ``ensemble.json`` records (None if the folder has none); refuses a damaged or newer file."""
+    target = os.path.join(root, MANIFEST_NAME)
+    if not os.path.isfile(target):
+        return None
+    try:
+        with open(target, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        recorded = manifest["members"]
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(recorded, list) or not recorded:
+            raise ValueError("not an ensemble record")
+        for entry in recorded:
+            str(entry["folder"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigMismatchError(
+            f"{target} is damaged ({type(err).__name__}: {err}), so the ensemble's members cannot be checked. Restore "
+            f"it, or record the members as they are now with turnover_hf.record_ensemble({root!r}) if you trust them."
+        ) from err
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ConfigMismatchError(
+            f"{target} is version {manifest.get('version')!r}; this turnover-hf reads version {MANIFEST_VERSION}. "
+            "Upgrade turnover-hf."
+        )
+    return recorded
+
+
+def _check_member(root: str, entry: dict[str, Any], names: list[str]) -> str:
+    """The folder of the member ``entry`` of ``ensemble.json`` records, refused unless present and unchanged."""
+    name = str(entry["folder"])
+    folder = os.path.join(root, name)
+    where = f"ensemble member {name!r} of {root!r}"
+    if os.path.basename(name) != name or not os.path.isdir(folder):
+        raise ConfigMismatchError(
+            f"{where} is missing ({MANIFEST_NAME} records {len(names)} members: {names}); the ensemble would be "
+            f"scored without it. Restore the folder, or {_RETRAIN}."
+        )
+    if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+        raise ConfigMismatchError(
+            f"{where} has no {CONFIG_NAME} (deleted?), so its masks cannot be re-created and the ensemble would be "
+            f"scored without it. Restore the file from a copy of the ensemble, or {_RETRAIN}."
+        )
+    now = _member_record(folder)
+    if now["seed"] != entry.get("seed"):
+        raise ConfigMismatchError(
+            f"{where} has mask seed {now['seed']!r} in its {CONFIG_NAME}, but the ensemble recorded seed "
+            f"{entry.get('seed')!r}: its masks would not be the ones it was trained with. Restore the recorded seed in "
+            f"{os.path.join(folder, CONFIG_NAME)}, or {_RETRAIN}."
+        )
+    if now["config_sha256"] != entry.get("config_sha256"):
+        raise ConfigMismatchError(
+            f"{where}: its {CONFIG_NAME} changed since the ensemble was trained, so its masks may not be the ones it "
+            f"was trained with. Restore the file from a copy of the ensemble, or {_RETRAIN}."
+        )
+    recorded_weights = entry.get("weights_sha256") or {}
+    changed = sorted(f for f in set(recorded_weights) | set(now["weights_sha256"])
+                     if recorded_weights.get(f) != now["weights_sha256"].get(f))
+    if changed:
+        raise ConfigMismatchError(
+            f"{where}: its weights changed since the ensemble was trained ({changed} differ from {MANIFEST_NAME}), "
+            f"e.g. by further training saved into the folder; its scores would not be turn-over scores of the trained "
+            f"member. Restore the member's files, or {_RETRAIN}. If you replaced the member on purpose with one "
+            f"trained on its recorded seed, record it with turnover_hf.record_ensemble({root!r})."
+        )
+    return folder
+
+
+def ensemble_members(path: Union[str, os.PathLike]) -> list[str]:
+    """The member folders of an ensemble folder, after checking each is the member recorded in ``ensemble.json``:
+    present, with its config, its mask seed and its weights unchanged. A folder written before the record existed
+    is read from its ``member-<k>`` folders (numbered without gaps), with a warning.
+
+    Example:
+        >>> ensemble_members("out/ensemble")               # ['out/ensemble/member-0', ...] or a refusal
+    """
+    root = os.fspath(path)
+    recorded = _read_manifest(root)
+    if recorded is None:
+        return _unrecorded_members(root)
+    names = [str(entry["folder"]) for entry in recorded]
+    folders = [_check_member(root, entry, names) for entry in recorded]
+    extra = sorted({os.path.basename(d) for d in member_dirs(root)} - set(names))
+    if extra:
+        raise ConfigMismatchError(
+            f"{root!r} holds member folders {extra} that its {MANIFEST_NAME} does not record ({names}). Remove them, or "
+            f"record them as members with turnover_hf.record_ensemble({root!r})."
+        )
+    return folders
+
+
+def _unrecorded_members(root: str) -> list[str]:
+    """The members of an ensemble folder written before ``ensemble.json`` existed, refusing what shows damage."""
+    numbered = _numbered_members(root)
+    incomplete = [os.path.basename(d) for d in numbered if not os.path.isfile(os.path.join(d, CONFIG_NAME))]
+    if incomplete:
+        raise ConfigMismatchError(
+            f"ensemble members {incomplete} of {root!r} have no {CONFIG_NAME}, so the ensemble would be scored "
+            f"without them. Restore the files, or {_RETRAIN}; or remove those folders and record the rest with "
+            f"turnover_hf.record_ensemble({root!r})."
+        )
+    numbers = [int(os.path.basename(d)[len(MEMBER_PREFIX):]) for d in numbered]
+    if numbers != list(range(len(numbers))):
+        missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
+        raise ConfigMismatchError(
+            f"ensemble {root!r} is missing members {[MEMBER_PREFIX + str(k) for k in missing]} (its members are "
+            f"numbered from 0 without gaps), so it would be scored without them. Restore them, or {_RETRAIN}."
+        )
+    logger.warning(
+        "ensemble %r records no member list (%s, which train_ensemble now writes): a member deleted or changed since training cannot be detected; scoring its %d member folders. Record them now with "
+        "turnover_hf.record_ensemble(%r).", root, MANIFEST_NAME, len(numbered), root,
+    )
+    return numbered
 
 
 def check_members(models: Sequence[nn.Module]) -> list[TurnoverConfig]:
@@ -66,6 +257,14 @@ def check_members(models: Sequence[nn.Module]) -> list[TurnoverConfig]:
                 "(train_ensemble does this)."
             )
         seen[config.seed] = k
+    fingerprints = [(config.training_set or {}).get("fingerprint") for config in configs]
+    for k, print_k in enumerate(fingerprints):
+        if print_k and fingerprints[0] and print_k != fingerprints[0]:
+            raise ConfigMismatchError(
+                f"ensemble member {k} was trained on another training set than member 0 (fingerprints "
+                f"{print_k[:12]} and {fingerprints[0][:12]}), so their scores name different rows: every member must be "
+                "trained on the same training set (train_ensemble does this)."
+            )
     return configs
 
 
@@ -191,6 +390,7 @@ def train_ensemble(
         raise TurnoverError(f"num_members must be at least 1, got {num_members}.")
     trainer_class = trainer_class or TurnoverTrainer
     root = args.output_dir
+    recorded = {str(entry["folder"]): entry for entry in _read_manifest(root) or []}
     paths = []
     for k in range(num_members):
         member_config = TurnoverConfig.from_dict({**config.to_dict(), "seed": config.seed + k})
@@ -198,6 +398,8 @@ def train_ensemble(
         paths.append(folder)
         if os.path.isfile(os.path.join(folder, CONFIG_NAME)):  # written last by a save: the member is complete
             _check_resumable(TurnoverConfig.from_pretrained(folder), member_config, folder, len(train_dataset))
+            if os.path.basename(folder) in recorded:  # kept as recorded, never re-recorded with other weights
+                _check_member(root, recorded[os.path.basename(folder)], list(recorded))
             logger.info("ensemble member %d is already trained in %s; keeping it.", k, folder)
             continue
         member_args = copy.copy(args)
@@ -207,6 +409,10 @@ def train_ensemble(
         trainer.train()
         trainer.save_model(folder)
         logger.info("ensemble member %d/%d saved to %s.", k + 1, num_members, folder)
+        if getattr(args, "process_index", 0) == 0:
+            record_ensemble(root, paths)  # after each member: an interrupted run leaves a consistent record
+    if getattr(args, "process_index", 0) == 0:
+        record_ensemble(root, paths)
     return paths
 
 
