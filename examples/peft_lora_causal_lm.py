@@ -11,7 +11,8 @@ Steps (all offline):
    units), fine-tuned with ``TurnoverTrainer`` on other snippets;
 3. ``model.save_pretrained``: PEFT's adapter files plus ``turnover_config.json``; reloaded with
    ``turnover_hf.load_influence_ready`` (identical masks and scores, checked here);
-4. which training snippets helped or hurt each token of a prompt's completion.
+4. which training snippets helped or hurt each token of a prompt's completion, by the projected influence function
+   (what ``estimator="auto"`` picks for a causal LM).
 """
 
 import argparse
@@ -83,10 +84,15 @@ ids = torch.tensor(train["example_id"][:64])
 same = torch.equal(turnover_hf.influence(model, target, ids), turnover_hf.influence(reloaded, target, ids))
 print(f"reloaded from {adapter_dir}: identical masks, identical scores on 64 ids: {same}")
 
-# 4. Explain the completion token by token.
-# turn-over scores of the masked LoRA (estimator="auto" would fit the projected influence function instead)
-pipe = turnover_hf.InfluencePipeline(adapter_dir, train_dataset=train, batch_size=128, estimator="turnover")
-print(f"scoring path: {pipe.scorer.path}")
+# 4. Explain the completion token by token with the estimator that measured closest to retraining for a causal LM:
+#    estimator="auto" fits the projected influence function (per-token Gauss-Newton curvature in the LoRA matrices'
+#    Kronecker eigenbasis; docs/method/quality.md). One model's turn-over scores are close to noise; they remain
+#    available (estimator="turnover", forward passes only, the lower layers run once per target).
+turnover = turnover_hf.InfluencePipeline(adapter_dir, train_dataset=train, batch_size=128, estimator="turnover")
+print(f"turn-over scoring path: {turnover.scorer.path}")
+pipe = turnover_hf.InfluencePipeline(adapter_dir, train_dataset=train, batch_size=128,
+                                     options={"show_progress": False})
+print(f"estimator: {pipe.estimator}")
 result = pipe((args.prompt, args.completion), top_k=args.top_k)
 tokens = result["tokens"]
 width = max(7, *(len(repr(t)) for t in tokens))

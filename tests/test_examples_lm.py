@@ -30,7 +30,8 @@ def test_peft_lora_causal_lm_example(tmp_path):
     assert {"adapter_config.json", "adapter_model.safetensors", "turnover_config.json", "tokenizer.json"} <= files
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "base")
     assert "identical masks, identical scores on 64 ids: True" in out
-    assert "scoring path: prefix" in out  # LoRA only in the top layer: the two lower layers run once per target
+    assert "turn-over scoring path: prefix" in out  # LoRA only in the top layer: the lower layers run once per target
+    assert "estimator: projected" in out  # the explanation comes from the estimator that measured best for an LM
     table = out.split("influence on each completion token")[1]
     assert "' good'" in table and "'.'" in table  # the completion's tokens head the columns
     assert table.count("#") == 4  # two proponents and two opponents, each with its snippet

@@ -444,8 +444,9 @@ SINGLE_MODEL_WARNING = (
     "scoring with a single turn-over model: its scores are dominated by the difference between two random "
     "half-networks (two mask seeds' rankings agree at Spearman ~0 in benchmarks/fidelity.py). Average an ensemble "
     "of models trained with different mask seeds for rankings you can trust: turnover_hf.train_ensemble(...), then "
-    "InfluencePipeline(<its output_dir>, ...); or, for a classifier, score this model with estimator='influence' "
-    "(a Gauss-Newton influence function)."
+    "InfluencePipeline(<its output_dir>, ...); or score this model with the influence function: "
+    "estimator='influence' for a classifier (exact), estimator='projected' for a causal language model or a large "
+    "training set (what estimator='auto' picks; docs/method/quality.md)."
 )
 
 

@@ -28,8 +28,8 @@ def check_classifier_logits(logits: torch.Tensor) -> None:
     if logits.dim() != 2 or logits.shape[1] < 2:
         raise TurnoverError(
             f"the influence estimator covers classifiers with logits of shape (batch, classes >= 2); this model gave "
-            f"{tuple(logits.shape)}. For language models use turn-over ensembles or HYDRA (estimator='turnover' or "
-            "'hydra')."
+            f"{tuple(logits.shape)}. For language models use the projected influence function (estimator='projected', "
+            "what estimator='auto' picks for them)."
         )
 
 

@@ -104,8 +104,8 @@ class InfluenceFunctionScorer(FitPass, FittedOnModel, Estimator):
         if is_causal_lm(model):
             raise TurnoverError(
                 f"the influence estimator covers classifiers, and {type(model).__name__} is a causal language model. "
-                "Use an ensemble of turn-over models (turnover_hf.train_ensemble, estimator='turnover') or HYDRA "
-                "(estimator='hydra') for language models."
+                "Use the projected influence function (estimator='projected', what estimator='auto' picks for a "
+                "causal LM: per-token Gauss-Newton curvature) for language models."
             )
         if solver not in SOLVERS:
             raise TurnoverError(f"solver must be one of {SOLVERS}, got {solver!r}.")
