@@ -255,6 +255,51 @@ def _explanation(index: int, item: Mapping[str, Any], text_column: str, label_na
 
 
 
+AUDIT_MEANING = {
+    "wrong_label": "labels the model's ranking flags as likely wrong (suggested label: the model's prediction)",
+    "duplicate": "training examples with the same or nearly the same text as an earlier one",
+    "leakage": "training examples whose text (or nearly) is also in the validation or test set",
+    "outlier": "training examples far from every other one in the model's own representation",
+    "data_value": "training examples that raise the validation loss most (negative mean influence)",
+}
+
+
+def _audit_section(issues: Rows, text_column: str, label_names: LabelNames, max_rows: int) -> str:
+    """Counts of each kind of data issue, what each means, and the top rows of each (see turnover_hf.audit)."""
+    from .audit import KIND_TITLES, KINDS
+
+    rows = _records(issues)
+    notes = issues.info.description if isinstance(issues, Dataset) and issues.info.description else ""
+    counts = {kind: sum(1 for r in rows if r.get("kind") == kind) for kind in KINDS}
+    out = ['<section id="audit"><h2>Data audit</h2><p class="muted">Issues found in the training set, by kind; '
+           "score: higher is more of an issue within a kind. Source: the signal that produced the row.</p>",
+           '<table class="kv"><tr><th>kind</th><th class="num">rows</th><th>meaning</th></tr>']
+    for kind in KINDS:
+        out.append(f'<tr data-kind="{kind}" data-count="{counts[kind]}"><td>{_e(KIND_TITLES[kind])}</td>'
+                   f'<td class="num">{counts[kind]:,}</td><td>{_e(AUDIT_MEANING[kind])}</td></tr>')
+    out.append("</table>")
+    if notes:
+        out.append('<details><summary>Notes (thresholds, what was skipped)</summary><pre>' + _e(notes)
+                   + "</pre></details>")
+    for kind in KINDS:
+        chosen = sorted((r for r in rows if r.get("kind") == kind), key=lambda r: -float(r["score"]))[:max_rows]
+        if not chosen:
+            continue
+        out.append(f"<h3>{_e(KIND_TITLES[kind])} (top {len(chosen)} of {counts[kind]:,})</h3>"
+                   '<table><tr><th class="num">score</th><th class="num">id</th><th>label</th><th>reason</th>'
+                   "<th>text</th><th>source</th></tr>")
+        for r in chosen:
+            label = _label(r.get("label"), label_names)
+            if r.get("suggested_label") is not None:
+                label += f" → {_label(r['suggested_label'], label_names)}"
+            out.append(f'<tr><td class="num">{float(r["score"]):.4g}</td><td class="num">{_e(r["example_id"])}</td>'
+                       f'<td>{_e(label)}</td><td>{_e(r.get("reason") or "")}</td>'
+                       f'<td class="text">{_e(r.get(text_column) or r.get("text") or "")}</td>'
+                       f'<td class="muted">{_e(r.get("source") or "")}</td></tr>')
+        out.append("</table>")
+    out.append("</section>")
+    return "".join(out)
+
 
 def render_report(
     *,
@@ -273,6 +318,8 @@ def render_report(
     top_k: int = 5,
     max_suspects: int = 10,
     estimator: str = "turnover",
+    audit: Rows | None = None,
+    max_audit_rows: int = 5,
 ) -> str:
     """The HTML text of a report; see :func:`write_report` for the arguments.
 
@@ -299,6 +346,8 @@ def render_report(
         sections.append(("explanations", "Explained predictions"))
     if suspect_rows:
         sections.append(("suspects", "Suspected mislabelled"))
+    if audit is not None:
+        sections.append(("audit", "Data audit"))
     body = [
         "<header>", f"<h1>{_e(title)}</h1>",
         f"<p>{_e(summary)}</p>" if summary else "",
@@ -333,6 +382,8 @@ def render_report(
             "data disagrees with their label (Kobayashi et al. 2020, App. E). Check these labels first.</p>"
             + _rows_table(suspect_rows, text_column, label_names, "self-influence") + "</section>"
         )
+    if audit is not None:
+        body.append(_audit_section(audit, text_column, label_names, max_audit_rows))
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body.append(f"<footer>turnover-hf {_e(__version__)} · {_e(stamp)}</footer>")
     return (
@@ -362,6 +413,8 @@ def write_report(path: PathLike, *, overwrite: bool = False, **kwargs: Any) -> s
         text_column: the text field of training rows and targets. top_k: rows per proponent/opponent table.
         estimator: the ``InfluencePipeline`` estimator that made the scores (``"turnover"``, ``"influence"`` or
             ``"hydra"``): the page says what a score means for it.
+        audit: what :meth:`InfluencePipeline.audit` returns: a "Data audit" section with the count of each kind
+            of issue and its top ``max_audit_rows`` rows.
 
     Example:
         >>> write_report("runs/report.html", config=model.turnover_config, suspects=pipe.self_influence(),

@@ -33,7 +33,7 @@ from .scoring import (
     command_self_influence,
 )
 from .train import command_train
-from . import labels
+from . import audit, labels
 
 
 # -- entry point -------------------------------------------------------------------------------------------------
@@ -62,6 +62,7 @@ COMMANDS: dict[str, _Command] = {
         labels.HELP, labels.DESCRIPTION, labels.EXAMPLES, (ScoringOptions, labels.LabelIssuesOptions),
         labels.command_label_issues,
     ),
+    "audit": _Command(audit.HELP, audit.DESCRIPTION, audit.EXAMPLES, (ScoringOptions, audit.AuditOptions), audit.command_audit),
     "self-influence": _Command(
         "score every training example on itself (for wrong labels, label-issues measured better)",
         "The influence of each training example on its own prediction, written highest first. High values are "
