@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -174,8 +174,10 @@ def find_duplicates(
     ``other_index`` (a position in ``texts`` for a pair within them, else in ``other[other_split]``),
     ``other_split``, ``similarity`` (1.0 for an exact duplicate, else the Jaccard similarity of the character n-gram
     sets), ``match`` (``"identical"``: the same text; ``"normalised"``: the same after :func:`normalise`; ``"near"``)
-    and ``source`` (which signal found it). Within ``texts`` a pair names the later position as ``index``; a group of
-    k identical texts gives k - 1 pairs (each to the group's first). Pairs within ``other`` are not reported.
+    and ``source`` (which signal found it). Within ``texts`` a pair names the later position as ``index``. A group of
+    k texts that are the same after normalisation gives k - 1 pairs (each copy with the group's first member of
+    ``texts``) plus one per other member of ``texts`` and other set (with that set's first copy). Near-duplicate
+    pairs are reported between every member of both groups. Pairs within ``other`` are not reported.
 
     Example:
         >>> find_duplicates(["A film.", "a film", "another"])[0]["match"]
@@ -212,33 +214,30 @@ def find_duplicates(
         pairs[key] = {"index": pi, "split": sets[0][0], "other_index": pj, "other_split": sets[sj][0],
                       "similarity": float(similarity), "match": match, "source": source}
 
-    # exact: group by the normalised text. Within the main set each member pairs with the group's first (k - 1
-    # pairs for k copies); every main member pairs with the first copy in each other set (leakage per training row)
+    # exact: group by the normalised text. Each copy pairs with the group's first main-set member (k - 1 pairs for k
+    # copies, not k^2), and each other main-set member with the first copy in each other set: every copy in another
+    # set and every main-set member with a copy elsewhere appears in at least one pair
     groups: dict[str, list[int]] = {}
     for k, key in enumerate(normalised):
         groups.setdefault(key, []).append(k)
 
-    def representatives(members: list[int]) -> list[int]:
-        """The main-set members, and the first member from each other set."""
-        seen: set[int] = set()
-        out = []
+    def star(members: list[int], link: Callable[[int, int], None]) -> None:
+        main = [k for k in members if owner[k][0] == 0]
+        if not main:
+            return
+        firsts: dict[int, int] = {}
         for k in members:
-            s = owner[k][0]
-            if s == 0 or s not in seen:
-                seen.add(s)
-                out.append(k)
-        return out
+            if k != main[0]:
+                link(main[0], k)
+            if owner[k][0] != 0:
+                firsts.setdefault(owner[k][0], k)
+        for m in main[1:]:
+            for k in firsts.values():
+                link(m, k)
 
     exact = "exact: normalised text"
     for members in groups.values():
-        chosen = representatives(members)
-        main = [k for k in chosen if owner[k][0] == 0]
-        for k in main[1:]:
-            add(main[0], k, 1.0, "identical" if raw[k] == raw[main[0]] else "normalised", exact)
-        for k in chosen:
-            if owner[k][0] != 0:
-                for m in main:
-                    add(m, k, 1.0, "identical" if raw[k] == raw[m] else "normalised", exact)
+        star(members, lambda i, j: add(i, j, 1.0, "identical" if raw[i] == raw[j] else "normalised", exact))
     if near and len(groups) > 1:
         # near duplicates among the distinct normalised texts; a match extends to both groups' representatives
         members_of = list(groups.values())
@@ -254,7 +253,9 @@ def find_duplicates(
             keep = similarity >= options.threshold
             source = f"near: MinHash LSH, exact Jaccard of character {options.ngram}-grams >= {options.threshold:g}"
             for (a, b), value in zip(candidates[keep].tolist(), similarity[keep].tolist()):
-                for i in representatives(members_of[a]):
-                    for j in representatives(members_of[b]):
-                        add(i, j, value, "near", source)
+                # every member of both groups that is in the main set, and every other-set member, is covered
+                for i in members_of[a]:
+                    for j in members_of[b]:
+                        if owner[i][0] == 0 or owner[j][0] == 0:
+                            add(i, j, value, "near", source)
     return sorted(pairs.values(), key=lambda p: (-p["similarity"], p["other_split"], p["index"], p["other_index"]))
