@@ -92,7 +92,7 @@ def score(pairs: list[dict], truth: dict[int, tuple[int, str]], train: list[str]
     """Recall and precision of the train-test pairs. A pair counts as right when its two texts are, after
     normalisation, those of a planted copy and its source (a planted copy whose text the test set already holds
     may be reported through that older row: the same leak)."""
-    key = lambda i, j: (normalise(train[i]), normalise(test[j]))  # noqa: E731
+    key = lambda i, j: (normalise(train[i]), normalise(test[j]))
     found = {(p["index"], p["other_index"]) for p in pairs if p["other_split"] == "test"}
     found_keys = {key(i, j) for i, j in found}
     right_keys = {key(s, t) for t, (s, _) in truth.items()}
@@ -168,11 +168,11 @@ def timing(texts: list[str]) -> list[dict]:
 
 
 def render(results: dict) -> str:
-    lines = ["# Train-test near duplicates on Rotten Tomatoes (planted)", "",
-             f"Command: `PYTHONPATH=. python benchmarks/duplicates.py`. {results['machine']}.", "",
-             f"3,404 training and 973 test reviews; {4 * PER_KIND} copies of training reviews of at least "
+    intro = (f"3,404 training and 973 test reviews; {4 * PER_KIND} copies of training reviews of at least "
              f"{MIN_WORDS} words planted in the test set ({PER_KIND} per kind). Default threshold: "
-             f"{DEFAULT_THRESHOLD:g} (Jaccard of character 5-grams).", ""]
+             f"{DEFAULT_THRESHOLD:g} (Jaccard of character 5-grams).")
+    lines = ["# Train-test near duplicates on Rotten Tomatoes (planted)", "",
+             f"Command: `PYTHONPATH=. python benchmarks/duplicates.py`. {results['machine']}.", "", intro, ""]
     for seed, block in results["accuracy"].items():
         lines += [f"## Planting seed {seed}", "",
                   "| method | recall | precision | found pairs | exact | case/space | 1 word | 2-3 words | seconds |",
@@ -183,8 +183,9 @@ def render(results: dict) -> str:
                 f"| {row['method']} | {row['recall']:.3f} | {row['precision']:.3f} | {row['found']} | "
                 f"{kinds['exact']:.2f} | {kinds['case/space']:.2f} | {kinds['1 word']:.2f} | {kinds['2-3 words']:.2f} "
                 f"| {row['seconds']:.2f} |")
-        lines += ["", f"Pairs found at the default threshold that are not a planted copy and its source "
-                      f"({len(block['wrong_examples'])}):", ""]
+        wrong = (f"Pairs found at the default threshold that are not a planted copy and its source "
+                 f"({len(block['wrong_examples'])}):")
+        lines += ["", wrong, ""]
         for example in block["wrong_examples"][:10]:
             lines.append(f"- {example['similarity']:.3f} {'(planted copy, other source) ' if example['planted'] else ''}"
                          f"train: {example['train'][:90]!r} / test: {example['test'][:90]!r}")

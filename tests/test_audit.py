@@ -4,6 +4,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import text_task, tiny_bert, word_tokenizer
 from datasets import Dataset
 from transformers import TrainingArguments
 
@@ -11,8 +12,6 @@ import turnover_hf as th
 from turnover_hf import cli, report
 from turnover_hf.audit import KINDS, audit_counts, knn_distances, model_embeddings
 from turnover_hf.duplicates import DuplicateOptions, find_duplicates, normalise
-
-from conftest import text_task, tiny_bert, word_tokenizer
 
 SENTENCES = [
     "the director keeps every scene moving and the two leads share an easy warmth",
@@ -164,12 +163,12 @@ def audited(trained):
 
 
 def test_audit_finds_every_planted_issue(trained, audited):
-    _, train, validation, _, planted = trained
-    pipe, issues = audited
+    planted = trained[-1]
+    _, issues = audited
     assert set(issues.column_names) >= {"kind", "example_id", "score", "reason", "source", "suggested_label",
                                         "other_id", "other_split", "value", "text"}
     rows = issues.to_list()
-    of = lambda kind: [r for r in rows if r["kind"] == kind]  # noqa: E731
+    of = lambda kind: [r for r in rows if r["kind"] == kind]
     assert {(r["example_id"], r["other_id"]) for r in of("duplicate")} == planted["duplicate"]
     assert {(r["example_id"], r["other_id"]) for r in of("leakage")} == planted["leakage"]
     assert {r["other_split"] for r in of("leakage")} == {"test"}
@@ -190,13 +189,13 @@ def test_audit_finds_every_planted_issue(trained, audited):
 
 def test_data_value_sign_agrees_with_harmful_flipped_labels(trained, audited):
     _, train, validation, _, planted = trained
-    pipe, _ = audited
+    pipe, issues = audited
     influence = pipe.mean_influence(validation)
     value = dict(zip(influence["example_id"], influence["mean_influence"]))
     flipped = [value[i] for i in planted["flipped"]]
     clean = [value[i] for i in value if i not in planted["flipped"]]
     assert np.mean(flipped) < 0 < np.mean(clean)
-    listed = [r["example_id"] for r in audited[1] if r["kind"] == "data_value"]
+    listed = [r["example_id"] for r in issues if r["kind"] == "data_value"]
     share = len(set(listed) & planted["flipped"]) / len(listed)
     assert share >= 3 * N_FLIPPED / len(train), (share, listed)  # flipped labels: 8 % of the rows
 
@@ -210,7 +209,7 @@ def test_audit_without_held_out_sets_skips_those_kinds_with_a_note(trained, audi
 
 
 def test_bad_audit_inputs_are_named(trained, audited):
-    _, train, validation, test, _ = trained
+    _, _, validation, test, _ = trained
     pipe, _ = audited
     with pytest.raises(th.TurnoverError, match="validation set is empty"):
         pipe.audit(validation=validation.select([]))
@@ -239,7 +238,7 @@ def test_embeddings_are_the_mean_of_a_layers_hidden_states(audited, layer):
 
 
 def test_report_has_an_audit_section_with_counts_and_rows(audited):
-    pipe, issues = audited
+    _, issues = audited
     page = report.render_report(audit=issues, label_names=["no", "yes"])
     assert 'id="audit"' in page
     for kind, count in audit_counts(issues).items():
@@ -249,7 +248,7 @@ def test_report_has_an_audit_section_with_counts_and_rows(audited):
 
 
 def test_cli_audit_writes_issues_and_a_report(trained, capsys):
-    root, train, *_ = trained
+    root = trained[0]
     code = cli.main(["audit", "--model", str(root / "model"), "--train", str(root / "train"), "--test",
                      str(root / "test"), "--output", str(root / "issues.csv"), "--html", str(root / "audit.html"),
                      "--kinds", "duplicate", "leakage", "outlier"])

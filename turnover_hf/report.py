@@ -271,8 +271,8 @@ def _audit_section(issues: Rows, text_column: str, label_names: LabelNames, max_
     rows = _records(issues)
     notes = issues.info.description if isinstance(issues, Dataset) and issues.info.description else ""
     counts = {kind: sum(1 for r in rows if r.get("kind") == kind) for kind in KINDS}
-    out = ['<section id="audit"><h2>Data audit</h2><p class="muted">Issues found in the training set, by kind; '
-           "score: higher is more of an issue within a kind. Source: the signal that produced the row.</p>",
+    out = [('<section id="audit"><h2>Data audit</h2><p class="muted">Issues found in the training set, by kind; '
+            "score: higher is more of an issue within a kind. Source: the signal that produced the row.</p>"),
            '<table class="kv"><tr><th>kind</th><th class="num">rows</th><th>meaning</th></tr>']
     for kind in KINDS:
         out.append(f'<tr data-kind="{kind}" data-count="{counts[kind]}"><td>{_e(KIND_TITLES[kind])}</td>'

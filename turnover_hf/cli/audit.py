@@ -91,7 +91,7 @@ def command_audit(options: ScoringOptions, chosen: AuditOptions) -> int:
     for note in issues.info.description.splitlines()[1:]:
         print(f"  note: {note}")
     for kind in wanted:
-        rows = issues.filter(lambda row: row["kind"] == kind)
+        rows = issues.select([n for n, k in enumerate(issues["kind"]) if k == kind])
         if len(rows):
             print(f"{KIND_TITLES[kind]}:")
         for row in rows.select(range(min(chosen.top, len(rows)))):
