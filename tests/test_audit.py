@@ -78,6 +78,7 @@ def test_planted_duplicates_of_every_kind_are_found_within_train_and_across_to_t
 
 def test_normalisation_and_options_are_checked():
     assert normalise("Ｔｈｅ  FILM,\tis   GREAT!") == "the film is great"  # NFKC folds full-width letters
+    assert find_duplicates(["🎬🍿", "?!", "👍"]) == []  # symbols only: not all the same empty text
     assert find_duplicates(["a film", "another"], {"test": ["nothing", "at all"]}) == []
     with pytest.raises(th.TurnoverError, match="threshold"):
         DuplicateOptions(threshold=0)
@@ -87,6 +88,33 @@ def test_normalisation_and_options_are_checked():
         find_duplicates(["a", 3])
     with pytest.raises(th.TurnoverError, match="named 'train'"):
         find_duplicates(["a"], {"train": ["b"]})
+
+
+def test_any_texts_give_consistent_pairs_or_our_error():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=60, deadline=None)
+    @hypothesis.given(st.lists(st.text(max_size=30), max_size=12), st.lists(st.text(max_size=30), max_size=6),
+                      st.sampled_from([0.2, 0.4, 1.0]))
+    def check(train, test, threshold):
+        assert normalise(normalise(" ".join(train))) == normalise(" ".join(train))
+        pairs = find_duplicates(train, {"test": test}, options=DuplicateOptions(threshold=threshold))
+        for p in pairs:
+            other = train if p["other_split"] == "train" else test
+            a, b = train[p["index"]], other[p["other_index"]]
+            if p["match"] == "near":
+                assert threshold <= p["similarity"] <= 1 and normalise(a) != normalise(b)
+            else:
+                assert p["similarity"] == 1.0 and normalise(a) == normalise(b)
+                assert (a == b) == (p["match"] == "identical")
+            if p["other_split"] == "train":
+                assert p["index"] > p["other_index"]
+        # every test row that has an exact copy in the training set is reported
+        copied = {j for j, t in enumerate(test) if any(normalise(t) == normalise(x) for x in train)}
+        assert copied <= {p["other_index"] for p in pairs if p["other_split"] == "test"}
+
+    check()
 
 
 def test_groups_of_copies_give_one_pair_per_extra_copy():

@@ -47,14 +47,16 @@ _PUNCTUATION = re.compile(r"[^\w\s]|_", re.UNICODE)
 
 
 def normalise(text: str) -> str:
-    """``text`` as compared for duplicates: NFKC, case folded, punctuation removed, whitespace collapsed.
+    """``text`` as compared for duplicates: NFKC, case folded, punctuation removed, whitespace collapsed (a text of
+    nothing but punctuation and symbols keeps them).
 
     Example:
         >>> normalise("  A  Gripping, beautifully-shot FILM! ")
         'a gripping beautifully shot film'
     """
     text = unicodedata.normalize("NFKC", str(text)).casefold()
-    return " ".join(_PUNCTUATION.sub(" ", text).split())
+    # a text of punctuation or symbols only (emoji, "?!") keeps them: it is not the empty text
+    return " ".join(_PUNCTUATION.sub(" ", text).split()) or " ".join(text.split())
 
 
 @dataclass
