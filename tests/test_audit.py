@@ -288,3 +288,14 @@ def test_cli_audit_writes_issues_and_a_report(trained, capsys):
     assert "3 duplicate" in out and "3 leakage" in out
     assert 'id="audit"' in (root / "audit.html").read_text(encoding="utf-8")
     assert cli.main(["audit", "--model", str(root / "model"), "--output", str(root / "issues.csv")]) == 1  # exists
+
+
+def test_cli_report_adds_the_audit_section_when_asked(trained, capsys):
+    root = trained[0]
+    args = ["report", "--model", str(root / "model"), "--train", str(root / "train"), "--targets",
+            str(root / "validation"), "--explain", "0", "--estimator", "turnover"]
+    assert cli.main([*args, "--output", str(root / "plain.html")]) == 0
+    assert 'id="audit"' not in (root / "plain.html").read_text(encoding="utf-8")
+    assert cli.main([*args, "--output", str(root / "audited.html"), "--audit"]) == 0
+    page = (root / "audited.html").read_text(encoding="utf-8")
+    assert 'id="audit"' in page and 'data-kind="duplicate" data-count="3"' in page

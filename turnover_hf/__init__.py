@@ -28,6 +28,7 @@ from .training_set import DatasetSource, record_training_set
 from .callbacks import FlipSanityCallback
 from .dynamics import TrainingDynamics, TrainingDynamicsCallback
 from .label_issues import LabelSignals, cleansing_report, rank_label_issues
+from .duplicates import DuplicateOptions, find_duplicates
 from . import assets
 from .checkpoint import load_influence_ready
 from .estimators import register_estimator
@@ -65,7 +66,9 @@ __all__ = [
     "TrainingDynamics",
     "TrainingDynamicsCallback",
     "LabelSignals",
+    "DuplicateOptions",
     "cleansing_report",
+    "find_duplicates",
     "rank_label_issues",
     "add_example_ids",
     "flip",
