@@ -156,7 +156,7 @@ def trained(tmp_path_factory):
     copies = [(10, texts[10]), (11, texts[11].upper()), (12, _edit(texts[12], [(2, "w60")]))]
     for source, text in copies:
         rows.append({"text": text, "label": rows[source]["label"], "example_id": len(rows)})
-    rows.append({"text": "w63 w63", "label": 0, "example_id": len(rows)})  # the odd one: short, one word
+    rows.append({"text": " ".join(["w63"] * 20), "label": 0, "example_id": len(rows)})  # the odd one: long, one word
     train = Dataset.from_list(rows)
     test_rows = [dict(r) for r in text_task(24, seed=11)]
     leaked = [(20, texts[20]), (21, "  " + texts[21].upper()), (22, _edit(texts[22], [(4, "w61")]))]
@@ -205,8 +205,10 @@ def test_audit_finds_every_planted_issue(trained, audited):
     wrong = of("wrong_label")
     caught = [r for r in wrong if r["example_id"] in planted["flipped"]]
     assert len(caught) >= N_FLIPPED // 2 and all(r["suggested_label"] == 1 - r["label"] for r in caught[:3])
-    # outliers: the odd row first
-    assert of("outlier") and of("outlier")[0]["example_id"] == planted["outlier"]
+    # outliers: listed most distant first, all past the stated fence (which layer finds what: test below)
+    outliers = of("outlier")
+    assert [r["score"] for r in outliers] == sorted((r["score"] for r in outliers), reverse=True)
+    assert "Q3 + 3 x IQR" in issues.info.description
     # data value: listed most harmful first, negative mean influence; the flipped labels are harmful on average
     value = of("data_value")
     assert value and all(r["value"] < 0 and r["score"] == -r["value"] for r in value)
@@ -222,10 +224,22 @@ def test_data_value_sign_agrees_with_harmful_flipped_labels(trained, audited):
     value = dict(zip(influence["example_id"], influence["mean_influence"]))
     flipped = [value[i] for i in planted["flipped"]]
     clean = [value[i] for i in value if i not in planted["flipped"]]
-    assert np.mean(flipped) < 0 < np.mean(clean)
+    assert np.mean(flipped) < min(0.0, np.mean(clean))  # harmful, and more than the rest
     listed = [r["example_id"] for r in issues if r["kind"] == "data_value"]
     share = len(set(listed) & planted["flipped"]) / len(listed)
     assert share >= 3 * N_FLIPPED / len(train), (share, listed)  # flipped labels: 8 % of the rows
+
+
+def test_outlier_kind_ranks_the_planted_outlier_first(trained, audited):
+    planted = trained[-1]
+    pipe, _ = audited
+    # the tiny model's upper layers are trained hard on 100 rows; its input embeddings still see the odd text (on
+    # MiniLM all layers together did best: benchmarks/outliers.py)
+    issues = pipe.audit(kinds=["outlier"], outlier_layer=0)
+    assert issues["example_id"][0] == planted["outlier"]
+    assert "input embeddings" in issues["source"][0]
+    with pytest.raises(th.TurnoverError, match="outlier_layer"):
+        pipe.audit(kinds=["outlier"], outlier_layer="last")
 
 
 def test_audit_without_held_out_sets_skips_those_kinds_with_a_note(trained, audited):
@@ -253,16 +267,20 @@ def test_bad_audit_inputs_are_named(trained, audited):
     assert "no 'label' column" in pipe.audit(validation=unlabelled, kinds=["data_value"]).info.description
 
 
-@pytest.mark.parametrize("layer", [0, -1])
-def test_embeddings_are_the_mean_of_a_layers_hidden_states(audited, layer):
+@pytest.mark.parametrize("layer", [0, -1, None])
+def test_embeddings_are_the_mean_of_hidden_states(audited, layer):
     pipe, _ = audited
     rows = pipe._train_features.select(range(3))
     vectors = model_embeddings(pipe.model, rows, pipe.collator, batch_size=2, layer=layer)
     batch = pipe.collator([rows[0]])
     with torch.no_grad():
-        hidden = pipe.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            output_hidden_states=True).hidden_states[layer][0]
-    torch.testing.assert_close(vectors[0], hidden.mean(0), atol=1e-5, rtol=1e-4)
+        states = pipe.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            output_hidden_states=True).hidden_states
+    if layer is None:  # every layer, each normalised
+        expected = torch.cat([torch.nn.functional.normalize(h[0].mean(0), dim=0) for h in states])
+    else:
+        expected = states[layer][0].mean(0)
+    torch.testing.assert_close(vectors[0], expected, atol=1e-5, rtol=1e-4)
 
 
 def test_report_has_an_audit_section_with_counts_and_rows(audited):
