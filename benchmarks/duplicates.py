@@ -12,12 +12,14 @@ reviews, exact repeats already removed by the loader). Planted: 400 copies of tr
 A found train-test pair is right when it links a planted copy to its source. Precision counts every other pair as
 wrong, including pairs of reviews the corpus itself holds twice in near-identical form (listed, so you can judge).
 Rows: ``identical text`` (the baseline: the same string), ``normalised`` (the same after NFKC, case folding,
-punctuation and whitespace removal), and ``normalised + near`` at Jaccard thresholds on character 5-grams (MinHash
-LSH candidates, exact similarity). The default threshold is chosen on planting seed 0 and confirmed on seed 1.
+punctuation and whitespace removal), ``normalised + near`` at Jaccard thresholds on character 5-grams (MinHash
+LSH candidates, exact similarity), and the embedding peer: cleanlab's ``Datalab`` near-duplicate check (its
+default: neighbours closer than 0.13 x the median nearest-neighbour distance) on pretrained MiniLM sentence
+embeddings (mean over tokens, L2-normalised), the features cleanlab's text tutorial uses. The default threshold is chosen on planting seed 0 and confirmed on seed 1.
 Time: the within-set search on N synthetic reviews (random words drawn by the corpus's word frequencies, with real
 review lengths), at a few N, with the log-log slope of time against N.
 
-Run from the repository root (about two minutes on one thread):
+Run from the repository root (about three minutes on one thread):
 
     PYTHONPATH=. python benchmarks/duplicates.py
 
@@ -26,6 +28,7 @@ Results: ``benchmarks/results/duplicates.{json,md}``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import platform
 import random
@@ -34,8 +37,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from turnover_hf.assets import rotten_tomatoes
+from turnover_hf.assets import minilm_path, rotten_tomatoes
 from turnover_hf.duplicates import DEFAULT_THRESHOLD, DuplicateOptions, find_duplicates, normalise
 from turnover_hf.files import atomic_write_text
 
@@ -123,6 +127,11 @@ def accuracy(train: list[str], test: list[str], seed: int) -> tuple[list[dict], 
     result = score(find_duplicates(train, {"test": planted}, near=False), truth, train, planted)
     rows.append({"method": "normalised (exact only)", **result, "seconds": time.perf_counter() - start})
     examples = []
+    if importlib.util.find_spec("cleanlab") is not None:
+        start = time.perf_counter()
+        pairs = datalab_pairs(train, planted, minilm_embeddings(train + planted))
+        rows.append({"method": "Datalab near_duplicate on MiniLM embeddings (peer)", **score(pairs, truth, train, planted),
+                     "seconds": time.perf_counter() - start})
     for threshold in THRESHOLDS:
         start = time.perf_counter()
         pairs = find_duplicates(train, {"test": planted}, options=DuplicateOptions(threshold=threshold))
@@ -134,6 +143,41 @@ def accuracy(train: list[str], test: list[str], seed: int) -> tuple[list[dict], 
             examples = [{"similarity": round(similarity[pair], 3), "train": train[pair[0]], "test": planted[pair[1]],
                          "planted": pair[1] in truth} for pair in result["wrong"]]
     return rows, examples
+
+
+@torch.no_grad()
+def minilm_embeddings(texts: list[str]) -> np.ndarray:
+    """Pretrained MiniLM sentence embeddings: mean of the last hidden states over tokens, L2-normalised."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    encoder = AutoModel.from_pretrained(minilm_path()).eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), encoder.config.hidden_size)
+    for start in range(0, len(order), 64):
+        chosen = order[start:start + 64]
+        batch = tokenizer([texts[i] for i in chosen], padding=True, truncation=True, max_length=128,
+                          return_tensors="pt")
+        hidden = encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].float()
+        out[torch.as_tensor(chosen)] = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    return out.numpy()
+
+
+def datalab_pairs(train: list[str], test: list[str], embeddings: np.ndarray) -> list[dict]:
+    """Train-test pairs of cleanlab Datalab's near-duplicate sets (default settings) on ``embeddings``."""
+    from cleanlab import Datalab
+
+    lab = Datalab(data={"text": train + test}, verbosity=0)
+    lab.find_issues(features=embeddings, issue_types={"near_duplicate": {}})
+    issues = lab.get_issues("near_duplicate")
+    pairs = []
+    for i in range(len(train)):
+        if issues["is_near_duplicate_issue"][i]:
+            for j in issues["near_duplicate_sets"][i]:
+                if j >= len(train):
+                    pairs.append({"index": i, "other_index": int(j) - len(train), "other_split": "test"})
+    return pairs
 
 
 def synthetic(n: int, texts: list[str], seed: int) -> list[str]:
