@@ -15,7 +15,8 @@ Rows: ``identical text`` (the baseline: the same string), ``normalised`` (the sa
 punctuation and whitespace removal), ``normalised + near`` at Jaccard thresholds on character 5-grams (MinHash
 LSH candidates, exact similarity), and the embedding peer: cleanlab's ``Datalab`` near-duplicate check (its
 default: neighbours closer than 0.13 x the median nearest-neighbour distance) on pretrained MiniLM sentence
-embeddings (mean over tokens, L2-normalised), the features cleanlab's text tutorial uses. The default threshold is chosen on planting seed 0 and confirmed on seed 1.
+embeddings (mean over tokens, L2-normalised), the features cleanlab's text tutorial uses. The default threshold
+is chosen on planting seed 0 and confirmed on seed 1.
 Time: the within-set search on N synthetic reviews (random words drawn by the corpus's word frequencies, with real
 review lengths), at a few N, with the log-log slope of time against N.
 
@@ -130,8 +131,8 @@ def accuracy(train: list[str], test: list[str], seed: int) -> tuple[list[dict], 
     if importlib.util.find_spec("cleanlab") is not None:
         start = time.perf_counter()
         pairs = datalab_pairs(train, planted, minilm_embeddings(train + planted))
-        rows.append({"method": "Datalab near_duplicate on MiniLM embeddings (peer)", **score(pairs, truth, train, planted),
-                     "seconds": time.perf_counter() - start})
+        rows.append({"method": "Datalab near_duplicate on MiniLM embeddings (peer)",
+                     **score(pairs, truth, train, planted), "seconds": time.perf_counter() - start})
     for threshold in THRESHOLDS:
         start = time.perf_counter()
         pairs = find_duplicates(train, {"test": planted}, options=DuplicateOptions(threshold=threshold))
@@ -231,7 +232,8 @@ def render(results: dict) -> str:
                  f"({len(block['wrong_examples'])}):")
         lines += ["", wrong, ""]
         for example in block["wrong_examples"][:10]:
-            lines.append(f"- {example['similarity']:.3f} {'(planted copy, other source) ' if example['planted'] else ''}"
+            note = "(planted copy, other source) " if example["planted"] else ""
+            lines.append(f"- {example['similarity']:.3f} {note}"
                          f"train: {example['train'][:90]!r} / test: {example['test'][:90]!r}")
         lines.append("")
     lines += ["## Time of the within-set search", "", "| N | near + exact (s) | exact only (s) | pairs |", "|---|---|---|---|"]

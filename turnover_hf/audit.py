@@ -174,7 +174,7 @@ def _held_out(validation: Optional[Dataset], test: Optional[Dataset]) -> dict[st
     return held
 
 
-def _wrong_labels(pipe: Any, method: Optional[str], texts: Optional[list[str]], notes: list[str]) -> list[dict]:
+def _wrong_labels(pipe: Any, method: Optional[str], notes: list[str]) -> list[dict]:
     if pipe.causal_lm:
         notes.append("wrong_label skipped: the model is a language model (wrong labels are for classifiers).")
         return []
@@ -213,8 +213,8 @@ def _duplicates(pipe: Any, texts: list[str], held: Mapping[str, Dataset], option
             continue
         i, j, split = pair["index"], pair["other_index"], pair["other_split"]
         label = train_labels[i] if train_labels else None
-        other_label = (train_labels if split == "train" else other_labels[split] or [None] * (j + 1))[j] \
-            if (split == "train" and train_labels) or split != "train" else None
+        labels_there = train_labels if split == "train" else other_labels[split]
+        other_label = labels_there[j] if labels_there else None
         other_id = train_ids[j] if split == "train" else other_ids[split][j]
         how = {"identical": "the same text as", "normalised": "the same text (up to case, spacing and punctuation) as",
                "near": f"nearly the same text ({pair['similarity']:.2f} of character n-grams shared) as"}[pair["match"]]
@@ -315,16 +315,21 @@ def pipeline_audit(
     if isinstance(outlier_neighbours, bool) or not isinstance(outlier_neighbours, int) or outlier_neighbours < 1:
         raise TurnoverError(f"outlier_neighbours must be a positive integer, got {outlier_neighbours!r}.")
     if outlier_layer is not None and (isinstance(outlier_layer, bool) or not isinstance(outlier_layer, int)):
-        raise TurnoverError(f"outlier_layer must be an index into the model's hidden states or None, got {outlier_layer!r}.")
+        raise TurnoverError(
+            f"outlier_layer must be an index into the model's hidden states or None, got {outlier_layer!r}.")
     if not outlier_fence >= 0:
         raise TurnoverError(f"outlier_fence must be >= 0 (IQRs above Q3), got {outlier_fence!r}.")
     held = _held_out(validation, test)
+    for name, data in held.items():  # checked before any model work
+        scored = name == "validation" and "data_value" in kinds and "input_ids" not in data.column_names
+        if "leakage" in kinds or scored:
+            _texts(data, pipe.text_column, f"the {name} set")
     texts = (list(pipe.train_dataset[pipe.text_column]) if pipe.text_column in pipe.train_dataset.column_names
              else None)
     notes: list[str] = []
     rows: list[dict] = []
     if "wrong_label" in kinds:
-        rows += _wrong_labels(pipe, label_method, texts, notes)
+        rows += _wrong_labels(pipe, label_method, notes)
     wanted = [k for k in ("duplicate", "leakage") if k in kinds]
     if "leakage" in kinds and not held:
         notes.append("leakage skipped: no validation or test set given (pass validation=... and/or test=...).")
@@ -341,7 +346,6 @@ def pipeline_audit(
         elif _labels(validation) is None:
             notes.append("data_value skipped: the validation set has no 'label' column.")
         else:
-            _texts(validation, pipe.text_column, "the validation set")
             rows += _data_value(pipe, validation, harmful_fraction, texts, notes)
     out = Dataset.from_list(rows, features=FEATURES) if rows else Dataset.from_dict(
         {name: [] for name in FEATURES}, features=FEATURES)

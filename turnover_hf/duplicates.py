@@ -75,7 +75,8 @@ class DuplicateOptions:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise TurnoverError(f"duplicate option {name} must be a positive integer, got {value!r}.")
         if not 0 < float(self.threshold) <= 1:
-            raise TurnoverError(f"duplicate threshold must be in (0, 1] (a Jaccard similarity), got {self.threshold!r}.")
+            raise TurnoverError(
+                f"duplicate threshold must be in (0, 1] (a Jaccard similarity), got {self.threshold!r}.")
 
 
 def _shingle_hashes(texts: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray]:

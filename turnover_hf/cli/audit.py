@@ -34,7 +34,8 @@ class AuditOptions:
         default=0.4,
         metadata={"help": "Near duplicates: the share of character 5-grams two texts must have in common (Jaccard)."},
     )
-    outlier_neighbours: int = field(default=10, metadata={"help": "Outliers: neighbours the distance is averaged over."})
+    outlier_neighbours: int = field(
+        default=10, metadata={"help": "Outliers: how many nearest neighbours the distance is averaged over."})
     top: int = field(default=3, metadata={"help": "How many rows of each kind to print."})
     overwrite: bool = field(default=False, metadata={"help": "Replace the outputs if they exist."})
 
