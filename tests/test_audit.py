@@ -267,6 +267,15 @@ def test_bad_audit_inputs_are_named(trained, audited):
     assert "no 'label' column" in pipe.audit(validation=unlabelled, kinds=["data_value"]).info.description
 
 
+def test_a_training_set_without_text_skips_duplicates_with_a_note(trained, audited):
+    pipe, _ = audited
+    tokenized = th.InfluencePipeline(pipe.model, pipe.tokenizer, train_dataset=pipe._train_features,
+                                     estimator="turnover")
+    issues = tokenized.audit(kinds=["duplicate", "outlier"])
+    assert "duplicate skipped: the training set has no 'text' column" in issues.info.description
+    assert set(issues["kind"]) <= {"outlier"}
+
+
 @pytest.mark.parametrize("layer", [0, -1, None])
 def test_embeddings_are_the_mean_of_hidden_states(audited, layer):
     pipe, _ = audited
