@@ -120,6 +120,13 @@ def test_any_texts_give_consistent_pairs_or_our_error():
 def test_groups_of_copies_give_one_pair_per_extra_copy():
     pairs = find_duplicates(["same text here"] * 5 + ["other words entirely different"])
     assert sorted((p["index"], p["other_index"]) for p in pairs) == [(1, 0), (2, 0), (3, 0), (4, 0)]
+    # two large groups of near duplicates: every member named, without one pair per member of each
+    one, other = SENTENCES[0], _edit(SENTENCES[0], [(3, "zebra")])
+    pairs = find_duplicates([one] * 10 + [other] * 10, {"test": [other] * 3})
+    near = [p for p in pairs if p["match"] == "near"]
+    assert len(near) < 10 * 10 and {p["index"] for p in near} | {p["other_index"] for p in near} >= set(range(20))
+    leaked = {p["other_index"] for p in pairs if p["other_split"] == "test"}
+    assert leaked == {0, 1, 2}
 
 
 # -- outliers ----------------------------------------------------------------------------------------------------

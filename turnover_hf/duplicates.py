@@ -163,6 +163,19 @@ def _jaccard(hashes: np.ndarray, starts: np.ndarray, pairs: np.ndarray) -> np.nd
     return out
 
 
+def _linked(first: list[int], second: list[int], owner: list[tuple[int, int]],
+            all_pairs: int = 64) -> list[tuple[int, int]]:
+    """The pairs that report two near-duplicate groups: all of them while there are at most ``all_pairs``, else each
+    member of one group with the other group's first main-set member (or first member), so every member is named."""
+    if len(first) * len(second) <= all_pairs:
+        return [(i, j) for i in first for j in second]
+
+    def anchor(group: list[int]) -> int:
+        return next((k for k in group if owner[k][0] == 0), group[0])
+
+    return [(i, anchor(second)) for i in first] + [(anchor(first), j) for j in second]
+
+
 def find_duplicates(
     texts: Sequence[str],
     other: Optional[Mapping[str, Sequence[str]]] = None,
@@ -179,8 +192,9 @@ def find_duplicates(
     sets), ``match`` (``"identical"``: the same text; ``"normalised"``: the same after :func:`normalise`; ``"near"``)
     and ``source`` (which signal found it). Within ``texts`` a pair names the later position as ``index``. A group of
     k texts that are the same after normalisation gives k - 1 pairs (each copy with the group's first member of
-    ``texts``) plus one per other member of ``texts`` and other set (with that set's first copy). Near-duplicate
-    pairs are reported between every member of both groups. Pairs within ``other`` are not reported.
+    ``texts``) plus one per other member of ``texts`` and other set (with that set's first copy). Two groups that
+    are near duplicates are reported pair by pair while that makes at most 64 pairs, else by linking each member of
+    one with the other's first member of ``texts``. Pairs within ``other`` are not reported.
 
     Example:
         >>> find_duplicates(["A film.", "a film", "another"])[0]["match"]
@@ -256,9 +270,6 @@ def find_duplicates(
             keep = similarity >= options.threshold
             source = f"near: MinHash LSH, exact Jaccard of character {options.ngram}-grams >= {options.threshold:g}"
             for (a, b), value in zip(candidates[keep].tolist(), similarity[keep].tolist()):
-                # every member of both groups that is in the main set, and every other-set member, is covered
-                for i in members_of[a]:
-                    for j in members_of[b]:
-                        if owner[i][0] == 0 or owner[j][0] == 0:
-                            add(i, j, value, "near", source)
+                for i, j in _linked(members_of[a], members_of[b], owner):
+                    add(i, j, value, "near", source)
     return sorted(pairs.values(), key=lambda p: (-p["similarity"], p["other_split"], p["index"], p["other_index"]))
