@@ -38,9 +38,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from turnover_hf.assets import minilm_path, rotten_tomatoes
+from turnover_hf.assets import rotten_tomatoes
 from turnover_hf.duplicates import DEFAULT_THRESHOLD, DuplicateOptions, find_duplicates, normalise
 from turnover_hf.files import atomic_write_text
 
@@ -146,23 +145,12 @@ def accuracy(train: list[str], test: list[str], seed: int) -> tuple[list[dict], 
     return rows, examples
 
 
-@torch.no_grad()
 def minilm_embeddings(texts: list[str]) -> np.ndarray:
-    """Pretrained MiniLM sentence embeddings: mean of the last hidden states over tokens, L2-normalised."""
-    from transformers import AutoModel, AutoTokenizer
+    """Pretrained MiniLM sentence embeddings (the label-error benchmark's cookbook features)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from label_errors import encoder_embeddings
 
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    encoder = AutoModel.from_pretrained(minilm_path()).eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.empty(len(texts), encoder.config.hidden_size)
-    for start in range(0, len(order), 64):
-        chosen = order[start:start + 64]
-        batch = tokenizer([texts[i] for i in chosen], padding=True, truncation=True, max_length=128,
-                          return_tensors="pt")
-        hidden = encoder(**batch).last_hidden_state
-        mask = batch["attention_mask"][..., None].float()
-        out[torch.as_tensor(chosen)] = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-    return out.numpy()
+    return encoder_embeddings(texts, max_length=128)[0].numpy()
 
 
 def datalab_pairs(train: list[str], test: list[str], embeddings: np.ndarray) -> list[dict]:
