@@ -207,6 +207,8 @@ def test_audit_finds_every_planted_issue(trained, audited):
     assert {(r["example_id"], r["other_id"]) for r in of("duplicate")} == planted["duplicate"]
     assert {(r["example_id"], r["other_id"]) for r in of("leakage")} == planted["leakage"]
     assert {r["other_split"] for r in of("leakage")} == {"test"}
+    test_texts = dict(zip(trained[3]["example_id"], trained[3]["text"]))
+    assert all(r["other_text"] == test_texts[r["other_id"]] for r in of("leakage"))
     assert all(r["reason"] and r["source"] for r in rows)
     # wrong labels: the flipped ones come first, with the other class suggested
     wrong = of("wrong_label")

@@ -4,7 +4,7 @@
 with a row per issue. Every row has ``kind``, ``example_id`` (the training example), ``score`` (higher = more of an
 issue, comparable within a kind), ``reason`` (one sentence) and ``source`` (the signal that produced the row), plus
 the columns its kind fills (the others are None): ``label``, ``suggested_label``, ``other_id``, ``other_split``,
-``other_label``, ``value`` and ``text``. The kinds:
+``other_label``, ``other_text``, ``value`` and ``text``. The kinds:
 
 * ``wrong_label``: the examples :meth:`~turnover_hf.InfluencePipeline.label_issues` flags (its default ranking and
   flagged count); ``suggested_label`` is the model's predicted class, ``score`` the ranking's suspicion.
@@ -60,7 +60,7 @@ FEATURES = Features({
     "kind": Value("string"), "example_id": Value("int64"), "score": Value("float64"), "reason": Value("string"),
     "source": Value("string"), "label": Value("int64"), "suggested_label": Value("int64"),
     "other_id": Value("int64"), "other_split": Value("string"), "other_label": Value("int64"),
-    "value": Value("float64"), "text": Value("string"),
+    "value": Value("float64"), "text": Value("string"), "other_text": Value("string"),
 })
 DEFAULT_NEIGHBOURS = 10
 DEFAULT_FENCE = 3.0
@@ -222,8 +222,10 @@ def _duplicates(pipe: Any, texts: list[str], held: Mapping[str, Dataset], option
         conflict = ""
         if label is not None and other_label is not None and label != other_label:
             conflict = f"; labels differ ({_label_name(pipe, label)!r} vs {_label_name(pipe, other_label)!r})"
+        other_text = texts[j] if split == "train" else other_texts[split][j]
         out.append(_row(kind, train_ids[i], pair["similarity"], f"{how} {where}{conflict}.", pair["source"],
-                        label=label, other_id=other_id, other_split=split, other_label=other_label, text=texts[i]))
+                        label=label, other_id=other_id, other_split=split, other_label=other_label, text=texts[i],
+                        other_text=other_text))
     if "leakage" in kinds and held:
         checked = ", ".join(f"{name} ({len(data)} rows)" for name, data in held.items())
         notes.append(f"leakage checked against {checked}.")

@@ -83,6 +83,8 @@ figcaption { font-size: 13px; color: var(--muted); margin-top: 6px; }
 pre { background: var(--band); border: 1px solid var(--line); padding: 10px; overflow-x: auto; font-size: 12px; }
 details summary { cursor: pointer; color: var(--accent); margin: 6px 0; }
 footer { margin-top: 36px; font-size: 12px; color: var(--muted); border-top: 1px solid var(--line); padding-top: 8px; }
+table.audit td.text { width: 42%; } table.audit td.reason { width: 28%; } table.audit td.source { font-size: 12px; }
+table.audit .other { color: var(--muted); display: block; margin-top: 4px; }
 @media (max-width: 800px) { .pair { grid-template-columns: 1fr; } }
 """
 
@@ -286,16 +288,18 @@ def _audit_section(issues: Rows, text_column: str, label_names: LabelNames, max_
         if not chosen:
             continue
         out.append(f"<h3>{_e(KIND_TITLES[kind])} (top {len(chosen)} of {counts[kind]:,})</h3>"
-                   '<table><tr><th class="num">score</th><th class="num">id</th><th>label</th><th>reason</th>'
-                   "<th>text</th><th>source</th></tr>")
+                   '<table class="audit"><tr><th class="num">score</th><th class="num">id</th><th>label</th>'
+                   "<th>reason</th><th>text</th><th>source</th></tr>")
         for r in chosen:
             label = _label(r.get("label"), label_names)
             if r.get("suggested_label") is not None:
                 label += f" → {_label(r['suggested_label'], label_names)}"
+            other = r.get("other_text")
+            other = f'<span class="other">↔ {_e(other)}</span>' if other else ""
             out.append(f'<tr><td class="num">{float(r["score"]):.4g}</td><td class="num">{_e(r["example_id"])}</td>'
-                       f'<td>{_e(label)}</td><td>{_e(r.get("reason") or "")}</td>'
-                       f'<td class="text">{_e(r.get(text_column) or r.get("text") or "")}</td>'
-                       f'<td class="muted">{_e(r.get("source") or "")}</td></tr>')
+                       f'<td>{_e(label)}</td><td class="reason">{_e(r.get("reason") or "")}</td>'
+                       f'<td class="text">{_e(r.get(text_column) or r.get("text") or "")}{other}</td>'
+                       f'<td class="source muted">{_e(r.get("source") or "")}</td></tr>')
         out.append("</table>")
     out.append("</section>")
     return "".join(out)
