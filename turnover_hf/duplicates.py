@@ -61,7 +61,12 @@ def normalise(text: str) -> str:
 
 @dataclass
 class DuplicateOptions:
-    """How :func:`find_duplicates` compares texts (see the module docstring for what each value costs)."""
+    """How :func:`find_duplicates` compares texts (see the module docstring for what each value costs).
+
+    Example:
+        >>> strict = DuplicateOptions(threshold=0.6)          # fewer near duplicates, each more alike
+        >>> find_duplicates(train["text"], {"test": test["text"]}, options=strict)
+    """
 
     ngram: int = DEFAULT_NGRAM
     threshold: float = DEFAULT_THRESHOLD
