@@ -417,8 +417,6 @@ def write_report(path: PathLike, *, overwrite: bool = False, **kwargs: Any) -> s
         text_column: the text field of training rows and targets. top_k: rows per proponent/opponent table.
         estimator: the ``InfluencePipeline`` estimator that made the scores (``"turnover"``, ``"influence"`` or
             ``"hydra"``): the page says what a score means for it.
-        audit: what :meth:`InfluencePipeline.audit` returns: a "Data audit" section with the count of each kind
-            of issue and its top ``max_audit_rows`` rows.
 
     Example:
         >>> write_report("runs/report.html", config=model.turnover_config, suspects=pipe.self_influence(),
