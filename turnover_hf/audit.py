@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from datasets import Dataset, Features, Value
 
+from .data import BATCH_KEY
 from .duplicates import DuplicateOptions, find_duplicates
 from .errors import TurnoverError
 
@@ -81,8 +82,6 @@ def model_embeddings(model: torch.nn.Module, rows: Dataset, collator: Any, batch
     Example:
         >>> vectors = model_embeddings(pipe.model, pipe._train_features, pipe.collator)
     """
-    from .data import BATCH_KEY
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .audit import pipeline_audit
 from .checkpoint import load_influence_ready, model_class_of, resolve_checkpoint
 from .config import CONFIG_NAME
 from .data import InstanceIdCollator, check_id_column, check_ids_known, default_collator, prompt_completion_features
@@ -507,8 +508,6 @@ class InfluencePipeline:
             >>> issues = pipe.audit(validation=valid, test=test)
             >>> issues.filter(lambda row: row["kind"] == "leakage")["reason"][:3]
         """
-        from .audit import pipeline_audit
-
         return pipeline_audit(self, validation, test, **options)
 
     def __call__(self, targets: TargetsLike, top_k: Optional[int] = None, example_ids: Optional[Sequence[int]] = None,

@@ -27,6 +27,7 @@ from typing import Any, Union
 
 from datasets import Dataset
 
+from .audit import KIND_TITLES, KINDS
 from .errors import TurnoverError
 from .estimators import get_estimator
 from .files import PathLike, atomic_path, atomic_write_text
@@ -267,9 +268,9 @@ AUDIT_MEANING = {
 
 
 def _audit_section(issues: Rows, text_column: str, label_names: LabelNames, max_rows: int) -> str:
-    """Counts of each kind of data issue, what each means, and the top rows of each (see turnover_hf.audit)."""
-    from .audit import KIND_TITLES, KINDS
-
+    """Counts of each kind of data issue, what each means, and the top rows of each (see turnover_hf.audit): the
+    section ``render_report(audit=issues, max_audit_rows=5)`` adds, ``issues`` being what
+    :meth:`InfluencePipeline.audit` returns."""
     rows = _records(issues)
     notes = issues.info.description if isinstance(issues, Dataset) and issues.info.description else ""
     counts = {kind: sum(1 for r in rows if r.get("kind") == kind) for kind in KINDS}

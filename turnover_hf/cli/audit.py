@@ -6,6 +6,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .. import report
+from ..audit import KIND_TITLES, KINDS, audit_counts
+from ..duplicates import DuplicateOptions
 from ..errors import TurnoverError
 from .common import PROG, VALIDATION_FOLDER
 from .scoring import ScoringOptions, label_names, pipeline, print_estimator
@@ -69,9 +72,6 @@ def _held_out(path: Optional[str], options: ScoringOptions, pipe, what: str):
 
 
 def command_audit(options: ScoringOptions, chosen: AuditOptions) -> int:
-    from ..audit import KIND_TITLES, KINDS, audit_counts
-    from ..duplicates import DuplicateOptions
-
     for path in (chosen.output, chosen.html):
         if path:
             refuse_existing(path, chosen.overwrite)
@@ -101,8 +101,6 @@ def command_audit(options: ScoringOptions, chosen: AuditOptions) -> int:
         print_estimator(pipe)
     print(f"wrote {chosen.output}")
     if chosen.html:
-        from .. import report
-
         report.write_report(chosen.html, overwrite=chosen.overwrite, title="turnover-hf data audit",
                             model=os.path.abspath(options.model),
                             dataset_sizes={"training examples": len(pipe.train_dataset)}, audit=issues,
