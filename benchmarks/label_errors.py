@@ -27,6 +27,11 @@ Rows (higher score = more suspicious), all from ONE turn-over training run unles
   probabilities (final weights / mean over epochs).
 * cleanlab 5-fold CV (the peer): out-of-fold probabilities from 5 models trained with ordinary dropout, then
   ``get_label_quality_scores`` (5 trainings).
+* cookbook (the peer users compare with: cleanlab's and the Hugging Face cookbook's text recipe): the pretrained
+  encoder's sentence embeddings (MiniLM without adapter or head, mean over tokens, L2-normalised, as
+  sentence-transformers pools all-MiniLM-L6-v2), out-of-fold probabilities of a 5-fold cross-validated
+  scikit-learn ``LogisticRegression`` on them, then ``get_label_quality_scores`` (no fine-tuning; seconds include
+  the embedding pass).
 * self-influence: single-model turn-over (``top_self_scores``) and the library's damped Gauss-Newton influence
   function (``turnover_hf.InfluenceFunctionScorer``, the default estimator for classifiers).
 
@@ -261,13 +266,52 @@ def influence_self_scores(top: TopModel, trained: Any, data: TopInputs, labels: 
         return torch.cat([scorer.self_scores(b, b["labels"], b["example_ids"]) for b in batches])
 
 
+_EMBEDDINGS: dict[tuple[str, int], tuple[torch.Tensor, float]] = {}
+
+
+@torch.no_grad()
+def encoder_embeddings(texts: list[str], max_length: int) -> tuple[torch.Tensor, float]:
+    """Sentence embeddings of the pretrained MiniLM (mean over tokens, L2-normalised) and the seconds they took;
+    kept for the run, so every noise setting of a dataset reuses them (their time is counted in each)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    key = (hashlib.sha256(json.dumps(texts).encode()).hexdigest(), max_length)
+    if key not in _EMBEDDINGS:
+        started = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(th.assets.minilm_path())
+        encoder = AutoModel.from_pretrained(th.assets.minilm_path()).eval()
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts), encoder.config.hidden_size)
+        for start in range(0, len(order), 64):
+            chosen = order[start:start + 64]
+            batch = tokenizer([texts[i] for i in chosen], padding=True, truncation=True, max_length=max_length,
+                              return_tensors="pt")
+            hidden = encoder(**batch).last_hidden_state
+            mask = batch["attention_mask"][..., None].float()
+            out[torch.as_tensor(chosen)] = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        _EMBEDDINGS[key] = (out, time.perf_counter() - started)
+    return _EMBEDDINGS[key]
+
+
+def cookbook_probabilities(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, float]:
+    """Out-of-fold probabilities of a 5-fold cross-validated logistic regression on frozen embeddings."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    started = time.perf_counter()
+    folds = StratifiedKFold(n_splits=FOLDS, shuffle=True, random_state=CV_SEED)
+    probs = cross_val_predict(LogisticRegression(max_iter=1000), embeddings.numpy(), labels.numpy(), cv=folds,
+                              method="predict_proba")
+    return probs, time.perf_counter() - started
+
+
 def mean_sem(values: list[float]) -> tuple[float, float]:
     a = np.asarray(values, dtype=np.float64)
     return float(a.mean()), float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else 0.0
 
 
 def run_setting(top: TopModel, train_data: TopInputs, test: TopInputs, texts: list[str], num_labels: int,
-                noise: str, log: Callable[[str], None], cleansing: bool) -> dict[str, Any]:
+                noise: str, log: Callable[[str], None], cleansing: bool, max_length: int = 128) -> dict[str, Any]:
     labels, flipped = noisy_labels(train_data.labels, noise, num_labels, seed=1)
     rows: dict[str, dict[str, Any]] = {}
 
@@ -312,6 +356,14 @@ def run_setting(top: TopModel, train_data: TopInputs, test: TopInputs, texts: li
     rows["cleanlab 5-fold CV (peer)"] = judged(
         1 - quality, flipped, cv_seconds + time.perf_counter() - started, trainings=FOLDS,
         flagged=int(cv_issues.sum()), flagged_precision=float(flipped[cv_issues].mean()) if cv_issues.any() else 0.0,
+    )
+    embeddings, embedding_seconds = encoder_embeddings(texts, max_length)
+    cookbook, cookbook_seconds = cookbook_probabilities(embeddings, labels)
+    started = time.perf_counter()
+    cookbook_quality = get_label_quality_scores(labels.numpy(), cookbook)
+    rows["cookbook: frozen encoder + 5-fold logistic regression + cleanlab.rank (peer)"] = judged(
+        1 - cookbook_quality, flipped, embedding_seconds + cookbook_seconds + time.perf_counter() - started,
+        trainings=0,
     )
     adjusted = get_label_quality_scores(labels.numpy(), probs.double().numpy(), adjust_pred_probs=True)
     rows["cleanlab 5-fold CV, adjust_pred_probs (peer)"] = judged(1 - adjusted, flipped, rows["cleanlab 5-fold CV (peer)"]["seconds"], trainings=FOLDS)
@@ -491,7 +543,8 @@ def main() -> None:
         top, train_data, test, texts = load(name, log, args.quick)
         log(f"{name}: {len(train_data)} training, {len(test)} test rows")
         results["datasets"][name] = [
-            run_setting(top, train_data, test, texts, DATASETS[name][1], noise, log, not args.no_cleansing)
+            run_setting(top, train_data, test, texts, DATASETS[name][1], noise, log, not args.no_cleansing,
+                        DATASETS[name][2])
             for noise in NOISES
         ]
     if not args.no_trainer_overhead:

@@ -28,6 +28,7 @@ from .training_set import DatasetSource, attach_training_set, record_training_se
 from .callbacks import FlipSanityCallback
 from .dynamics import TrainingDynamics, TrainingDynamicsCallback
 from .label_issues import LabelSignals, cleansing_report, rank_label_issues
+from .duplicates import DuplicateOptions, find_duplicates
 from . import assets
 from .checkpoint import load_influence_ready
 from .estimators import Estimator, EstimatorContext, SavedState, register_estimator, unregister_estimator
@@ -67,7 +68,9 @@ __all__ = [
     "TrainingDynamics",
     "TrainingDynamicsCallback",
     "LabelSignals",
+    "DuplicateOptions",
     "cleansing_report",
+    "find_duplicates",
     "rank_label_issues",
     "add_example_ids",
     "flip",

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .audit import pipeline_audit
 from .checkpoint import load_influence_ready, model_class_of, resolve_checkpoint
 from .config import CONFIG_NAME
 from .data import InstanceIdCollator, check_id_column, check_ids_known, default_collator, prompt_completion_features
@@ -523,6 +524,17 @@ class InfluencePipeline:
         """
 
         return pipeline_label_issues(self, method, top_k=top_k, num_issues=num_issues)
+
+    def audit(self, validation: Optional[Dataset] = None, test: Optional[Dataset] = None, **options: Any) -> Dataset:
+        """One Dataset of data issues: wrong labels, duplicates, leakage into ``validation`` / ``test``, outliers and
+        the examples most harmful to ``validation`` (see :mod:`turnover_hf.audit` for the kinds, columns and
+        ``options``; what was skipped is in ``.info.description``).
+
+        Example:
+            >>> issues = pipe.audit(validation=valid, test=test)
+            >>> issues.filter(lambda row: row["kind"] == "leakage")["reason"][:3]
+        """
+        return pipeline_audit(self, validation, test, **options)
 
     def __call__(self, targets: TargetsLike, top_k: Optional[int] = None, example_ids: Optional[Sequence[int]] = None,
                  *, output_dir: Optional[str] = None) -> Union[dict[str, Any], list[dict[str, Any]]]:

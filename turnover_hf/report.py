@@ -27,6 +27,7 @@ from typing import Any, Union
 
 from datasets import Dataset
 
+from .audit import KIND_TITLES, KINDS
 from .errors import TurnoverError
 from .estimators import get_estimator
 from .files import PathLike, atomic_path, atomic_write_text
@@ -84,6 +85,8 @@ figcaption { font-size: 13px; color: var(--muted); margin-top: 6px; }
 pre { background: var(--band); border: 1px solid var(--line); padding: 10px; overflow-x: auto; font-size: 12px; }
 details summary { cursor: pointer; color: var(--accent); margin: 6px 0; }
 footer { margin-top: 36px; font-size: 12px; color: var(--muted); border-top: 1px solid var(--line); padding-top: 8px; }
+table.audit td.text { width: 42%; } table.audit td.reason { width: 28%; } table.audit td.source { font-size: 12px; }
+table.audit .other { color: var(--muted); display: block; margin-top: 4px; }
 @media (max-width: 800px) { .pair { grid-template-columns: 1fr; } }
 """
 
@@ -255,6 +258,53 @@ def _explanation(index: int, item: Mapping[str, Any], text_column: str, label_na
 
 
 
+AUDIT_MEANING = {
+    "wrong_label": "labels the model's ranking flags as likely wrong (suggested label: the model's prediction)",
+    "duplicate": "training examples with the same or nearly the same text as an earlier one",
+    "leakage": "training examples whose text (or nearly) is also in the validation or test set",
+    "outlier": "training examples far from every other one in the model's own representation",
+    "data_value": "training examples that raise the validation loss most (negative mean influence)",
+}
+
+
+def _audit_section(issues: Rows, text_column: str, label_names: LabelNames, max_rows: int) -> str:
+    """Counts of each kind of data issue, what each means, and the top rows of each (see turnover_hf.audit): the
+    section ``render_report(audit=issues, max_audit_rows=5)`` adds, ``issues`` being what
+    :meth:`InfluencePipeline.audit` returns."""
+    rows = _records(issues)
+    notes = issues.info.description if isinstance(issues, Dataset) and issues.info.description else ""
+    counts = {kind: sum(1 for r in rows if r.get("kind") == kind) for kind in KINDS}
+    out = [('<section id="audit"><h2>Data audit</h2><p class="muted">Issues found in the training set, by kind; '
+            "score: higher is more of an issue within a kind. Source: the signal that produced the row.</p>"),
+           '<table class="kv"><tr><th>kind</th><th class="num">rows</th><th>meaning</th></tr>']
+    for kind in KINDS:
+        out.append(f'<tr data-kind="{kind}" data-count="{counts[kind]}"><td>{_e(KIND_TITLES[kind])}</td>'
+                   f'<td class="num">{counts[kind]:,}</td><td>{_e(AUDIT_MEANING[kind])}</td></tr>')
+    out.append("</table>")
+    if notes:
+        out.append('<details><summary>Notes (thresholds, what was skipped)</summary><pre>' + _e(notes)
+                   + "</pre></details>")
+    for kind in KINDS:
+        chosen = sorted((r for r in rows if r.get("kind") == kind), key=lambda r: -float(r["score"]))[:max_rows]
+        if not chosen:
+            continue
+        out.append(f"<h3>{_e(KIND_TITLES[kind])} (top {len(chosen)} of {counts[kind]:,})</h3>"
+                   '<table class="audit"><tr><th class="num">score</th><th class="num">id</th><th>label</th>'
+                   "<th>reason</th><th>text</th><th>source</th></tr>")
+        for r in chosen:
+            label = _label(r.get("label"), label_names)
+            if r.get("suggested_label") is not None:
+                label += f" → {_label(r['suggested_label'], label_names)}"
+            other = r.get("other_text")
+            other = f'<span class="other">↔ {_e(other)}</span>' if other else ""
+            out.append(f'<tr><td class="num">{float(r["score"]):.4g}</td><td class="num">{_e(r["example_id"])}</td>'
+                       f'<td>{_e(label)}</td><td class="reason">{_e(r.get("reason") or "")}</td>'
+                       f'<td class="text">{_e(r.get(text_column) or r.get("text") or "")}{other}</td>'
+                       f'<td class="source muted">{_e(r.get("source") or "")}</td></tr>')
+        out.append("</table>")
+    out.append("</section>")
+    return "".join(out)
+
 
 def render_report(
     *,
@@ -273,6 +323,8 @@ def render_report(
     top_k: int = 5,
     max_suspects: int = 10,
     estimator: str = "turnover",
+    audit: Rows | None = None,
+    max_audit_rows: int = 5,
 ) -> str:
     """The HTML text of a report.
 
@@ -319,6 +371,8 @@ def render_report(
         sections.append(("explanations", "Explained predictions"))
     if suspect_rows:
         sections.append(("suspects", "Suspected mislabelled"))
+    if audit is not None:
+        sections.append(("audit", "Data audit"))
     body = [
         "<header>", f"<h1>{_e(title)}</h1>",
         f"<p>{_e(summary)}</p>" if summary else "",
@@ -353,6 +407,8 @@ def render_report(
             "data disagrees with their label (Kobayashi et al. 2020, App. E). Check these labels first.</p>"
             + _rows_table(suspect_rows, text_column, label_names, "self-influence") + "</section>"
         )
+    if audit is not None:
+        body.append(_audit_section(audit, text_column, label_names, max_audit_rows))
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body.append(f"<footer>turnover-hf {_e(__version__)} · {_e(stamp)}</footer>")
     return (

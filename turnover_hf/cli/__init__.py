@@ -34,6 +34,7 @@ from .scoring import (
 )
 from .train import command_train, train_parser
 from . import labels
+from . import audit  # noqa: I001  (its own line: the audit command)
 
 
 # -- entry point -------------------------------------------------------------------------------------------------
@@ -62,6 +63,7 @@ COMMANDS: dict[str, _Command] = {
         labels.HELP, labels.DESCRIPTION, labels.EXAMPLES, (ScoringOptions, labels.LabelIssuesOptions),
         labels.command_label_issues,
     ),
+    "audit": _Command(audit.HELP, audit.DESCRIPTION, audit.EXAMPLES, (ScoringOptions, audit.AuditOptions), audit.command_audit),
     "self-influence": _Command(
         "score every training example on itself (for wrong labels, label-issues measured better)",
         "The influence of each training example on its own prediction, written highest first. High values are "

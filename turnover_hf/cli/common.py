@@ -24,6 +24,7 @@ A typical session:
   {PROG} train --model path/to/model --train_file train.csv --validation_file valid.csv --output_dir out
   {PROG} explain --model out/model --text "a gripping, beautifully shot film"
   {PROG} label-issues --model out/model --output out/label_issues.csv
+  {PROG} audit --model out/model --test test.csv --output out/issues.csv --html out/audit.html
   {PROG} self-influence --model out/model --output out/self_influence.csv
   {PROG} cleanse --model out/model --validation out/validation --output out/remove.txt
   {PROG} report --model out/model --output out/report.html

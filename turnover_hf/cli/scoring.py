@@ -98,6 +98,11 @@ class ReportOptions:
     explain: int = field(default=3, metadata={"help": "Targets explained in the report; misclassified ones first."})
     top_k: int = field(default=5, metadata={"help": "Proponents and opponents per explained target."})
     suspects: int = field(default=10, metadata={"help": "Highest self-influence examples listed."})
+    audit: bool = field(
+        default=False,
+        metadata={"help": "Also audit the training set (as `audit` does, against the targets as validation set) and "
+                          "add the data-audit section."},
+    )
     trainer_state: Optional[str] = field(
         default=None,
         metadata={"help": f"trainer_state.json with the flip-sanity losses. Default: {STATE_FILE} next to the model."},
@@ -299,12 +304,15 @@ def command_report(options: ScoringOptions, chosen: ReportOptions) -> int:
             results = pipe([dict(r) for r in rows], top_k=chosen.top_k)
             for row, position, result in zip(rows, chosen_rows, results):
                 explanations.append({**result, "text": row["text"], "predicted": int(predicted[position])})
+    audit = None
+    if chosen.audit:  # every target row (not only --max_targets): leakage and data value are about the whole set
+        audit = pipe.audit(load_targets(targets_path, options, pipe) if targets_path is not None else None)
     config = getattr(pipe.model, "turnover_config", None) if len(getattr(pipe, "models", [pipe.model])) == 1 else None
     path = report.write_report(
         chosen.output, overwrite=chosen.overwrite, title=chosen.title, config=config,
         model=os.path.abspath(options.model), dataset_sizes=sizes, metrics=metrics, explanations=explanations,
         suspects=self_influence, figures=figures, captions=captions, label_names=names, top_k=chosen.top_k,
-        max_suspects=chosen.suspects, estimator=pipe.estimator,
+        max_suspects=chosen.suspects, estimator=pipe.estimator, audit=audit,
     )
     print(f"wrote the report to {path}")
     return 0
