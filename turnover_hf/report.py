@@ -345,8 +345,11 @@ def render_report(
         label_names: names of the integer labels (a list, or ``model.config.id2label``).
         text_column: the text field of training rows and targets.
         top_k: rows per proponent/opponent table.
-        estimator: the ``InfluencePipeline`` estimator that made the scores (``"turnover"``, ``"influence"`` or
-            ``"hydra"``): the page says what a score means for it.
+        estimator: the ``InfluencePipeline`` estimator that made the scores (any registered name): the page says
+            what a score means for it.
+        audit: :meth:`InfluencePipeline.audit` (rows of ``kind``, ``score``, ``reason``, ...): a section with the
+            count of each kind and its top rows.
+        max_audit_rows: rows shown per kind of issue.
 
     Example:
         >>> page = render_report(config=model.turnover_config, suspects=pipe.self_influence())
