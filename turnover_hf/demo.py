@@ -55,6 +55,7 @@ from transformers import (
 import turnover_hf as th
 
 from .assets import LABEL_NAMES, minilm_path, rotten_tomatoes
+from .audit import KINDS as AUDIT_KINDS
 from .estimators import estimator_names
 from .files import atomic_write_text
 from .losses import model_inputs
@@ -323,6 +324,19 @@ def run(settings: DemoSettings, output_dir: str) -> dict[str, Any]:
     }
     lap("label issues")
 
+    # One audit of the data (docs/guides/audit.md): wrong labels, duplicates, leakage into validation/test,
+    # outliers and the training reviews most harmful to the validation set.
+    audit = pipe.audit(validation=raw["validation"], test=raw["test"])
+    audit_summary = {
+        "counts": {kind: int(sum(k == kind for k in audit["kind"])) for kind in AUDIT_KINDS},
+        "notes": audit.info.description or "",
+        "top": {kind: [{"example_id": int(row["example_id"]), "reason": row["reason"]}
+                       for row in audit.filter(lambda r, kind=kind: r["kind"] == kind).select_columns(
+                           ["example_id", "reason"]).to_list()[:n]]
+                for kind in AUDIT_KINDS},
+    }
+    lap("audit")
+
     heatmap_rows = [rows["validation"][i] for i in balanced_rows(raw["validation"]["label"], settings.heatmap_targets)]
     heatmap_train = min(settings.heatmap_train, len(raw["train"]))
     class_scores = pipe.scores(heatmap_rows, example_ids=raw["train"]["example_id"][:heatmap_train])
@@ -336,6 +350,7 @@ def run(settings: DemoSettings, output_dir: str) -> dict[str, Any]:
         "flip_sanity": sanity.history,
         "errors": errors,
         "label_issues": label_issues,
+        "audit": audit_summary,
         "self_influence": {
             "mean": float(scores.mean()),
             "median": float(scores.median()),
@@ -350,7 +365,7 @@ def run(settings: DemoSettings, output_dir: str) -> dict[str, Any]:
         [row["label"] for row in heatmap_rows], output_dir,
     )
     suspects = [review(raw["train"], i, score=float(scores[i])) for i in ranked[: settings.report_suspects]]
-    write_html_report(results, reloaded.turnover_config, suspects, figures, captions, output_dir)
+    write_html_report(results, reloaded.turnover_config, suspects, figures, captions, output_dir, audit=audit)
     atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(results, indent=2) + "\n")
     atomic_write_text(os.path.join(output_dir, "report.md"), render_report(results))
     return results

@@ -127,6 +127,7 @@ def render_report(results: dict[str, Any]) -> str:
         table_head,
         *(item(x) for x in si["lowest"]),
         "",
+        *_audit_lines(results.get("audit")),
         "## Time (seconds)",
         "",
         "| phase | seconds |",
@@ -135,6 +136,19 @@ def render_report(results: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _audit_lines(audited: Any) -> list[str]:
+    """The Markdown section of the run's data audit (nothing when the run made none)."""
+    if not audited:
+        return []
+    lines = ["## Data audit", "", "`pipe.audit(validation, test)` (docs/guides/audit.md):", "",
+             "| kind | rows |", "|---|---|", *(f"| {kind} | {count} |" for kind, count in audited["counts"].items()), ""]
+    for kind, rows in audited["top"].items():
+        lines += [f"- {kind} #{row['example_id']}: {row['reason']}".replace("|", "\\|") for row in rows[:3]]
+    if audited.get("notes"):
+        lines += ["", audited["notes"]]
+    return [*lines, ""]
 
 
 def balanced_rows(labels: Sequence[int], count: int) -> list[int]:
@@ -188,7 +202,7 @@ def demo_figures(
 
 def write_html_report(
     results: dict[str, Any], config: TurnoverConfig, suspects: list[dict[str, Any]], figures: dict[str, Any],
-    captions: dict[str, str], output_dir: str,
+    captions: dict[str, str], output_dir: str, audit: Any = None,
 ) -> str:
     """``report.html``: the run's settings, metrics, explained errors, suspects and plots on one page."""
 
@@ -211,7 +225,7 @@ def write_html_report(
         dataset_sizes={"training reviews": s["n_train"], "validation reviews": results["accuracy"]["validation"][0]},
         explanations=[{**error, "members": 1} for error in results["errors"]], suspects=suspects,
         figures=figures, captions=captions, top_k=s["top_k"], max_suspects=s["report_suspects"],
-        estimator=results["estimator"],
+        estimator=results["estimator"], audit=audit,
     )
 
 
@@ -243,6 +257,13 @@ def print_summary(results: dict[str, Any], output_dir: str) -> None:
         print(f"  {title}:")
         for entry in si[key]:
             print_review("    ", entry)
+    audited = results.get("audit")
+    if audited:
+        counts = ", ".join(f"{count} {kind.replace('_', ' ')}" for kind, count in audited["counts"].items())
+        print(f"\ndata audit (pipe.audit(validation, test); docs/guides/audit.md): {counts}")
+        for kind in ("leakage", "duplicate", "outlier", "data_value"):
+            for entry in audited["top"].get(kind, [])[:2]:
+                print(f"  {kind}: #{entry['example_id']} {shorten(entry['reason'], 110)}")
     issues = results["label_issues"]
     print(f"\nsuspected label errors (pipe.label_issues(), method {issues['method']!r}, the best in "
           f"benchmarks/label_errors.py): {issues['flagged']} flagged; most suspicious (-> suggested label):")
