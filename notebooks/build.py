@@ -407,6 +407,19 @@ for method in ["loss_classnorm", "loss", "flip_loss", "dynamics_flip_loss", "aum
     print(f"{method:20s} AUC {auc:.3f}")
 print("flagged:", sum(ranked["is_issue"]), "of which really flipped:",
       sum(is_flipped[i] for i, f in zip(ranked["example_id"], ranked["is_issue"]) if f))"""),
+    md("""
+## The whole audit in one call
+
+`pipe.audit(validation, test)` puts the wrong labels beside the other data issues: near duplicates within the
+training set and leakage into the validation/test sets (text search), outliers (the model's own hidden states) and
+the training reviews most harmful to the validation set (mean influence). Each row says which signal produced it
+(`source`); `.info.description` says what was skipped. See `docs/guides/audit.md` for what each kind measured."""),
+    code("""
+issues = pipe.audit(validation=data["validation"], test=data["test"])
+print({kind: sum(k == kind for k in issues["kind"]) for kind in ["wrong_label", "duplicate", "leakage", "outlier", "data_value"]})
+print("wrong_label rows that were really flipped:",
+      sum(is_flipped[i] for i, k in zip(issues["example_id"], issues["kind"]) if k == "wrong_label"))
+issues.to_pandas().groupby("kind").head(2)[["kind", "example_id", "score", "reason", "source"]]"""),
     code("""
 def train_and_evaluate(dataset, seed):
     \"\"\"Test accuracy of the same recipe (an ordinary model) trained on dataset with seed.\"\"\"
