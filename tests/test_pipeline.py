@@ -118,7 +118,7 @@ def test_bad_input_gets_clear_errors(setup):
     pipe = th.InfluencePipeline(model, tokenizer, train_dataset=train)
     with pytest.raises(th.ExampleIdError, match="not in the training set"):
         pipe.scores("w5 w6", example_ids=[0, 1000])
-    with pytest.raises(th.TurnoverError, match="cannot use a target of type int"):
+    with pytest.raises(th.TurnoverError, match="targets: a list holding items of type int"):
         pipe([3])
     with pytest.raises(th.NotPatchedError):
         th.InfluencePipeline(tiny_bert(), tokenizer, train_dataset=train, estimator="turnover")
