@@ -46,13 +46,10 @@ def _is_prompt_completion(value: Any) -> bool:
     return isinstance(value, tuple) and len(value) == 2 and all(isinstance(x, str) for x in value)
 
 
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def class_label(value: Any, where: str, argument: str, label2id: Optional[Mapping[str, int]] = None) -> Optional[int]:
     """A classifier target's label as a class index: an int (or an integral float, as pandas stores a column with
-    gaps), or a class name from the model's ``label2id``; None if absent. Anything else is refused."""
+    gaps), or a class name from the model's ``label2id``; None if absent (None or NaN: the target is explained against
+    the model's prediction and says so in ``label_source``). Anything else is refused."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -64,11 +61,8 @@ def class_label(value: Any, where: str, argument: str, label2id: Optional[Mappin
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, float):
-        if math.isnan(value):
-            raise TurnoverError(
-                f"{argument}: {where} has no label (NaN); give every target a label, or none of them (then each "
-                "is explained against the model's own prediction), or drop that row."
-            )
+        if math.isnan(value):  # pandas' missing value: no label, like a row without one
+            return None
         if value.is_integer():
             return int(value)
         raise TurnoverError(f"{argument}: {where} has the label {value!r}; labels are class indices (0, 1, ...).")
