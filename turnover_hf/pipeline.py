@@ -28,7 +28,7 @@ from .estimators import (AUTO, Estimator, EstimatorContext, EstimatorFallback, g
 from .estimators.ensemble import member_dirs, split_half_agreement
 from .losses import is_causal_lm
 from .masks import check_example_ids
-from .store import ScoreStore, fingerprint
+from .store import ScoreStore, claim_output, fingerprint
 from .targets import normalize_targets
 from .training_set import load_recorded_training_set, verify_training_set
 from .validation import check_input_lengths, check_labels, model_max_length, positive_int
@@ -370,27 +370,31 @@ class InfluencePipeline:
             done = store.result()
             if done is not None:
                 return done
-        self.fit()
-        chunk_size = store.chunk_size if store is not None else self.chunk_size  # a resumed run keeps its layout
-        chunks = list(range(0, len(example_ids), chunk_size))
         # A model on the CPU runs its processes on gloo; on accelerators accelerate picks the backend.
         state = PartialState(cpu=self.scorer.device.type == "cpu")
-        results: list[tuple[int, torch.Tensor]] = []
-        with state.split_between_processes(list(range(len(chunks)))) as mine:
-            for index in tqdm(mine, desc=kind, unit="chunk", disable=not state.is_local_main_process or len(mine) < 2):
-                part = store.shard(index) if store is not None else None
-                if part is None:
-                    start = chunks[index]
-                    part = compute(example_ids[start : start + chunk_size]).reshape(-1, n_columns).cpu()
-                    if store is not None:
-                        store.write_shard(index, part)
-                results.append((index, part))
-        if state.num_processes > 1:
-            results = gather_object(results)
-        scores = torch.cat([part for _, part in sorted(results, key=lambda item: item[0])]) if results else torch.empty(0, n_columns)
-        if store is not None and state.is_main_process:
-            store.finish(scores)
-        state.wait_for_everyone()
+        with claim_output(store.folder if store is not None else None, state):  # one run per folder at a time
+            done = store.result() if store is not None else None  # (finished while this one waited to claim it)
+            if done is not None:
+                return done
+            self.fit()
+            chunk_size = store.chunk_size if store is not None else self.chunk_size  # a resumed run keeps its layout
+            chunks = list(range(0, len(example_ids), chunk_size))
+            results: list[tuple[int, torch.Tensor]] = []
+            with state.split_between_processes(list(range(len(chunks)))) as mine:
+                for index in tqdm(mine, desc=kind, unit="chunk", disable=not state.is_local_main_process or len(mine) < 2):
+                    part = store.shard(index) if store is not None else None
+                    if part is None:
+                        start = chunks[index]
+                        part = compute(example_ids[start : start + chunk_size]).reshape(-1, n_columns).cpu()
+                        if store is not None:
+                            store.write_shard(index, part)
+                    results.append((index, part))
+            if state.num_processes > 1:
+                results = gather_object(results)
+            scores = torch.cat([part for _, part in sorted(results, key=lambda item: item[0])]) if results else torch.empty(0, n_columns)
+            if store is not None and state.is_main_process:
+                store.finish(scores)
+            state.wait_for_everyone()
         return scores
 
     # -- scoring through members --------------------------------------------------------------------------------
