@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import math
 import os
+import tempfile
 from typing import Any, Optional, Sequence
 
 from ..errors import TurnoverError
@@ -136,8 +137,14 @@ def check_writable(path: str, flag: str) -> None:
         raise TurnoverError(
             f"{flag} {path!r}: {existing!r} is a file, so nothing can be written under it; choose another path."
         )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise TurnoverError(f"{flag} {path!r}: the folder {existing!r} is not writable; choose another path.")
+    try:  # a real write (permissions alone say nothing on read-only mounts or for root)
+        fd, probe = tempfile.mkstemp(prefix=".turnover-write-check-", dir=existing)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise TurnoverError(
+            f"{flag} {path!r}: the folder {existing!r} is not writable ({err.strerror}); choose another path."
+        ) from None
 
 
 def check_output_file(path: Optional[str], flag: str, extensions: Sequence[str], overwrite: bool,

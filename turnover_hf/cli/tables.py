@@ -34,6 +34,8 @@ def load_table(path: str, what: str, split: Optional[str] = None) -> Any:
         data = load_dataset(builder, data_files=path, split="train", **kwargs)
     except Exception as err:  # noqa: BLE001 - datasets wraps the parser's error; the user needs the file and the fix
         cause = err.__cause__ or err.__context__ or err
+        if "corresponds to no data" in str(err):  # datasets' words for a file that parsed to nothing
+            raise TurnoverError(f"{what} {path!r} has no rows (only a header, or an empty list); add at least one example.") from None
         raise TurnoverError(
             f"{what} {path!r} could not be read as {extension[1:].upper()} ({type(cause).__name__}: "
             f"{' '.join(str(cause).split())[:200]}); check that every line is valid {extension[1:].upper()} with "
