@@ -15,6 +15,8 @@ import os
 import tempfile
 from typing import Any, Optional, Sequence
 
+import pyarrow.compute as pc
+
 from ..errors import TurnoverError
 
 _CHUNK = 1 << 20
@@ -104,11 +106,12 @@ def check_rows(data: Any, path: str, what: str, text_columns: Sequence[str] = ()
             continue
         is_label = column in label_columns
         arrow = data.data.column(column)
-        if arrow.null_count == 0 and (is_label or str(arrow.type) in ("string", "large_string")) \
-                and not str(arrow.type).startswith(("float", "double")):
+        if arrow.null_count == 0 and (str(arrow.type).startswith("int") or str(arrow.type).startswith("dictionary")
+                                      or (not is_label and str(arrow.type) in ("string", "large_string")
+                                          and not pc.any(pc.equal(arrow, "")).as_py())):
             continue  # no empty cell (the common case, checked without a pass in Python)
         for i, value in enumerate(data[column]):
-            if value is None or (isinstance(value, float) and math.isnan(value)):
+            if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
                 where = f"row {i + 1}" + (f" (line {i + header} of the file)" if header == 2 else "")
                 raise TurnoverError(
                     f"{named}: {where} has no {column!r}; fill that cell or remove the row."

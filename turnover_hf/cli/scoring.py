@@ -157,7 +157,7 @@ def label_id(label: str, pipe: Any) -> int:
 
 def read_targets(path: str, options: ScoringOptions, limit: Optional[int] = None) -> Any:
     """Targets from a file or folder, checked (rows, text, filled label cells) before any model is loaded."""
-    data = load_table(path, "targets", "validation")
+    data = load_table(path, "targets", "validation", options.text_column)
     data = standard_columns(data, options.text_column, options.label_column, f"the targets {path!r}", need_label=False,
                             path=path)
     if limit is not None and len(data) > limit:

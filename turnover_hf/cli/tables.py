@@ -13,8 +13,9 @@ from .common import TABLE_EXTENSIONS
 
 
 # -- data --------------------------------------------------------------------------------------------------------
-def load_table(path: str, what: str, split: Optional[str] = None) -> Any:
-    """A datasets.Dataset from a data file or a save_to_disk folder."""
+def load_table(path: str, what: str, split: Optional[str] = None, text_column: Optional[str] = None) -> Any:
+    """A datasets.Dataset from a data file or a save_to_disk folder (a CSV's ``text_column`` read as written: "NA",
+    "007" and "1e5" stay text)."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     if os.path.isdir(path):
@@ -30,6 +31,9 @@ def load_table(path: str, what: str, split: Optional[str] = None) -> Any:
     kwargs: dict[str, Any] = {"delimiter": "\t"} if extension == ".tsv" else {}
     if builder == "csv":
         kwargs["encoding"] = "utf-8-sig"  # a spreadsheet's byte-order mark is not part of the first column's name
+        kwargs["keep_default_na"] = False  # "NA", "null", "nan" are words; an empty cell is missing (check_rows)
+        if text_column is not None:
+            kwargs["converters"] = {text_column: str}
     try:
         data = load_dataset(builder, data_files=path, split="train", **kwargs)
     except Exception as err:  # noqa: BLE001 - datasets wraps the parser's error; the user needs the file and the fix

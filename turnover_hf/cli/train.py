@@ -176,7 +176,7 @@ def run_train(options: TrainOptions, training_args: Any) -> dict[str, Any]:
         refuse_existing(folder, training_args.overwrite_output_dir, "--overwrite_output_dir")
     config = TurnoverConfig(p=options.p, seed=options.mask_seed, channels=options.channels)  # validates them first
 
-    train = standard_columns(load_table(options.train_file, "--train_file", options.split), options.text_column,
+    train = standard_columns(load_table(options.train_file, "--train_file", options.split, options.text_column), options.text_column,
                               options.label_column, "the training data", need_label=True, path=options.train_file)
     names = class_names(train)
     if len(names) < 2:
@@ -184,7 +184,7 @@ def run_train(options: TrainOptions, training_args: Any) -> dict[str, Any]:
     train = add_example_ids(encode_labels(train, names, "the training data"))
     valid = None
     if options.validation_file:
-        valid = standard_columns(load_table(options.validation_file, "--validation_file", "validation"),
+        valid = standard_columns(load_table(options.validation_file, "--validation_file", "validation", options.text_column),
                                   options.text_column, options.label_column, "the validation data", need_label=True,
                                   path=options.validation_file)
         valid = encode_labels(valid, names, "the validation data")
