@@ -103,6 +103,12 @@ def test_a_spreadsheet_byte_order_mark_is_not_part_of_the_first_column(tmp_path)
     assert data.column_names == ["text", "label"] and data[0] == {"text": "w5 w6", "label": 1}
 
 
+def test_csv_text_is_read_as_written(tmp_path):
+    (tmp_path / "t.csv").write_text("text,label\nNA,1\n007,0\nnull,1\n1e5,0\n", encoding="utf-8")
+    data = load_table(str(tmp_path / "t.csv"), "--train_file", text_column="text")
+    assert data["text"] == ["NA", "007", "null", "1e5"] and data["label"] == [1, 0, 1, 0]
+
+
 def test_parquet_and_jsonl_files_are_read(tmp_path):
     frame = text_task(5).remove_columns("example_id").to_pandas()
     frame.to_parquet(tmp_path / "t.parquet")

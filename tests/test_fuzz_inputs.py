@@ -103,7 +103,7 @@ def test_targets_in_any_container_get_each_targets_own_answer(pipe, kind, items)
     try:
         got = pipe.scores(targets)
     except ValueError as err:
-        # the only refusal of text targets: a text no longer than the special tokens (the model needs tokens)
+        # well-formed targets are never refused
         assert named(err, "target"), err
         raise
     # the right answer: each target alone, given as a plain dict with its class index
@@ -375,3 +375,36 @@ def test_data_files_load_as_written_or_are_refused_naming_the_file(tmp_path_fact
             (t or "").isascii() for t, _ in rows):
         assert data["text"] == [t for t, _ in rows]
     assert [names[i] for i in data["label"]] == [str(y) for _, y in rows]
+
+
+# -- the named cases of docs/guides/bad-inputs.md that the properties above cover only by chance --------------------
+def test_named_config_and_patch_model_cases(base_model):
+    for kwargs, message in [
+        ({"id_column": 3}, "id_column must be str, got 3"),
+        ({"num_train_examples": -5}, "num_train_examples must be at least 1"),
+        ({"codebook_size": "64"}, "codebook_size must be int, got '64'"),
+        ({"active_adapters": "bn"}, "active_adapters must be a list of str or None"),
+        ({"mask_sites": {"classifier": "input"}}, "mask_sites must be"),
+        ({"mask_sites": {"classifier": {"side": "input", "units": "32"}}}, "mask site 'classifier' is malformed"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            th.TurnoverConfig(**kwargs)
+    for kwargs, message in [({"freeze_leaking": "yes"}, "freeze_leaking must be True or False, got 'yes'"),
+                            ({"config": {"p": 0.5}}, "config must be a TurnoverConfig")]:
+        with pytest.raises(th.TurnoverError, match=re.escape(message)):
+            th.patch_model(copy.deepcopy(base_model), **kwargs)
+    with pytest.raises(th.TurnoverError, match="model must be a torch.nn.Module"):
+        th.patch_model("bert-base-uncased")
+
+
+def test_named_example_id_cases(pipe):
+    for ids, message in [(3, "example_ids must be a list \\(or 1-D tensor\\) of training ids, got int"),
+                         ([[0, 1]], "must be a list \\(or 1-D tensor\\)|must be 1-D"),
+                         ([0, 0], "duplicates"), ([-1], "non-negative"), ([2**64], "non-negative integers"),
+                         ([0.0, 1.0], "integer"), ([N_TRAIN + 5], "not in the training set")]:
+        with pytest.raises(th.ExampleIdError, match=message):
+            pipe.scores("w5", example_ids=ids)
+    assert len(pipe("w5", top_k=N_TRAIN + 10)["proponents"]) == N_TRAIN  # top_k > N: all N
+    for top_k in (0, -1, 1.5, True):
+        with pytest.raises(th.TurnoverError, match="top_k must be a positive integer"):
+            pipe("w5", top_k=top_k)

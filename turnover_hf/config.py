@@ -61,7 +61,9 @@ def _type_name(kind: Any) -> str:
     return "None" if kind is type(None) else "anything" if kind is Any else getattr(kind, "__name__", str(kind))
 
 
-# Fields (besides p and seed, validated with their own words) that must be at least 1 when given.
+# Fields checked with their own words in __post_init__.
+_OWN_CHECKS = ("p", "seed", "channels", "target_modules", "exclude_modules", "mask_inputs_of")
+# Fields that must be at least 1 when given.
 _POSITIVE = ("codebook_size", "codebook_picks", "num_train_examples", "format_version")
 
 
@@ -71,7 +73,7 @@ def _check_field_types(config: "TurnoverConfig") -> None:
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if f.name in ("p", "seed"):
+        if f.name in _OWN_CHECKS:
             continue
         if not _has_type(value, hints[f.name]):
             raise ValueError(f"TurnoverConfig: {f.name} must be {_type_name(hints[f.name])}, got {value!r}.")
