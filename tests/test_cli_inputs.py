@@ -71,7 +71,8 @@ BAD_FILES = {
     "fake.parquet": (b"text,sentiment\nw5,absent\n", "is not a Parquet file"),
     "broken.json": (b'[{"text": "w5", "sentiment": "absent"}, {"text": ', "could not be read as JSON"),
     "emptylist.json": (b"[]", "has no rows"),
-    "numbers.csv": (b"text,sentiment\n5,absent\n6,present\n", "the 'text' column holds int values, not text"),
+    "numbers.json": (b'[{"text": 5, "sentiment": "absent"}, {"text": 6, "sentiment": "present"}]',
+                     "the 'text' column holds int values, not text"),
     "nolabels.jsonl": (b'{"text": "w5", "sentiment": "absent"}\n{"text": "w6", "sentiment": null}\n',
                        "row 2 has no 'sentiment'"),
 }

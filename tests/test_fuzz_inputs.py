@@ -324,7 +324,7 @@ def test_patch_model_patches_what_was_asked_or_refuses_naming_the_argument(base_
 
 
 # -- CLI data files ----------------------------------------------------------------------------------------------
-cells = st.one_of(st.none(), st.text(max_size=12), st.sampled_from(["NA", "null", "nan", "007", "1e5", "", " ", "a,b",
+cells = st.one_of(st.none(), st.text(max_size=12), st.integers(-5, 5), st.sampled_from(["NA", "null", "nan", "007", "1e5", "", " ", "a,b",
                                                                      "\"q\"", "line\nbreak", "caf\u00e9", "\u2603"]))
 label_cells = st.one_of(st.none(), st.sampled_from(["pos", "neg", "NA", ""]), st.integers(0, 3))
 
@@ -346,7 +346,10 @@ def test_data_files_load_as_written_or_are_refused_naming_the_file(tmp_path_fact
         frame["label"] = frame["label"].astype("int64")
     path = str(tmp_path_factory.mktemp("data") / f"train.{fmt}")
     if fmt == "parquet":
-        frame.to_parquet(path)
+        try:
+            frame.to_parquet(path)
+        except (TypeError, ValueError):  # pyarrow: a column mixing types cannot be written
+            assume(False)
     else:
         buffer = io.StringIO()
         if fmt in ("csv", "tsv"):
@@ -370,10 +373,10 @@ def test_data_files_load_as_written_or_are_refused_naming_the_file(tmp_path_fact
     except Exception as err:  # noqa: BLE001
         raise AssertionError(f"{type(err).__name__} reading {fmt} ({encoding}) {frame.to_dict('list')}: {err}") from err
     # the right answer: every row, its text as written, its label as written
-    assert len(data) == len(rows) > 0
-    if encoding in ("utf-8", "utf-8-sig") or fmt == "parquet" or all(
-            (t or "").isascii() for t, _ in rows):
-        assert data["text"] == [t for t, _ in rows]
+    assert len(data) == len(rows) > 0 and all(isinstance(t, str) and t for t in data["text"])
+    written = [str(t) if fmt in ("csv", "tsv") else t for t, _ in rows]  # a CSV cell is text as written
+    if encoding in ("utf-8", "utf-8-sig") or fmt == "parquet" or all(str(t).isascii() for t in written):
+        assert data["text"] == written
     assert [names[i] for i in data["label"]] == [str(y) for _, y in rows]
 
 

@@ -157,6 +157,11 @@ class TurnoverConfig(PushToHubMixin):
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
         _check_field_types(self)
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"TurnoverConfig: format_version {self.format_version} is newer than this turnover-hf reads "
+                f"({FORMAT_VERSION}); upgrade turnover-hf (pip install -U turnover-hf)."
+            )
         if self.scheme not in SCHEMES:
             raise ValueError(f"TurnoverConfig: scheme must be one of {SCHEMES}, got {self.scheme!r}.")
         if self.scheme == "hashed" and not (1 <= self.codebook_picks <= self.codebook_size):

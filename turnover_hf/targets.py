@@ -79,12 +79,34 @@ def class_label(value: Any, where: str, argument: str, label2id: Optional[Mappin
     )
 
 
+def _check_token_row(row: dict[str, Any], key: str, where: str, argument: str) -> None:
+    """``row[key]``: one non-empty sequence of integers (as long as ``input_ids``), turned into a list."""
+    value = row[key]
+    try:
+        ids = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        ids = None
+    if ids is None or ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool \
+            or ids.is_complex() or isinstance(value, (str, bytes)):
+        raise TurnoverError(
+            f"{argument}: {where} has {key} {str(value)[:60]!r}; give one non-empty list of integer token ids per target."
+        )
+    if key != "input_ids" and len(ids) != len(row["input_ids"]):
+        raise TurnoverError(
+            f"{argument}: {where} has {len(ids)} {key} for {len(row['input_ids'])} input_ids; give one per token."
+        )
+    row[key] = ids.tolist()
+
+
 def _check_row(row: Mapping[str, Any], where: str, argument: str, text_column: str, causal_lm: bool,
                label2id: Optional[Mapping[str, int]]) -> dict[str, Any]:
     """One dict target, checked: str keys, text (a str) or input_ids, and (for a classifier) a class label."""
     if not all(isinstance(key, str) for key in row):
         raise TurnoverError(f"{argument}: {where} has keys {list(row)[:5]}; keys must be column names (str).")
     row = dict(row)
+    if "input_ids" in row:
+        for key in ("input_ids", *[k for k in ("attention_mask", "token_type_ids") if k in row]):
+            _check_token_row(row, key, where, argument)
     if "input_ids" not in row:
         if text_column not in row:
             raise TurnoverError(

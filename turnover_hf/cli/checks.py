@@ -106,7 +106,7 @@ def check_rows(data: Any, path: str, what: str, text_columns: Sequence[str] = ()
             continue
         is_label = column in label_columns
         arrow = data.data.column(column)
-        if arrow.null_count == 0 and (str(arrow.type).startswith("int") or str(arrow.type).startswith("dictionary")
+        if arrow.null_count == 0 and (is_label and str(arrow.type).startswith(("int", "uint", "dictionary"))
                                       or (not is_label and str(arrow.type) in ("string", "large_string")
                                           and not pc.any(pc.equal(arrow, "")).as_py())):
             continue  # no empty cell (the common case, checked without a pass in Python)
