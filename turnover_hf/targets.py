@@ -89,7 +89,7 @@ def _check_token_row(row: dict[str, Any], key: str, where: str, argument: str) -
     if ids is None or ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool \
             or ids.is_complex() or isinstance(value, (str, bytes)):
         raise TurnoverError(
-            f"{argument}: {where} has {key} {str(value)[:60]!r}; give one non-empty list of integer token ids per target."
+            f"{argument}: {where} has {key} {repr(value)[:60]}; give one non-empty list of integer token ids per target."
         )
     if key != "input_ids" and len(ids) != len(row["input_ids"]):
         raise TurnoverError(
