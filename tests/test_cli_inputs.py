@@ -20,20 +20,12 @@ from turnover_hf.cli.tables import load_table
 from turnover_hf.store import LOCK, claim_folder
 
 from conftest import text_task, tiny_bert, word_tokenizer
+from test_cli import in_process as run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["absent", "present"]
 TRAIN_ARGS = ("--reduction_factor", "2", "--per_device_train_batch_size", "8", "--use_cpu", "--report_to", "none",
               "--sanity_examples", "0")
-
-
-def run(root, *args):
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        return cli.main([str(a) for a in args])
-    finally:
-        os.chdir(cwd)
 
 
 def one_error(capsys):

@@ -17,6 +17,7 @@ import os
 import re
 import typing
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -152,6 +153,12 @@ ids_like = st.one_of(
     st.lists(st.integers(0, N_TRAIN - 1), min_size=1, max_size=5).map(torch.tensor),
     st.lists(st.integers(0, N_TRAIN - 1), min_size=1, max_size=5).map(lambda v: torch.tensor(v).float()),
     st.lists(st.lists(st.integers(0, N_TRAIN - 1), min_size=2, max_size=2), min_size=1, max_size=2),
+    st.lists(st.integers(0, N_TRAIN - 1), min_size=1, max_size=5, unique=True).map(np.array),
+    st.lists(st.integers(0, N_TRAIN - 1), min_size=1, max_size=5, unique=True).map(pd.Series),
+    st.lists(st.integers(0, N_TRAIN - 1), min_size=1, max_size=5, unique=True).map(
+        lambda v: Dataset.from_dict({"example_id": v})["example_id"]),
+    st.builds(range, st.integers(0, 3), st.integers(0, N_TRAIN + 2)),
+    st.sets(st.integers(0, N_TRAIN - 1), max_size=3),
 )
 
 
@@ -165,7 +172,7 @@ def test_example_ids_and_top_k_give_the_rows_asked_for_or_are_refused_by_name(pi
     except ValueError as err:
         assert named(err, "example_ids", "example id"), err
     else:
-        wanted = torch.as_tensor(ids) if ids is not None else torch.arange(N_TRAIN)
+        wanted = torch.as_tensor(list(ids)) if ids is not None else torch.arange(N_TRAIN)
         assert wanted.dtype in (torch.int64, torch.int32) and len(set(wanted.tolist())) == len(wanted)
         assert torch.allclose(got, full[wanted], atol=1e-6)  # ids are the row index of text_task's example_id column
     try:
@@ -401,8 +408,8 @@ def test_named_config_and_patch_model_cases(base_model):
 
 
 def test_named_example_id_cases(pipe):
-    for ids, message in [(3, "example_ids must be a list \\(or 1-D tensor\\) of training ids, got int"),
-                         ([[0, 1]], "must be a list \\(or 1-D tensor\\)|must be 1-D"),
+    for ids, message in [(3, "example_ids must be a list \\(or 1-D tensor / array\\) of training ids, got int"),
+                         ([[0, 1]], "must be a list \\(or 1-D tensor / array\\)|must be 1-D"),
                          ([0, 0], "duplicates"), ([-1], "non-negative"), ([2**64], "non-negative integers"),
                          ([0.0, 1.0], "integer"), ([N_TRAIN + 5], "not in the training set")]:
         with pytest.raises(th.ExampleIdError, match=message):

@@ -340,15 +340,17 @@ class InfluencePipeline:
     def _ids(self, example_ids: Optional[Sequence[int]]) -> torch.Tensor:
         if example_ids is None:
             return self.train_ids.clone()
-        if not isinstance(example_ids, (torch.Tensor, Sequence)) or isinstance(example_ids, (str, bytes)) \
-                or isinstance(example_ids, torch.Tensor) and example_ids.dim() != 1:
-            shape = f" of shape {tuple(example_ids.shape)}" if isinstance(example_ids, torch.Tensor) else ""
+        shape = getattr(example_ids, "shape", None)  # tensors and numpy arrays
+        if isinstance(example_ids, (str, bytes, Mapping, set, frozenset)) or not hasattr(example_ids, "__len__") \
+                or (shape is not None and len(shape) != 1):
+            shown = f" of shape {tuple(shape)}" if shape is not None else ""
             raise ExampleIdError(
-                f"example_ids must be a list (or 1-D tensor) of training ids, got {type(example_ids).__name__}"
-                f"{shape}; for one id, pass [id], or None for the whole training set."
+                f"example_ids must be a list (or 1-D tensor / array) of training ids, got {type(example_ids).__name__}"
+                f"{shown}; for one id, pass [id], or None for the whole training set."
             )
-        if not isinstance(example_ids, torch.Tensor) and len(example_ids) == 0 \
-                or isinstance(example_ids, torch.Tensor) and example_ids.numel() == 0:
+        if shape is None:
+            example_ids = list(example_ids)  # any sequence: a range, a Dataset column, a pandas Series' values
+        if len(example_ids) == 0:
             raise TurnoverError("example_ids is empty; give at least one training id, or None for the whole training set.")
         try:
             example_ids = check_example_ids(example_ids)
