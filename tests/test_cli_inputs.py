@@ -102,6 +102,11 @@ def test_csv_text_is_read_as_written(tmp_path):
     assert data["text"] == ["NA", "007", "null", "1e5"] and data["label"] == [1, 0, 1, 0]
 
 
+def test_blank_lines_of_a_targets_txt_are_no_targets(tmp_path):
+    (tmp_path / "t.txt").write_text("w5 w6\n\n  \nw7\n\n", encoding="utf-8")
+    assert load_table(str(tmp_path / "t.txt"), "--targets")["text"] == ["w5 w6", "w7"]
+
+
 def test_parquet_and_jsonl_files_are_read(tmp_path):
     frame = text_task(5).remove_columns("example_id").to_pandas()
     frame.to_parquet(tmp_path / "t.parquet")
@@ -137,8 +142,12 @@ OUTPUTS = [  # command, flag value, expected message; --model is no model: the o
     (("cleanse", "--output", "ids.txt", "--kept_dataset", "full"), "--kept_dataset 'full' is not empty"),
     (("cleanse", "--output", "ids.txt", "--kept_dataset", "kept.csv"), "--kept_dataset 'kept.csv' is a file"),
     (("label-issues", "--output", "issues.csv", "--relabelled_dataset", "kept.csv/d"), "is a file, so nothing"),
-    (("cleanse", "--output", "ids.txt", "--count", "-1"), "--count must be 0 or more"),
+    (("cleanse", "--output", "ids.txt", "--count", "-1"), "--count must be 0 or more, got -1"),
     (("self-influence", "--output", "/proc/self/new/x.csv"), "is not writable"),
+    (("explain", "--text", "w5", "--top_k", "0"), "--top_k must be 1 or more, got 0"),
+    (("report", "--output", "r.html", "--max_targets", "0"), "--max_targets must be 1 or more, got 0"),
+    (("report", "--output", "r.html", "--trainer_state", "gone.json"), "--trainer_state 'gone.json': no such file"),
+    (("label-issues", "--output", "i.csv", "--num_issues", "-2"), "--num_issues must be 0 or more, got -2"),
 ]
 
 

@@ -178,3 +178,10 @@ def check_output_folder(path: Optional[str], flag: str, overwrite: bool, overwri
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
         raise TurnoverError(f"{flag} {path!r} is not empty; choose another folder or pass {overwrite_flag} to replace it.")
     check_writable(path, flag)
+
+
+def check_counts(**flags: tuple[Any, int]) -> None:
+    """Refuse, before any computation, a count flag below its minimum: ``check_counts(top_k=(value, 1))``."""
+    for name, (value, minimum) in flags.items():
+        if value is not None and value < minimum:
+            raise TurnoverError(f"--{name} must be {minimum} or more, got {value}.")

@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .common import PROG
-from ..errors import TurnoverError
-from .checks import check_output_file, check_output_folder
+from .checks import check_counts, check_output_file, check_output_folder
 from .scoring import ROW_FORMATS, ScoringOptions, pipeline
 from .tables import write_rows
 
@@ -59,8 +58,7 @@ def command_label_issues(options: ScoringOptions, chosen: LabelIssuesOptions) ->
     check_output_file(chosen.output, "--output", ROW_FORMATS, chosen.overwrite)
     check_output_folder(chosen.kept_dataset, "--kept_dataset", chosen.overwrite)
     check_output_folder(chosen.relabelled_dataset, "--relabelled_dataset", chosen.overwrite)
-    if chosen.num_issues is not None and chosen.num_issues < 0:
-        raise TurnoverError(f"--num_issues must be 0 or more, got {chosen.num_issues}.")
+    check_counts(num_issues=(chosen.num_issues, 0), top=(chosen.top, 0))
     pipe = pipeline(options)
     ranked = pipe.label_issues(chosen.method, num_issues=chosen.num_issues)
     write_rows(chosen.output, ranked, chosen.overwrite)

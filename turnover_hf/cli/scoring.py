@@ -10,7 +10,7 @@ from typing import Any, Optional
 from ..errors import TurnoverError
 from ..files import atomic_write_text
 from .common import PROG, STATE_FILE, TRAIN_FOLDER, VALIDATION_FOLDER
-from .checks import check_output_file, check_output_folder
+from .checks import check_counts, check_output_file, check_output_folder
 from .tables import encode_labels, load_table, next_to_model, shown, standard_columns, write_rows
 
 ROW_FORMATS = (".csv", ".tsv", ".json", ".jsonl")
@@ -190,6 +190,7 @@ def command_explain(options: ScoringOptions, explain: ExplainOptions) -> int:
         raise TurnoverError("--label is the label of the --text targets; a --targets file gives its labels in its "
                             f"{options.label_column!r} column (--label_column).")
     check_output_file(explain.output, "--output", (".json",), explain.overwrite)
+    check_counts(top_k=(explain.top_k, 1))
     data = read_targets(explain.targets, options) if explain.targets else None
     pipe = pipeline(options)
     if data is not None:
@@ -218,6 +219,7 @@ def command_explain(options: ScoringOptions, explain: ExplainOptions) -> int:
 
 def command_self_influence(options: ScoringOptions, chosen: SelfInfluenceOptions) -> int:
     check_output_file(chosen.output, "--output", ROW_FORMATS, chosen.overwrite)
+    check_counts(top=(chosen.top, 0))
     pipe = pipeline(options)
     names = label_names(pipe)
     scores = shown(pipe.self_influence(), "self_influence", names).sort("self_influence", reverse=True)
@@ -235,8 +237,7 @@ def command_cleanse(options: ScoringOptions, chosen: CleanseOptions) -> int:
     check_output_folder(chosen.kept_dataset, "--kept_dataset", chosen.overwrite)
     if not 0 < chosen.fraction <= 1:
         raise TurnoverError(f"--fraction must be in (0, 1], got {chosen.fraction}.")
-    if chosen.count is not None and chosen.count < 0:
-        raise TurnoverError(f"--count must be 0 or more, got {chosen.count}.")
+    check_counts(count=(chosen.count, 0))
     validation = chosen.validation or next_to_model(options.model, VALIDATION_FOLDER)
     if validation is None:
         raise TurnoverError("give --validation: labelled held-out data whose loss the removal should lower.")
@@ -271,6 +272,11 @@ def command_report(options: ScoringOptions, chosen: ReportOptions) -> int:
     from ..losses import predicted_labels
 
     check_output_file(chosen.output, "--output", (".html", ".htm"), chosen.overwrite)
+    check_counts(top_k=(chosen.top_k, 1), max_targets=(chosen.max_targets, 1), explain=(chosen.explain, 0),
+                 suspects=(chosen.suspects, 0))
+    if chosen.trainer_state is not None and not os.path.isfile(chosen.trainer_state):
+        raise TurnoverError(f"--trainer_state {chosen.trainer_state!r}: no such file; give the trainer_state.json "
+                            "`turnover-hf train` wrote, or leave it out.")
     targets_path = chosen.targets or next_to_model(options.model, VALIDATION_FOLDER)
     targets = read_targets(targets_path, options, limit=chosen.max_targets) if targets_path is not None else None
     pipe = pipeline(options)
@@ -296,7 +302,7 @@ def command_report(options: ScoringOptions, chosen: ReportOptions) -> int:
         batch, labels, sources = pipe.prepare_targets(targets)
         predicted = predicted_labels(pipe.model, batch).cpu()
         order = list(range(len(targets)))
-        if sources[0] == "given":
+        if all(source == "given" for source in sources):
             wrong = predicted != labels
             metrics["target accuracy"] = float((~wrong).float().mean())
             order = sorted(order, key=lambda i: not bool(wrong[i]))  # misclassified first, stable

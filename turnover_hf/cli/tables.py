@@ -45,6 +45,8 @@ def load_table(path: str, what: str, split: Optional[str] = None, text_column: O
             f"{' '.join(str(cause).split())[:200]}); check that every line is valid {extension[1:].upper()} with "
             "the same columns."
         ) from None
+    if builder == "text":  # one target a line: a blank line is no target
+        data = data.filter(lambda row: bool(row["text"].strip()))
     check_rows(data, path, what)
     return data
 
