@@ -130,8 +130,29 @@ json_like = st.recursive(
 )
 
 
+def _frame(columns: dict) -> typing.Any:
+    n = min((len(v) for v in columns.values()), default=0)
+    return pd.DataFrame({k: v[:n] for k, v in columns.items()})
+
+
+frames = st.dictionaries(
+    st.sampled_from(["text", "label", "labels", "sentence", "note", "example_id", "input_ids", 0]),
+    st.lists(st.one_of(st.none(), st.text(max_size=6), st.integers(-2, 3), st.floats(), st.sampled_from(WORDS),
+                       st.lists(st.integers(-2, 100), max_size=3)), max_size=3),
+    max_size=4,
+).map(_frame)
+def _as_dataset(frame):
+    try:
+        return Dataset.from_pandas(frame, preserve_index=False)
+    except Exception:  # noqa: BLE001 - pyarrow cannot hold a column of mixed types: keep the DataFrame
+        return frame
+
+
+junk_targets = st.one_of(json_like, frames, frames.map(_as_dataset))
+
+
 @FUZZ
-@given(junk=json_like)
+@given(junk=junk_targets)
 def test_any_other_target_is_a_right_answer_or_refused_by_name(pipe, junk):
     try:
         got = pipe.scores(junk)

@@ -93,6 +93,8 @@ def test_each_target_keeps_its_given_label_and_the_others_get_the_prediction(pip
     ({"input_ids": [[1.5, 2.0]]}, "input_ids must hold integer token ids"),
     ({"input_ids": [[1, 2], [3]]}, "input_ids must be a list of token ids"),
     ({3: "w5"}, "keys must be column names"),
+    ([{"input_ids": [2, 99, 3]}], "targets hold token ids \\[99\\] outside the model's vocabulary \\(0 .. 63\\)"),
+    (pd.DataFrame({"input_ids": [0]}), "targets: row 0 has input_ids 0; give one non-empty list"),
     ([{"input_ids": False}], "target 0 has input_ids False; give one non-empty list of integer token ids"),
     ([{"input_ids": [2, 7, 3], "attention_mask": [1, 1]}], "target 0 has 2 attention_mask for 3 input_ids"),
 ])

@@ -31,7 +31,7 @@ from .masks import check_example_ids
 from .store import ScoreStore, claim_output, fingerprint
 from .targets import normalize_targets
 from .training_set import load_recorded_training_set, verify_training_set
-from .validation import check_input_lengths, check_labels, model_max_length, positive_int
+from .validation import check_input_lengths, check_labels, check_token_ids, model_max_length, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +306,7 @@ class InfluencePipeline:
         except (ValueError, TypeError, RuntimeError) as err:
             raise TurnoverError(f"targets could not be collated into model inputs ({' '.join(str(err).split())[:300]}).") from None
         check_input_lengths(batch, model_max_length(self.model, self.tokenizer))
+        check_token_ids(batch, getattr(getattr(self.model, "config", None), "vocab_size", None))
         given = [row.get("labels") for row in rows]
         if all(label is not None for label in given):
             labels = torch.as_tensor(given, dtype=torch.long)

@@ -179,7 +179,13 @@ def _check_dataset(data: Dataset, argument: str, text_column: str, id_column: Op
                    label2id: Optional[Mapping[str, int]]) -> Dataset:
     if len(data) == 0:
         raise _refuse(argument, "an empty Dataset", fix="give at least one target row")
-    if "input_ids" not in data.column_names:
+    if "input_ids" in data.column_names:
+        tokens = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in data.column_names]
+        for i, row in enumerate(data.select_columns(tokens)):
+            row = dict(row)
+            for key in tokens:
+                _check_token_row(row, key, f"row {i}", argument)
+    else:
         if text_column not in data.column_names:
             raise TurnoverError(
                 f"{argument}: the targets have neither input_ids nor a {text_column!r} column (columns: "
