@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -284,3 +285,16 @@ def test_a_correct_train_and_explain_print_no_warnings(tmp_path):
         noise = [line for line in done.stderr.splitlines() if line.strip() and not re.search(r"\d+%\|", line)
                  and "checked against the training set on its labels only" not in line]  # (the identity check's)
         assert noise == [], noise
+
+
+def test_the_silencing_is_scoped_to_the_command_and_the_import_changes_no_filter(tmp_path):
+    from datasets.utils.logging import is_progress_bar_enabled
+
+    before, bars = list(warnings.filters), is_progress_bar_enabled()
+    assert cli.main(["explain", "--model", str(tmp_path)]) == 1
+    assert warnings.filters == before and is_progress_bar_enabled() == bars
+    code = ("import warnings; n = len(warnings.filters); import turnover_hf; "
+            "assert len(warnings.filters) == n, warnings.filters[:3]")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": REPO}, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -155,8 +155,9 @@ def quiet_libraries() -> Iterator[None]:
 
     bars = datasets_logging.is_progress_bar_enabled()
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
+            warnings.filterwarnings("default", category=category, module=r"turnover_hf\b")  # ours still show
         datasets_logging.disable_progress_bar()
         try:
             yield
