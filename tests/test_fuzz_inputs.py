@@ -416,7 +416,7 @@ def test_named_config_and_patch_model_cases(base_model):
         ({"codebook_size": "64"}, "codebook_size must be int, got '64'"),
         ({"active_adapters": "bn"}, "active_adapters must be a list of str or None"),
         ({"mask_sites": {"classifier": "input"}}, "mask_sites must be"),
-        ({"mask_sites": {"classifier": {"side": "input", "units": "32"}}}, "mask site 'classifier' is malformed"),
+        ({"mask_sites": {"classifier": {"side": "input", "units": "32"}}}, "mask_sites['classifier'] is malformed"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             th.TurnoverConfig(**kwargs)

@@ -189,7 +189,10 @@ class TurnoverConfig(PushToHubMixin):
             if site.get("side") not in MASK_SIDES or not _is_int(units) or units < 1 or not _is_int(channels) or not (
                 isinstance(channels, int) and channels >= 1 and (channels == 1 or site["side"] == "input")
             ):
-                raise ValueError(f"TurnoverConfig: mask site {name!r} is malformed: {site!r}.")
+                raise ValueError(
+                    f"TurnoverConfig: mask_sites[{name!r}] is malformed: {site!r}; each site is {{'side': one of "
+                    f"{MASK_SIDES}, 'units': an integer >= 1[, 'channels': an integer >= 1, input side only]}}."
+                )
 
     @property
     def mask_kwargs(self) -> dict[str, Any]:
