@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from datasets import Dataset, load_from_disk
+from datasets import load_from_disk
 from safetensors.torch import load_file, save_file
 
 import turnover_hf as th
