@@ -118,7 +118,7 @@ def test_bad_input_gets_clear_errors(setup):
     pipe = th.InfluencePipeline(model, tokenizer, train_dataset=train)
     with pytest.raises(th.ExampleIdError, match="not in the training set"):
         pipe.scores("w5 w6", example_ids=[0, 1000])
-    with pytest.raises(th.TurnoverError, match="cannot use a target of type int"):
+    with pytest.raises(th.TurnoverError, match="targets: a list holding items of type int"):
         pipe([3])
     with pytest.raises(th.NotPatchedError):
         th.InfluencePipeline(tiny_bert(), tokenizer, train_dataset=train, estimator="turnover")
@@ -166,9 +166,11 @@ def test_bad_arguments_and_targets_get_messages_not_tracebacks(setup):
         pipe(None)
     with pytest.raises(th.TurnoverError, match="example_ids is empty"):
         pipe.scores("w5 w6", example_ids=[])
-    for ids in (["a", "b"], [0, None], "7"):
+    for ids in (["a", "b"], [0, None]):
         with pytest.raises(th.ExampleIdError, match="example_ids must be non-negative integers"):
             pipe.scores("w5 w6", example_ids=ids)
+    with pytest.raises(th.ExampleIdError, match="example_ids must be a list .* got str"):
+        pipe.scores("w5 w6", example_ids="7")
     with pytest.raises(th.TurnoverError, match=r"target labels \[2\] are outside the model's 2 classes"):
         pipe({"text": "w5 w6", "label": 2})
     with pytest.raises(th.TurnoverError, match=r"target labels \[-3\] are outside"):

@@ -6,7 +6,16 @@ Example:
     >>> trainer = turnover_hf.TurnoverTrainer(model=model, args=args, train_dataset=turnover_hf.add_example_ids(train))
 """
 
+import warnings as _warnings
+
 from .version import __version__
+
+# transformers' Trainer imports PEFT when it is installed, and PEFT warns on import that transformers < 5.6 is
+# deprecated: the transformers that `adapters` pins (see pyproject.toml), so nobody using this package can act on it.
+# Only that message, only while importing; every other warning and any later import are left as they are.
+with _warnings.catch_warnings():
+    _warnings.filterwarnings("ignore", message=r"Support for Transformers < \S+ is deprecated in PEFT", category=FutureWarning)
+    import transformers.trainer  # noqa: F401
 
 from .config import CONFIG_NAME, TurnoverConfig
 from .context import instance_masks

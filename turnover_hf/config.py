@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -28,6 +29,57 @@ MASK_FIELDS = ("p", "seed", "scheme", "codebook_size", "codebook_picks", "mask_s
 REQUIRED_FIELDS = ("p", "seed", "scheme", "codebook_size", "codebook_picks", "mask_sites", "id_column")
 # Version of the turnover_config.json format; a file from a newer format is refused (configs before the field: 1).
 FORMAT_VERSION = 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _has_type(value: Any, kind: Any) -> bool:
+    """``value`` is of the declared field type ``kind`` (Optional, Union, list[...] and dict[...] followed)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any:
+        return True
+    if origin is Union:
+        return any(_has_type(value, a) for a in args)
+    if kind is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_has_type(k, args[0]) and _has_type(v, args[1]) for k, v in value.items())
+    if kind is int:
+        return _is_int(value)
+    return isinstance(value, kind) and not isinstance(value, bool) or (kind is bool and isinstance(value, bool))
+
+
+def _type_name(kind: Any) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in args)
+    if origin in (list, dict):
+        return f"a {origin.__name__} of {' -> '.join(_type_name(a) for a in args)}"
+    return "None" if kind is type(None) else "anything" if kind is Any else getattr(kind, "__name__", str(kind))
+
+
+# Fields checked with their own words in __post_init__.
+_OWN_CHECKS = ("p", "seed", "channels", "target_modules", "exclude_modules", "mask_inputs_of")
+# Fields that must be at least 1 when given.
+_POSITIVE = ("codebook_size", "codebook_picks", "num_train_examples", "format_version")
+
+
+def _check_field_types(config: "TurnoverConfig") -> None:
+    """Refuse a field whose value is not of its declared type, naming the field (a wrong type would be kept and
+    saved, and fail or mislead far from here)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in _OWN_CHECKS:
+            continue
+        if not _has_type(value, hints[f.name]):
+            raise ValueError(f"TurnoverConfig: {f.name} must be {_type_name(hints[f.name])}, got {value!r}.")
+        if f.name in _POSITIVE and value is not None and value < 1:
+            raise ValueError(f"TurnoverConfig: {f.name} must be at least 1, got {value!r}.")
 
 
 @dataclass
@@ -107,6 +159,17 @@ class TurnoverConfig(PushToHubMixin):
             self.seed = validate_seed(self.seed)
         except ValueError as err:
             raise ValueError(f"TurnoverConfig: {err}") from None
+        if isinstance(self.target_module_types, str):
+            self.target_module_types = [self.target_module_types]
+        for name in ("target_modules", "exclude_modules", "mask_inputs_of", "target_module_types"):
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
+        _check_field_types(self)
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"TurnoverConfig: format_version {self.format_version} is newer than this turnover-hf reads "
+                f"({FORMAT_VERSION}); upgrade turnover-hf (pip install -U turnover-hf)."
+            )
         if self.scheme not in SCHEMES:
             raise ValueError(f"TurnoverConfig: scheme must be one of {SCHEMES}, got {self.scheme!r}.")
         if self.scheme == "hashed" and not (1 <= self.codebook_picks <= self.codebook_size):
@@ -115,8 +178,6 @@ class TurnoverConfig(PushToHubMixin):
             )
         if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
             raise ValueError(f"TurnoverConfig: channels must be an integer >= 1 (e.g. 16), got {self.channels!r}.")
-        if isinstance(self.target_module_types, str):
-            self.target_module_types = [self.target_module_types]
         for name in ("target_modules", "exclude_modules", "mask_inputs_of"):
             pattern = getattr(self, name)
             if isinstance(pattern, str):
@@ -132,11 +193,14 @@ class TurnoverConfig(PushToHubMixin):
             ):
                 raise ValueError(f"TurnoverConfig: {name} must be a regex string or a list of module names, got {pattern!r}.")
         for name, site in (self.mask_sites or {}).items():
-            channels = site.get("channels", 1)
-            if site.get("side") not in MASK_SIDES or int(site.get("units", 0)) < 1 or not (
+            channels, units = site.get("channels", 1), site.get("units", 0)
+            if site.get("side") not in MASK_SIDES or not _is_int(units) or units < 1 or not _is_int(channels) or not (
                 isinstance(channels, int) and channels >= 1 and (channels == 1 or site["side"] == "input")
             ):
-                raise ValueError(f"TurnoverConfig: mask site {name!r} is malformed: {site!r}.")
+                raise ValueError(
+                    f"TurnoverConfig: mask_sites[{name!r}] is malformed: {site!r}; each site is {{'side': one of "
+                    f"{MASK_SIDES}, 'units': an integer >= 1[, 'channels': an integer >= 1, input side only]}}."
+                )
 
     @property
     def mask_kwargs(self) -> dict[str, Any]:

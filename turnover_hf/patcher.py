@@ -87,8 +87,18 @@ def patch_model(
         >>> model = patch_model(model, TurnoverConfig(p=0.5, seed=0))
         >>> model.turnover_config.mask_sites        # {'classifier': {'side': 'input', 'units': 768}}
     """
+    if not isinstance(model, nn.Module):
+        raise TurnoverError(f"patch_model: model must be a torch.nn.Module (a transformers model), got {type(model).__name__}.")
     if is_patched(model):
         raise TurnoverError("this model is patched already; call turnover_hf.unpatch_model(model) before patching again.")
+    for name, value in (("freeze_leaking", freeze_leaking), ("warn_leaking", warn_leaking)):
+        if not isinstance(value, bool):
+            raise TurnoverError(f"patch_model: {name} must be True or False, got {value!r}.")
+    if config is not None and not isinstance(config, TurnoverConfig):
+        raise TurnoverError(
+            f"patch_model: config must be a TurnoverConfig (or None for the defaults), got {type(config).__name__}; "
+            "build one with turnover_hf.TurnoverConfig(...)."
+        )
     config = copy.deepcopy(config) if config is not None else TurnoverConfig()
     inner = inner_model(model)
     sites = resolve_sites(inner, config)

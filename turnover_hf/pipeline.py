@@ -29,11 +29,12 @@ from .estimators.ensemble import ensemble_members, is_ensemble_folder, split_hal
 from .losses import is_causal_lm
 from .masks import check_example_ids
 from .fingerprints import fingerprint
-from .store import ScoreStore
-from .patcher import is_patched
-from .training_set import load_recorded_training_set, training_set_of, verify_training_set
-from .validation import check_input_lengths, check_labels, model_max_length, positive_int
 from .label_issues import pipeline_label_issues
+from .patcher import is_patched
+from .store import ScoreStore, claim_output
+from .targets import normalize_targets
+from .training_set import load_recorded_training_set, training_set_of, verify_training_set
+from .validation import check_input_lengths, check_labels, check_token_ids, model_max_length, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -295,22 +296,10 @@ class InfluencePipeline:
         keep = {"input_ids", "attention_mask", "token_type_ids", "labels", self.id_column}
         return dataset.remove_columns([c for c in dataset.column_names if c not in keep])
 
-    def _target_rows(self, targets: TargetsLike) -> list[dict[str, Any]]:
+    def _target_rows(self, targets: Union[Dataset, list]) -> list[dict[str, Any]]:
+        """Model-input rows of targets already in the pipeline's form (see :func:`~turnover_hf.targets.normalize_targets`)."""
         if isinstance(targets, Dataset):
-            return [dict(row) for row in self._model_features(targets.remove_columns(
-                [c for c in (self.id_column,) if c in targets.column_names]))]
-        if isinstance(targets, str) or (self.causal_lm and _is_prompt_completion(targets)):
-            targets = [targets]
-        if isinstance(targets, Mapping):
-            first = targets.get("input_ids")
-            if first is None and self.text_column in targets:
-                return self._target_rows([dict(targets)])
-            if first is None:
-                raise TurnoverError(f"a dict target needs input_ids or {self.text_column!r}; got keys {list(targets)}.")
-            first = torch.as_tensor(first)
-            if first.dim() == 1:
-                return [{k: torch.as_tensor(v).tolist() for k, v in targets.items()}]
-            return [{k: torch.as_tensor(v)[i].tolist() for k, v in targets.items()} for i in range(len(first))]
+            return [dict(row) for row in self._model_features(targets)]
         rows: list[dict[str, Any]] = []
         for target in targets:
             if self.causal_lm and (isinstance(target, str) or _is_prompt_completion(target)):
@@ -320,55 +309,77 @@ class InfluencePipeline:
                 rows.append(prompt_completion_features(self.tokenizer, prompt, completion, self.max_length))
             elif isinstance(target, str):
                 rows.append({k: v[0] for k, v in self._tokenize([target]).items()})
-            elif isinstance(target, Mapping):
-                row = {k: v for k, v in target.items() if k != self.id_column}  # a target is no training example
+            else:
+                row = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in target.items()}
                 if "input_ids" not in row:
-                    if self.text_column not in row:
-                        raise TurnoverError(f"target {target!r} has neither input_ids nor {self.text_column!r}.")
                     row |= {k: v[0] for k, v in self._tokenize([row.pop(self.text_column)]).items()}
                 rows.append(row)
-            else:
-                raise TurnoverError(
-                    f"cannot use a target of type {type(target).__name__}: give text, a dict of model inputs, a "
-                    "list of those, or a datasets.Dataset."
-                )
         return rows
 
-    def prepare_targets(self, targets: TargetsLike) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
-        """Collated target inputs, their labels, and where each label came from ("given" or "predicted")."""
-        if targets is None:
-            raise TurnoverError("targets is None; give text, a dict of model inputs, a list of those, or a Dataset.")
-        rows = self._target_rows(targets)
-        if not rows:
-            raise TurnoverError("no targets given.")
+    def _prepare(self, targets: TargetsLike) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str], bool]:
+        """:meth:`prepare_targets` and whether ``targets`` was a single target (one text, dict or tuple)."""
+        label2id = getattr(getattr(self.model, "config", None), "label2id", None)
+        normalized, single = normalize_targets(targets, text_column=self.text_column, id_column=self.id_column,
+                                               causal_lm=self.causal_lm, label2id=label2id)
+        rows = self._target_rows(normalized)
         for row in rows:
             if "label" in row and "labels" not in row:
                 row["labels"] = row.pop("label")
         if self.causal_lm:  # labels are token ids (-100 where a token does not count), padded by the collator
             batch = self.collator(rows)
-            return batch, batch.pop("labels"), ["given"] * len(rows)
-        labelled = [row.get("labels") is not None for row in rows]
+            return batch, batch.pop("labels"), ["given"] * len(rows), single
+        keep = self._input_names()
         try:
-            batch = self.collator([{k: v for k, v in row.items() if k != "labels"} for row in rows])
-        except (ValueError, TypeError) as err:
-            raise TurnoverError(f"the targets could not be collated into model inputs ({err}).") from err
+            batch = self.collator([{k: v for k, v in row.items() if k in keep} for row in rows])
+        except (ValueError, TypeError, RuntimeError) as err:
+            raise TurnoverError(f"targets could not be collated into model inputs ({' '.join(str(err).split())[:300]}).") from None
         check_input_lengths(batch, model_max_length(self.model, self.tokenizer))
-        if all(labelled):
-            try:
-                labels = torch.as_tensor([row["labels"] for row in rows])
-            except (TypeError, ValueError, RuntimeError):
-                raise TurnoverError(f"target labels must be class indices, got {[row['labels'] for row in rows][:5]}.") from None
+        check_token_ids(batch, getattr(getattr(self.model, "config", None), "vocab_size", None))
+        given = [row.get("labels") for row in rows]
+        if all(label is not None for label in given):
+            labels = torch.as_tensor(given, dtype=torch.long)
             check_labels(labels, getattr(getattr(self.model, "config", None), "num_labels", None))
-            return batch, labels, ["given"] * len(rows)
-        logger.info("some targets have no label: all are scored against the model's own predictions.")
-        predicted = self.scorer.predict(batch)
-        return batch, predicted.cpu(), ["predicted"] * len(rows)
+            return batch, labels, ["given"] * len(rows), single
+        predicted = self.scorer.predict(batch).cpu()
+        if any(label is not None for label in given):  # each target keeps the label it was given
+            labels = torch.as_tensor([p if g is None else g for g, p in zip(given, predicted.tolist())], dtype=torch.long)
+            check_labels(labels, getattr(getattr(self.model, "config", None), "num_labels", None))
+            return batch, labels, ["predicted" if g is None else "given" for g in given], single
+        return batch, predicted, ["predicted"] * len(rows), single
+
+    def _input_names(self) -> set[str]:
+        """The keys a target row may pass to the model: its forward arguments (other keys are dropped)."""
+        import inspect
+
+        forward = getattr(self.model, "forward", None)
+        try:
+            names = set(inspect.signature(forward).parameters)
+        except (TypeError, ValueError):
+            names = set()
+        return (names - {"labels", "kwargs", "args"}) | {"input_ids", "attention_mask", "token_type_ids"}
+
+    def prepare_targets(self, targets: TargetsLike) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
+        """Collated target inputs, their labels, and where each label came from ("given" or "predicted").
+
+        Targets: a str, a dict, a list of str or dicts, a dict of lists, a ``datasets.Dataset`` or a
+        ``pandas.DataFrame`` (see :func:`~turnover_hf.targets.normalize_targets`); anything else is refused.
+        """
+        return self._prepare(targets)[:3]
 
     def _ids(self, example_ids: Optional[Sequence[int]]) -> torch.Tensor:
         if example_ids is None:
             return self.train_ids.clone()
-        if not isinstance(example_ids, (torch.Tensor, str, bytes)) and len(example_ids) == 0 \
-                or isinstance(example_ids, torch.Tensor) and example_ids.numel() == 0:
+        shape = getattr(example_ids, "shape", None)  # tensors and numpy arrays
+        if isinstance(example_ids, (str, bytes, Mapping, set, frozenset)) or not hasattr(example_ids, "__len__") \
+                or (shape is not None and len(shape) != 1):
+            shown = f" of shape {tuple(shape)}" if shape is not None else ""
+            raise ExampleIdError(
+                f"example_ids must be a list (or 1-D tensor / array) of training ids, got {type(example_ids).__name__}"
+                f"{shown}; for one id, pass [id], or None for the whole training set."
+            )
+        if shape is None:
+            example_ids = list(example_ids)  # any sequence: a range, a Dataset column, a pandas Series' values
+        if len(example_ids) == 0:
             raise TurnoverError("example_ids is empty; give at least one training id, or None for the whole training set.")
         try:
             example_ids = check_example_ids(example_ids)
@@ -397,27 +408,31 @@ class InfluencePipeline:
             done = store.result()
             if done is not None:
                 return done
-        self.fit()
-        chunk_size = store.chunk_size if store is not None else self.chunk_size  # a resumed run keeps its layout
-        chunks = list(range(0, len(example_ids), chunk_size))
         # A model on the CPU runs its processes on gloo; on accelerators accelerate picks the backend.
         state = PartialState(cpu=self.scorer.device.type == "cpu")
-        results: list[tuple[int, torch.Tensor]] = []
-        with state.split_between_processes(list(range(len(chunks)))) as mine:
-            for index in tqdm(mine, desc=kind, unit="chunk", disable=not state.is_local_main_process or len(mine) < 2):
-                part = store.shard(index) if store is not None else None
-                if part is None:
-                    start = chunks[index]
-                    part = compute(example_ids[start : start + chunk_size]).reshape(-1, n_columns).cpu()
-                    if store is not None:
-                        store.write_shard(index, part)
-                results.append((index, part))
-        if state.num_processes > 1:
-            results = gather_object(results)
-        scores = torch.cat([part for _, part in sorted(results, key=lambda item: item[0])]) if results else torch.empty(0, n_columns)
-        if store is not None and state.is_main_process:
-            store.finish(scores)
-        state.wait_for_everyone()
+        with claim_output(store.folder if store is not None else None, state):  # one run per folder at a time
+            done = store.result() if store is not None else None  # (finished while this one waited to claim it)
+            if done is not None:
+                return done
+            self.fit()
+            chunk_size = store.chunk_size if store is not None else self.chunk_size  # a resumed run keeps its layout
+            chunks = list(range(0, len(example_ids), chunk_size))
+            results: list[tuple[int, torch.Tensor]] = []
+            with state.split_between_processes(list(range(len(chunks)))) as mine:
+                for index in tqdm(mine, desc=kind, unit="chunk", disable=not state.is_local_main_process or len(mine) < 2):
+                    part = store.shard(index) if store is not None else None
+                    if part is None:
+                        start = chunks[index]
+                        part = compute(example_ids[start : start + chunk_size]).reshape(-1, n_columns).cpu()
+                        if store is not None:
+                            store.write_shard(index, part)
+                    results.append((index, part))
+            if state.num_processes > 1:
+                results = gather_object(results)
+            scores = torch.cat([part for _, part in sorted(results, key=lambda item: item[0])]) if results else torch.empty(0, n_columns)
+            if store is not None and state.is_main_process:
+                store.finish(scores)
+            state.wait_for_everyone()
         return scores
 
     # -- scoring through members --------------------------------------------------------------------------------
@@ -551,8 +566,7 @@ class InfluencePipeline:
         ``score_sum`` (their sum: the influence on the summed loss).
         """
         top_k = self.top_k if top_k is None else positive_int("top_k", top_k)
-        single = isinstance(targets, str) or (self.causal_lm and _is_prompt_completion(targets)) or (isinstance(targets, Mapping) and torch.as_tensor(targets.get("input_ids", [[0]])).dim() <= 1)
-        batch, labels, sources = self.prepare_targets(targets)
+        batch, labels, sources, single = self._prepare(targets)
         ids = self._ids(example_ids)
         members = self._member_matrix("scores", batch, labels, ids, output_dir)
         matrix = members.mean(0)

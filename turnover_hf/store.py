@@ -7,10 +7,13 @@ different question is refused instead of overwriting anything. Every file is wri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from typing import Optional
+import socket
+import time
+from typing import Any, Iterator, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,6 +23,8 @@ from .files import atomic_path, atomic_write_text
 
 MANIFEST = "manifest.json"
 RESULT = "scores.safetensors"
+LOCK = ".lock"
+_YOUNG_SECONDS = 10.0  # a claim file this young may still be being written by its owner
 
 logger = logging.getLogger(__name__)
 
@@ -129,3 +134,112 @@ class ScoreStore:
         for name in os.listdir(self.folder):
             if (name.startswith("shard-") and name.endswith(".safetensors")) or (name.startswith(".") and name.endswith(".tmp")):
                 os.remove(os.path.join(self.folder, name))
+
+
+def _holder(path: str) -> Optional[dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            holder = json.load(handle)
+        return holder if isinstance(holder, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _stale(path: str, holder: Optional[dict[str, Any]]) -> bool:
+    """A claim left by a process that is gone: its pid is dead on this host, or it is unreadable and not young."""
+    if holder is None:
+        try:
+            return time.time() - os.path.getmtime(path) > _YOUNG_SECONDS
+        except OSError:
+            return True
+    pid = holder.get("pid")
+    return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
+
+
+@contextlib.contextmanager
+def claim_folder(folder: str) -> Iterator[str]:
+    """Hold ``folder`` for this process while a result is computed into it: an atomic claim file (created with
+    ``O_CREAT | O_EXCL``, holding the pid and host), removed on exit. A folder another live process holds is refused
+    naming that process; a claim left by a process that died is taken over.
+
+    Example:
+        >>> with claim_folder("scores/valid"):
+        ...     ...        # no other process computes into scores/valid meanwhile
+    """
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _holder(path)
+            if not _stale(path, holder):
+                who = (f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')})" if holder
+                       else "another process (starting now)")
+                raise TurnoverError(
+                    f"output_dir {folder!r} is in use by {who}: two runs cannot compute into one folder. Wait for it "
+                    f"to finish, or choose another output_dir; if that process is gone, delete {path!r}."
+                ) from None
+            aside = f"{path}.stale-{os.getpid()}"
+            try:
+                os.replace(path, aside)  # atomic: of two processes taking over, one moves the dead claim
+            except FileNotFoundError:
+                continue
+            if _holder(aside) != holder:  # another process claimed it meanwhile: give its claim back
+                os.replace(aside, path)
+                continue
+            os.remove(aside)
+            logger.info("took over %s from process %s, which is no longer running.", path, (holder or {}).get("pid"))
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(me, handle)
+        break
+    else:
+        raise TurnoverError(f"could not claim output_dir {folder!r} ({path!r} keeps changing); try again.")
+    try:
+        yield path
+    finally:
+        if _holder(path) == me:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
+@contextlib.contextmanager
+def claim_output(folder: Optional[str], state: Any) -> Iterator[None]:
+    """:func:`claim_folder` for a run sharded over ``state``'s processes: the main process claims the folder and every
+    process gets its answer, so all of them refuse together (a no-op without a folder)."""
+    if folder is None:
+        yield
+        return
+    error, claim = None, None
+    if state.is_main_process:
+        claim = claim_folder(folder)
+        try:
+            claim.__enter__()
+        except TurnoverError as err:
+            error, claim = str(err), None
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        if claim is not None:
+            claim.__exit__(None, None, None)
+        raise TurnoverError(error)
+    try:
+        yield
+    finally:
+        if claim is not None:
+            claim.__exit__(None, None, None)

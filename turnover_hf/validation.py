@@ -70,3 +70,22 @@ def check_labels(labels: torch.Tensor, num_labels: Optional[int]) -> None:
                 f"target labels {sorted(set(bad.tolist()))[:5]} are outside the model's {num_labels} classes "
                 f"(0 .. {num_labels - 1}); give labels the model was trained with (see model.config.id2label)."
             )
+
+
+def check_token_ids(batch: dict[str, torch.Tensor], vocab_size: Optional[int]) -> None:
+    """Refuse target token ids outside the model's vocabulary (the embedding would fail inside torch).
+
+    Example:
+        >>> check_token_ids({"input_ids": torch.tensor([[2, 99]])}, 64)
+        Traceback (most recent call last):
+        turnover_hf.errors.TurnoverError: targets hold token ids [99] outside the model's vocabulary (0 .. 63); ...
+    """
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.numel() == 0 or not isinstance(vocab_size, int):
+        return
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if len(bad):
+        raise TurnoverError(
+            f"targets hold token ids {sorted(set(bad.tolist()))[:5]} outside the model's vocabulary (0 .. "
+            f"{vocab_size - 1}); tokenize them with the model's tokenizer (or pass text)."
+        )

@@ -9,11 +9,13 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
 import typing
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -163,6 +165,25 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     return top, {name: train_parser(False) if name == "train" else _command_parser(name) for name in names}
 
 
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """While a command runs: no deprecation warnings of other libraries (for their developers, not for a user of the
+    command) and no progress bars of ``datasets`` (loading and mapping a table takes a moment); restored after."""
+    from datasets.utils import logging as datasets_logging
+
+    bars = datasets_logging.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
+            warnings.filterwarnings("default", category=category, module=r"turnover_hf\b")  # ours still show
+        datasets_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if bars:
+                datasets_logging.enable_progress_bar()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``turnover-hf`` command; returns the exit code.
 
@@ -178,15 +199,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     try:
-        if name == "train":
-            return command_train(rest)
-        values = _command_parser(name).parse_args_into_dataclasses(rest)
-        flags = [v for v in values if type(v).__name__ == "EstimatorFlags"]
-        values = [v for v in values if type(v).__name__ != "EstimatorFlags"]
-        for value in values:
-            if isinstance(value, ScoringOptions) and flags:
-                value.estimator_options = {k: v for k, v in dataclasses.asdict(flags[0]).items() if v is not None}
-        return COMMANDS[name].run(*values)
+        with quiet_libraries():
+            if name == "train":
+                return command_train(rest)
+            values = _command_parser(name).parse_args_into_dataclasses(rest)
+            flags = [v for v in values if type(v).__name__ == "EstimatorFlags"]
+            values = [v for v in values if type(v).__name__ != "EstimatorFlags"]
+            for value in values:
+                if isinstance(value, ScoringOptions) and flags:
+                    value.estimator_options = {k: v for k, v in dataclasses.asdict(flags[0]).items() if v is not None}
+            return COMMANDS[name].run(*values)
     except KeyboardInterrupt:
         print(f"{PROG} {name}: interrupted", file=sys.stderr)
         return 130

@@ -16,7 +16,7 @@ COMMON_TRAINING_ARGUMENTS = (
     "output_dir", "overwrite_output_dir", "num_train_epochs", "max_steps", "learning_rate",
     "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "warmup_ratio",
     "weight_decay", "eval_strategy", "eval_steps", "logging_steps", "save_strategy", "seed", "use_cpu", "bf16",
-    "report_to",
+    "report_to", "resume_from_checkpoint",
 )
 
 WORKFLOW = f"""\

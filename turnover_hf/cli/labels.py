@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .common import PROG
-from .scoring import ScoringOptions, pipeline
-from .tables import refuse_existing, write_rows
+from .checks import check_counts, check_output_file, check_output_folder
+from .scoring import ROW_FORMATS, ScoringOptions, pipeline
+from .tables import write_rows
 
 
 @dataclass
@@ -54,9 +55,10 @@ EXAMPLES = (
 
 
 def command_label_issues(options: ScoringOptions, chosen: LabelIssuesOptions) -> int:
-    for path in (chosen.output, chosen.kept_dataset, chosen.relabelled_dataset):
-        if path:
-            refuse_existing(path, chosen.overwrite)
+    check_output_file(chosen.output, "--output", ROW_FORMATS, chosen.overwrite)
+    check_output_folder(chosen.kept_dataset, "--kept_dataset", chosen.overwrite)
+    check_output_folder(chosen.relabelled_dataset, "--relabelled_dataset", chosen.overwrite)
+    check_counts(num_issues=(chosen.num_issues, 0), top=(chosen.top, 0))
     pipe = pipeline(options)
     ranked = pipe.label_issues(chosen.method, num_issues=chosen.num_issues)
     write_rows(chosen.output, ranked, chosen.overwrite)

@@ -10,7 +10,10 @@ from typing import Any, Optional
 from ..errors import TurnoverError
 from ..files import atomic_write_text
 from .common import PROG, STATE_FILE, TRAIN_FOLDER, VALIDATION_FOLDER
-from .tables import encode_labels, load_table, next_to_model, refuse_existing, shown, standard_columns, write_rows
+from .checks import check_counts, check_output_file, check_output_folder
+from .tables import encode_labels, load_table, next_to_model, shown, standard_columns, write_rows
+
+ROW_FORMATS = (".csv", ".tsv", ".json", ".jsonl")
 
 
 @dataclass
@@ -128,7 +131,7 @@ def pipeline(options: ScoringOptions) -> Any:
     if not os.path.isdir(train_path):
         raise TurnoverError(f"--train {train_path!r} is not a save_to_disk folder.")
     train = standard_columns(load_from_disk(train_path), options.text_column, options.label_column,
-                              f"the training set {train_path!r}", need_label=False)
+                              f"the training set {train_path!r}", need_label=False, path=train_path)
     # a fit is kept next to the model and reused by the next command (with the same options)
     estimator_options: dict[str, Any] = {"save_fit": True}
     if options.estimator_options:  # checked against the chosen estimator's options (unknown ones are named)
@@ -161,16 +164,22 @@ def label_id(label: str, pipe: Any) -> int:
     raise TurnoverError(f"unknown --label {label!r}; the model's labels are {list(label2id) or 'integers'}.")
 
 
-def load_targets(path: str, options: ScoringOptions, pipe: Any, limit: Optional[int] = None) -> Any:
-    """Targets from a file or folder: ``text`` and, where present, ``label`` as the model's class index."""
-    data = load_table(path, "targets", "validation")
-    data = standard_columns(data, options.text_column, options.label_column, f"the targets {path!r}", need_label=False)
+def read_targets(path: str, options: ScoringOptions, limit: Optional[int] = None) -> Any:
+    """Targets from a file or folder, checked (rows, text, filled label cells) before any model is loaded."""
+    data = load_table(path, "targets", "validation", options.text_column)
+    data = standard_columns(data, options.text_column, options.label_column, f"the targets {path!r}", need_label=False,
+                            path=path)
     if limit is not None and len(data) > limit:
         data = data.select(range(limit))
+    return data.select_columns([c for c in ("text", "label") if c in data.column_names])
+
+
+def encode_targets(data: Any, path: str, pipe: Any) -> Any:
+    """``data`` with its labels (where present) as the model's class indices."""
     if "label" in data.column_names:
         names = [label_names(pipe)[i] for i in range(pipe.model.config.num_labels)]
         data = encode_labels(data, names, f"the targets {path!r}")
-    return data.select_columns([c for c in ("text", "label") if c in data.column_names])
+    return data
 
 
 def print_row(row: dict[str, Any], names: dict[int, str], score_key: str = "score", width: int = 100) -> None:
@@ -181,14 +190,20 @@ def print_row(row: dict[str, Any], names: dict[int, str], score_key: str = "scor
 
 
 def command_explain(options: ScoringOptions, explain: ExplainOptions) -> int:
+    if explain.text and explain.targets:
+        raise TurnoverError("give --text or --targets, not both: --text explains the texts given on the command line, "
+                            "--targets the rows of a file.")
     if not explain.text and not explain.targets:
         raise TurnoverError("nothing to explain: give --text \"...\" (one or more) or --targets FILE.")
-    if explain.output:
-        refuse_existing(explain.output, explain.overwrite)
+    if explain.label is not None and not explain.text:
+        raise TurnoverError("--label is the label of the --text targets; a --targets file gives its labels in its "
+                            f"{options.label_column!r} column (--label_column).")
+    check_output_file(explain.output, "--output", (".json",), explain.overwrite)
+    check_counts(top_k=(explain.top_k, 1))
+    data = read_targets(explain.targets, options) if explain.targets else None
     pipe = pipeline(options)
-    if explain.targets:
-        data = load_targets(explain.targets, options, pipe)
-        targets = [dict(row) for row in data]
+    if data is not None:
+        targets = [dict(row) for row in encode_targets(data, explain.targets, pipe)]
     else:
         targets = [{"text": t} for t in explain.text]
         if explain.label is not None:
@@ -212,7 +227,8 @@ def command_explain(options: ScoringOptions, explain: ExplainOptions) -> int:
 
 
 def command_self_influence(options: ScoringOptions, chosen: SelfInfluenceOptions) -> int:
-    refuse_existing(chosen.output, chosen.overwrite)
+    check_output_file(chosen.output, "--output", ROW_FORMATS, chosen.overwrite)
+    check_counts(top=(chosen.top, 0))
     pipe = pipeline(options)
     names = label_names(pipe)
     scores = shown(pipe.self_influence(), "self_influence", names).sort("self_influence", reverse=True)
@@ -226,18 +242,19 @@ def command_self_influence(options: ScoringOptions, chosen: SelfInfluenceOptions
 
 
 def command_cleanse(options: ScoringOptions, chosen: CleanseOptions) -> int:
-    refuse_existing(chosen.output, chosen.overwrite)
-    if chosen.kept_dataset:
-        refuse_existing(chosen.kept_dataset, chosen.overwrite)
+    check_output_file(chosen.output, "--output", (".txt", *ROW_FORMATS), chosen.overwrite)
+    check_output_folder(chosen.kept_dataset, "--kept_dataset", chosen.overwrite)
     if not 0 < chosen.fraction <= 1:
         raise TurnoverError(f"--fraction must be in (0, 1], got {chosen.fraction}.")
+    check_counts(count=(chosen.count, 0))
     validation = chosen.validation or next_to_model(options.model, VALIDATION_FOLDER)
     if validation is None:
         raise TurnoverError("give --validation: labelled held-out data whose loss the removal should lower.")
-    pipe = pipeline(options)
-    targets = load_targets(validation, options, pipe)
+    targets = read_targets(validation, options)
     if "label" not in targets.column_names:
         raise TurnoverError(f"the validation data {validation!r} needs labels (column {options.label_column!r}).")
+    pipe = pipeline(options)
+    targets = encode_targets(targets, validation, pipe)
     names = label_names(pipe)
     influence = shown(pipe.mean_influence(targets), "mean_influence", names).sort("mean_influence")
     limit = chosen.count if chosen.count is not None else int(chosen.fraction * len(influence))
@@ -263,7 +280,14 @@ def command_report(options: ScoringOptions, chosen: ReportOptions) -> int:
     from .. import plots, report
     from ..losses import predicted_labels
 
-    refuse_existing(chosen.output, chosen.overwrite)
+    check_output_file(chosen.output, "--output", (".html", ".htm"), chosen.overwrite)
+    check_counts(top_k=(chosen.top_k, 1), max_targets=(chosen.max_targets, 1), explain=(chosen.explain, 0),
+                 suspects=(chosen.suspects, 0))
+    if chosen.trainer_state is not None and not os.path.isfile(chosen.trainer_state):
+        raise TurnoverError(f"--trainer_state {chosen.trainer_state!r}: no such file; give the trainer_state.json "
+                            "`turnover-hf train` wrote, or leave it out.")
+    targets_path = chosen.targets or next_to_model(options.model, VALIDATION_FOLDER)
+    targets = read_targets(targets_path, options, limit=chosen.max_targets) if targets_path is not None else None
     pipe = pipeline(options)
     names = label_names(pipe)
     self_influence = shown(pipe.self_influence(), "self_influence", {})
@@ -281,14 +305,13 @@ def command_report(options: ScoringOptions, chosen: ReportOptions) -> int:
     explanations: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
     sizes = {"training examples": len(pipe.train_dataset)}
-    targets_path = chosen.targets or next_to_model(options.model, VALIDATION_FOLDER)
-    if targets_path is not None:
-        targets = load_targets(targets_path, options, pipe, limit=chosen.max_targets)
+    if targets is not None:
+        targets = encode_targets(targets, targets_path, pipe)
         sizes["targets"] = len(targets)  # scored (at most --max_targets)
         batch, labels, sources = pipe.prepare_targets(targets)
         predicted = predicted_labels(pipe.model, batch).cpu()
         order = list(range(len(targets)))
-        if sources[0] == "given":
+        if all(source == "given" for source in sources):
             wrong = predicted != labels
             metrics["target accuracy"] = float((~wrong).float().mean())
             order = sorted(order, key=lambda i: not bool(wrong[i]))  # misclassified first, stable
@@ -306,7 +329,8 @@ def command_report(options: ScoringOptions, chosen: ReportOptions) -> int:
                 explanations.append({**result, "text": row["text"], "predicted": int(predicted[position])})
     audit = None
     if chosen.audit:  # every target row (not only --max_targets): leakage and data value are about the whole set
-        audit = pipe.audit(load_targets(targets_path, options, pipe) if targets_path is not None else None)
+        held_out = encode_targets(read_targets(targets_path, options), targets_path, pipe) if targets_path else None
+        audit = pipe.audit(held_out)
     config = getattr(pipe.model, "turnover_config", None) if len(getattr(pipe, "models", [pipe.model])) == 1 else None
     path = report.write_report(
         chosen.output, overwrite=chosen.overwrite, title=chosen.title, config=config,

@@ -8,12 +8,14 @@ from typing import Any, Optional
 
 from ..errors import TurnoverError
 from ..files import atomic_path, atomic_write_text
+from .checks import check_data_file, check_rows
 from .common import TABLE_EXTENSIONS
 
 
 # -- data --------------------------------------------------------------------------------------------------------
-def load_table(path: str, what: str, split: Optional[str] = None) -> Any:
-    """A datasets.Dataset from a data file or a save_to_disk folder."""
+def load_table(path: str, what: str, split: Optional[str] = None, text_column: Optional[str] = None) -> Any:
+    """A datasets.Dataset from a data file or a save_to_disk folder (a CSV's ``text_column`` read as written: "NA",
+    "007" and "1e5" stay text)."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     if os.path.isdir(path):
@@ -23,25 +25,40 @@ def load_table(path: str, what: str, split: Optional[str] = None) -> Any:
                 raise TurnoverError(f"{what} {path!r} holds the splits {list(data)}; choose one with --split.")
             data = data[split]
         return data
-    if not os.path.isfile(path):
-        raise TurnoverError(f"{what}: no file or folder {path!r}.")
+    check_data_file(path, what, tuple(TABLE_EXTENSIONS))
     extension = os.path.splitext(path)[1].lower()
-    builder = TABLE_EXTENSIONS.get(extension)
-    if builder is None:
+    builder = TABLE_EXTENSIONS[extension]
+    kwargs: dict[str, Any] = {"delimiter": "\t"} if extension == ".tsv" else {}
+    if builder == "csv":
+        kwargs["encoding"] = "utf-8-sig"  # a spreadsheet's byte-order mark is not part of the first column's name
+        kwargs["keep_default_na"] = False  # "NA", "null", "nan" are words; an empty cell is missing (check_rows)
+        if text_column is not None:
+            kwargs["converters"] = {text_column: str}
+    try:
+        data = load_dataset(builder, data_files=path, split="train", **kwargs)
+    except Exception as err:  # noqa: BLE001 - datasets wraps the parser's error; the user needs the file and the fix
+        cause = err.__cause__ or err.__context__ or err
+        if "corresponds to no data" in str(err):  # datasets' words for a file that parsed to nothing
+            raise TurnoverError(f"{what} {path!r} has no rows (only a header, or an empty list); add at least one example.") from None
         raise TurnoverError(
-            f"{what} {path!r}: unknown format {extension!r}; use {', '.join(TABLE_EXTENSIONS)} or a save_to_disk "
-            "folder."
-        )
-    kwargs = {"delimiter": "\t"} if extension == ".tsv" else {}
-    return load_dataset(builder, data_files=path, split="train", **kwargs)
+            f"{what} {path!r} could not be read as {extension[1:].upper()} ({type(cause).__name__}: "
+            f"{' '.join(str(cause).split())[:200]}); check that every line is valid {extension[1:].upper()} with "
+            "the same columns."
+        ) from None
+    if builder == "text":  # one target a line: a blank line is no target
+        data = data.filter(lambda row: bool(row["text"].strip()))
+    check_rows(data, path, what)
+    return data
 
 
-def standard_columns(data: Any, text_column: str, label_column: str, what: str, need_label: bool) -> Any:
-    """``data`` with its text in ``text`` and its label (if any) in ``label``."""
+def standard_columns(data: Any, text_column: str, label_column: str, what: str, need_label: bool,
+                     path: str = "") -> Any:
+    """``data`` with its text in ``text`` and its label (if any) in ``label``, every cell of both filled."""
     if text_column not in data.column_names:
         raise TurnoverError(
             f"{what} has no {text_column!r} column (columns: {data.column_names}); name it with --text_column."
         )
+    check_rows(data, path, what, (text_column,), (label_column,))
     for old, new in ((text_column, "text"), (label_column, "label")):
         if old != new and old in data.column_names:
             if new in data.column_names:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import logging
 import os
+import re
+import shutil
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -19,6 +22,7 @@ from .common import (
     HelpFormatter,
     paragraphs,
 )
+from .checks import check_writable
 from .tables import class_names, encode_labels, load_table, refuse_existing, standard_columns
 
 
@@ -93,12 +97,61 @@ def base_model(options: TrainOptions, names: list[str]) -> Any:
         config = (adapters.SeqBnConfig(reduction_factor=options.reduction_factor) if options.adapter == "seq_bn"
                   else adapters.LoRAConfig(r=options.lora_r, alpha=2 * options.lora_r))
         model.add_adapter("task", config=config)
-        model.train_adapter("task")
+        # activating resets the adapters inside an empty forward context, and adapters warns that none is active yet
+        quiet = logging.getLogger("adapters.model_mixin")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            model.train_adapter("task")
+        finally:
+            quiet.setLevel(level)
     return model
 
 
 def accuracy(prediction: Any) -> dict[str, float]:
     return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
+RESUME_LAST = "last"
+
+
+def resume_checkpoint(training_args: Any, num_members: int) -> Optional[str]:
+    """The checkpoint ``--resume_from_checkpoint`` asks for (``last``: the newest in ``--output_dir``), checked; None
+    for a fresh run, which is refused over an earlier run's checkpoints unless ``--overwrite_output_dir``
+    (their checkpoints are then removed, so that no later resume mixes the two runs)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = training_args.output_dir
+    resume = training_args.resume_from_checkpoint
+    last = get_last_checkpoint(out) if os.path.isdir(out) else None
+    if resume is not None and num_members > 1:
+        raise TurnoverError("--resume_from_checkpoint resumes one model; with --num_members > 1 train the ensemble again "
+                            "(or train its members one by one with turnover_hf.train_ensemble).")
+    if resume == RESUME_LAST:
+        if last is None:
+            raise TurnoverError(
+                f"--resume_from_checkpoint: --output_dir {out!r} holds no checkpoint-* folder to resume from; give the "
+                "checkpoint folder, or train without --resume_from_checkpoint."
+            )
+        return last
+    if resume is not None:
+        if not os.path.isfile(os.path.join(resume, "trainer_state.json")):
+            raise TurnoverError(
+                f"--resume_from_checkpoint {resume!r} is not a Trainer checkpoint (no trainer_state.json); give a "
+                f"checkpoint-* folder the Trainer saved, or --resume_from_checkpoint alone for the last one in {out!r}."
+            )
+        return resume
+    if last is not None:
+        if not training_args.overwrite_output_dir:
+            raise TurnoverError(
+                f"--output_dir {out!r} holds the checkpoints of an earlier run (last: {os.path.basename(last)}); pass "
+                "--resume_from_checkpoint to continue it, or --overwrite_output_dir to train from scratch (its "
+                "checkpoints are then removed)."
+            )
+        for name in os.listdir(out):
+            if re.fullmatch(r"checkpoint-\d+", name) and os.path.isdir(os.path.join(out, name)):
+                shutil.rmtree(os.path.join(out, name))
+    return None
 
 
 def run_train(options: TrainOptions, training_args: Any) -> dict[str, Any]:
@@ -110,27 +163,33 @@ def run_train(options: TrainOptions, training_args: Any) -> dict[str, Any]:
     from ..data import add_example_ids
     from ..patcher import patch_model
     from ..trainer import TurnoverTrainer
+    from ..training_set import DatasetSource
 
     if options.num_members < 1:
         raise TurnoverError(f"--num_members must be at least 1, got {options.num_members}.")
     out = training_args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise TurnoverError(f"--output_dir {out!r} is a file; give a folder.")
+    check_writable(out, "--output_dir")
     folders = {name: os.path.join(out, name) for name in (MODEL_FOLDER, TRAIN_FOLDER, VALIDATION_FOLDER)}
     for folder in folders.values():
         refuse_existing(folder, training_args.overwrite_output_dir, "--overwrite_output_dir")
     config = TurnoverConfig(p=options.p, seed=options.mask_seed, channels=options.channels)  # validates them first
 
-    train = standard_columns(load_table(options.train_file, "--train_file", options.split), options.text_column,
-                              options.label_column, "the training data", need_label=True)
+    train = standard_columns(load_table(options.train_file, "--train_file", options.split, options.text_column), options.text_column,
+                              options.label_column, "the training data", need_label=True, path=options.train_file)
     names = class_names(train)
     if len(names) < 2:
         raise TurnoverError(f"the training data has a single class {names}; a classifier needs at least two.")
     train = add_example_ids(encode_labels(train, names, "the training data"))
     valid = None
     if options.validation_file:
-        valid = standard_columns(load_table(options.validation_file, "--validation_file", "validation"),
-                                  options.text_column, options.label_column, "the validation data", need_label=True)
+        valid = standard_columns(load_table(options.validation_file, "--validation_file", "validation", options.text_column),
+                                  options.text_column, options.label_column, "the validation data", need_label=True,
+                                  path=options.validation_file)
         valid = encode_labels(valid, names, "the validation data")
 
+    resume = resume_checkpoint(training_args, options.num_members)  # (after the data files passed their checks)
     tokenizer = AutoTokenizer.from_pretrained(options.model)
     if tokenizer.pad_token is None:  # GPT-style tokenizers: pad with the end-of-text token
         tokenizer.pad_token = tokenizer.eos_token
@@ -157,6 +216,8 @@ def run_train(options: TrainOptions, training_args: Any) -> dict[str, Any]:
     trainer_kwargs: dict[str, Any] = dict(
         data_collator=collator, processing_class=tokenizer, eval_dataset=valid_tokens,
         compute_metrics=accuracy if valid_tokens is not None else None,
+        # the checkpoint names the training set it is saved with, so InfluencePipeline(out/model) finds it alone
+        train_dataset_source=DatasetSource(os.path.abspath(folders[TRAIN_FOLDER]), split=None, from_disk=True),
     )
     metrics: dict[str, Any] = {}
     if options.num_members == 1:
@@ -168,7 +229,7 @@ def run_train(options: TrainOptions, training_args: Any) -> dict[str, Any]:
         model = patch_model(model_init(), config, freeze_leaking=True)
         trainer = TurnoverTrainer(model=model, args=training_args, train_dataset=train_tokens, callbacks=callbacks,
                                   **trainer_kwargs)
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume)
         model.save_pretrained(folders[MODEL_FOLDER])
         tokenizer.save_pretrained(folders[MODEL_FOLDER])
         trainer.save_state()  # trainer_state.json: the log history with the flip-sanity losses, for `report`
@@ -214,6 +275,9 @@ def train_parser(show_all: bool) -> Any:
     )
     parser.set_defaults(learning_rate=1e-3, report_to="none")
     for action in parser._actions:
+        if action.dest == "resume_from_checkpoint":
+            action.help = ("Continue an interrupted run from this checkpoint-* folder; alone (no folder): from the last "
+                           "checkpoint in --output_dir.")
         if action.dest == "output_dir":
             action.help = ("Required. Gets model/ (checkpoint + tokenizer), train/ and validation/ (the data with "
                            "example ids), trainer_state.json and the Trainer's checkpoints.")
@@ -234,6 +298,11 @@ def command_train(argv: list[str]) -> int:
     given = lambda *names: any(a.split("=")[0] in names for a in argv)  # noqa: E731
     if not given("-h", "--help") and not given("--output_dir", "--output-dir"):
         raise TurnoverError("give --output_dir: the folder that will hold the model, the data and the logs.")
+    for k, arg in enumerate(argv):  # --resume_from_checkpoint alone: the last checkpoint in --output_dir
+        if arg in ("--resume_from_checkpoint", "--resume-from-checkpoint") and (
+                k + 1 == len(argv) or argv[k + 1].startswith("--")):
+            argv = [*argv[: k + 1], RESUME_LAST, *argv[k + 1 :]]
+            break
     if given("--validation_file", "--validation-file") and not given("--eval_strategy", "--eval-strategy"):
         argv = [*argv, "--eval_strategy", "epoch"]  # evaluate (and log the flip-sanity losses) every epoch
     options, training_args = parser.parse_args_into_dataclasses(argv)
