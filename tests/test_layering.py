@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("trainer", "callbacks", "dynamics"),
     ("estimators",),                  # the registry and one folder or file per estimator
     ("checkpoint",),                  # influence-ready folders; asks the registry which state folders to carry
-    ("pipeline", "label_issues", "evaluation", "audit", "duplicates", "targets"),
+    ("targets", "duplicates", "pipeline_inputs", "pipeline", "label_issues", "evaluation", "audit"),
     ("plots", "report"),
     ("cli", "demo", "demo_report", "__main__"),
 ]

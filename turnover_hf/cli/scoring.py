@@ -7,8 +7,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .. import plots, report
 from ..errors import TurnoverError
 from ..files import atomic_write_text
+from ..losses import predicted_labels
+from ..pipeline import InfluencePipeline
 from .common import PROG, STATE_FILE, TRAIN_FOLDER, VALIDATION_FOLDER
 from .checks import check_counts, check_output_file, check_output_folder
 from .tables import encode_labels, load_table, next_to_model, shown, standard_columns, write_rows
@@ -118,7 +121,6 @@ class ReportOptions:
 def pipeline(options: ScoringOptions) -> Any:
     from datasets import load_from_disk
 
-    from ..pipeline import InfluencePipeline
 
     if not os.path.isdir(options.model):
         raise TurnoverError(f"--model {options.model!r} is not a folder; give the folder `turnover-hf train` wrote.")
@@ -277,8 +279,6 @@ def command_cleanse(options: ScoringOptions, chosen: CleanseOptions) -> int:
 
 
 def command_report(options: ScoringOptions, chosen: ReportOptions) -> int:
-    from .. import plots, report
-    from ..losses import predicted_labels
 
     check_output_file(chosen.output, "--output", (".html", ".htm"), chosen.overwrite)
     check_counts(top_k=(chosen.top_k, 1), max_targets=(chosen.max_targets, 1), explain=(chosen.explain, 0),

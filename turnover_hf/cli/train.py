@@ -12,7 +12,14 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from ..callbacks import FlipSanityCallback
+from ..config import TurnoverConfig
+from ..data import add_example_ids
 from ..errors import TurnoverError
+from ..estimators.ensemble import train_ensemble
+from ..patcher import patch_model
+from ..trainer import TurnoverTrainer
+from ..training_set import DatasetSource
 from .common import (
     COMMON_TRAINING_ARGUMENTS,
     MODEL_FOLDER,
@@ -158,12 +165,6 @@ def run_train(options: TrainOptions, training_args: Any) -> dict[str, Any]:
     """Patch, train and save; returns where everything went."""
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
-    from ..callbacks import FlipSanityCallback
-    from ..config import TurnoverConfig
-    from ..data import add_example_ids
-    from ..patcher import patch_model
-    from ..trainer import TurnoverTrainer
-    from ..training_set import DatasetSource
 
     if options.num_members < 1:
         raise TurnoverError(f"--num_members must be at least 1, got {options.num_members}.")
@@ -237,7 +238,6 @@ def run_train(options: TrainOptions, training_args: Any) -> dict[str, Any]:
         if evaluations:
             metrics = {k: evaluations[-1][k] for k in ("eval_loss", "eval_accuracy")}
     else:
-        from ..estimators.ensemble import train_ensemble
 
         args = copy.copy(training_args)
         args.output_dir = folders[MODEL_FOLDER]  # members go to out/model/member-k, which the pipeline loads
