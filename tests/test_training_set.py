@@ -268,3 +268,24 @@ def test_an_in_memory_model_without_a_record_says_so_once_and_can_be_given_one(t
     assert _identity_notes(caplog) == []
     with pytest.raises(th.ConfigMismatchError, match=r"column 'text' differs in 1 rows \(e\.g\. ids \[2\]\)"):
         th.InfluencePipeline(model, tokenizer, train_dataset=_edit_text(train, [2]), estimator="influence")
+
+
+def test_texts_are_tokenized_as_long_as_in_training_by_default(tmp_path):
+    """A model trained on inputs truncated to 6 tokens: the pipeline, given the texts and no max_length, tokenizes
+    them as training did (the record keeps the longest training input) and accepts them; at another length the
+    rows differ and are named."""
+    tokenizer = word_tokenizer(tmp_path / "tok")
+    train = text_task(24)
+    model = th.patch_model(_top_layer_adapter(tiny_bert()), th.TurnoverConfig(seed=6), freeze_leaking=True)
+    encoded = train.map(lambda rows: tokenizer(rows["text"], truncation=True, max_length=6), batched=True)
+    assert max(map(len, encoded["input_ids"])) == 6 < max(len(tokenizer(t)["input_ids"]) for t in train["text"])
+    args = TrainingArguments(str(tmp_path / "run"), per_device_train_batch_size=8, num_train_epochs=1, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True)
+    th.TurnoverTrainer(model=model, args=args, train_dataset=encoded, processing_class=tokenizer).train()
+    model.save_pretrained(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / th.CONFIG_NAME).read_text())["training_set"]["longest_input"] == 6
+    pipe = th.InfluencePipeline(str(tmp_path / "model"), tokenizer, train_dataset=train, estimator="turnover")
+    assert pipe.max_length == 6
+    with pytest.raises(th.ConfigMismatchError, match="column 'input_ids' differs"):
+        th.InfluencePipeline(str(tmp_path / "model"), tokenizer, train_dataset=train, estimator="turnover",
+                             max_length=64)

@@ -31,10 +31,12 @@ from .fingerprints import fingerprint
 from .label_issues import pipeline_label_issues
 from .pipeline_inputs import PipelineInputs, TargetsLike
 from .store import ScoreStore, claim_output
-from .training_set import load_recorded_training_set
+from .training_set import load_recorded_training_set, training_set_of
 from .validation import model_max_length, positive_int
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 128  # tokens of a text when the models record no training inputs
 
 # Causal LMs also take (prompt, completion) tuples: only the completion's tokens count.
 
@@ -91,7 +93,9 @@ class InfluencePipeline(PipelineInputs):
             beside their scores. Must have as many rows as the model was trained on.
         batch_size: (id, target, mask) rows per forward pass.
         text_column: the text column of datasets (training set and dataset targets).
-        max_length: truncation length for text (capped at what the model and tokenizer accept).
+        max_length: truncation length for text (capped at what the model and tokenizer accept). Default: the
+            longest input the models were trained on (recorded by the trainer), so that a text training set
+            tokenizes exactly as in training; 128 for a model that records none.
         top_k: proponents and opponents returned per target.
         fast: use the exact fast paths (closed-form head, prefix reuse); ``False`` scores row by row.
         estimator: ``"auto"`` (the default: the most faithful estimator the model allows, see below),
@@ -141,7 +145,7 @@ class InfluencePipeline(PipelineInputs):
         data_collator: Optional[Callable] = None,
         batch_size: int = 64,
         text_column: str = "text",
-        max_length: Optional[int] = 128,
+        max_length: Optional[int] = None,
         top_k: int = 5,
         fast: bool = True,
         chunk_size: int = 1024,
@@ -171,7 +175,10 @@ class InfluencePipeline(PipelineInputs):
         self.tokenizer = tokenizer
         self.text_column = text_column
         limit = model_max_length(self.model, tokenizer)
-        self.max_length = limit if max_length is None else min(max_length, limit or max_length)
+        if max_length is None:  # as in training: the longest input the models trained on
+            trained = [r.longest_input for r in map(training_set_of, self.models) if r is not None and r.longest_input]
+            max_length = max(trained) if trained else DEFAULT_MAX_LENGTH
+        self.max_length = min(max_length, limit or max_length)
         self.top_k = top_k
         self.batch_size = batch_size
         self.chunk_size = chunk_size

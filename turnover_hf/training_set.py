@@ -28,6 +28,7 @@ from typing import Any, Iterable, Optional, Union
 import numpy as np
 import datasets
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
@@ -210,6 +211,7 @@ class TrainingSet:
     hashes: dict[str, torch.Tensor]
     source: Optional[DatasetSource] = None
     fingerprint: str = ""
+    longest_input: Optional[int] = None  # tokens in the longest input_ids row (how long training's inputs were)
 
     def __post_init__(self) -> None:
         if not self.fingerprint:
@@ -227,6 +229,7 @@ class TrainingSet:
             "id_column": self.id_column,
             "columns": sorted(self.hashes),
             "source": None if self.source is None else self.source.to_dict(),
+            **({} if self.longest_input is None else {"longest_input": self.longest_input}),
         }
 
     # -- files ------------------------------------------------------------------------------------------------
@@ -251,7 +254,7 @@ class TrainingSet:
         hashes = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("hash.")}
         source = summary.get("source")
         record = cls(summary.get("id_column", "example_id"), tensors["example_ids"], hashes,
-                     DatasetSource(**source) if source else None)
+                     DatasetSource(**source) if source else None, longest_input=summary.get("longest_input"))
         if record.fingerprint != summary.get("fingerprint"):
             raise ConfigMismatchError(
                 f"{path} does not match the training-set fingerprint in turnover_config.json (another model's file?). "
@@ -384,7 +387,12 @@ def record_training_set(dataset: Dataset, id_column: str = "example_id", *,
     ids, hashes = _row_hashes(dataset, columns, id_column)
     if source is not None and not isinstance(source, DatasetSource):
         source = DatasetSource(**source) if isinstance(source, dict) else DatasetSource(os.fspath(source))
-    return TrainingSet(id_column, ids, hashes, source if source is not None else _detect_source(dataset))
+    longest = None
+    if "input_ids" in dataset.column_names and len(dataset):
+        lengths = pa.compute.list_value_length(dataset.data.column("input_ids"))
+        longest = int(pa.compute.max(lengths).as_py() or 0)
+    return TrainingSet(id_column, ids, hashes, source if source is not None else _detect_source(dataset),
+                       longest_input=longest)
 
 
 TRAINING_SET_ATTRIBUTE = "turnover_training_set"  # on the patched model (context.patched_root)

@@ -445,8 +445,8 @@ SINGLE_MODEL_WARNING = (
     "half-networks (two mask seeds' rankings agree at Spearman ~0 in benchmarks/fidelity.py). Average an ensemble "
     "of models trained with different mask seeds for rankings you can trust: turnover_hf.train_ensemble(...), then "
     "InfluencePipeline(<its output_dir>, ...); or score this model with the influence function: "
-    "estimator='influence' for a classifier (exact), estimator='projected' for a causal language model or a large "
-    "training set (what estimator='auto' picks; docs/method/quality.md)."
+    "estimator='influence' for a classifier (exact), estimator='projected' for a causal language model or many "
+    "training examples (what estimator='auto' picks; docs/method/quality.md)."
 )
 
 
