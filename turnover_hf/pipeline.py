@@ -16,20 +16,18 @@ import torch
 from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from .audit import pipeline_audit
-from .checkpoint import load_influence_ready, model_class_of, resolve_checkpoint
-from .config import CONFIG_NAME
 from .data import InstanceIdCollator, check_id_column, default_collator
 from .errors import TurnoverError
 from .estimators import (AUTO, EstimatorContext, EstimatorFallback, EstimatorSpec, carried_options,
                          choose_estimator, get_estimator)
-from .estimators.ensemble import ensemble_members, is_ensemble_folder, split_half_agreement
+from .estimators.ensemble import split_half_agreement
 from .losses import is_causal_lm
 from .fingerprints import fingerprint
 from .label_issues import pipeline_label_issues
-from .pipeline_inputs import PipelineInputs, TargetsLike
+from .pipeline_inputs import PipelineInputs, TargetsLike, load_models
 from .store import ScoreStore, claim_output
 from .training_set import load_recorded_training_set, training_set_of
 from .validation import model_max_length, positive_int
@@ -37,46 +35,6 @@ from .validation import model_max_length, positive_int
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 128  # tokens of a text when the models record no training inputs
-
-# Causal LMs also take (prompt, completion) tuples: only the completion's tokens count.
-
-
-def _load_model(path: str, needs_masks: bool) -> nn.Module:
-    """An influence-ready checkpoint (with its masks) when there is one or the estimator needs masks; otherwise
-    any safetensors checkpoint of a transformers model."""
-    if needs_masks or os.path.isfile(os.path.join(path, CONFIG_NAME)):
-        return load_influence_ready(path)
-    return model_class_of(path).from_pretrained(path, use_safetensors=True)
-
-
-def _members(model: Any) -> tuple[list[Any], Optional[str]]:
-    """The models (or paths) behind ``model``: one model or path, a list of them, or an ensemble folder."""
-    if isinstance(model, (list, tuple)):
-        if not model:
-            raise TurnoverError("InfluencePipeline got an empty list of models.")
-        return list(model), None
-    if isinstance(model, (str, os.PathLike)):
-        path = resolve_checkpoint(model)  # a local folder, or the snapshot of a Hub repository
-        if is_ensemble_folder(path):  # its members, each checked against the ensemble's record
-            return ensemble_members(path), path
-        return [path], path
-    return [model], None
-
-
-def _load_models(model: Any, tokenizer: Optional[PreTrainedTokenizerBase], estimator: str
-                 ) -> tuple[list[nn.Module], Optional[str], Optional[PreTrainedTokenizerBase]]:
-    """The models behind ``model`` (loaded when given as paths), the checkpoint folder, and the tokenizer (the
-    checkpoint's when none is given). An unknown estimator name is refused before anything is loaded."""
-    models, path = _members(model)
-    needs_masks = estimator != AUTO and get_estimator(estimator).needs_masks
-    for k, member in enumerate(models):
-        if isinstance(member, (str, os.PathLike)):
-            member_path = os.fspath(member)
-            models[k] = _load_model(member_path, needs_masks)
-            if tokenizer is None and os.path.isfile(os.path.join(member_path, "tokenizer_config.json")):
-                tokenizer = AutoTokenizer.from_pretrained(member_path)
-    return models, path, tokenizer
-
 
 class InfluencePipeline(PipelineInputs):
     """Score training examples against targets, in transformers' pipeline style: by default with the most
@@ -163,7 +121,7 @@ class InfluencePipeline(PipelineInputs):
         positive_int("top_k", top_k)
         if max_length is not None:
             positive_int("max_length", max_length, " (tokens) or None")
-        models, self.checkpoint_path, tokenizer = _load_models(model, tokenizer, estimator)
+        models, self.checkpoint_path, tokenizer = load_models(model, tokenizer, estimator)
         if train_dataset is None:
             train_dataset = load_recorded_training_set(models)  # the data the checkpoint names, or a clear refusal
         self.models = [(m.to(device) if device is not None else m).eval() for m in models]

@@ -18,11 +18,15 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from datasets import Dataset
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .checkpoint import load_influence_ready, model_class_of, resolve_checkpoint
 from .config import CONFIG_NAME
 from .data import check_ids_known, prompt_completion_features
 from .errors import ConfigMismatchError, ExampleIdError, TurnoverError
-from .estimators import Estimator
+from .estimators import AUTO, Estimator, get_estimator
+from .estimators.ensemble import ensemble_members, is_ensemble_folder
 from .masks import check_example_ids
 from .patcher import is_patched
 from .targets import normalize_targets
@@ -33,6 +37,43 @@ logger = logging.getLogger(__name__)
 
 # Causal LMs also take (prompt, completion) tuples: only the completion's tokens count.
 TargetsLike = Union[str, tuple[str, str], Sequence[Union[str, tuple[str, str]]], Mapping[str, Any], Sequence[Mapping[str, Any]], Dataset]
+
+
+def _load_model(path: str, needs_masks: bool) -> nn.Module:
+    """An influence-ready checkpoint (with its masks) when there is one or the estimator needs masks; otherwise
+    any safetensors checkpoint of a transformers model."""
+    if needs_masks or os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return load_influence_ready(path)
+    return model_class_of(path).from_pretrained(path, use_safetensors=True)
+
+
+def _members(model: Any) -> tuple[list[Any], Optional[str]]:
+    """The models (or paths) behind ``model``: one model or path, a list of them, or an ensemble folder."""
+    if isinstance(model, (list, tuple)):
+        if not model:
+            raise TurnoverError("InfluencePipeline got an empty list of models.")
+        return list(model), None
+    if isinstance(model, (str, os.PathLike)):
+        path = resolve_checkpoint(model)  # a local folder, or the snapshot of a Hub repository
+        if is_ensemble_folder(path):  # its members, each checked against the ensemble's record
+            return ensemble_members(path), path
+        return [path], path
+    return [model], None
+
+
+def load_models(model: Any, tokenizer: Optional[PreTrainedTokenizerBase], estimator: str
+                 ) -> tuple[list[nn.Module], Optional[str], Optional[PreTrainedTokenizerBase]]:
+    """The models behind ``model`` (loaded when given as paths: one model or path, a list of them, or an ensemble
+    folder), the checkpoint folder, and the tokenizer (the checkpoint's when none is given). An unknown estimator name is refused before anything is loaded."""
+    models, path = _members(model)
+    needs_masks = estimator != AUTO and get_estimator(estimator).needs_masks
+    for k, member in enumerate(models):
+        if isinstance(member, (str, os.PathLike)):
+            member_path = os.fspath(member)
+            models[k] = _load_model(member_path, needs_masks)
+            if tokenizer is None and os.path.isfile(os.path.join(member_path, "tokenizer_config.json")):
+                tokenizer = AutoTokenizer.from_pretrained(member_path)
+    return models, path, tokenizer
 
 
 class PipelineInputs:
