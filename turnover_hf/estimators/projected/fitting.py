@@ -142,8 +142,14 @@ class FitPass:
 
             return probe.side_moments(inputs, sampled, self._training_loss, mixing, context)
         seen: dict[str, torch.Tensor] = {}
-        return probe.side_moments(inputs, self._kept_recorder(seen), self._training_loss,
-                                  lambda: curvature_roots(seen["probs"], seen["classes"]), context)
+
+        def roots() -> torch.Tensor:
+            if "classes" in seen:
+                return curvature_roots(seen["probs"], seen["classes"])
+            samples = self.label_samples  # sampled classes only: no column of the loss's own label here
+            return torch.eye(samples).expand(len(labels), samples, samples) / math.sqrt(samples)
+
+        return probe.side_moments(inputs, self._class_columns(seen, ids, None), self._training_loss, roots, context)
 
     def _training_batches(self, train: TrainData, data_collator: Optional[Callable]
                           ) -> tuple[Callable[[int], Mapping[str, Any]], list[int]]:

@@ -39,6 +39,37 @@ logger = logging.getLogger(__name__)
 NORMALISATIONS = ("none", "relative")
 DESIGNS = ("eigen", "sketch", "kronecker")
 CURVATURES = ("auto", "full", "diagonal")
+CURVATURE_CLASSES = ("auto", "exact", "sampled")
+
+
+def samples_classes(curvature_classes: str, num_classes: int, label_samples: int) -> bool:
+    """Whether a classifier's curvature comes from sampled labels: ``"sampled"``, or ``"auto"`` when the exact
+    per-class fit would take more backward passes per example (``C - 1``) than the sampled one (the loss's own
+    label and ``label_samples`` draws: ``1 + label_samples``), i.e. beyond ``C = label_samples + 2`` classes
+    (measured in ``benchmarks/class_count.py``: the fit's cost follows the backward passes).
+
+    Example:
+        >>> samples_classes("auto", 2, 1), samples_classes("auto", 20, 1)
+        (False, True)
+    """
+    if curvature_classes == "auto":
+        return num_classes - 1 > 1 + label_samples
+    return curvature_classes == "sampled"
+
+
+def sampled_classes(probs: torch.Tensor, ids: torch.Tensor, seed: int, draw: int) -> torch.Tensor:
+    """One class per row drawn from ``probs`` ``(B, C)``: draw ``draw`` of example ``id`` inverts the CDF at a
+    uniform hashed from ``(seed, draw, id)``, so the same example gets the same class in every batch composition
+    and process count. int64 ``(B,)`` on ``probs``' device.
+
+    Example:
+        >>> sampled_classes(torch.softmax(logits.double(), -1), batch["example_ids"], seed=0, draw=0)
+    """
+    hashes = keyed_hash(seed, f"sampled classes {draw}", ids.to(probs.device))
+    uniform = (hashes.double() + 0.5) / 2.0 ** 32
+    cumulative = probs.double().cumsum(1)
+    draws = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None]).squeeze(1)
+    return draws.clamp_max_(probs.shape[1] - 1)
 
 
 def linear_parameters(model: nn.Module) -> list[ParamSpec]:
@@ -85,7 +116,9 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
     in the eigenbases of each layer's input and output-gradient moments, found on ``basis_examples`` training
     examples before the fit's pass; ``"sketch"`` / ``"kronecker"``: random signs), ``g_z`` the gradient of the
     loss training weighs (a causal LM's summed token cross-entropy; targets: their mean), ``G`` the
-    Gauss-Newton matrix of the training loss (classifiers: exact over the classes; causal LMs: from labels sampled
+    Gauss-Newton matrix of the training loss (classifiers: exact over the classes, or with ``curvature_classes=
+    "sampled"`` (``"auto"``: beyond ``label_samples + 2`` classes) from ``label_samples`` classes drawn from the
+    model's own prediction per example; causal LMs: from labels sampled
     from the model's own predictions, per token, without a vocabulary-square matrix; each draw fixed by the
     example's id) and ``lambda = damping_factor x trace(P G P^T) / k``. ``curvature="full"`` keeps the whole
     ``k x k`` matrix ``P G P^T``; ``"diagonal"`` (eigen design only) keeps its diagonal, the curvature along each
@@ -98,7 +131,8 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
     projected gradient per target, one solve and one read of the store.
 
     Memory: ``k^2`` float64 (diagonal: ``k``) plus one batch, whatever N; disk: ``N k`` float32. Time: one
-    gradient pass (with a backward per kept class: ``C - 1``; two for a causal LM), one more over at most
+    gradient pass (with a backward per kept class: ``C - 1``; ``1 + label_samples`` when the classes are sampled
+    and for a causal LM), one more over at most
     ``basis_examples`` (eigen), plus ``O(N k^2)`` (diagonal: ``O(N k)``) for self-influence and ``O(N k T)`` for
     ``T`` targets.
 
@@ -124,6 +158,7 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
         training_masks: bool = True,
         parameters: Optional[Sequence[str]] = None,
         label_samples: int = 1,
+        curvature_classes: str = "auto",
         normalise: str = "none",
         batch_size: int = 64,
         id_column: Optional[str] = None,
@@ -138,6 +173,10 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
             raise TurnoverError(f"label_samples must be a positive integer, got {label_samples!r}.")
         if normalise not in NORMALISATIONS:
             raise TurnoverError(f"normalise must be one of {NORMALISATIONS}, got {normalise!r}.")
+        if curvature_classes not in CURVATURE_CLASSES:
+            raise TurnoverError(
+                f"curvature_classes must be one of {CURVATURE_CLASSES} (exact: a backward per class but one; sampled: "
+                f"label_samples labels drawn from the model's predictions; auto: the cheaper), got {curvature_classes!r}.")
         self.model = model
         self.device = next(model.parameters()).device
         self.specs = linear_parameters(model) if parameters is None else param_specs(model, parameters)
@@ -167,6 +206,7 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
         self.causal_lm = is_causal_lm(model)
         self.curvature_form = self._curvature_form(curvature, design, self.causal_lm)
         self.label_samples = label_samples
+        self.curvature_classes = curvature_classes
         self.normalise = normalise
         self.batch_size = max(1, int(batch_size))
         self.patched = is_patched(model)
@@ -227,7 +267,8 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
                 "projection_seed": self.projection_seed, "design": self.design, "side_dim": self.side_dim,
                 "basis_examples": self.basis_examples, "damping_factor": self.damping_factor,
                 "curvature": self.curvature_form, "training_masks": self.training_masks,
-                "label_samples": self.label_samples, "normalise": self.normalise}
+                "label_samples": self.label_samples, "curvature_classes": self.curvature_classes,
+                "normalise": self.normalise}
 
     def _set_fit(self, store: RowStore, curvature: torch.Tensor) -> None:
         diagonal = curvature.dim() == 1
@@ -262,7 +303,9 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
             _, g = self.grads(inputs, with_samples, self._training_loss, context, row_context)
             return g[:, 0], g[:, 1:].reshape(-1, self.dim) / math.sqrt(self.label_samples)
         seen: dict[str, torch.Tensor] = {}  # the probabilities and kept classes of the forward that serves the grads
-        _, g = self.grads(inputs, self._kept_recorder(seen), self._training_loss, context, row_context)
+        _, g = self.grads(inputs, self._class_columns(seen, ids, labels), self._training_loss, context, row_context)
+        if "classes" not in seen:  # the label's own column, then the sampled ones
+            return g[:, 0], g[:, 1:].reshape(-1, self.dim) / math.sqrt(self.label_samples)
         probs, classes = seen["probs"], seen["classes"]
         roots = curvature_roots(probs, classes).to(g.device, g.dtype)  # R R^T = A
         rows = torch.einsum("nce,ncd->ned", roots, g).reshape(-1, self.dim)
@@ -278,19 +321,26 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
                                 f"token labels (causal LMs), got labels of shape {tuple(labels.shape)}.")
         return model_inputs(batch, self.device), labels.to(self.device)
 
-    @staticmethod
-    def _kept_recorder(seen: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``labels_of`` for a classifier: the kept classes of each row (as label columns), recording the
-        probabilities and classes in ``seen``."""
-        def kept_of(logits: torch.Tensor) -> torch.Tensor:
+    def _class_columns(self, seen: dict[str, torch.Tensor], ids: torch.Tensor, labels: Optional[torch.Tensor]
+                       ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``labels_of`` for a classifier, recording the probabilities in ``seen``: every class but the predicted one
+        (``seen["classes"]``, the exact curvature), or, when :func:`samples_classes` says so, ``labels`` (if given)
+        then ``label_samples`` classes drawn from the model's own predictions (:func:`sampled_classes`), whose loss
+        gradients' outer product is, in expectation, the Gauss-Newton matrix over the classes."""
+        def columns_of(logits: torch.Tensor) -> torch.Tensor:
             if logits.dim() != 2 or logits.shape[1] < 2:
                 raise TurnoverError(f"the projected influence function covers classifiers (logits (batch, classes >= 2)) "
                                     f"and causal LMs; this model gave logits of shape {tuple(logits.shape)}.")
             seen["probs"] = torch.softmax(logits.double(), -1).cpu()
+            if samples_classes(self.curvature_classes, logits.shape[1], self.label_samples):
+                drawn = [sampled_classes(seen["probs"], ids.cpu(), self.projection_seed, draw)
+                         for draw in range(self.label_samples)]
+                own = [] if labels is None else [labels.cpu()]
+                return torch.stack(own + drawn, 1).to(logits.device)
             seen["classes"] = kept_classes(seen["probs"])
             return seen["classes"].to(logits.device)
 
-        return kept_of
+        return columns_of
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """A target's loss: a causal LM's mean token cross-entropy (``scores``' unit), a classifier's cross-entropy."""
