@@ -526,6 +526,10 @@ def test_sampled_classes_converge_to_the_exact_curvature():
 
     few, many = error(2), error(300)
     assert many < 0.15 and many < few / 3, (few, many)
+    # two classes: each class's weighted gradient is the whole matrix (the draws only pick which one)
+    model, batches = _perturbed(tiny_bert()), _class_batches(2, n=8, batch_size=8)
+    exact, drawn = (_class_fit(model, batches, curvature_classes=form) for form in ("exact", "sampled"))
+    assert torch.allclose(drawn.curvature, exact.curvature, rtol=1e-4, atol=1e-6 * float(exact.curvature.abs().max()))
 
 
 def test_sampled_classes_are_fixed_by_the_seed_and_the_example_id():
@@ -545,9 +549,9 @@ def test_sampled_classes_are_fixed_by_the_seed_and_the_example_id():
 
     probs = torch.softmax(torch.randn(6, 7, generator=torch.Generator().manual_seed(0)).double(), -1)
     ids = torch.arange(6) * 11
-    together = sampled_classes(probs, ids, 0, 0)
-    alone = torch.cat([sampled_classes(probs[i:i + 1], ids[i:i + 1], 0, 0) for i in range(6)])
-    assert torch.equal(together, alone) and not torch.equal(together, sampled_classes(probs, ids, 0, 1))
+    together = sampled_classes(probs, ids, 0, 0)[0]
+    alone = torch.cat([sampled_classes(probs[i:i + 1], ids[i:i + 1], 0, 0)[0] for i in range(6)])
+    assert torch.equal(together, alone) and not torch.equal(together, sampled_classes(probs, ids, 0, 1)[0])
 
 
 def test_curvature_classes_auto_samples_beyond_the_bound_and_bad_values_are_named():

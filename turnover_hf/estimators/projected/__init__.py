@@ -30,7 +30,9 @@ For N training examples, tracked Linear layers (default: every trainable ``torch
   turn-over mask when the model is patched). Classifiers (``curvature_classes``): ``"exact"`` over the classes
   (``C - 1`` backward passes per batch, as in the exact fit), or ``"sampled"``: the gradients of the loss against
   ``label_samples`` classes drawn from the model's own prediction (each draw fixed by the seed, the example's id
-  and the draw), whose outer products are, in expectation, the same matrix, for ``1 + label_samples`` backward
+  and the draw; class ``c`` drawn in proportion to its share ``p_c ||p - e_c||^2`` of the curvature and weighted
+  by ``p_c`` over that, so the confident prediction's near-zero gradient is rarely drawn), whose weighted outer
+  products are, in expectation, the same matrix (with two classes, exactly), for ``1 + label_samples`` backward
   passes whatever ``C`` (``label_samples`` in the basis pass); ``"auto"`` (default) keeps the exact fit up to
   ``label_samples + 2`` classes, where it is no dearer (``benchmarks/class_count.py``, docs/method/class-count.md).
   Causal LMs: the gradient of the loss against labels sampled from the model's own

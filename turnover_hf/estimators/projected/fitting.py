@@ -146,8 +146,8 @@ class FitPass:
         def roots() -> torch.Tensor:
             if "classes" in seen:
                 return curvature_roots(seen["probs"], seen["classes"])
-            samples = self.label_samples  # sampled classes only: no column of the loss's own label here
-            return torch.eye(samples).expand(len(labels), samples, samples) / math.sqrt(samples)
+            # sampled classes only (no column of the loss's own label here), each row weighted
+            return torch.diag_embed((seen["weights"] / self.label_samples).sqrt())
 
         return probe.side_moments(inputs, self._class_columns(seen, ids, None), self._training_loss, roots, context)
 

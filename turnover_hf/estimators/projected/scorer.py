@@ -57,19 +57,36 @@ def samples_classes(curvature_classes: str, num_classes: int, label_samples: int
     return curvature_classes == "sampled"
 
 
-def sampled_classes(probs: torch.Tensor, ids: torch.Tensor, seed: int, draw: int) -> torch.Tensor:
-    """One class per row drawn from ``probs`` ``(B, C)``: draw ``draw`` of example ``id`` inverts the CDF at a
-    uniform hashed from ``(seed, draw, id)``, so the same example gets the same class in every batch composition
-    and process count. int64 ``(B,)`` on ``probs``' device.
+def class_proposal(probs: torch.Tensor) -> torch.Tensor:
+    """The distribution sampled classes are drawn from, float64 ``(B, C)``: class ``c`` in proportion to its share
+    of the Gauss-Newton matrix's trace in the logits, ``p_c ||p - e_c||^2`` (``sum_c p_c (p - e_c)(p - e_c)^T`` is
+    the matrix). Reweighted by ``p_c / q_c`` the draws stay unbiased; against draws from ``p`` itself they skip the
+    confident prediction, whose gradient is nearly zero, for the classes that carry the curvature (two classes:
+    every draw is the exact matrix)."""
+    probs = probs.double()
+    share = probs * ((probs * probs).sum(1, keepdim=True) - 2 * probs + 1)
+    total = share.sum(1, keepdim=True)
+    return torch.where(total > 0, share / total.clamp_min(torch.finfo(torch.float64).tiny), probs)
+
+
+def sampled_classes(probs: torch.Tensor, ids: torch.Tensor, seed: int, draw: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One class per row drawn from :func:`class_proposal` of ``probs`` ``(B, C)`` and its importance weight
+    ``p_c / q_c``: ``weight x g_c g_c^T`` is, in expectation, the Gauss-Newton matrix over the classes. Draw
+    ``draw`` of example ``id`` inverts the CDF at a uniform hashed from ``(seed, draw, id)``, so the same example
+    gets the same class in every batch composition and process count. ``(classes int64 (B,), weights float64
+    (B,))`` on ``probs``' device.
 
     Example:
-        >>> sampled_classes(torch.softmax(logits.double(), -1), batch["example_ids"], seed=0, draw=0)
+        >>> classes, weights = sampled_classes(torch.softmax(logits.double(), -1), batch["example_ids"], 0, 0)
     """
+    proposal = class_proposal(probs)
     hashes = keyed_hash(seed, f"sampled classes {draw}", ids.to(probs.device))
     uniform = (hashes.double() + 0.5) / 2.0 ** 32
-    cumulative = probs.double().cumsum(1)
+    cumulative = proposal.cumsum(1)
     draws = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None]).squeeze(1)
-    return draws.clamp_max_(probs.shape[1] - 1)
+    draws = draws.clamp_max_(probs.shape[1] - 1)
+    weights = probs.double().gather(1, draws[:, None])[:, 0] / proposal.gather(1, draws[:, None])[:, 0]
+    return draws, weights
 
 
 def linear_parameters(model: nn.Module) -> list[ParamSpec]:
@@ -304,8 +321,9 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
             return g[:, 0], g[:, 1:].reshape(-1, self.dim) / math.sqrt(self.label_samples)
         seen: dict[str, torch.Tensor] = {}  # the probabilities and kept classes of the forward that serves the grads
         _, g = self.grads(inputs, self._class_columns(seen, ids, labels), self._training_loss, context, row_context)
-        if "classes" not in seen:  # the label's own column, then the sampled ones
-            return g[:, 0], g[:, 1:].reshape(-1, self.dim) / math.sqrt(self.label_samples)
+        if "classes" not in seen:  # the label's own column, then the sampled ones (weighted)
+            scale = (seen["weights"] / self.label_samples).sqrt().to(g.device, g.dtype)
+            return g[:, 0], (g[:, 1:] * scale[:, :, None]).reshape(-1, self.dim)
         probs, classes = seen["probs"], seen["classes"]
         roots = curvature_roots(probs, classes).to(g.device, g.dtype)  # R R^T = A
         rows = torch.einsum("nce,ncd->ned", roots, g).reshape(-1, self.dim)
@@ -325,8 +343,9 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
                        ) -> Callable[[torch.Tensor], torch.Tensor]:
         """``labels_of`` for a classifier, recording the probabilities in ``seen``: every class but the predicted one
         (``seen["classes"]``, the exact curvature), or, when :func:`samples_classes` says so, ``labels`` (if given)
-        then ``label_samples`` classes drawn from the model's own predictions (:func:`sampled_classes`), whose loss
-        gradients' outer product is, in expectation, the Gauss-Newton matrix over the classes."""
+        then ``label_samples`` classes drawn from the model's own predictions (:func:`sampled_classes`; their
+        importance weights in ``seen["weights"]`` ``(B, label_samples)``), whose weighted loss gradients' outer
+        product is, in expectation, the Gauss-Newton matrix over the classes."""
         def columns_of(logits: torch.Tensor) -> torch.Tensor:
             if logits.dim() != 2 or logits.shape[1] < 2:
                 raise TurnoverError(f"the projected influence function covers classifiers (logits (batch, classes >= 2)) "
@@ -335,8 +354,9 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
             if samples_classes(self.curvature_classes, logits.shape[1], self.label_samples):
                 drawn = [sampled_classes(seen["probs"], ids.cpu(), self.projection_seed, draw)
                          for draw in range(self.label_samples)]
+                seen["weights"] = torch.stack([weights for _, weights in drawn], 1)
                 own = [] if labels is None else [labels.cpu()]
-                return torch.stack(own + drawn, 1).to(logits.device)
+                return torch.stack(own + [classes for classes, _ in drawn], 1).to(logits.device)
             seen["classes"] = kept_classes(seen["probs"])
             return seen["classes"].to(logits.device)
 
