@@ -557,9 +557,9 @@ def test_sampled_classes_are_fixed_by_the_seed_and_the_example_id():
 def test_curvature_classes_auto_samples_beyond_the_bound_and_bad_values_are_named():
     from turnover_hf.estimators.projected.scorer import samples_classes
 
-    assert [samples_classes("auto", c, 1) for c in (2, 3, 4, 100)] == [False, False, True, True]
-    assert not samples_classes("auto", 4, 2) and samples_classes("sampled", 2, 1) and not samples_classes("exact", 100, 1)
-    for classes, sampled in ((3, False), (5, True)):
+    assert [samples_classes("auto", c, 1) for c in (2, 3, 5, 6, 100)] == [False, False, False, True, True]
+    assert not samples_classes("auto", 7, 5) and samples_classes("sampled", 2, 1) and not samples_classes("exact", 100, 1)
+    for classes, sampled in ((5, False), (6, True)):
         model, batches = tiny_bert(num_labels=classes), _class_batches(classes)
         auto = _class_fit(model, batches)
         exact, drawn = (_class_fit(model, batches, curvature_classes=form) for form in ("exact", "sampled"))

@@ -33,8 +33,9 @@ For N training examples, tracked Linear layers (default: every trainable ``torch
   and the draw; class ``c`` drawn in proportion to its share ``p_c ||p - e_c||^2`` of the curvature and weighted
   by ``p_c`` over that, so the confident prediction's near-zero gradient is rarely drawn), whose weighted outer
   products are, in expectation, the same matrix (with two classes, exactly), for ``1 + label_samples`` backward
-  passes whatever ``C`` (``label_samples`` in the basis pass); ``"auto"`` (default) keeps the exact fit up to
-  ``label_samples + 2`` classes, where it is no dearer (``benchmarks/class_count.py``, docs/method/class-count.md).
+  passes whatever ``C`` (``label_samples`` in the basis pass); ``"auto"`` (default) keeps the exact fit up to 5
+  classes (where one draw per example was measured to follow it less closely) and up to ``label_samples + 2``
+  (where it is no dearer), and samples beyond (``benchmarks/class_count.py``, docs/method/class-count.md).
   Causal LMs: the gradient of the loss against labels sampled from the model's own
   next-token distribution has, in expectation, the per-token Gauss-Newton matrix as its outer product (no
   vocabulary-square matrix); ``label_samples`` draws per sequence, each fixed by the example's id and position.
@@ -108,8 +109,8 @@ class ProjectedOptions:
     curvature_classes: str = field(default="auto", metadata={"help": "Classifiers: exact (a backward pass per class "
                                                                      "but one), sampled (label_samples classes drawn "
                                                                      "from the model's predictions: a cost that does "
-                                                                     "not grow with the classes), auto (exact up to "
-                                                                     "label_samples + 2 classes, sampled beyond)."})
+                                                                     "not grow with the classes), auto (exact up to 5 "
+                                                                     "classes and label_samples + 2, sampled beyond)."})
     normalise: str = field(default="none", metadata={"help": "none, or relative: each training example's scores "
                                                              "divided by the square root of its self-influence."})
     store_dir: Optional[str] = field(default=None, metadata={"help": "Folder for the projected training gradients "

@@ -42,18 +42,24 @@ CURVATURES = ("auto", "full", "diagonal")
 CURVATURE_CLASSES = ("auto", "exact", "sampled")
 
 
+# ``curvature_classes="auto"`` keeps the exact per-class curvature up to this many classes even where one draw
+# would be cheaper: at 5 classes (N = 2,048, k = 4,096) one draw per example followed the exact fit's scores at
+# Pearson 0.80, four draws at 0.98 (benchmarks/class_count.py, docs/method/class-count.md)
+AUTO_EXACT_CLASSES = 5
+
+
 def samples_classes(curvature_classes: str, num_classes: int, label_samples: int) -> bool:
-    """Whether a classifier's curvature comes from sampled labels: ``"sampled"``, or ``"auto"`` when the exact
-    per-class fit would take more backward passes per example (``C - 1``) than the sampled one (the loss's own
-    label and ``label_samples`` draws: ``1 + label_samples``), i.e. beyond ``C = label_samples + 2`` classes
-    (measured in ``benchmarks/class_count.py``: the fit's cost follows the backward passes).
+    """Whether a classifier's curvature comes from sampled labels: ``"sampled"``, or ``"auto"`` beyond
+    :data:`AUTO_EXACT_CLASSES` classes where the exact per-class fit also takes more backward passes per example
+    (``C - 1``) than the sampled one (the loss's own label and ``label_samples`` draws: ``1 + label_samples``);
+    the fit's cost follows its backward passes (``benchmarks/class_count.py``).
 
     Example:
-        >>> samples_classes("auto", 2, 1), samples_classes("auto", 20, 1)
+        >>> samples_classes("auto", 5, 1), samples_classes("auto", 20, 1)
         (False, True)
     """
     if curvature_classes == "auto":
-        return num_classes - 1 > 1 + label_samples
+        return num_classes > AUTO_EXACT_CLASSES and num_classes - 1 > 1 + label_samples
     return curvature_classes == "sampled"
 
 
@@ -134,7 +140,7 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
     examples before the fit's pass; ``"sketch"`` / ``"kronecker"``: random signs), ``g_z`` the gradient of the
     loss training weighs (a causal LM's summed token cross-entropy; targets: their mean), ``G`` the
     Gauss-Newton matrix of the training loss (classifiers: exact over the classes, or with ``curvature_classes=
-    "sampled"`` (``"auto"``: beyond ``label_samples + 2`` classes) from ``label_samples`` classes drawn from the
+    "sampled"`` (``"auto"``: beyond 5 classes and ``label_samples + 2``) from ``label_samples`` classes drawn from the
     model's own prediction per example; causal LMs: from labels sampled
     from the model's own predictions, per token, without a vocabulary-square matrix; each draw fixed by the
     example's id) and ``lambda = damping_factor x trace(P G P^T) / k``. ``curvature="full"`` keeps the whole
@@ -193,7 +199,8 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
         if curvature_classes not in CURVATURE_CLASSES:
             raise TurnoverError(
                 f"curvature_classes must be one of {CURVATURE_CLASSES} (exact: a backward per class but one; sampled: "
-                f"label_samples labels drawn from the model's predictions; auto: the cheaper), got {curvature_classes!r}.")
+                f"label_samples labels drawn from the model's predictions; auto: exact up to {AUTO_EXACT_CLASSES} classes), "
+                f"got {curvature_classes!r}.")
         self.model = model
         self.device = next(model.parameters()).device
         self.specs = linear_parameters(model) if parameters is None else param_specs(model, parameters)
