@@ -549,9 +549,9 @@ def test_sampled_classes_are_fixed_by_the_seed_and_the_example_id():
 
     probs = torch.softmax(torch.randn(6, 7, generator=torch.Generator().manual_seed(0)).double(), -1)
     ids = torch.arange(6) * 11
-    together = sampled_classes(probs, ids, 0, 0)[0]
-    alone = torch.cat([sampled_classes(probs[i:i + 1], ids[i:i + 1], 0, 0)[0] for i in range(6)])
-    assert torch.equal(together, alone) and not torch.equal(together, sampled_classes(probs, ids, 0, 1)[0])
+    together = sampled_classes(probs, ids, 0, 0, 2)[0]
+    alone = torch.cat([sampled_classes(probs[i:i + 1], ids[i:i + 1], 0, 0, 2)[0] for i in range(6)])
+    assert torch.equal(together, alone) and not torch.equal(together, sampled_classes(probs, ids, 0, 1, 2)[0])
 
 
 def test_curvature_classes_auto_samples_beyond_the_bound_and_bad_values_are_named():

@@ -75,24 +75,26 @@ def class_proposal(probs: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, share / total.clamp_min(torch.finfo(torch.float64).tiny), probs)
 
 
-def sampled_classes(probs: torch.Tensor, ids: torch.Tensor, seed: int, draw: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One class per row drawn from :func:`class_proposal` of ``probs`` ``(B, C)`` and its importance weight
-    ``p_c / q_c``: ``weight x g_c g_c^T`` is, in expectation, the Gauss-Newton matrix over the classes. Draw
-    ``draw`` of example ``id`` inverts the CDF at a uniform hashed from ``(seed, draw, id)``, so the same example
-    gets the same class in every batch composition and process count. ``(classes int64 (B,), weights float64
-    (B,))`` on ``probs``' device.
+def sampled_classes(probs: torch.Tensor, ids: torch.Tensor, seed: int, draw: int, draws: int = 1
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class ``draw`` of ``draws`` per row, drawn from :func:`class_proposal` of ``probs`` ``(B, C)``, and its
+    importance weight ``p_c / q_c``: ``weight x g_c g_c^T`` is, in expectation, the Gauss-Newton matrix over the
+    classes. The draws of a row invert the proposal's CDF at ``u + draw / draws`` (mod 1), ``u`` uniform and hashed
+    from ``(seed, id)`` (systematic sampling: each draw is drawn from ``q``, and together they spread over it), so
+    the same example gets the same classes in every batch composition and process count. ``(classes int64 (B,),
+    weights float64 (B,))`` on ``probs``' device.
 
     Example:
         >>> classes, weights = sampled_classes(torch.softmax(logits.double(), -1), batch["example_ids"], 0, 0)
     """
     proposal = class_proposal(probs)
-    hashes = keyed_hash(seed, f"sampled classes {draw}", ids.to(probs.device))
-    uniform = (hashes.double() + 0.5) / 2.0 ** 32
+    hashes = keyed_hash(seed, "sampled classes 0", ids.to(probs.device))
+    uniform = ((hashes.double() + 0.5) / 2.0 ** 32 + draw / draws) % 1.0
     cumulative = proposal.cumsum(1)
-    draws = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None]).squeeze(1)
-    draws = draws.clamp_max_(probs.shape[1] - 1)
-    weights = probs.double().gather(1, draws[:, None])[:, 0] / proposal.gather(1, draws[:, None])[:, 0]
-    return draws, weights
+    picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None]).squeeze(1)
+    picked = picked.clamp_max_(probs.shape[1] - 1)
+    weights = probs.double().gather(1, picked[:, None])[:, 0] / proposal.gather(1, picked[:, None])[:, 0]
+    return picked, weights
 
 
 def linear_parameters(model: nn.Module) -> list[ParamSpec]:
@@ -359,7 +361,7 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
                                     f"and causal LMs; this model gave logits of shape {tuple(logits.shape)}.")
             seen["probs"] = torch.softmax(logits.double(), -1).cpu()
             if samples_classes(self.curvature_classes, logits.shape[1], self.label_samples):
-                drawn = [sampled_classes(seen["probs"], ids.cpu(), self.projection_seed, draw)
+                drawn = [sampled_classes(seen["probs"], ids.cpu(), self.projection_seed, draw, self.label_samples)
                          for draw in range(self.label_samples)]
                 seen["weights"] = torch.stack([weights for _, weights in drawn], 1)
                 own = [] if labels is None else [labels.cpu()]
