@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -695,3 +696,26 @@ def test_self_influence_of_many_batches_at_once_equals_batch_by_batch(monkeypatc
         monkeypatch.setattr(scorer_module, "SELF_INFLUENCE_GROUP_BYTES", group_bytes)
         assert _relative_gap(scorer.self_scores_many(batches), one_by_one) < 1e-6
     assert (one_by_one > 0).all()  # g^T (G + lambda I)^-1 g of an example under its own gradient
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's resettable peak RSS")
+def test_no_step_of_a_materialised_fit_exceeds_the_memory_budget():
+    """The process's peak resident memory above what it held before the fit stays within max_memory_gb plus the
+    model and one batch, for the fit, self-influence of every example and a target set: the float64 copy of the
+    stored gradients and self-influence's groups take only what the budget leaves."""
+    import json
+    import subprocess
+    import sys
+
+    n, budget = 1200, 0.45
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "influence_peak.py"), "--examples", str(n),
+                           "--max_memory_gb", str(budget)], capture_output=True, text=True, cwd=repo, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["estimate_gb"] <= budget  # the fit is allowed, and its every step stays within the bound
+    model = tiny_bert()  # the benchmark's model: its weights, and one batch of 64 per-example gradients (and copies)
+    slack = (2 * sum(p.numel() for p in model.parameters()) + 3 * 64 * measured["parameters"]) * 4 / 2**30
+    for phase, peak in measured["peak_gb"].items():
+        assert peak <= budget + 0.02 + slack, (phase, measured)  # 0.02: allocator and interpreter noise
+    assert max(measured["peak_gb"].values()) > 0.5 * measured["estimate_gb"]  # the measurement sees the fit at all

@@ -477,3 +477,93 @@ def test_sampled_labels_estimate_the_per_token_gauss_newton_matrix():
     _, g_true = true_labels.grads(inputs, lambda _: batch["labels"][:, None], summed_loss)
     wrong = torch.outer(g_true[0, 0].double(), g_true[0, 0].double())  # the empirical Fisher: not this matrix
     assert float((wrong - exact).norm() / exact.norm()) > 2 * error
+
+
+# -- classifiers with many classes: sampled labels ---------------------------------------------------------------
+HEAD = ["classifier.weight", "classifier.bias", "bert.pooler.dense.weight"]  # a curvature small enough to compare
+
+
+def _class_batches(num_classes, n=12, batch_size=4, seed=0):
+    """Collated batches of random sequences with ``num_classes`` labels and ids 100, 101, ..."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, VOCAB, (n, 6), generator=g)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    ids = torch.arange(100, 100 + n)
+    return [{"input_ids": input_ids[s:s + batch_size], "attention_mask": torch.ones_like(input_ids[s:s + batch_size]),
+             "labels": labels[s:s + batch_size], "example_ids": ids[s:s + batch_size]} for s in range(0, n, batch_size)]
+
+
+def _class_fit(model, batches, **options):
+    scorer = th.ProjectedInfluenceScorer(model, projection_dim=WHOLE, design="sketch", parameters=HEAD,
+                                         show_progress=False, **options)
+    return scorer.fit(batches)
+
+
+def _stored(scorer):
+    return scorer.store.read(torch.arange(100, 100 + len(scorer.store))).double()
+
+
+def _perturbed(model, seed=1):
+    """Larger random weights: confident, uneven predictions (a curvature far from uniform over the classes)."""
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_sampled_classes_converge_to_the_exact_curvature():
+    """The sampled fit's curvature approaches the exact per-class one as draws grow (wrongly scaled or drawn
+    samples would not), and its stored loss gradients are the exact fit's (the label's own column)."""
+    model = _perturbed(tiny_bert(num_labels=5))
+    batches = _class_batches(5, n=8, batch_size=8)
+    exact = _class_fit(model, batches, curvature_classes="exact")
+
+    def error(samples):
+        sampled = _class_fit(model, batches, curvature_classes="sampled", label_samples=samples)
+        assert torch.allclose(_stored(sampled), _stored(exact), atol=1e-6 * float(_stored(exact).abs().max()))
+        return float((sampled.curvature - exact.curvature).norm() / exact.curvature.norm())
+
+    few, many = error(2), error(300)
+    assert many < 0.15 and many < few / 3, (few, many)
+    # two classes: each class's weighted gradient is the whole matrix (the draws only pick which one)
+    model, batches = _perturbed(tiny_bert()), _class_batches(2, n=8, batch_size=8)
+    exact, drawn = (_class_fit(model, batches, curvature_classes=form) for form in ("exact", "sampled"))
+    assert torch.allclose(drawn.curvature, exact.curvature, rtol=1e-4, atol=1e-6 * float(exact.curvature.abs().max()))
+
+
+def test_sampled_classes_are_fixed_by_the_seed_and_the_example_id():
+    model = tiny_bert(num_labels=7)
+    fits = [_class_fit(model, _class_batches(7, batch_size=size), curvature_classes="sampled", label_samples=3)
+            for size in (4, 4, 3, 12)]
+    first = fits[0].curvature
+    assert torch.equal(first, fits[1].curvature)  # the same fit twice: bit for bit
+    for other in fits[2:]:  # other batch compositions: the same draws, so the same matrix up to rounding
+        assert torch.allclose(first, other.curvature, rtol=1e-5, atol=1e-7 * float(first.abs().max()))
+    reseeded = th.ProjectedInfluenceScorer(model, projection_dim=WHOLE, design="sketch", parameters=HEAD,
+                                           projection_seed=1, curvature_classes="sampled", label_samples=3,
+                                           show_progress=False).fit(_class_batches(7))
+    assert not torch.allclose(first, reseeded.curvature, rtol=1e-3)
+    # the draws themselves: one class per (seed, id, draw), whatever else is in the batch
+    from turnover_hf.estimators.projected.scorer import sampled_classes
+
+    probs = torch.softmax(torch.randn(6, 7, generator=torch.Generator().manual_seed(0)).double(), -1)
+    ids = torch.arange(6) * 11
+    together = sampled_classes(probs, ids, 0, 0, 2)[0]
+    alone = torch.cat([sampled_classes(probs[i:i + 1], ids[i:i + 1], 0, 0, 2)[0] for i in range(6)])
+    assert torch.equal(together, alone) and not torch.equal(together, sampled_classes(probs, ids, 0, 1, 2)[0])
+
+
+def test_curvature_classes_auto_samples_beyond_the_bound_and_bad_values_are_named():
+    from turnover_hf.estimators.projected.scorer import samples_classes
+
+    assert [samples_classes("auto", c, 1) for c in (2, 3, 5, 6, 100)] == [False, False, False, True, True]
+    assert not samples_classes("auto", 7, 5) and samples_classes("sampled", 2, 1) and not samples_classes("exact", 100, 1)
+    for classes, sampled in ((5, False), (6, True)):
+        model, batches = tiny_bert(num_labels=classes), _class_batches(classes)
+        auto = _class_fit(model, batches)
+        exact, drawn = (_class_fit(model, batches, curvature_classes=form) for form in ("exact", "sampled"))
+        assert torch.equal(auto.curvature, (drawn if sampled else exact).curvature)
+        assert not torch.allclose(exact.curvature, drawn.curvature, rtol=1e-3)
+    with pytest.raises(th.TurnoverError, match="curvature_classes must be one of"):
+        th.ProjectedInfluenceScorer(tiny_bert(), curvature_classes="top")

@@ -66,7 +66,16 @@ mean per-example gradients (``method == "materialised"``), as does ``solver="aut
 Scale. The materialised fit keeps ``N x (C - 1) x D`` float32 gradients; the factorised one keeps
 ``N x (sum(in') + (C - 1) sum(out))`` float32 factors (and a float64 copy), float64 ``N (C - 1)``-square
 matrices (``S``, its factors as they are needed, ``S^-1`` once self-influence is asked for) and, when they take at
-most :data:`INPUT_GRAMS_BYTES` together, the layers' ``N x N`` input Gram matrices. When the fit's size exceeds
+most :data:`INPUT_GRAMS_BYTES` together, the layers' ``N x N`` input Gram matrices. A materialised fit's budget
+counts its peak, not only what it keeps: the fit, self-influence of every example and a target set stay within
+``max_memory_gb`` beyond the model and one batch (a target set of T targets adds ``T x D'`` float64), the float64
+copy of the stored gradients and self-influence's groups of rows taking only what the budget leaves
+(:mod:`.budget`; ``tests/test_influence.py`` measures the process's peak). The exact fit takes one backward pass
+per class but one for every example; sampled labels, which keep that cost flat in ``C``, are the projected
+estimator's (``curvature_classes``): here the training gradient is a combination of the stored class gradients, so
+sampling would store the label's gradient beside the draws (``1 + label_samples`` rows per example instead of
+``C - 1``: no saving up to ``C = label_samples + 2``), and beyond that the exact fit's ``N (C - 1) D`` gradients
+outgrow the budget, where ``estimator="auto"`` takes the projected fit. When the fit's size exceeds
 ``max_memory_gb`` the scorer refuses and asks for ``sketch_dim=d`` (or, factorised, ``factorised=False``); with
 a projection every gradient is sketched with a fixed, seeded CountSketch (each parameter coordinate hashed to one
 of ``d`` buckets with a random sign, from the package's integer hash of ``(sketch_seed, parameter name,

@@ -1,8 +1,20 @@
-"""How much memory an influence fit keeps, and the refusals (naming the fixes) when it exceeds the budget."""
+"""How much memory an influence fit keeps and uses at its peak, and the refusals (naming the fixes) when it exceeds
+the budget.
+
+The materialised fit's bound: with ``max_memory_gb`` = B, no step of the exact estimator (the fit, self-influence of
+every training example, a target set) holds more than B beyond the model and one batch of per-example gradients
+(``tests/test_influence.py`` measures the process's peak resident memory against it). :func:`materialised_gb`
+counts what the fit keeps and its largest transients (the Woodbury system while it is factorised, a float64 block
+of the stored gradients); the float64 copy of the stored gradients and self-influence's groups of rows take only
+what is left of B (:func:`materialised_working_bytes`). A target set of T targets also holds ``T x D'`` float64.
+"""
 
 from __future__ import annotations
 
 from ...errors import TurnoverError
+from .curvature import BLOCK_BYTES
+
+GB = 2**30
 
 
 class FitBudgetError(TurnoverError):
@@ -14,10 +26,19 @@ class FitBudgetError(TurnoverError):
 
 
 def materialised_gb(examples: int, kept_classes: int, width: int, solver: str) -> float:
-    """Memory of a materialised fit: float32 class gradients and the float64 factor of the smaller system."""
+    """Peak memory of a materialised fit beyond the model and a batch: the float32 class gradients and the float64
+    factor it keeps, the system beside its factor while it is factorised, and two float64 working blocks."""
     rows = examples * kept_classes
     side = min(rows, width) if solver == "auto" else (rows if solver == "woodbury" else width)
-    return (rows * width * 4 + side * side * 8) / 2**30
+    return (rows * width * 4 + 2 * side * side * 8 + 2 * BLOCK_BYTES) / GB
+
+
+def materialised_working_bytes(examples: int, kept_classes: int, width: int, solver: str,
+                               max_memory_gb: float) -> int:
+    """Bytes of ``max_memory_gb`` a materialised fit leaves for its optional working memory (the float64 copy of
+    the stored gradients, self-influence's groups of rows): the budget minus :func:`materialised_gb`, at least 0."""
+    left = max_memory_gb * GB - materialised_gb(examples, kept_classes, width, solver) * GB
+    return int(min(max(left, 0), 2**62))  # max_memory_gb may be inf
 
 
 def check_materialised_budget(examples: int, kept_classes: int, width: int, solver: str,
@@ -29,7 +50,7 @@ def check_materialised_budget(examples: int, kept_classes: int, width: int, solv
     if needed > max_memory_gb:
         what = f"{examples} examples x {kept_classes} class gradient(s) x {width} coordinates"
         need = (f"fitting the influence function needs about {needed:.1f} GB ({what} as float32, plus a "
-                f"{side} x {side} factor), above max_memory_gb={max_memory_gb:g}.")
+                f"{side} x {side} factor and working memory), above max_memory_gb={max_memory_gb:g}.")
         raise FitBudgetError(
             f"{need} Use estimator='projected' (the same influence function in the directions of largest "
             "curvature, at any size), pass sketch_dim=4096 (a CountSketch of every gradient: an approximation "

@@ -59,6 +59,7 @@ class FitPass:
     def _fit_materialised(self, data: TrainData) -> MaterialisedFit:
         """Per-example gradients of every kept class (``N (C - 1) x D'``), then the factor."""
         ids, labels, probs, classes, grads = [], [], [], [], []
+        stored: Optional[torch.Tensor] = None  # (N, C-1, D') filled batch by batch when N is known (no second copy)
         trace, seen = 0.0, 0
         for batch, batch_ids, batch_labels, expected in self._training_batches(data):
             inputs = model_inputs(batch, self.device)
@@ -102,17 +103,27 @@ class FitPass:
             labels.append(batch_labels.cpu())
             probs.append(p)
             classes.append(kept)
-            grads.append(g.float().cpu())
+            if stored is None and expected is not None and grads == []:
+                stored = torch.empty(expected, *g.shape[1:], dtype=torch.float32)
+            if stored is not None and seen <= len(stored):
+                stored[seen - n : seen] = g
+            else:  # N unknown, or more rows than announced: kept in pieces
+                if stored is not None:
+                    grads, stored = [stored[: seen - n]], None
+                grads.append(g.float().cpu())
         if not ids:
             raise TurnoverError("the training data is empty: nothing to fit the influence function on.")
         example_ids = check_ids_known(torch.cat(ids), None)
         n = len(example_ids)
         trace /= n
-        rows = n * (grads[0].shape[1])
+        stored = stored[:n] if stored is not None else torch.cat(grads)
+        del grads
+        rows = n * stored.shape[1]
         solver = self.solver if self.solver != "auto" else ("woodbury" if rows <= self.width else "direct")
-        factors = MaterialisedFit(example_ids, torch.cat(labels), torch.cat(probs), torch.cat(classes), torch.cat(grads),
+        factors = MaterialisedFit(example_ids, torch.cat(labels), torch.cat(probs), torch.cat(classes), stored,
                            torch.empty(0), solver, self.damping_factor * trace / self.num_parameters, trace)
         self._check_damping(factors.damping)
+        factors.room = self._working_bytes(factors)
         factors.factor = solve_system(factors)
         return factors
 

@@ -12,7 +12,8 @@ from ...data import rows_of_ids
 from .curvature import BLOCK_BYTES, TRIANGLE_BLOCKS, curvature_roots, label_coefficients, mirror_lower
 
 # The float64 curvature rows U are rebuilt from the float32 gradients at every preconditioning unless they are kept;
-# they are kept when at most this large (rebuilding costs more than the products with them).
+# they are kept when at most this large (rebuilding costs more than the products with them) and when the memory
+# budget leaves room for them (``MaterialisedFit.room``, set by the scorer).
 ROWS_CACHE_BYTES = 2**30
 
 
@@ -37,7 +38,8 @@ class MaterialisedFit:
         self._sorted = self.example_ids[self._order]
         self.roots = curvature_roots(self.probabilities, self.classes)  # R R^T = A
         self.coefficients = label_coefficients(self.probabilities, self.classes, self.labels)
-        self._gradients64: Optional[torch.Tensor] = None  # the stored gradients as float64, if they fit ROWS_CACHE_BYTES
+        self._gradients64: Optional[torch.Tensor] = None  # the stored gradients as float64, if kept (see cached_bytes)
+        self.room: Optional[int] = None  # bytes the memory budget leaves for that copy (None: no limit); the scorer's
 
     @property
     def num_examples(self) -> int:
@@ -50,10 +52,11 @@ class MaterialisedFit:
     def rows_of(self, example_ids: torch.Tensor) -> torch.Tensor:
         return rows_of_ids(self._sorted, self._order, example_ids)
 
-    def columns(self) -> Iterator[slice]:
-        """Column blocks of the stored gradients whose float64 copy ``(N (C-1), block)`` fits in :data:`BLOCK_BYTES`."""
+    def columns(self, other: int = 0) -> Iterator[slice]:
+        """Column blocks of the stored gradients whose float64 copy ``(N (C-1), block)`` fits in :data:`BLOCK_BYTES`,
+        and so does a float64 ``(block, other)`` block of the matrix they meet."""
         rows = self.class_gradients.shape[0] * self.class_gradients.shape[1]
-        step = max(1, BLOCK_BYTES // (8 * max(rows, 1)))
+        step = max(1, BLOCK_BYTES // (8 * max(rows, other, 1)))
         for start in range(0, self.width, step):
             yield slice(start, min(start + step, self.width))
 
@@ -68,11 +71,17 @@ class MaterialisedFit:
         """``g_z`` of the training rows ``rows``, ``(n, D')`` (float64 unless asked otherwise)."""
         return torch.einsum("nc,ncd->nd", self.coefficients[rows].to(dtype), self.class_gradients[rows].to(dtype))
 
+    def cached_bytes(self) -> int:
+        """Size of the float64 copy of the stored gradients when it is kept (at most :data:`ROWS_CACHE_BYTES` and
+        ``room``), else 0."""
+        size = 8 * self.class_gradients.numel()
+        return size if size <= ROWS_CACHE_BYTES and (self.room is None or size <= self.room) else 0
+
     def _flat64(self, columns: slice) -> torch.Tensor:
-        """Columns of the stored gradients as float64 ``(N (C-1), len)``: from a float64 copy kept once when it fits
-        :data:`ROWS_CACHE_BYTES`, else converted block by block."""
+        """Columns of the stored gradients as float64 ``(N (C-1), len)``: from a float64 copy kept once when
+        :meth:`cached_bytes` allows it, else converted block by block."""
         n, c, width = self.class_gradients.shape
-        if 8 * n * c * width <= ROWS_CACHE_BYTES:
+        if self.cached_bytes():
             if self._gradients64 is None:
                 self._gradients64 = self.class_gradients.view(n * c, -1).double()
             return self._gradients64[:, columns]
@@ -84,7 +93,7 @@ class MaterialisedFit:
         itself is never built)."""
         n, c, _ = self.class_gradients.shape
         out = torch.zeros(n * c, x.shape[1], dtype=torch.float64)
-        for columns in self.columns():
+        for columns in self.columns(x.shape[1]):
             out.addmm_(self._flat64(columns), x[columns].double())
         return torch.einsum("nce,nct->net", self.roots, out.view(n, c, -1)).reshape(n * c, -1) / math.sqrt(n)
 
@@ -93,7 +102,7 @@ class MaterialisedFit:
         n, c, width = self.class_gradients.shape
         mixed = torch.einsum("nce,net->nct", self.roots, y.view(n, c, -1)).reshape(n * c, -1) / math.sqrt(n)
         out = torch.empty(y.shape[1], width, dtype=torch.float64)
-        for columns in self.columns():
+        for columns in self.columns(y.shape[1]):
             out[:, columns] = mixed.T @ self._flat64(columns)  # (T, N) x (N, len): far faster than a transposed block
         return out.T
 
@@ -109,8 +118,12 @@ class MaterialisedFit:
                 stop = min(start + step, m)
                 gram[start:stop, :stop].addmm_(block[start:stop], block[:stop].T)
         gram = mirror_lower(gram, step)
-        gram = torch.einsum("nce,ncmd,mdf->nemf", self.roots, gram.view(n, c, n, c), self.roots)
-        return gram.reshape(n * c, n * c) / n
+        if c == 1:  # scalar roots: mixed in place (no second m x m matrix)
+            r = self.roots.reshape(n)
+            return gram.mul_(r[:, None]).mul_(r[None, :]).div_(n)
+        mixed = torch.einsum("nce,ncmd,mdf->nemf", self.roots, gram.view(n, c, n, c), self.roots)
+        del gram
+        return mixed.reshape(n * c, n * c).div_(n)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {

@@ -22,10 +22,11 @@ from ...fingerprints import fingerprint
 from ..gradients import PerExampleGrads, param_specs, target_gradients
 from ..fitted import FittedOnModel
 from ..registry import Estimator, EstimatorFallback, attach_fitted
-from .budget import FitBudgetError, factorised_gb, materialised_gb
+from .budget import FitBudgetError, factorised_gb, materialised_gb, materialised_working_bytes
 from .factorised import FactorisedFit, NotFactorisable, layer_inputs, linear_layers, output_gradients
 from .saved import load_fit, read_fit_meta, save_fit
 from .fitting import FitPass, TrainData
+from .curvature import BLOCK_BYTES
 from .materialised import MaterialisedFit, materialised_self_influence, precondition
 from .sketch import CountSketch
 
@@ -33,8 +34,12 @@ logger = logging.getLogger(__name__)
 
 SOLVERS = ("auto", "woodbury", "direct")
 # Materialised self-influence reads every stored gradient once per group of rows; a group holds at most this much
-# of its own gradients (float32 target and training gradients, and both side by side).
+# of its own gradients (float32 target and training gradients, and both side by side), and at most what the memory
+# budget leaves (see budget.py).
 SELF_INFLUENCE_GROUP_BYTES = 2**29
+# bytes a self-influence group holds per row and stored coordinate: float32 target gradients (kept, then joined),
+# float32 training gradients, both side by side, and float64 copies of column blocks of each
+SELF_INFLUENCE_ROW_BYTES = 36
 
 
 class InfluenceFunctionScorer(FitPass, FittedOnModel, Estimator):
@@ -57,10 +62,13 @@ class InfluenceFunctionScorer(FitPass, FittedOnModel, Estimator):
         damping_factor: ``lambda = damping_factor x trace(G) / D``.
         sketch_dim: sketch every gradient to this many coordinates with a CountSketch (None: exact).
         sketch_seed: seed of the sketch. (``projection_dim`` / ``projection_seed``: deprecated names of both.)
-        max_memory_gb: largest fit kept without a projection (a factorised fit counts its own, smaller size);
-            beyond it the scorer asks for ``sketch_dim``. Materialised scoring also keeps a float64 copy of the
-            stored gradients when it takes at most :data:`ROWS_CACHE_BYTES` (1 GiB), which halves the time of every
-            target set after the first (``benchmarks/influence_scoring.py``).
+        max_memory_gb: the memory budget (beyond the model and one batch) of a fit without a projection (a
+            factorised fit counts its own, smaller size); beyond it the scorer asks for ``sketch_dim``. A
+            materialised fit's peak, self-influence and scoring included, stays within it (see
+            :mod:`~turnover_hf.estimators.influence.budget`; a target set of T targets adds ``T x D'`` float64):
+            scoring keeps a float64 copy of the stored gradients (which halves the time of every target set after
+            the first, ``benchmarks/influence_scoring.py``) only when it takes at most ``ROWS_CACHE_BYTES`` (1 GiB)
+            and what the budget leaves, and self-influence takes its rows in groups that fit what is left.
         solver: ``"auto"`` (the smaller space), ``"woodbury"`` (``N (C-1)``-space) or ``"direct"`` (parameters;
             materialised only).
         factorised: ``None`` (automatic: factorised when the model allows it, no projection, ``solver`` is not
@@ -270,7 +278,14 @@ class InfluenceFunctionScorer(FitPass, FittedOnModel, Estimator):
     def _fitted(self) -> Union[MaterialisedFit, FactorisedFit]:
         if self.factors is None:
             self.fit()
+        elif self.factors.method == "materialised":  # a loaded fit, or a changed budget
+            self.factors.room = self._working_bytes(self.factors)
         return self.factors
+
+    def _working_bytes(self, factors: MaterialisedFit) -> int:
+        """What ``max_memory_gb`` leaves beyond a materialised fit's own peak (see budget.py)."""
+        n, c, width = factors.class_gradients.shape
+        return materialised_working_bytes(n, c, width, factors.solver, self.max_memory_gb)
 
     # -- scoring ----------------------------------------------------------------------------------------------
     @property
@@ -342,7 +357,9 @@ class InfluenceFunctionScorer(FitPass, FittedOnModel, Estimator):
                                           lambda: factors.solve(self._projected(factors, targets, labels)))
             return factors.influence(solved, rows).float()
         v = self.preconditioned(targets, labels)
-        return (factors.train_gradients(rows) @ v / factors.num_examples).float()
+        step = max(1, BLOCK_BYTES // (16 * factors.class_gradients.shape[1] * factors.width))  # float64 rows, blocks
+        return torch.cat([factors.train_gradients(rows[s : s + step]) @ v / factors.num_examples
+                          for s in range(0, len(rows), step)]).float()
 
     def self_scores(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
         """Self-influence ``g_z(full network)^T (G + lambda I)^-1 g_z / N`` of each training row, float32 ``(n,)``."""
@@ -364,12 +381,16 @@ class InfluenceFunctionScorer(FitPass, FittedOnModel, Estimator):
         factors = self._fitted()
         if factors.method == "factorised" or not batches:
             return torch.cat([self.self_scores(*item) for item in batches]) if batches else torch.zeros(0)
+        n, c, width = factors.class_gradients.shape
+        group = min(SELF_INFLUENCE_GROUP_BYTES, self._working_bytes(factors) - factors.cached_bytes())
         out, grads, rows, held = [], [], [], 0
         for k, (batch, labels, ids) in enumerate(batches):
             grads.append(self.target_grads(batch, labels))
             rows.append(self._rows(ids))
             held += len(rows[-1])
-            if k == len(batches) - 1 or 12 * held * factors.width > SELF_INFLUENCE_GROUP_BYTES:
+            following = len(batches[k + 1][2]) if k + 1 < len(batches) else 0  # the group must hold it too
+            per_row = SELF_INFLUENCE_ROW_BYTES * width + 24 * n * c  # and float64 (N (C-1), rows) products, solved
+            if k == len(batches) - 1 or per_row * (held + following) > group:
                 out.append(materialised_self_influence(factors, torch.cat(grads), torch.cat(rows)).float())
                 grads, rows, held = [], [], 0
         return torch.cat(out)

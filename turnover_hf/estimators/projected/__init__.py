@@ -27,8 +27,16 @@ For N training examples, tracked Linear layers (default: every trainable ``torch
   has singular values spread far from 1 on the gradients' span, so they follow the exact fit less closely.
   With every side whole and ``k`` at least the layers' size, every design gives the exact fit's scores.
 * ``G``: the Gauss-Newton matrix of the training loss, each example under the loss it was trained with (its
-  turn-over mask when the model is patched). Classifiers: exact over the classes (``C - 1`` backward passes per
-  batch, as in the exact fit). Causal LMs: the gradient of the loss against labels sampled from the model's own
+  turn-over mask when the model is patched). Classifiers (``curvature_classes``): ``"exact"`` over the classes
+  (``C - 1`` backward passes per batch, as in the exact fit), or ``"sampled"``: the gradients of the loss against
+  ``label_samples`` classes drawn from the model's own prediction (each draw fixed by the seed, the example's id
+  and the draw; class ``c`` drawn in proportion to its share ``p_c ||p - e_c||^2`` of the curvature and weighted
+  by ``p_c`` over that, so the confident prediction's near-zero gradient is rarely drawn), whose weighted outer
+  products are, in expectation, the same matrix (with two classes, exactly), for ``1 + label_samples`` backward
+  passes whatever ``C`` (``label_samples`` in the basis pass); ``"auto"`` (default) keeps the exact fit up to 5
+  classes (where one draw per example was measured to follow it less closely) and up to ``label_samples + 2``
+  (where it is no dearer), and samples beyond (``benchmarks/class_count.py``, docs/method/class-count.md).
+  Causal LMs: the gradient of the loss against labels sampled from the model's own
   next-token distribution has, in expectation, the per-token Gauss-Newton matrix as its outer product (no
   vocabulary-square matrix); ``label_samples`` draws per sequence, each fixed by the example's id and position.
 * ``curvature``: ``"full"`` inverts the whole ``k x k`` matrix ``P G P^T``; ``"diagonal"`` (eigen design) keeps
@@ -95,8 +103,14 @@ class ProjectedOptions:
                                                                  "false: on the full network."})
     parameters: Optional[list[str]] = field(
         default=None, metadata={"help": "Tracked parameter names (default: every trainable torch.nn.Linear)."})
-    label_samples: int = field(default=1, metadata={"help": "Causal LMs: sampled label sequences per training "
-                                                            "sequence for the Gauss-Newton matrix."})
+    label_samples: int = field(default=1, metadata={"help": "Sampled labels per training example for the "
+                                                            "Gauss-Newton matrix: causal LMs (label sequences), "
+                                                            "classifiers whose curvature_classes samples."})
+    curvature_classes: str = field(default="auto", metadata={"help": "Classifiers: exact (a backward pass per class "
+                                                                     "but one), sampled (label_samples classes drawn "
+                                                                     "from the model's predictions: a cost that does "
+                                                                     "not grow with the classes), auto (exact up to 5 "
+                                                                     "classes and label_samples + 2, sampled beyond)."})
     normalise: str = field(default="none", metadata={"help": "none, or relative: each training example's scores "
                                                              "divided by the square root of its self-influence."})
     store_dir: Optional[str] = field(default=None, metadata={"help": "Folder for the projected training gradients "

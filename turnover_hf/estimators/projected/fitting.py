@@ -142,8 +142,14 @@ class FitPass:
 
             return probe.side_moments(inputs, sampled, self._training_loss, mixing, context)
         seen: dict[str, torch.Tensor] = {}
-        return probe.side_moments(inputs, self._kept_recorder(seen), self._training_loss,
-                                  lambda: curvature_roots(seen["probs"], seen["classes"]), context)
+
+        def roots() -> torch.Tensor:
+            if "classes" in seen:
+                return curvature_roots(seen["probs"], seen["classes"])
+            # sampled classes only (no column of the loss's own label here), each row weighted
+            return torch.diag_embed((seen["weights"] / self.label_samples).sqrt())
+
+        return probe.side_moments(inputs, self._class_columns(seen, ids, None), self._training_loss, roots, context)
 
     def _training_batches(self, train: TrainData, data_collator: Optional[Callable]
                           ) -> tuple[Callable[[int], Mapping[str, Any]], list[int]]:

@@ -25,7 +25,7 @@ TENSORS_NAME = "projected_curvature.safetensors"
 PROJECTED_DIR = "projected"  # beside a saved model: where InfluencePipeline looks for a fit
 # options that decide the fit (a saved fit is refused when one differs); the rest only change how it is used
 FIT_OPTIONS = ("projection_dim", "projection_seed", "design", "side_dim", "basis_examples", "damping_factor",
-               "curvature", "training_masks", "parameters", "label_samples")
+               "curvature", "training_masks", "parameters", "label_samples", "curvature_classes")
 
 
 def save_fit(scorer: Any, folder: PathLike) -> None:
@@ -73,6 +73,7 @@ def save_fit(scorer: Any, folder: PathLike) -> None:
         "training_masks": scorer.training_masks,
         "damping": scorer.damping,
         "label_samples": scorer.label_samples,
+        "curvature_classes": scorer.curvature_classes,
         "num_examples": len(store),
         "gradient_files": store.files,
         "id_column": scorer.id_column,
@@ -99,6 +100,7 @@ def load_fit(scorer_class: Any, model: nn.Module, folder: PathLike, **kwargs: An
                           damping_factor=meta["damping_factor"], curvature=meta.get("curvature", "full"),
                           training_masks=meta.get("training_masks", True),
                           label_samples=meta["label_samples"],
+                          curvature_classes=meta.get("curvature_classes", "exact"),  # fits before it: exact
                           id_column=meta["id_column"], **kwargs)
     check_saved_fit(scorer, meta, folder, "projected influence function",
                     "Fit again (remove that folder, or pass another one).")

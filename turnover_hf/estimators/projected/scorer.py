@@ -39,6 +39,62 @@ logger = logging.getLogger(__name__)
 NORMALISATIONS = ("none", "relative")
 DESIGNS = ("eigen", "sketch", "kronecker")
 CURVATURES = ("auto", "full", "diagonal")
+CURVATURE_CLASSES = ("auto", "exact", "sampled")
+
+
+# ``curvature_classes="auto"`` keeps the exact per-class curvature up to this many classes even where one draw
+# would be cheaper: at 5 classes (N = 2,048, k = 4,096) one draw per example followed the exact fit's scores at
+# Pearson 0.80, four draws at 0.98 (benchmarks/class_count.py, docs/method/class-count.md)
+AUTO_EXACT_CLASSES = 5
+
+
+def samples_classes(curvature_classes: str, num_classes: int, label_samples: int) -> bool:
+    """Whether a classifier's curvature comes from sampled labels: ``"sampled"``, or ``"auto"`` beyond
+    :data:`AUTO_EXACT_CLASSES` classes where the exact per-class fit also takes more backward passes per example
+    (``C - 1``) than the sampled one (the loss's own label and ``label_samples`` draws: ``1 + label_samples``);
+    the fit's cost follows its backward passes (``benchmarks/class_count.py``).
+
+    Example:
+        >>> samples_classes("auto", 5, 1), samples_classes("auto", 20, 1)
+        (False, True)
+    """
+    if curvature_classes == "auto":
+        return num_classes > AUTO_EXACT_CLASSES and num_classes - 1 > 1 + label_samples
+    return curvature_classes == "sampled"
+
+
+def class_proposal(probs: torch.Tensor) -> torch.Tensor:
+    """The distribution sampled classes are drawn from, float64 ``(B, C)``: class ``c`` in proportion to its share
+    of the Gauss-Newton matrix's trace in the logits, ``p_c ||p - e_c||^2`` (``sum_c p_c (p - e_c)(p - e_c)^T`` is
+    the matrix). Reweighted by ``p_c / q_c`` the draws stay unbiased; against draws from ``p`` itself they skip the
+    confident prediction, whose gradient is nearly zero, for the classes that carry the curvature (two classes:
+    every draw is the exact matrix)."""
+    probs = probs.double()
+    share = probs * ((probs * probs).sum(1, keepdim=True) - 2 * probs + 1)
+    total = share.sum(1, keepdim=True)
+    return torch.where(total > 0, share / total.clamp_min(torch.finfo(torch.float64).tiny), probs)
+
+
+def sampled_classes(probs: torch.Tensor, ids: torch.Tensor, seed: int, draw: int, draws: int = 1
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class ``draw`` of ``draws`` per row, drawn from :func:`class_proposal` of ``probs`` ``(B, C)``, and its
+    importance weight ``p_c / q_c``: ``weight x g_c g_c^T`` is, in expectation, the Gauss-Newton matrix over the
+    classes. The draws of a row invert the proposal's CDF at ``u + draw / draws`` (mod 1), ``u`` uniform and hashed
+    from ``(seed, id)`` (systematic sampling: each draw is drawn from ``q``, and together they spread over it), so
+    the same example gets the same classes in every batch composition and process count. ``(classes int64 (B,),
+    weights float64 (B,))`` on ``probs``' device.
+
+    Example:
+        >>> classes, weights = sampled_classes(torch.softmax(logits.double(), -1), batch["example_ids"], 0, 0)
+    """
+    proposal = class_proposal(probs)
+    hashes = keyed_hash(seed, "sampled classes 0", ids.to(probs.device))
+    uniform = ((hashes.double() + 0.5) / 2.0 ** 32 + draw / draws) % 1.0
+    cumulative = proposal.cumsum(1)
+    picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None]).squeeze(1)
+    picked = picked.clamp_max_(probs.shape[1] - 1)
+    weights = probs.double().gather(1, picked[:, None])[:, 0] / proposal.gather(1, picked[:, None])[:, 0]
+    return picked, weights
 
 
 def linear_parameters(model: nn.Module) -> list[ParamSpec]:
@@ -85,7 +141,9 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
     in the eigenbases of each layer's input and output-gradient moments, found on ``basis_examples`` training
     examples before the fit's pass; ``"sketch"`` / ``"kronecker"``: random signs), ``g_z`` the gradient of the
     loss training weighs (a causal LM's summed token cross-entropy; targets: their mean), ``G`` the
-    Gauss-Newton matrix of the training loss (classifiers: exact over the classes; causal LMs: from labels sampled
+    Gauss-Newton matrix of the training loss (classifiers: exact over the classes, or with ``curvature_classes=
+    "sampled"`` (``"auto"``: beyond 5 classes and ``label_samples + 2``) from ``label_samples`` classes drawn from the
+    model's own prediction per example; causal LMs: from labels sampled
     from the model's own predictions, per token, without a vocabulary-square matrix; each draw fixed by the
     example's id) and ``lambda = damping_factor x trace(P G P^T) / k``. ``curvature="full"`` keeps the whole
     ``k x k`` matrix ``P G P^T``; ``"diagonal"`` (eigen design only) keeps its diagonal, the curvature along each
@@ -98,7 +156,8 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
     projected gradient per target, one solve and one read of the store.
 
     Memory: ``k^2`` float64 (diagonal: ``k``) plus one batch, whatever N; disk: ``N k`` float32. Time: one
-    gradient pass (with a backward per kept class: ``C - 1``; two for a causal LM), one more over at most
+    gradient pass (with a backward per kept class: ``C - 1``; ``1 + label_samples`` when the classes are sampled
+    and for a causal LM), one more over at most
     ``basis_examples`` (eigen), plus ``O(N k^2)`` (diagonal: ``O(N k)``) for self-influence and ``O(N k T)`` for
     ``T`` targets.
 
@@ -124,6 +183,7 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
         training_masks: bool = True,
         parameters: Optional[Sequence[str]] = None,
         label_samples: int = 1,
+        curvature_classes: str = "auto",
         normalise: str = "none",
         batch_size: int = 64,
         id_column: Optional[str] = None,
@@ -138,6 +198,11 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
             raise TurnoverError(f"label_samples must be a positive integer, got {label_samples!r}.")
         if normalise not in NORMALISATIONS:
             raise TurnoverError(f"normalise must be one of {NORMALISATIONS}, got {normalise!r}.")
+        if curvature_classes not in CURVATURE_CLASSES:
+            raise TurnoverError(
+                f"curvature_classes must be one of {CURVATURE_CLASSES} (exact: a backward per class but one; sampled: "
+                f"label_samples labels drawn from the model's predictions; auto: exact up to {AUTO_EXACT_CLASSES} classes), "
+                f"got {curvature_classes!r}.")
         self.model = model
         self.device = next(model.parameters()).device
         self.specs = linear_parameters(model) if parameters is None else param_specs(model, parameters)
@@ -167,6 +232,7 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
         self.causal_lm = is_causal_lm(model)
         self.curvature_form = self._curvature_form(curvature, design, self.causal_lm)
         self.label_samples = label_samples
+        self.curvature_classes = curvature_classes
         self.normalise = normalise
         self.batch_size = max(1, int(batch_size))
         self.patched = is_patched(model)
@@ -227,7 +293,8 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
                 "projection_seed": self.projection_seed, "design": self.design, "side_dim": self.side_dim,
                 "basis_examples": self.basis_examples, "damping_factor": self.damping_factor,
                 "curvature": self.curvature_form, "training_masks": self.training_masks,
-                "label_samples": self.label_samples, "normalise": self.normalise}
+                "label_samples": self.label_samples, "curvature_classes": self.curvature_classes,
+                "normalise": self.normalise}
 
     def _set_fit(self, store: RowStore, curvature: torch.Tensor) -> None:
         diagonal = curvature.dim() == 1
@@ -262,7 +329,10 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
             _, g = self.grads(inputs, with_samples, self._training_loss, context, row_context)
             return g[:, 0], g[:, 1:].reshape(-1, self.dim) / math.sqrt(self.label_samples)
         seen: dict[str, torch.Tensor] = {}  # the probabilities and kept classes of the forward that serves the grads
-        _, g = self.grads(inputs, self._kept_recorder(seen), self._training_loss, context, row_context)
+        _, g = self.grads(inputs, self._class_columns(seen, ids, labels), self._training_loss, context, row_context)
+        if "classes" not in seen:  # the label's own column, then the sampled ones (weighted)
+            scale = (seen["weights"] / self.label_samples).sqrt().to(g.device, g.dtype)
+            return g[:, 0], (g[:, 1:] * scale[:, :, None]).reshape(-1, self.dim)
         probs, classes = seen["probs"], seen["classes"]
         roots = curvature_roots(probs, classes).to(g.device, g.dtype)  # R R^T = A
         rows = torch.einsum("nce,ncd->ned", roots, g).reshape(-1, self.dim)
@@ -278,19 +348,28 @@ class ProjectedInfluenceScorer(FitPass, FittedOnModel, Estimator):
                                 f"token labels (causal LMs), got labels of shape {tuple(labels.shape)}.")
         return model_inputs(batch, self.device), labels.to(self.device)
 
-    @staticmethod
-    def _kept_recorder(seen: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``labels_of`` for a classifier: the kept classes of each row (as label columns), recording the
-        probabilities and classes in ``seen``."""
-        def kept_of(logits: torch.Tensor) -> torch.Tensor:
+    def _class_columns(self, seen: dict[str, torch.Tensor], ids: torch.Tensor, labels: Optional[torch.Tensor]
+                       ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``labels_of`` for a classifier, recording the probabilities in ``seen``: every class but the predicted one
+        (``seen["classes"]``, the exact curvature), or, when :func:`samples_classes` says so, ``labels`` (if given)
+        then ``label_samples`` classes drawn from the model's own predictions (:func:`sampled_classes`; their
+        importance weights in ``seen["weights"]`` ``(B, label_samples)``), whose weighted loss gradients' outer
+        product is, in expectation, the Gauss-Newton matrix over the classes."""
+        def columns_of(logits: torch.Tensor) -> torch.Tensor:
             if logits.dim() != 2 or logits.shape[1] < 2:
                 raise TurnoverError(f"the projected influence function covers classifiers (logits (batch, classes >= 2)) "
                                     f"and causal LMs; this model gave logits of shape {tuple(logits.shape)}.")
             seen["probs"] = torch.softmax(logits.double(), -1).cpu()
+            if samples_classes(self.curvature_classes, logits.shape[1], self.label_samples):
+                drawn = [sampled_classes(seen["probs"], ids.cpu(), self.projection_seed, draw, self.label_samples)
+                         for draw in range(self.label_samples)]
+                seen["weights"] = torch.stack([weights for _, weights in drawn], 1)
+                own = [] if labels is None else [labels.cpu()]
+                return torch.stack(own + [classes for classes, _ in drawn], 1).to(logits.device)
             seen["classes"] = kept_classes(seen["probs"])
             return seen["classes"].to(logits.device)
 
-        return kept_of
+        return columns_of
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """A target's loss: a causal LM's mean token cross-entropy (``scores``' unit), a classifier's cross-entropy."""
