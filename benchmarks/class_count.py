@@ -51,7 +51,7 @@ from transformers import BertConfig, BertForSequenceClassification
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from turnover_hf import ProjectedInfluenceScorer  # noqa: E402
-from turnover_hf.estimators.projected.scorer import samples_classes  # noqa: E402
+from turnover_hf.estimators.projected.sampled_labels import samples_classes  # noqa: E402
 from turnover_hf.files import atomic_write_text  # noqa: E402
 
 VOCAB = 512

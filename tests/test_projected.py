@@ -545,7 +545,7 @@ def test_sampled_classes_are_fixed_by_the_seed_and_the_example_id():
                                            show_progress=False).fit(_class_batches(7))
     assert not torch.allclose(first, reseeded.curvature, rtol=1e-3)
     # the draws themselves: one class per (seed, id, draw), whatever else is in the batch
-    from turnover_hf.estimators.projected.scorer import sampled_classes
+    from turnover_hf.estimators.projected.sampled_labels import sampled_classes
 
     probs = torch.softmax(torch.randn(6, 7, generator=torch.Generator().manual_seed(0)).double(), -1)
     ids = torch.arange(6) * 11
@@ -555,7 +555,7 @@ def test_sampled_classes_are_fixed_by_the_seed_and_the_example_id():
 
 
 def test_curvature_classes_auto_samples_beyond_the_bound_and_bad_values_are_named():
-    from turnover_hf.estimators.projected.scorer import samples_classes
+    from turnover_hf.estimators.projected.sampled_labels import samples_classes
 
     assert [samples_classes("auto", c, 1) for c in (2, 3, 5, 6, 100)] == [False, False, False, True, True]
     assert not samples_classes("auto", 7, 5) and samples_classes("sampled", 2, 1) and not samples_classes("exact", 100, 1)
