@@ -23,8 +23,6 @@ from .errors import ExampleIdError, MissingExampleIdsError, TurnoverError
 from .losses import IGNORE_INDEX, is_causal_lm
 from .masks import check_example_ids
 
-
-
 BATCH_KEY = "example_ids"
 
 

@@ -56,10 +56,10 @@ import turnover_hf as th
 
 from .assets import LABEL_NAMES, minilm_path, rotten_tomatoes
 from .audit import KINDS as AUDIT_KINDS
+from .demo_report import RELOAD_CHECK_ROWS, balanced_rows, demo_figures, print_summary, render_report, write_html_report
 from .estimators import estimator_names
 from .files import atomic_write_text
 from .losses import model_inputs
-from .demo_report import RELOAD_CHECK_ROWS, balanced_rows, demo_figures, print_summary, render_report, write_html_report
 
 ADAPTER_NAME = "rt"
 NUM_LAYERS = 6  # all-MiniLM-L6-v2

@@ -21,12 +21,19 @@ from transformers import PreTrainedTokenizerBase
 from .audit import pipeline_audit
 from .data import InstanceIdCollator, check_id_column, default_collator
 from .errors import TurnoverError
-from .estimators import (AUTO, EstimatorContext, EstimatorFallback, EstimatorSpec, carried_options,
-                         choose_estimator, get_estimator)
+from .estimators import (
+    AUTO,
+    EstimatorContext,
+    EstimatorFallback,
+    EstimatorSpec,
+    carried_options,
+    choose_estimator,
+    get_estimator,
+)
 from .estimators.ensemble import split_half_agreement
-from .losses import is_causal_lm
 from .fingerprints import fingerprint
 from .label_issues import pipeline_label_issues
+from .losses import is_causal_lm
 from .pipeline_inputs import PipelineInputs, TargetsLike, load_models
 from .store import ScoreStore, claim_output
 from .training_set import load_recorded_training_set, training_set_of

@@ -31,8 +31,8 @@ from .audit import KIND_TITLES, KINDS
 from .errors import TurnoverError
 from .estimators import get_estimator
 from .files import PathLike, atomic_path, atomic_write_text
-from .version import __version__
 from .plots import figure_png
+from .version import __version__
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SCORE_COLUMNS = ("score", "self_influence", "mean_influence")

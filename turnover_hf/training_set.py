@@ -25,8 +25,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Union
 
-import numpy as np
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch

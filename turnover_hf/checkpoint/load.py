@@ -29,8 +29,8 @@ from ..config import CONFIG_NAME, TurnoverConfig
 from ..errors import ConfigMismatchError
 from ..layers import CHANNEL_BIAS, CHANNEL_WEIGHT
 from ..patcher import patch_model
-from ..trainer import trained_weights_problem
 from ..sites import inner_model
+from ..trainer import trained_weights_problem
 from ..training_set import TrainingSet, keep_training_record
 from .save import finish_interrupted_save, remember_checkpoint
 

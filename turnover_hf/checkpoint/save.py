@@ -8,8 +8,9 @@ Example:
 
 A save writes the whole checkpoint into a staging folder beside the target first; only then are its files moved in,
 the previous checkpoint's files that the new one does not have (other weight shards, an index, adapter files, any
-registered estimator's state folder that does not belong to the new weights) removed, with a journal that lets the next save or load finish an interrupted move. The
-folder therefore holds either the previous checkpoint untouched or exactly the new one, never a mix.
+registered estimator's state folder that does not belong to the new weights) removed, with a journal that lets the
+next save or load finish an interrupted move. The folder therefore holds either the previous checkpoint untouched or
+exactly the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from torch import nn
 from ..config import CONFIG_NAME, TurnoverConfig
 from ..context import patched_root, state_of
 from ..errors import StaleFitError, TurnoverError
+from ..estimators.registry import attach_fitted, fitted_of, saved_states
 from ..files import atomic_write_text, umask
 from ..sites import inner_model
-from ..estimators.registry import fitted_of, attach_fitted, saved_states
 from ..training_set import TRAINING_SET_NAME, training_set_of
 
 logger = logging.getLogger(__name__)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .common import PROG
 from .checks import check_counts, check_output_file, check_output_folder
+from .common import PROG
 from .scoring import ROW_FORMATS, ScoringOptions, pipeline
 from .tables import write_rows
 

@@ -12,8 +12,8 @@ from ..errors import TurnoverError
 from ..files import atomic_write_text
 from ..losses import predicted_labels
 from ..pipeline import InfluencePipeline
-from .common import PROG, STATE_FILE, TRAIN_FOLDER, VALIDATION_FOLDER
 from .checks import check_counts, check_output_file, check_output_folder
+from .common import PROG, STATE_FILE, TRAIN_FOLDER, VALIDATION_FOLDER
 from .tables import encode_labels, load_table, next_to_model, shown, standard_columns, write_rows
 
 ROW_FORMATS = (".csv", ".tsv", ".json", ".jsonl")

@@ -20,6 +20,7 @@ from ..estimators.ensemble import train_ensemble
 from ..patcher import patch_model
 from ..trainer import TurnoverTrainer
 from ..training_set import DatasetSource
+from .checks import check_writable
 from .common import (
     COMMON_TRAINING_ARGUMENTS,
     MODEL_FOLDER,
@@ -29,7 +30,6 @@ from .common import (
     HelpFormatter,
     paragraphs,
 )
-from .checks import check_writable
 from .tables import class_names, encode_labels, load_table, refuse_existing, standard_columns
 
 

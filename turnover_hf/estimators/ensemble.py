@@ -30,11 +30,11 @@ from ..context import state_of
 from ..errors import ConfigMismatchError, TurnoverError
 from ..files import atomic_write_text
 from ..losses import eval_mode, is_causal_lm, model_inputs
+from ..patcher import patch_model
+from ..ranks import spearman_columns
+from ..trainer import TurnoverTrainer, trained_weights_problem
 from .registry import BuiltEstimator, Estimator, EstimatorContext, register_estimator
 from .turnover import TurnoverScorer, masks_key
-from ..ranks import spearman_columns
-from ..patcher import patch_model
-from ..trainer import TurnoverTrainer, trained_weights_problem
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from torch import nn
 
 from ..config import MASK_FIELDS
 from ..context import state_of
-from ..training_set import training_set_of
 from ..errors import ConfigMismatchError, StaleFitError, TurnoverError
 from ..fingerprints import weights_fingerprint
+from ..training_set import training_set_of
 
 
 class FittedOnModel:

@@ -16,6 +16,7 @@ from datasets import Dataset
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from ...context import instance_masks
 from ...data import BATCH_KEY, check_id_column, check_ids_known
 from ...errors import MissingExampleIdsError, TurnoverError
 from ...files import PathLike
@@ -23,7 +24,6 @@ from ...trainer import ExampleIdTrainer, TurnoverTrainer
 from ..gradients import PerExampleGrads, labels_in, param_specs, target_gradients
 from .saved import HYDRA_DIR, HYDRA_MODES
 from .tracker import HydraTracker, LeanTracker, check_lean_optimizer, check_seen
-from ...context import instance_masks
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ...errors import ConfigMismatchError, StaleFitError
-from ..fitted import check_saved_fit, saved_parameters
 from ...files import PathLike, atomic_path, atomic_write_text, read_format_meta
+from ..fitted import check_saved_fit, saved_parameters
 from .factorised import FactorisedFit, TrackedLayer
 from .materialised import MaterialisedFit
 

@@ -16,18 +16,18 @@ from ...context import instance_masks, state_of
 from ...data import BATCH_KEY, InstanceIdCollator, check_id_column, check_ids_known
 from ...errors import TurnoverError
 from ...files import PathLike
+from ...fingerprints import fingerprint
 from ...losses import is_causal_lm, model_inputs
 from ...patcher import is_patched
-from ...fingerprints import fingerprint
-from ..gradients import PerExampleGrads, param_specs, target_gradients
 from ..fitted import FittedOnModel
+from ..gradients import PerExampleGrads, param_specs, target_gradients
 from ..registry import Estimator, EstimatorFallback, attach_fitted
 from .budget import FitBudgetError, factorised_gb, materialised_gb, materialised_working_bytes
-from .factorised import FactorisedFit, NotFactorisable, layer_inputs, linear_layers, output_gradients
-from .saved import load_fit, read_fit_meta, save_fit
-from .fitting import FitPass, TrainData
 from .curvature import BLOCK_BYTES
+from .factorised import FactorisedFit, NotFactorisable, layer_inputs, linear_layers, output_gradients
+from .fitting import FitPass, TrainData
 from .materialised import MaterialisedFit, materialised_self_influence, precondition
+from .saved import load_fit, read_fit_meta, save_fit
 from .sketch import CountSketch
 
 logger = logging.getLogger(__name__)

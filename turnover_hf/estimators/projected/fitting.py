@@ -20,12 +20,12 @@ from transformers import default_data_collator
 
 from ...data import BATCH_KEY, InstanceIdCollator, check_id_column
 from ...errors import TurnoverError
-from ..influence.curvature import curvature_roots
-from .saved import META_NAME
 from ..gradients import batch_ids
+from ..influence.curvature import curvature_roots
+from .gradient_store import RowStore, RowWriter, is_shard_file, shard_names
 from .projected_gradients import ProjectedGradients
 from .projection import CoordinateSelection, eigen_projections, layer_projections
-from .gradient_store import RowStore, RowWriter, is_shard_file, shard_names
+from .saved import META_NAME
 
 BASIS_SIDE_FACTOR = 4  # eigen design: sides longer than 4 x side_dim are first cut by random signs (moment memory)
 TrainData = Union[Dataset, Sequence[Mapping[str, Any]]]

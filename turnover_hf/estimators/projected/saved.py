@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ...errors import ConfigMismatchError, StaleFitError
-from ..fitted import check_saved_fit, saved_parameters
 from ...files import PathLike, atomic_path, atomic_write_text, read_format_meta
-from .projection import CoordinateSelection, LayerProjection, layer_shapes
+from ..fitted import check_saved_fit, saved_parameters
 from .gradient_store import RowStore, ids_name
+from .projection import CoordinateSelection, LayerProjection, layer_shapes
 
 FORMAT = "turnover-hf/projected-influence"
 FORMAT_VERSION = 1

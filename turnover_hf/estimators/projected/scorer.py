@@ -16,24 +16,22 @@ from torch import nn
 from ...context import instance_masks, state_of
 from ...errors import TurnoverError
 from ...files import PathLike
+from ...fingerprints import fingerprint
 from ...losses import IGNORE_INDEX, find_labels, is_causal_lm, model_inputs, per_example_loss, per_token_loss
 from ...masks import keyed_hash, salted_hash
 from ...patcher import is_patched
-from ...fingerprints import fingerprint
+from ..fitted import FittedOnModel
 from ..gradients import ParamSpec, param_specs
 from ..influence.curvature import curvature_roots, kept_classes, label_coefficients
-from ..fitted import FittedOnModel
-from ..registry import Estimator
 from ..influence.sketch import CountSketch
+from ..registry import Estimator
 from .adapters_lora import lora_matrix_sizes
-from .projected_gradients import ProjectedGradients
-from .projection import (CoordinateSelection, LayerProjection, eigen_dim, layer_projections,
-                         layer_shapes)
-from .gradient_store import RowStore
-from .saved import load_fit, save_fit
-from .sampled_labels import AUTO_EXACT_CLASSES, CURVATURE_CLASSES, sampled_classes, samples_classes
 from .fitting import FitPass
-
+from .gradient_store import RowStore
+from .projected_gradients import ProjectedGradients
+from .projection import CoordinateSelection, LayerProjection, eigen_dim, layer_projections, layer_shapes
+from .sampled_labels import AUTO_EXACT_CLASSES, CURVATURE_CLASSES, sampled_classes, samples_classes
+from .saved import load_fit, save_fit
 
 logger = logging.getLogger(__name__)
 
