@@ -184,3 +184,18 @@ def test_state_dir_names_the_folder_of_whichever_estimator_is_chosen(tmp_path):
     with pytest.raises(TurnoverError, match="name two folders"):
         th.InfluencePipeline(model, train_dataset=train, estimator="influence", state_dir=tmp_path / "a",
                              influence_dir=tmp_path / "b")
+
+
+def test_a_fitted_estimator_given_to_save_pretrained_is_saved_by_its_registered_name(tmp_path):
+    train = th.add_example_ids(token_task(10, seed=0))
+    model = patched()
+    scorer = TokenCounts(model)
+    scorer.prepare(th.InfluencePipeline(model, train_dataset=train, estimator=TOY)._train_features, None)
+    attach_fitted(model, TOY, None)  # not carried: given to this save only
+    model.save_pretrained(tmp_path / "ckpt", fitted={TOY: scorer})
+    assert json.loads((tmp_path / "ckpt" / "token_counts" / "counts.json").read_text()) == scorer.counts
+    model.save_pretrained(tmp_path / "ckpt")  # saved again into its own folder: the state of these weights stays
+    assert json.loads((tmp_path / "ckpt" / "token_counts" / "counts.json").read_text()) == scorer.counts
+    nudge(model)
+    model.save_pretrained(tmp_path / "ckpt")  # other weights now: the state is gone
+    assert not os.path.exists(tmp_path / "ckpt" / "token_counts")

@@ -22,7 +22,8 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Optional, Union
+import warnings
+from typing import Any, Mapping, Optional, Union
 
 from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
@@ -206,25 +207,25 @@ def _clean_stale_staging(folder: str) -> None:
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
-def _save_states(model: nn.Module, staging: str, given: Optional[dict[str, Any]]) -> None:
+def _save_states(model: nn.Module, staging: str, given: Optional[Mapping[str, Any]], target: str) -> None:
     """Write into ``staging`` every registered estimator state that belongs to ``model``'s weights: the fitted
-    estimators it carries (or ``given``), else those of the folder it was loaded from that still fit its weights
-    (a model loaded, then saved or pushed elsewhere, keeps them; one trained further does not)."""
+    estimators it carries (or ``given``), else the state of the folder it was loaded from or of the ``target``
+    folder itself that still fits its weights (a model loaded, then saved or pushed elsewhere, keeps it; saved again
+    into its own folder, keeps it; trained further, does not)."""
     fitted = {**fitted_of(model), **(given or {})}
-    loaded_from = _loaded_from(model)
+    folders = [f for f in (_loaded_from(model), target) if f is not None]
     for name, state in saved_states().items():
-        target = os.path.join(staging, state.folder)
         if name in fitted:
             try:
-                fitted[name].save(target)
+                fitted[name].save(os.path.join(staging, state.folder))
                 continue
             except StaleFitError as err:
                 logger.warning("the checkpoint is saved without the %s estimator's state: %s", name, err)
-                shutil.rmtree(target, ignore_errors=True)
+                shutil.rmtree(os.path.join(staging, state.folder), ignore_errors=True)
                 attach_fitted(model, name, None)
-        carried = state.saved_in(loaded_from)
-        if carried is not None and state.belongs_to(carried, model):
-            shutil.copytree(carried, target)
+        carried = next((s for s in map(state.saved_in, folders) if s is not None and state.belongs_to(s, model)), None)
+        if carried is not None:
+            shutil.copytree(carried, os.path.join(staging, state.folder))
 
 
 def save_influence_ready(
@@ -233,12 +234,15 @@ def save_influence_ready(
     is_main_process: bool = True,
     push_to_hub: bool = False,
     *,
+    fitted: Optional[Mapping[str, Any]] = None,
     influence: Any = None,
     **kwargs: Any,
 ) -> None:
     """``save_pretrained`` of a patched model: weights (adapters included) + ``turnover_config.json`` + the training
     set's record + model card (+ the estimator states that belong to these weights: see
-    :class:`~turnover_hf.estimators.SavedState`; ``influence``: a fitted influence scorer to save with them).
+    :class:`~turnover_hf.estimators.SavedState`; ``fitted``: fitted estimators to save with them, by registered
+    name, beside those the model carries; ``influence=scorer`` is the deprecated spelling of
+    ``fitted={"influence": scorer}``).
 
     The folder afterwards holds exactly this model's checkpoint: files the previous model there had and this one does
     not write (other weight shards and their index, adapter files, any estimator's state folder) are removed; files
@@ -256,6 +260,10 @@ def save_influence_ready(
     if not is_main_process:
         original(save_directory, is_main_process=False, **kwargs)
         return
+    if influence is not None:
+        warnings.warn("save_pretrained(influence=scorer) is deprecated; pass fitted={'influence': scorer}.",
+                      DeprecationWarning, stacklevel=3)
+        fitted = {**(fitted or {}), "influence": influence}
     hub_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "repo_id", "token", "private", "create_pr", "revision") if k in kwargs}
     os.makedirs(save_directory, exist_ok=True)
     finish_interrupted_save(save_directory)
@@ -272,7 +280,7 @@ def save_influence_ready(
         if record is not None:
             record.save(staging)
             saved.training_set = record.summary()
-        _save_states(model, staging, None if influence is None else {"influence": influence})
+        _save_states(model, staging, fitted, save_directory)
         saved.save_pretrained(staging)
         repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory))) if push_to_hub else None
         previous = os.path.join(save_directory, "README.md")  # the user's card, else the one the save wrote (PEFT)
