@@ -139,16 +139,21 @@ class InfluencePipeline(PipelineInputs):
                                {"hydra": hydra_dir, "influence": influence_dir}, influence_options, options, state_dir)
         self.tokenizer = tokenizer
         self.text_column = text_column
-        limit = model_max_length(self.model, tokenizer)
-        if max_length is None:  # as in training: the longest input the models trained on
-            trained = [r.longest_input for r in map(training_set_of, self.models) if r is not None and r.longest_input]
-            max_length = max(trained) if trained else DEFAULT_MAX_LENGTH
-        self.max_length = min(max_length, limit or max_length)
+        self.max_length = self._truncation(max_length)
         self.top_k = top_k
         self.batch_size = batch_size
         self.chunk_size = chunk_size
         self.collator = InstanceIdCollator(data_collator or default_collator(self.model, tokenizer), self.id_column)
         self._use_training_set(train_dataset)
+
+    def _truncation(self, max_length: Optional[int]) -> int:
+        """Tokens a text keeps: ``max_length``, by default the longest input the models trained on (so a text
+        training set tokenizes as in training), capped at what the model and tokenizer accept."""
+        if max_length is None:
+            trained = [r.longest_input for r in map(training_set_of, self.models) if r is not None and r.longest_input]
+            max_length = max(trained) if trained else DEFAULT_MAX_LENGTH
+        limit = model_max_length(self.model, self.tokenizer)
+        return min(max_length, limit or max_length)
 
     def _choose_estimator(self, name: str, num_train_examples: int, batch_size: int, fast: bool,
                           state_dirs: Mapping[str, Any], influence_options: Any, options: Any,
