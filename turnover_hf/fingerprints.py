@@ -34,8 +34,9 @@ def fingerprint(*parts: Any) -> str:
     return digest.hexdigest()
 
 
-def weights_fingerprint(model: nn.Module, names: Optional[Iterable[str]] = None) -> str:
-    """The fingerprint of ``model``'s parameters (all of them, or those ``names``), by name."""
+def weights_fingerprint(model: nn.Module, names: Optional[Iterable[str]] = None, *, float32: bool = False) -> str:
+    """The fingerprint of ``model``'s parameters (all of them, or those ``names``), by name; with ``float32``, of
+    their values as float32 (the same for a model whatever dtype it was loaded in, where that dtype holds them)."""
     named = dict(model.named_parameters())
     chosen = named if names is None else {name: named[name] for name in names}
-    return fingerprint({name: p.detach() for name, p in chosen.items()})
+    return fingerprint({name: p.detach().float() if float32 else p.detach() for name, p in chosen.items()})

@@ -18,14 +18,15 @@ from .context import instance_masks, state_of
 from .data import BATCH_KEY, InstanceIdCollator, check_id_column, default_collator
 from .dynamics import dynamics_callback
 from .errors import MissingExampleIdsError
-from .fingerprints import fingerprint
+from .fingerprints import weights_fingerprint
 from .sites import inner_model
 from .training_set import DatasetSource, attach_training_set
 
 
 def _trainable_fingerprint(model: nn.Module) -> str:
     """The fingerprint of the trainable weights (float32 values, by their transformers names)."""
-    return fingerprint({n: p.detach().float() for n, p in inner_model(model).named_parameters() if p.requires_grad})
+    inner = inner_model(model)
+    return weights_fingerprint(inner, [n for n, p in inner.named_parameters() if p.requires_grad], float32=True)
 
 
 def bind_trained_weights(model: nn.Module) -> None:

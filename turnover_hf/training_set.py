@@ -34,7 +34,7 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .context import patched_root
+from .context import patched_root, state_of
 from .data import add_example_ids
 from .errors import ConfigMismatchError, NotPatchedError, TurnoverError
 from .files import atomic_path
@@ -428,7 +428,7 @@ def attach_training_set(model: Any, dataset: Dataset, *,
         >>> my_training_loop(model, train)                  # a patched model trained by your own loop
         >>> attach_training_set(model, train)               # InfluencePipeline(model, ...) now checks train_dataset
     """
-    state = patched_root(model).turnover_state
+    state = state_of(model)
     record = record_training_set(dataset, state.config.id_column, source=source)
     keep_training_record(model, record)
     state.config.training_set = record.summary()
